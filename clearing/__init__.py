@@ -1,0 +1,1 @@
+"""Monthly clearing: the settlement file, statements and the auditors' reconciliation pack."""

@@ -1,0 +1,1 @@
+"""The vipgate host: terminal sessions, authorisation against the points ledger, the CLI."""

@@ -1,0 +1,65 @@
+"""The `vipgate` command line: one parser, sub-commands registered by their own modules.
+
+Exit statuses (operations.md): 0 success, 1 a check found a fault, 2 bad input of any kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gateway.errors import BadInput, CheckFailed
+
+DEFAULT_CONFIG = Path("config/demo.toml")
+
+# Each module registers its own sub-commands; the order is the order of `vipgate --help`.
+COMMAND_MODULES = ("gateway.commands.serve",)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def common_options() -> argparse.ArgumentParser:
+    """The options every command takes (operations.md): --config and --db."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="configuration file (default: %(default)s)",
+    )
+    common.add_argument("--db", default=None, help="database URL (default: the config's)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_options()
+    parser = argparse.ArgumentParser(
+        prog="vipgate",
+        description="Points-redemption gateway for VIP cards on UnionPay-style POS terminals.",
+        parents=[common],
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except BadInput as error:
+        print(f"vipgate: error: {error}", file=sys.stderr)
+        return 2
+    except CheckFailed as error:
+        print(f"vipgate: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The `vipgate` sub-commands, one module per group; each exposes `register(subparsers, common)`."""

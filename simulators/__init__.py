@@ -1,0 +1,1 @@
+"""POS terminal simulators: clients of the public protocol for rehearsals, load and replay."""
