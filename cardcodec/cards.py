@@ -1,0 +1,89 @@
+"""Card numbers of the plan (points-and-clearing.md §2): Luhn, issuer prefixes and masking.
+
+The gateway checks a card number before it looks the card up, and masks it before anything
+shows it. Both live here so that every layer checks and masks the same way, and so that the
+reason for a rejected number never repeats the number itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+CARD_NUMBER_DIGITS = 19
+
+# Masking shows at most the issuer part (first 6) and the last 4, and only for numbers long
+# enough that 6 or more digits stay hidden; shorter inputs show less (see mask_card_number).
+_MASK_FULL_FROM = 16
+_MASK_LAST_ONLY_FROM = 11
+_SHOWN_FIRST = 6
+_SHOWN_LAST = 4
+
+
+def _luhn_sum(digits: str, *, check_digit_present: bool) -> int:
+    """Luhn sum, doubling every second digit counted from the right of the whole number."""
+    total = 0
+    double = not check_digit_present
+    for char in reversed(digits):
+        value = ord(char) - ord("0")
+        if double:
+            value *= 2
+            if value > 9:
+                value -= 9
+        total += value
+        double = not double
+    return total
+
+
+def _is_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def luhn_check_digit(partial: str) -> str:
+    """The Luhn check digit to append to `partial` (1 or more ASCII digits, else ValueError)."""
+    if not _is_digits(partial):
+        raise ValueError("card number part is empty or not all digits")
+    return str((10 - _luhn_sum(partial, check_digit_present=False) % 10) % 10)
+
+
+def luhn_valid(number: str) -> bool:
+    """Whether `number` (at least 2 ASCII digits) ends with its correct Luhn check digit."""
+    if len(number) < 2 or not _is_digits(number):
+        return False
+    return _luhn_sum(number, check_digit_present=True) % 10 == 0
+
+
+def has_issuer_prefix(number: str, prefixes: Iterable[str]) -> bool:
+    """Whether `number` starts with one of the configured prefixes (empty prefixes never match)."""
+    return any(prefix and number.startswith(prefix) for prefix in prefixes)
+
+
+def mask_card_number(number: str) -> str:
+    """`number` with its hidden characters replaced by `*`, one for one (the length is kept).
+
+    19 or 16 digits: first 6 and last 4 shown (`668800*********0124`). The rule by length:
+    16 or more characters show the first 6 and the last 4; 11 to 15 show only the last 4;
+    10 or fewer show nothing. So at least 6 characters are always hidden, never more than 10
+    are shown, and a short (possibly truncated or mistyped) number reveals less, not more.
+    """
+    length = len(number)
+    if length >= _MASK_FULL_FROM:
+        first, last = _SHOWN_FIRST, _SHOWN_LAST
+    elif length >= _MASK_LAST_ONLY_FROM:
+        first, last = 0, _SHOWN_LAST
+    else:
+        return "*" * length
+    return number[:first] + "*" * (length - first - last) + number[length - last :]
+
+
+def card_number_problem(number: str, prefixes: Iterable[str]) -> str | None:
+    """None for a plan card number, else a short reason that never contains the number.
+
+    A plan card number is 19 ASCII digits, Luhn-valid, starting with a configured issuer prefix.
+    """
+    if len(number) != CARD_NUMBER_DIGITS or not _is_digits(number):
+        return "not 19 digits"
+    if not luhn_valid(number):
+        return "Luhn check digit wrong"
+    if not has_issuer_prefix(number, prefixes):
+        return "issuer prefix unknown"
+    return None
