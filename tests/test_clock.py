@@ -25,10 +25,9 @@ from gateway.clock import (
 CUTOFF = time(23, 0)
 
 
-def local(
-    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0, us: int = 0
-) -> datetime:
-    return datetime(year, month, day, hour, minute, second, us, tzinfo=SHANGHAI)
+def local(*fields: int) -> datetime:
+    """A Shanghai wall-clock instant from datetime's positional fields."""
+    return datetime(*fields).replace(tzinfo=SHANGHAI)  # type: ignore[arg-type]
 
 
 # --- clocks -------------------------------------------------------------------------------
