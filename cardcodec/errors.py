@@ -7,6 +7,11 @@ tracebacks may reach a log, and field values may be card numbers, tracks, PIN bl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cardcodec.message import Message
+
 
 class CodecError(ValueError):
     """Bytes or values that do not fit the POS 8583 profile (answered `30`, or the link closed).
@@ -15,9 +20,10 @@ class CodecError(ValueError):
     `part` names the place ("length", "TPDU", "header", "MTI", "bitmap", "field 35", ...);
     `offset` is the byte offset from the start of the frame (its 2-byte length included),
     or -1 when the problem is in a value being encoded rather than in received bytes.
-    `partial` holds the fields that could be read before the problem, restricted to the few
-    that identify a request and are safe to echo (never card data), so that the gateway can
-    still answer `30` when 11, 41 and 42 are among them.
+    `partial` is the message as far as it could be read before the problem (envelope, MTI and
+    only the few fields that identify a request and are safe to echo, never card data), so
+    that the gateway can still answer `30` when 11, 41 and 42 are among them; None when not
+    even the MTI could be read.
     """
 
     def __init__(
@@ -27,13 +33,13 @@ class CodecError(ValueError):
         field: int | None = None,
         part: str | None = None,
         offset: int = -1,
-        partial: dict[int, str] | None = None,
+        partial: Message | None = None,
     ) -> None:
         self.reason = reason
         self.field = field
         self.part = part if part is not None else (f"field {field}" if field else "message")
         self.offset = offset
-        self.partial: dict[int, str] = dict(partial or {})
+        self.partial = partial
         where = self.part if offset < 0 else f"{self.part} at byte {offset}"
         super().__init__(f"{where}: {reason}")
 

@@ -1,0 +1,243 @@
+"""Which message is which, and which fields each one carries (pos-8583.md §3-§4), as data.
+
+A request is classified by its MTI, field 3 and 60.1/60.3; each kind lists the fields it must
+carry, the alternatives of which exactly one must be present (track 2 or card number + expiry)
+and the groups that come all together or not at all (a PIN: 26 with 52 or 62). A request with
+a missing field or one it does not list is a format error (`30`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from cardcodec.subfields import (
+    MSG_BALANCE,
+    MSG_MANAGEMENT,
+    MSG_REDEMPTION,
+    MSG_REFUND,
+    MSG_VOID,
+    NMC_ECHO,
+    NMC_FINANCIAL,
+    NMC_SETTLEMENT,
+    NMC_SIGN_OFF,
+    NMC_SIGN_ON_3DES,
+    NMC_SIGN_ON_3DES_TDK,
+    NMC_SIGN_ON_SM4,
+    NMC_SIGN_ON_SM4_TDK,
+    NMC_UPLOAD_END_BALANCED,
+    NMC_UPLOAD_END_UNBALANCED,
+    PROCESSING_BALANCE,
+    PROCESSING_REDEMPTION,
+    PROCESSING_VOID_REFUND,
+)
+
+
+class Kind(Enum):
+    """The requests of §4."""
+
+    SIGN_ON = "sign-on"
+    SIGN_OFF = "sign-off"
+    ECHO = "echo"
+    BALANCE = "balance"
+    REDEMPTION = "redemption"
+    VOID = "void"
+    REFUND = "refund"
+    REVERSAL = "reversal"
+    SETTLEMENT = "settlement"
+    UPLOAD = "batch upload"
+    UPLOAD_END = "end of batch upload"
+
+
+@dataclass(frozen=True)
+class FieldRule:
+    """The fields of one message: `required`, exactly one of `one_of` (when given), and each
+    of `groups` all present or all absent; `either_group` groups are alternatives of which at
+    most one may be present."""
+
+    required: frozenset[int]
+    one_of: tuple[frozenset[int], ...] = ()
+    groups: tuple[frozenset[int], ...] = ()
+
+    def allowed(self) -> frozenset[int]:
+        extra = frozenset().union(*self.one_of, *self.groups)
+        return self.required | extra
+
+    def problem(self, present: frozenset[int] | set[int]) -> str | None:
+        """None when the fields fit; else which field is missing or not allowed."""
+        missing = self.required - present
+        if missing:
+            return f"field {min(missing)} missing"
+        extra = present - self.allowed()
+        if extra:
+            return f"field {min(extra)} not allowed here"
+        if self.one_of:
+            chosen = [option for option in self.one_of if option & present]
+            if len(chosen) != 1 or not chosen[0] <= present:
+                return "needs track 2 or card number with expiry, not both"
+        groups_present = [group for group in self.groups if group & present]
+        for group in groups_present:
+            if not group <= present:
+                return f"field {min(group - present)} missing"
+        return None
+
+
+def _fields(*numbers: int) -> frozenset[int]:
+    return frozenset(numbers)
+
+
+CARD_ENTRY = (_fields(35), _fields(2, 14))
+PIN_GROUPS = (_fields(26, 52), _fields(26, 62))
+
+_INQUIRY = _fields(3, 11, 22, 25, 41, 42, 49, 53, 60, 64)
+
+
+@dataclass(frozen=True)
+class RequestProfile:
+    kind: Kind
+    mti: str
+    rule: FieldRule
+    processing_code: str | None = None
+    message_type: str | None = None
+    management_codes: frozenset[str] = field(default_factory=frozenset)
+
+
+REQUESTS: dict[Kind, RequestProfile] = {
+    profile.kind: profile
+    for profile in (
+        RequestProfile(
+            Kind.SIGN_ON,
+            "0800",
+            FieldRule(_fields(11, 41, 42, 60, 63)),
+            message_type=MSG_MANAGEMENT,
+            management_codes=frozenset(
+                {NMC_SIGN_ON_3DES, NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4, NMC_SIGN_ON_SM4_TDK}
+            ),
+        ),
+        RequestProfile(
+            Kind.SIGN_OFF,
+            "0820",
+            FieldRule(_fields(11, 41, 42, 60, 64)),
+            message_type=MSG_MANAGEMENT,
+            management_codes=frozenset({NMC_SIGN_OFF}),
+        ),
+        RequestProfile(
+            Kind.ECHO,
+            "0820",
+            FieldRule(_fields(11, 41, 42, 60)),
+            message_type=MSG_MANAGEMENT,
+            management_codes=frozenset({NMC_ECHO}),
+        ),
+        RequestProfile(
+            Kind.BALANCE,
+            "0200",
+            FieldRule(_INQUIRY, CARD_ENTRY, PIN_GROUPS),
+            PROCESSING_BALANCE,
+            MSG_BALANCE,
+        ),
+        RequestProfile(
+            Kind.REDEMPTION,
+            "0200",
+            FieldRule(_INQUIRY | {4}, CARD_ENTRY, PIN_GROUPS),
+            PROCESSING_REDEMPTION,
+            MSG_REDEMPTION,
+        ),
+        RequestProfile(
+            Kind.VOID,
+            "0200",
+            FieldRule(_INQUIRY | {4, 37, 61}, CARD_ENTRY),
+            PROCESSING_VOID_REFUND,
+            MSG_VOID,
+        ),
+        RequestProfile(
+            Kind.REFUND,
+            "0220",
+            FieldRule(_INQUIRY | {4, 37, 61}, CARD_ENTRY),
+            PROCESSING_VOID_REFUND,
+            MSG_REFUND,
+        ),
+        RequestProfile(
+            Kind.REVERSAL,
+            "0400",
+            # 61 for voids and 2 + 14 for keyed originals: checked against the original's kind.
+            FieldRule(_fields(3, 4, 11, 22, 25, 39, 41, 42, 49, 60, 64), (), (_fields(2, 14),)),
+        ),
+        RequestProfile(
+            Kind.SETTLEMENT,
+            "0500",
+            FieldRule(_fields(11, 41, 42, 48, 49, 60, 63, 64)),
+            message_type=MSG_MANAGEMENT,
+            management_codes=frozenset({NMC_SETTLEMENT}),
+        ),
+        RequestProfile(
+            Kind.UPLOAD,
+            "0320",
+            FieldRule(_fields(11, 41, 42, 48, 60, 64)),
+            message_type=MSG_MANAGEMENT,
+            management_codes=frozenset({NMC_SETTLEMENT}),
+        ),
+        RequestProfile(
+            Kind.UPLOAD_END,
+            "0320",
+            FieldRule(_fields(11, 41, 42, 48, 60, 64)),
+            message_type=MSG_MANAGEMENT,
+            management_codes=frozenset({NMC_UPLOAD_END_UNBALANCED, NMC_UPLOAD_END_BALANCED}),
+        ),
+    )
+}
+
+# The valid financial combinations of §3: (MTI, field 3, 60.1) -> kind.
+FINANCIAL: dict[tuple[str, str, str], Kind] = {
+    ("0200", PROCESSING_BALANCE, MSG_BALANCE): Kind.BALANCE,
+    ("0200", PROCESSING_REDEMPTION, MSG_REDEMPTION): Kind.REDEMPTION,
+    ("0200", PROCESSING_VOID_REFUND, MSG_VOID): Kind.VOID,
+    ("0220", PROCESSING_VOID_REFUND, MSG_REFUND): Kind.REFUND,
+    ("0400", PROCESSING_REDEMPTION, MSG_REDEMPTION): Kind.REVERSAL,
+    ("0400", PROCESSING_VOID_REFUND, MSG_VOID): Kind.REVERSAL,
+}
+FINANCIAL_MTIS = frozenset({"0200", "0220", "0400"})
+REVERSAL_FIELDS_FOR_VOID = _fields(61)
+
+
+def classify(mti: str, processing_code: str | None, message_data: str | None) -> Kind | None:
+    """The kind of a request, or None for a combination the profile does not support (`12`).
+
+    `message_data` is field 60 as sent (None when absent); only 60.1 and 60.3 are read here.
+    """
+    if message_data is None or len(message_data) < 11:
+        return None
+    message_type, management_code = message_data[0:2], message_data[8:11]
+    if mti in FINANCIAL_MTIS:
+        if management_code != NMC_FINANCIAL or processing_code is None:
+            return None
+        return FINANCIAL.get((mti, processing_code, message_type))
+    for profile in REQUESTS.values():
+        if (
+            profile.mti == mti
+            and profile.message_type == message_type
+            and management_code in profile.management_codes
+        ):
+            return profile.kind
+    return None
+
+
+# Responses (§4): the fields an answer carries.
+DECLINE_FIELDS = _fields(3, 4, 11, 12, 13, 15, 32, 37, 39, 41, 42, 49, 60)
+RESPONSES: dict[Kind, FieldRule] = {
+    Kind.SIGN_ON: FieldRule(_fields(11, 12, 13, 15, 32, 37, 39, 41, 42, 60, 62)),
+    Kind.SIGN_OFF: FieldRule(_fields(11, 12, 13, 39, 41, 42, 60), groups=(_fields(64),)),
+    Kind.ECHO: FieldRule(_fields(11, 12, 13, 39, 41, 42, 60)),
+    Kind.BALANCE: FieldRule(
+        _fields(3, 11, 12, 13, 15, 32, 37, 39, 41, 42, 49, 54, 60, 63, 64), groups=(_fields(2),)
+    ),
+    Kind.REDEMPTION: FieldRule(
+        _fields(3, 4, 11, 12, 13, 15, 32, 37, 38, 39, 41, 42, 49, 54, 60, 63, 64),
+        groups=(_fields(2),),
+    ),
+    Kind.REVERSAL: FieldRule(_fields(3, 4, 11, 12, 13, 15, 32, 37, 39, 41, 42, 49, 60, 64)),
+    Kind.SETTLEMENT: FieldRule(_fields(11, 12, 13, 15, 39, 41, 42, 48, 60, 64)),
+    Kind.UPLOAD: FieldRule(_fields(11, 12, 13, 39, 41, 42, 60, 64)),
+    Kind.UPLOAD_END: FieldRule(_fields(11, 12, 13, 39, 41, 42, 60, 64)),
+}
+RESPONSES[Kind.VOID] = RESPONSES[Kind.REDEMPTION]
+RESPONSES[Kind.REFUND] = RESPONSES[Kind.REDEMPTION]
