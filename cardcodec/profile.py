@@ -51,16 +51,15 @@ class Kind(Enum):
 
 @dataclass(frozen=True)
 class FieldRule:
-    """The fields of one message: `required`, exactly one of `one_of` (when given), and each
-    of `groups` all present or all absent; `either_group` groups are alternatives of which at
-    most one may be present."""
+    """The fields of one message: `required`, exactly one of `one_of` (when given), and at
+    most one of `optional_one_of`, whole (a PIN is 26 with 52, or 26 with 62)."""
 
     required: frozenset[int]
     one_of: tuple[frozenset[int], ...] = ()
-    groups: tuple[frozenset[int], ...] = ()
+    optional_one_of: tuple[frozenset[int], ...] = ()
 
     def allowed(self) -> frozenset[int]:
-        extra = frozenset().union(*self.one_of, *self.groups)
+        extra = frozenset().union(*self.one_of, *self.optional_one_of)
         return self.required | extra
 
     def problem(self, present: frozenset[int] | set[int]) -> str | None:
@@ -75,10 +74,10 @@ class FieldRule:
             chosen = [option for option in self.one_of if option & present]
             if len(chosen) != 1 or not chosen[0] <= present:
                 return "needs track 2 or card number with expiry, not both"
-        groups_present = [group for group in self.groups if group & present]
-        for group in groups_present:
-            if not group <= present:
-                return f"field {min(group - present)} missing"
+        optional = present & frozenset().union(*self.optional_one_of)
+        if optional and optional not in self.optional_one_of:
+            candidates = [group for group in self.optional_one_of if group & optional]
+            return f"field {min(min(group - optional) for group in candidates)} missing"
         return None
 
 
@@ -90,6 +89,7 @@ CARD_ENTRY = (_fields(35), _fields(2, 14))
 PIN_GROUPS = (_fields(26, 52), _fields(26, 62))
 
 _INQUIRY = _fields(3, 11, 22, 25, 41, 42, 49, 53, 60, 64)
+_REVERSAL = _fields(3, 4, 11, 22, 25, 39, 41, 42, 49, 60, 64)
 
 
 @dataclass(frozen=True)
@@ -159,8 +159,8 @@ REQUESTS: dict[Kind, RequestProfile] = {
         RequestProfile(
             Kind.REVERSAL,
             "0400",
-            # 61 for voids and 2 + 14 for keyed originals: checked against the original's kind.
-            FieldRule(_fields(3, 4, 11, 22, 25, 39, 41, 42, 49, 60, 64), (), (_fields(2, 14),)),
+            # Of a redemption; a void's reversal also carries 61 (see `request_rule`).
+            FieldRule(_REVERSAL, (), (_fields(2, 14),)),
         ),
         RequestProfile(
             Kind.SETTLEMENT,
@@ -196,7 +196,14 @@ FINANCIAL: dict[tuple[str, str, str], Kind] = {
     ("0400", PROCESSING_VOID_REFUND, MSG_VOID): Kind.REVERSAL,
 }
 FINANCIAL_MTIS = frozenset({"0200", "0220", "0400"})
-REVERSAL_FIELDS_FOR_VOID = _fields(61)
+_VOID_REVERSAL_RULE = FieldRule(_REVERSAL | {61}, (), (_fields(2, 14),))
+
+
+def request_rule(kind: Kind, message_type: str) -> FieldRule:
+    """The fields a request of that kind must carry; a reversal's depend on its 60.1."""
+    if kind is Kind.REVERSAL and message_type == MSG_VOID:
+        return _VOID_REVERSAL_RULE
+    return REQUESTS[kind].rule
 
 
 def classify(mti: str, processing_code: str | None, message_data: str | None) -> Kind | None:
@@ -225,14 +232,15 @@ def classify(mti: str, processing_code: str | None, message_data: str | None) ->
 DECLINE_FIELDS = _fields(3, 4, 11, 12, 13, 15, 32, 37, 39, 41, 42, 49, 60)
 RESPONSES: dict[Kind, FieldRule] = {
     Kind.SIGN_ON: FieldRule(_fields(11, 12, 13, 15, 32, 37, 39, 41, 42, 60, 62)),
-    Kind.SIGN_OFF: FieldRule(_fields(11, 12, 13, 39, 41, 42, 60), groups=(_fields(64),)),
+    Kind.SIGN_OFF: FieldRule(_fields(11, 12, 13, 39, 41, 42, 60), optional_one_of=(_fields(64),)),
     Kind.ECHO: FieldRule(_fields(11, 12, 13, 39, 41, 42, 60)),
     Kind.BALANCE: FieldRule(
-        _fields(3, 11, 12, 13, 15, 32, 37, 39, 41, 42, 49, 54, 60, 63, 64), groups=(_fields(2),)
+        _fields(3, 11, 12, 13, 15, 32, 37, 39, 41, 42, 49, 54, 60, 63, 64),
+        optional_one_of=(_fields(2),),
     ),
     Kind.REDEMPTION: FieldRule(
         _fields(3, 4, 11, 12, 13, 15, 32, 37, 38, 39, 41, 42, 49, 54, 60, 63, 64),
-        groups=(_fields(2),),
+        optional_one_of=(_fields(2),),
     ),
     Kind.REVERSAL: FieldRule(_fields(3, 4, 11, 12, 13, 15, 32, 37, 39, 41, 42, 49, 60, 64)),
     Kind.SETTLEMENT: FieldRule(_fields(11, 12, 13, 15, 39, 41, 42, 48, 60, 64)),
