@@ -35,6 +35,8 @@ class Rule:
     def __post_init__(self) -> None:
         if not 0 <= self.discount_bp <= MAX_DISCOUNT_BP:
             raise ValueError(f"rule {self.id}: discount_bp outside 0-{MAX_DISCOUNT_BP}")
+        if self.days is not None and not self.days <= frozenset(range(7)):
+            raise ValueError(f"rule {self.id}: days must be 0 (Monday) to 6 (Sunday)")
         if self.hours is not None and not self.hours[0] < self.hours[1]:
             raise ValueError(f"rule {self.id}: hours must start before they end")
         if self.valid_from and self.valid_to and self.valid_from > self.valid_to:

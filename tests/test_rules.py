@@ -200,6 +200,7 @@ def test_choice_does_not_depend_on_the_order_of_rules(rules: list[Rule], rnd: An
         ({"hours": (time(10, 0), time(10, 0))}, "hours"),
         ({"valid_from": date(2026, 2, 1), "valid_to": date(2026, 1, 31)}, "valid_from"),
         ({"min_amount_fen": -1}, "min_amount_fen"),
+        ({"days": frozenset({7})}, "days"),
     ],
 )
 def test_rule_refuses_impossible_values(fields: dict[str, Any], problem: str) -> None:
