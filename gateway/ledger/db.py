@@ -1,0 +1,110 @@
+"""Engines, sessions and units of work that behave the same on SQLite and PostgreSQL.
+
+The ledger's safety rests on two things the database must give: a change is durable when its
+commit returns, and two writers to one card never interleave. SQLite gives both only when told
+(WAL with synchronous=FULL, and transactions that take the write lock at BEGIN IMMEDIATE rather
+than at their first write, which pysqlite's own transaction handling cannot do); PostgreSQL
+gives them with row locks (`SELECT ... FOR UPDATE`, taken by the operations themselves on the
+card and its lots). Everything that opens a connection to the ledger goes through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+POSTGRES_POOL_SIZE = 5
+POSTGRES_MAX_OVERFLOW = 10
+POSTGRES_POOL_TIMEOUT_S = 30
+POSTGRES_CONNECT_TIMEOUT_S = 10
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `sqlite:///PATH` or `postgresql+psycopg://...`; anything else is refused."""
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(url)
+    if backend == "postgresql":
+        return _postgres_engine(url)
+    raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+
+
+def _sqlite_engine(url: str) -> Engine:
+    engine = create_engine(
+        url,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from pysqlite: it would BEGIN late (deferred) and
+        # not at all before SELECTs, so a read-then-write could race another writer.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # The write lock is taken here, so two units of work on one file run one after the
+        # other (the second waits up to the busy timeout) instead of failing at commit.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _postgres_engine(url: str) -> Engine:
+    return create_engine(
+        url,
+        pool_size=POSTGRES_POOL_SIZE,
+        max_overflow=POSTGRES_MAX_OVERFLOW,
+        pool_timeout=POSTGRES_POOL_TIMEOUT_S,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
+    )
+
+
+def new_session(engine: Engine) -> Session:
+    """A session whose objects stay readable after commit (results outlive the unit of work)."""
+    return Session(engine, expire_on_commit=False, autoflush=True)
+
+
+@contextmanager
+def unit_of_work(engine: Engine) -> Iterator[Session]:
+    """One database transaction: begun on entry, committed on a clean exit, else rolled back.
+
+    Ledger operations take the yielded session and never commit, so several of them (a
+    redemption, its authorisation record and the request log entry) commit together, and
+    a group of requests can later share one commit.
+    """
+    session = new_session(engine)
+    try:
+        with session.begin():
+            yield session
+    finally:
+        session.close()
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the ledger schema up to `revision` (default: the newest), in one transaction."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)

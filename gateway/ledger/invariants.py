@@ -1,0 +1,243 @@
+"""The ledger invariants of points-and-clearing.md §3, checked from the stored rows alone.
+
+`vipgate ledger check`, the reconciliation pack and the tests all ask the same question: do the
+books agree with themselves? Each check recomputes one figure two independent ways (the journal
+and the lots, the lots and their movements, a redemption and what undid it) and reports every
+disagreement it finds rather than stopping at the first, so one run shows the whole damage.
+Subjects name rows by id (account, lot, transaction), never by card number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session
+
+from gateway.ledger.journal import sum_of
+from gateway.ledger.models import (
+    Account,
+    AccountKind,
+    Authorisation,
+    AuthorisationKind,
+    AuthorisationState,
+    JournalEntry,
+    JournalTransaction,
+    LotMovement,
+    LotOrigin,
+    PointLot,
+)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken invariant: which rule, which row, and the figures that disagree."""
+
+    rule: str
+    subject: str
+    detail: str
+
+
+def _totals(session: Session, query: Select[Any, int]) -> dict[Any, int]:
+    """A two-column query (key, integer total) as a dict."""
+    return {key: int(total) for key, total in session.execute(query)}
+
+
+def check_invariants(session: Session) -> list[Violation]:
+    """Every violation found, in a stable order; an empty list means the ledger is sound."""
+    found: list[Violation] = []
+    for check in CHECKS:
+        found.extend(check(session))
+    return found
+
+
+def _unbalanced_transactions(session: Session) -> Iterator[Violation]:
+    """Each transaction's entries sum to zero, and every transaction has entries."""
+    sums = (
+        select(
+            JournalTransaction.id,
+            sum_of(JournalEntry.points),
+            func.count(JournalEntry.id),
+        )
+        .outerjoin(JournalEntry, JournalEntry.transaction_id == JournalTransaction.id)
+        .group_by(JournalTransaction.id)
+        .order_by(JournalTransaction.id)
+    )
+    for transaction_id, total, count in session.execute(sums):
+        if count == 0:
+            yield Violation("journal.empty", f"transaction {transaction_id}", "no entries")
+        elif total != 0:
+            yield Violation(
+                "journal.unbalanced", f"transaction {transaction_id}", f"entries sum to {total}"
+            )
+
+
+def _journal_total(session: Session) -> Iterator[Violation]:
+    """The whole journal sums to zero."""
+    total = session.scalar(select(sum_of(JournalEntry.points)))
+    if total:
+        yield Violation("journal.total", "journal", f"all entries sum to {total}")
+
+
+def _card_balances(session: Session) -> Iterator[Violation]:
+    """Each card account's balance equals the sum of its lots, and neither is negative."""
+    entries = _totals(
+        session,
+        (
+            select(Account.card_number, sum_of(JournalEntry.points))
+            .join(JournalEntry, JournalEntry.account_id == Account.id)
+            .where(Account.kind == AccountKind.CARD)
+            .group_by(Account.card_number)
+        ),
+    )
+    lots: dict[str | None, int] = _totals(
+        session,
+        (
+            select(PointLot.card_number, sum_of(PointLot.remaining_points)).group_by(
+                PointLot.card_number
+            )
+        ),
+    )
+    accounts: dict[str | None, int] = _totals(
+        session, (select(Account.card_number, Account.id).where(Account.kind == AccountKind.CARD))
+    )
+    for card_number in sorted(set(entries) | set(lots), key=str):
+        subject = f"account {accounts.get(card_number, '?')}"
+        balance, in_lots = int(entries.get(card_number) or 0), int(lots.get(card_number) or 0)
+        if balance != in_lots:
+            yield Violation(
+                "card.balance_vs_lots", subject, f"balance {balance}, lots hold {in_lots}"
+            )
+        if balance < 0:
+            yield Violation("card.negative", subject, f"balance {balance}")
+
+
+def _lot_bounds(session: Session) -> Iterator[Violation]:
+    """No lot is negative or holds more than it was made with."""
+    query = (
+        select(PointLot.id, PointLot.original_points, PointLot.remaining_points)
+        .where(
+            (PointLot.remaining_points < 0)
+            | (PointLot.remaining_points > PointLot.original_points)
+            | (PointLot.original_points <= 0)
+        )
+        .order_by(PointLot.id)
+    )
+    for lot_id, original, remaining in session.execute(query):
+        yield Violation(
+            "lot.bounds", f"lot {lot_id}", f"remaining {remaining} of original {original}"
+        )
+
+
+def _lot_movements(session: Session) -> Iterator[Violation]:
+    """Each lot's remaining points are the sum of its movements (its creation included)."""
+    moved = _totals(
+        session,
+        (select(LotMovement.lot_id, sum_of(LotMovement.points)).group_by(LotMovement.lot_id)),
+    )
+    for lot_id, remaining in session.execute(
+        select(PointLot.id, PointLot.remaining_points).order_by(PointLot.id)
+    ):
+        total = int(moved.get(lot_id) or 0)
+        if total != remaining:
+            yield Violation(
+                "lot.movements", f"lot {lot_id}", f"remaining {remaining}, movements sum {total}"
+            )
+
+
+def _movements_match_entries(session: Session) -> Iterator[Violation]:
+    """In each transaction, the lots moved exactly what the card accounts' entries say."""
+    moved = _totals(
+        session,
+        (
+            select(LotMovement.transaction_id, sum_of(LotMovement.points)).group_by(
+                LotMovement.transaction_id
+            )
+        ),
+    )
+    booked = _totals(
+        session,
+        (
+            select(JournalEntry.transaction_id, sum_of(JournalEntry.points))
+            .join(Account, Account.id == JournalEntry.account_id)
+            .where(Account.kind == AccountKind.CARD)
+            .group_by(JournalEntry.transaction_id)
+        ),
+    )
+    for transaction_id in sorted(set(moved) | set(booked)):
+        lots, card = int(moved.get(transaction_id) or 0), int(booked.get(transaction_id) or 0)
+        if lots != card:
+            yield Violation(
+                "transaction.movements",
+                f"transaction {transaction_id}",
+                f"lots moved {lots}, card entries {card}",
+            )
+
+
+def _applied_once(session: Session) -> Iterator[Violation]:
+    """No idempotency key, accrual source_ref or journal transaction is used twice."""
+    duplicates = [
+        ("journal.key_twice", JournalTransaction.idempotency_key, None),
+        ("accrual.ref_twice", PointLot.source_ref, PointLot.origin == LotOrigin.ACCRUAL),
+        ("authorisation.transaction_twice", Authorisation.journal_transaction_id, None),
+    ]
+    for rule, column, condition in duplicates:
+        query = select(column, func.count()).where(column.is_not(None)).group_by(column)
+        if condition is not None:
+            query = query.where(condition)
+        for value, count in session.execute(query.having(func.count() > 1).order_by(column)):
+            yield Violation(rule, f"{column.key} {value}", f"applied {count} times")
+
+
+def _redemptions_hold_their_points(session: Session) -> Iterator[Violation]:
+    """A redemption holds, lot by lot, what it took less what went back: all of P less the
+    refunded points while approved, nothing once voided or reversed."""
+    held = _totals(
+        session,
+        (
+            select(LotMovement.redemption_id, -sum_of(LotMovement.points))
+            .where(LotMovement.redemption_id.is_not(None))
+            .group_by(LotMovement.redemption_id)
+        ),
+    )
+    query = (
+        select(Authorisation)
+        .where(
+            Authorisation.kind == AuthorisationKind.REDEMPTION,
+            Authorisation.state != AuthorisationState.DECLINED,
+        )
+        .order_by(Authorisation.id)
+    )
+    for redemption in session.scalars(query):
+        holds = int(held.get(redemption.id) or 0)
+        expected = redemption.points - redemption.points_returned
+        if redemption.state is not AuthorisationState.APPROVED:
+            expected = 0
+        if holds != expected:
+            yield Violation(
+                "redemption.holding",
+                f"authorisation {redemption.id}",
+                f"holds {holds} points, expected {expected}",
+            )
+        if not (
+            0 <= redemption.points_returned <= redemption.points
+            and 0 <= redemption.refunded_fen <= redemption.amount_fen
+            and 0 <= redemption.fen_clawed <= redemption.settled_fen
+        ):
+            yield Violation(
+                "redemption.refunds", f"authorisation {redemption.id}", "refunds exceed original"
+            )
+
+
+CHECKS: tuple[Callable[[Session], Iterator[Violation]], ...] = (
+    _unbalanced_transactions,
+    _journal_total,
+    _card_balances,
+    _lot_bounds,
+    _lot_movements,
+    _movements_match_entries,
+    _applied_once,
+    _redemptions_hold_their_points,
+)

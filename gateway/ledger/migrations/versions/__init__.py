@@ -1,0 +1,1 @@
+"""One module per schema revision, oldest first; each says why the schema changed."""

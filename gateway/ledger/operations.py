@@ -1,0 +1,852 @@
+"""The ledger operations: what may happen to a card's points, each as one database change.
+
+Every function takes an open `Session` (from `db.unit_of_work`) and never commits, so a caller
+can put an operation, the authorisation it answers and the request log entry into one commit,
+or several requests into one group commit. Each operation locks the card it touches first
+(`SELECT ... FOR UPDATE` on PostgreSQL; SQLite's unit of work holds the write lock) and only
+then reads the card's lots, so two operations on one card never interleave.
+
+Business outcomes (not enough points, an original that can no longer be voided, a refund over
+what is left) are returned as values; exceptions mean bad input from a person (`BadInput`),
+a caller's programming error (`ValueError`, `LookupError`) or books that disagree with
+themselves (`LedgerError`), and the unit of work rolls back.
+
+The points side follows points-and-clearing.md §3: spend earliest-expiring lots first (then
+the oldest), never an expired lot; voids and reversals put back exactly what was taken, lot by
+lot; refunds return the proportional share of `gateway.points.refund_share`, latest-expiring
+lots first; points whose lot has expired meanwhile go into a new lot that expires at the end of
+the current points year.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import date, datetime, time
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.clock import SHANGHAI, lot_expired, lot_expires_on
+from gateway.errors import BadInput
+from gateway.ledger.journal import (
+    LedgerError,
+    LotChange,
+    Moment,
+    Returned,
+    card_transfer,
+    give_back,
+    held_by_redemption,
+    lock_card,
+    lock_lots,
+    next_rrn,
+    record_movement,
+    spendable_lots,
+    sum_of,
+    take,
+)
+from gateway.ledger.models import (
+    Account,
+    AccountKind,
+    Authorisation,
+    AuthorisationKind,
+    AuthorisationState,
+    Card,
+    CardStatus,
+    JournalTransaction,
+    LotOrigin,
+    PointLot,
+    RequestClass,
+    Terminal,
+    TransactionKind,
+)
+from gateway.points import Conversion, refund_share
+
+APPROVED_CODES = ("00", "10")
+PIN_TRIES_TO_LOCK = 3
+
+
+class Decline(enum.Enum):
+    """Why the ledger refused an operation; the caller maps it to a response code."""
+
+    CARD_UNKNOWN = "card_unknown"
+    NOT_ENOUGH_POINTS = "not_enough_points"
+    NO_POINTS = "no_points"
+    ORIGINAL_NOT_ALLOWED = "original_not_allowed"
+    OVER_WHAT_IS_LEFT = "over_what_is_left"
+
+
+@dataclass(frozen=True)
+class Declined:
+    reason: Decline
+
+
+@dataclass(frozen=True)
+class Swipe:
+    """The request identity and time of a terminal's financial message."""
+
+    terminal_id: str
+    batch_number: int
+    trace: int
+    when: Moment
+
+    def key(self, request_class: RequestClass) -> str:
+        """The journal idempotency key: one per request identity (pos-8583.md §7)."""
+        return (
+            f"pos:{self.terminal_id}:{self.batch_number:06d}:{self.trace:06d}:{request_class.value}"
+        )
+
+
+@dataclass(frozen=True)
+class Redeemed:
+    authorisation_id: int
+    rrn: str
+    transaction_id: int
+    lots: tuple[LotChange, ...]
+    spendable_points_after: int
+
+
+@dataclass(frozen=True)
+class Restored:
+    """A void or reversal of a redemption: every point it held is back."""
+
+    authorisation_id: int
+    rrn: str
+    transaction_id: int
+    points: int
+    returned: Returned
+    spendable_points_after: int
+
+
+@dataclass(frozen=True)
+class Refunded:
+    authorisation_id: int
+    rrn: str
+    transaction_id: int | None
+    points: int
+    fen_clawed: int
+    returned: Returned
+    spendable_points_after: int
+
+
+class ReversalEffect(enum.Enum):
+    """What a reversal did to its original (pos-8583.md §4.6)."""
+
+    REDEMPTION_UNDONE = "redemption_undone"
+    VOID_UNDONE = "void_undone"
+    VOID_STANDS = "void_stands"  # the card no longer holds the points: an exception
+    NOTHING_TO_UNDO = "nothing_to_undo"  # declined, already voided, reversed or refunded
+
+
+@dataclass(frozen=True)
+class Reversed:
+    authorisation_id: int
+    rrn: str
+    effect: ReversalEffect
+    transaction_id: int | None
+    points: int
+    lots: tuple[LotChange, ...]
+    returned: Returned | None
+    spendable_points_after: int
+
+
+@dataclass(frozen=True)
+class Accrued:
+    lot_id: int
+    transaction_id: int
+    expires_on: date
+
+
+@dataclass(frozen=True)
+class AccrualSkipped:
+    """The source_ref was applied before (by this or an earlier feed); nothing changed."""
+
+    source_ref: str
+
+
+@dataclass(frozen=True)
+class ExpiryRun:
+    lots: int
+    points: int
+    cards: int
+
+
+@dataclass(frozen=True)
+class Balances:
+    ledger_points: int
+    spendable_points: int
+
+
+class Enrolment(enum.Enum):
+    ENROLLED = "enrolled"
+    ALREADY_ENROLLED = "already_enrolled"
+    NOT_ENOUGH_POINTS = "not_enough_points"
+
+
+@dataclass(frozen=True)
+class PinState:
+    wrong_pin_count: int
+    locked: bool
+
+
+# --- balances -----------------------------------------------------------------------------
+
+
+def balances(session: Session, card_number: str, at: datetime) -> Balances:
+    """Ledger balance (every lot's remaining points, expired-not-yet-booked included) and
+    spendable balance (unexpired lots only) at an instant."""
+    local = at.astimezone(SHANGHAI)
+    query = select(PointLot.expires_on, PointLot.remaining_points).where(
+        PointLot.card_number == card_number, PointLot.remaining_points > 0
+    )
+    ledger = spendable = 0
+    for expires_on, remaining in session.execute(query):
+        ledger += remaining
+        if not lot_expired(expires_on, local):
+            spendable += remaining
+    return Balances(ledger, spendable)
+
+
+def spendable_points(session: Session, card_number: str, at: datetime) -> int:
+    """The points a card can spend at an instant (what `51`, partial approval and 54/63 use)."""
+    return balances(session, card_number, at).spendable_points
+
+
+def points_redeemed_on(session: Session, card_number: str, business_date: date) -> int:
+    """Points of a card's approved redemptions of a business date, not voided or reversed
+    (the plan's daily limit counts these)."""
+    query = select(sum_of(Authorisation.points)).where(
+        Authorisation.card_number == card_number,
+        Authorisation.kind == AuthorisationKind.REDEMPTION,
+        Authorisation.state == AuthorisationState.APPROVED,
+        Authorisation.business_date == business_date,
+    )
+    return int(session.scalar(query) or 0)
+
+
+# --- redemption and what undoes it --------------------------------------------------------
+
+
+def redeem(
+    session: Session,
+    swipe: Swipe,
+    card_number: str,
+    conversion: Conversion,
+    *,
+    requested_amount_fen: int,
+    rule_id: str | None,
+    fee_bp: int,
+    auth_code: str,
+    response_code: str = "00",
+) -> Redeemed | Declined:
+    """Take `conversion.points` from the card and record the approved redemption.
+
+    `conversion` is what was approved: (A, d, D, P), or (A', d, D, P) after a partial
+    approval (`response_code` "10"). Journal: card -> redemption.
+    """
+    if response_code not in APPROVED_CODES:
+        raise ValueError("a redemption is recorded by redeem() only when approved")
+    card = lock_card(session, card_number)
+    if card is None:
+        return Declined(Decline.CARD_UNKNOWN)
+    if conversion.points <= 0:
+        return Declined(Decline.NO_POINTS)
+    lots = spendable_lots(session, card_number, swipe.when.local)
+    available = sum(lot.remaining_points for lot in lots)
+    if available < conversion.points:
+        return Declined(Decline.NOT_ENOUGH_POINTS)
+    authorisation = _new_authorisation(
+        session, swipe, AuthorisationKind.REDEMPTION, card_number, response_code
+    )
+    authorisation.auth_code = auth_code
+    authorisation.requested_amount_fen = requested_amount_fen
+    _copy_conversion(authorisation, conversion)
+    authorisation.rule_id = rule_id
+    authorisation.fee_bp = fee_bp
+    session.flush()
+    transaction = card_transfer(
+        session,
+        key=swipe.key(RequestClass.REQUEST),
+        kind=TransactionKind.REDEMPTION,
+        when=swipe.when,
+        card_number=card_number,
+        system=AccountKind.REDEMPTION,
+        points_to_card=-conversion.points,
+    )
+    authorisation.journal_transaction_id = transaction.id
+    taken = take(session, lots, conversion.points, transaction.id, authorisation.id)
+    return Redeemed(
+        authorisation.id,
+        authorisation.rrn,
+        transaction.id,
+        taken,
+        available - conversion.points,
+    )
+
+
+def void(
+    session: Session, swipe: Swipe, original_id: int, *, auth_code: str
+) -> Restored | Declined:
+    """Void an approved redemption whole: every point back, lot by lot. Journal: redemption ->
+    card. The protocol's own checks (same terminal, open batch, amount) are the caller's."""
+    original = _lock_authorisation(session, original_id)
+    if not _undoable(original):
+        return Declined(Decline.ORIGINAL_NOT_ALLOWED)
+    authorisation = _new_authorisation(
+        session, swipe, AuthorisationKind.VOID, original.card_number, "00", original=original
+    )
+    authorisation.auth_code = auth_code
+    restored = _restore_redemption(
+        session,
+        swipe,
+        request_class=RequestClass.REQUEST,
+        kind=TransactionKind.VOID,
+        original=original,
+        authorisation=authorisation,
+    )
+    original.state = AuthorisationState.VOIDED
+    return restored
+
+
+def reverse(session: Session, swipe: Swipe, original_id: int) -> Reversed:
+    """Undo a redemption or a void that the terminal got no valid answer for (pos-8583 §4.6).
+
+    A redemption: its points come back as a void's would. A void: its points are taken again
+    if the card's spendable points still cover them, else the void stands (`VOID_STANDS`, a
+    reconciliation exception). Anything else changes nothing. The reversal is recorded
+    (answered `00`) in every case; `swipe` is the reversal's own identity (the original's
+    terminal, batch and trace, reversal class).
+    """
+    original = _lock_authorisation(session, original_id)
+    authorisation = _new_authorisation(
+        session, swipe, AuthorisationKind.REVERSAL, original.card_number, "00", original=original
+    )
+    if original.kind is AuthorisationKind.REDEMPTION and _undoable(original):
+        restored = _restore_redemption(
+            session,
+            swipe,
+            request_class=RequestClass.REVERSAL,
+            kind=TransactionKind.REVERSAL,
+            original=original,
+            authorisation=authorisation,
+        )
+        original.state = AuthorisationState.REVERSED
+        return Reversed(
+            authorisation.id,
+            authorisation.rrn,
+            ReversalEffect.REDEMPTION_UNDONE,
+            restored.transaction_id,
+            restored.points,
+            (),
+            restored.returned,
+            restored.spendable_points_after,
+        )
+    if original.kind is AuthorisationKind.VOID and original.state is AuthorisationState.APPROVED:
+        return _reverse_void(session, swipe, original, authorisation)
+    return _reversal_without_effect(session, authorisation, ReversalEffect.NOTHING_TO_UNDO, swipe)
+
+
+def refund(
+    session: Session, swipe: Swipe, original_id: int, refund_fen: int, *, auth_code: str
+) -> Refunded | Declined:
+    """Refund R fen of an approved redemption (A, D, P): floor(P x R / A) points back and
+    floor(D x R / A) fen clawed back, the refund that reaches A taking what is left; the
+    points go back to the lots they came from, latest-expiring first. Journal: redemption ->
+    card. The refund window and the merchant check are the caller's."""
+    original = _lock_authorisation(session, original_id)
+    if original.kind is not AuthorisationKind.REDEMPTION or original.state is not (
+        AuthorisationState.APPROVED
+    ):
+        return Declined(Decline.ORIGINAL_NOT_ALLOWED)
+    if not 0 < refund_fen <= original.amount_fen - original.refunded_fen:
+        return Declined(Decline.OVER_WHAT_IS_LEFT)
+    points, fen = refund_share(
+        _conversion_of(original),
+        refund_fen,
+        original.refunded_fen,
+        original.points_returned,
+        original.fen_clawed,
+    )
+    card_number = _card_of(original)
+    authorisation = _new_authorisation(
+        session, swipe, AuthorisationKind.REFUND, card_number, "00", original=original
+    )
+    authorisation.auth_code = auth_code
+    authorisation.requested_amount_fen = refund_fen
+    authorisation.amount_fen = refund_fen
+    authorisation.settled_fen = fen
+    authorisation.points = points
+    original.refunded_fen += refund_fen
+    original.points_returned += points
+    original.fen_clawed += fen
+    transaction_id = None
+    returned = Returned((), None)
+    if points > 0:
+        transaction = card_transfer(
+            session,
+            key=swipe.key(RequestClass.REQUEST),
+            kind=TransactionKind.REFUND,
+            when=swipe.when,
+            card_number=card_number,
+            system=AccountKind.REDEMPTION,
+            points_to_card=points,
+        )
+        authorisation.journal_transaction_id = transaction_id = transaction.id
+        shares = _latest_expiring_first(session, original, points)
+        returned = give_back(
+            session,
+            transaction=transaction,
+            card_number=card_number,
+            shares=shares,
+            redemption_id=original.id,
+            when=swipe.when,
+        )
+    return Refunded(
+        authorisation.id,
+        authorisation.rrn,
+        transaction_id,
+        points,
+        fen,
+        returned,
+        spendable_points(session, card_number, swipe.when.at),
+    )
+
+
+def _restore_redemption(
+    session: Session,
+    swipe: Swipe,
+    *,
+    request_class: RequestClass,
+    kind: TransactionKind,
+    original: Authorisation,
+    authorisation: Authorisation,
+) -> Restored:
+    card_number = _card_of(original)
+    held = held_by_redemption(session, original.id)
+    points = sum(held.values())
+    if points != original.points - original.points_returned:
+        raise LedgerError(f"redemption {original.id} holds {points} points, not its own")
+    lots = {lot.id: lot for lot in lock_lots(session, card_number, held)}
+    shares = [(lots[lot_id], held[lot_id]) for lot_id in sorted(held)]
+    transaction = card_transfer(
+        session,
+        key=swipe.key(request_class),
+        kind=kind,
+        when=swipe.when,
+        card_number=card_number,
+        system=AccountKind.REDEMPTION,
+        points_to_card=points,
+    )
+    authorisation.journal_transaction_id = transaction.id
+    returned = give_back(
+        session,
+        transaction=transaction,
+        card_number=card_number,
+        shares=shares,
+        redemption_id=original.id,
+        when=swipe.when,
+    )
+    return Restored(
+        authorisation.id,
+        authorisation.rrn,
+        transaction.id,
+        points,
+        returned,
+        spendable_points(session, card_number, swipe.when.at),
+    )
+
+
+def _reverse_void(
+    session: Session, swipe: Swipe, void_: Authorisation, authorisation: Authorisation
+) -> Reversed:
+    """Take a void's points again, in spending order, if the card still holds them."""
+    card_number = _card_of(void_)
+    redemption = _lock_authorisation(session, _original_of(void_))
+    lots = spendable_lots(session, card_number, swipe.when.local)
+    available = sum(lot.remaining_points for lot in lots)
+    if available < void_.points:
+        authorisation.exception = ReversalEffect.VOID_STANDS.value
+        return _reversal_without_effect(session, authorisation, ReversalEffect.VOID_STANDS, swipe)
+    transaction = card_transfer(
+        session,
+        key=swipe.key(RequestClass.REVERSAL),
+        kind=TransactionKind.VOID_REVERSAL,
+        when=swipe.when,
+        card_number=card_number,
+        system=AccountKind.REDEMPTION,
+        points_to_card=-void_.points,
+    )
+    authorisation.journal_transaction_id = transaction.id
+    taken = take(session, lots, void_.points, transaction.id, redemption.id)
+    void_.state = AuthorisationState.REVERSED
+    redemption.state = AuthorisationState.APPROVED
+    return Reversed(
+        authorisation.id,
+        authorisation.rrn,
+        ReversalEffect.VOID_UNDONE,
+        transaction.id,
+        void_.points,
+        taken,
+        None,
+        available - void_.points,
+    )
+
+
+def _reversal_without_effect(
+    session: Session, authorisation: Authorisation, effect: ReversalEffect, swipe: Swipe
+) -> Reversed:
+    authorisation.points = 0
+    card = authorisation.card_number
+    spendable = spendable_points(session, card, swipe.when.at) if card else 0
+    return Reversed(authorisation.id, authorisation.rrn, effect, None, 0, (), None, spendable)
+
+
+def _latest_expiring_first(
+    session: Session, original: Authorisation, points: int
+) -> list[tuple[PointLot, int]]:
+    held = held_by_redemption(session, original.id)
+    lots = lock_lots(session, _card_of(original), held)
+    shares = []
+    left = points
+    for lot in sorted(lots, key=lambda lot: (lot.expires_on, lot.earned_on, lot.id), reverse=True):
+        share = min(held[lot.id], left)
+        if share:
+            shares.append((lot, share))
+            left -= share
+    if left:
+        raise LedgerError(f"redemption {original.id} holds fewer points than a refund returns")
+    return shares
+
+
+def _undoable(original: Authorisation) -> bool:
+    """An approved redemption with nothing refunded: what a void or reversal can undo."""
+    return (
+        original.kind is AuthorisationKind.REDEMPTION
+        and original.state is AuthorisationState.APPROVED
+        and original.refunded_fen == 0
+    )
+
+
+def _lock_authorisation(session: Session, authorisation_id: int) -> Authorisation:
+    """The authorisation, locked after its card: every operation locks a card before any
+    authorisation of it, so two operations on one card cannot deadlock."""
+    found = session.get(Authorisation, authorisation_id)
+    if found is None:
+        raise LookupError(f"no authorisation {authorisation_id}")
+    if found.card_number is not None:
+        lock_card(session, found.card_number)
+    locked = session.get(
+        Authorisation, authorisation_id, with_for_update=True, populate_existing=True
+    )
+    if locked is None:
+        raise LookupError(f"no authorisation {authorisation_id}")
+    return locked
+
+
+def _card_of(authorisation: Authorisation) -> str:
+    if authorisation.card_number is None:
+        raise LedgerError(f"authorisation {authorisation.id} has no card")
+    return authorisation.card_number
+
+
+def _original_of(authorisation: Authorisation) -> int:
+    if authorisation.original_id is None:
+        raise LedgerError(f"authorisation {authorisation.id} has no original")
+    return authorisation.original_id
+
+
+def _conversion_of(authorisation: Authorisation) -> Conversion:
+    return Conversion(
+        authorisation.amount_fen,
+        authorisation.discount_bp,
+        authorisation.settled_fen,
+        authorisation.points,
+    )
+
+
+def _copy_conversion(authorisation: Authorisation, conversion: Conversion) -> None:
+    authorisation.amount_fen = conversion.amount_fen
+    authorisation.discount_bp = conversion.discount_bp
+    authorisation.settled_fen = conversion.settled_fen
+    authorisation.points = conversion.points
+
+
+def _new_authorisation(
+    session: Session,
+    swipe: Swipe,
+    kind: AuthorisationKind,
+    card_number: str | None,
+    response_code: str,
+    *,
+    original: Authorisation | None = None,
+) -> Authorisation:
+    """An approved authorisation row with a new RRN; voids and reversals copy the original's
+    figures (A, d, D, P and the fee in force)."""
+    terminal = session.get(Terminal, swipe.terminal_id)
+    if terminal is None:
+        raise LookupError(f"terminal {swipe.terminal_id} is not known")
+    authorisation = Authorisation(
+        rrn=next_rrn(session, swipe.when.at),
+        kind=kind,
+        terminal_id=terminal.id,
+        merchant_id=terminal.merchant_id,
+        batch_number=swipe.batch_number,
+        trace=swipe.trace,
+        card_number=card_number,
+        response_code=response_code,
+        local_time=swipe.when.at,
+        business_date=swipe.when.business_date,
+        state=AuthorisationState.APPROVED,
+        refunded_fen=0,
+        points_returned=0,
+        fen_clawed=0,
+        amount_fen=0,
+        discount_bp=0,
+        settled_fen=0,
+        points=0,
+        fee_bp=0,
+    )
+    if original is not None:
+        authorisation.original_id = original.id
+        authorisation.requested_amount_fen = original.amount_fen
+        _copy_conversion(authorisation, _conversion_of(original))
+        authorisation.rule_id = original.rule_id
+        authorisation.fee_bp = original.fee_bp
+    session.add(authorisation)
+    session.flush()
+    return authorisation
+
+
+# --- accrual and expiry -------------------------------------------------------------------
+
+
+def accrue(
+    session: Session,
+    card_number: str,
+    earned_on: date,
+    points: int,
+    source_ref: str,
+    *,
+    when: Moment,
+    expiry_years: int,
+) -> Accrued | AccrualSkipped:
+    """A new lot of `points` earned on `earned_on`, applied at most once per `source_ref`
+    ever. Journal: accrual -> card. An unknown card or points not positive is `BadInput`."""
+    if type(points) is not int or points <= 0:
+        raise BadInput(f"accrual {source_ref}: points must be a positive integer")
+    if not source_ref:
+        raise BadInput("an accrual needs a source_ref")
+    if lock_card(session, card_number) is None:
+        raise BadInput(f"accrual {source_ref}: unknown card")
+    if _accrual_applied(session, source_ref):
+        return AccrualSkipped(source_ref)
+    transaction = card_transfer(
+        session,
+        key=f"accrual:{source_ref}",
+        kind=TransactionKind.ACCRUAL,
+        when=when,
+        card_number=card_number,
+        system=AccountKind.ACCRUAL,
+        points_to_card=points,
+    )
+    lot = PointLot(
+        card_number=card_number,
+        origin=LotOrigin.ACCRUAL,
+        earned_on=earned_on,
+        expires_on=lot_expires_on(earned_on, expiry_years),
+        original_points=points,
+        remaining_points=points,
+        source_ref=source_ref,
+        created_by_transaction_id=transaction.id,
+    )
+    session.add(lot)
+    session.flush()
+    record_movement(session, transaction.id, lot.id, points)
+    return Accrued(lot.id, transaction.id, lot.expires_on)
+
+
+def _accrual_applied(session: Session, source_ref: str) -> bool:
+    query = select(PointLot.id).where(
+        PointLot.origin == LotOrigin.ACCRUAL, PointLot.source_ref == source_ref
+    )
+    return session.scalars(query).first() is not None
+
+
+def expire(session: Session, as_of: date, *, when: Moment) -> ExpiryRun:
+    """Book every lot that expired before `as_of` 00:00 local: its remaining points go from
+    the card to the expiry account, one transaction per lot (key `expiry:lot:<id>`, so a lot
+    is booked once ever). Running it again for the same date changes nothing. A date whose
+    00:00 is still to come is `BadInput`: its lots have not expired yet."""
+    if datetime.combine(as_of, time(0), SHANGHAI) > when.at:
+        raise BadInput(f"expiry as of {as_of.isoformat()}: that date has not begun yet")
+    query = (
+        select(PointLot.card_number)
+        .where(PointLot.expires_on < as_of, PointLot.remaining_points > 0)
+        .distinct()
+        .order_by(PointLot.card_number)
+    )
+    lots = points = cards = 0
+    for card_number in list(session.scalars(query)):
+        lock_card(session, card_number)
+        due = [lot for lot in lock_lots(session, card_number) if lot.expires_on < as_of]
+        for lot in due:
+            points += _book_expiry(session, lot, when)
+        lots += len(due)
+        cards += 1 if due else 0
+    return ExpiryRun(lots, points, cards)
+
+
+def _book_expiry(session: Session, lot: PointLot, when: Moment) -> int:
+    amount = lot.remaining_points
+    transaction = card_transfer(
+        session,
+        key=f"expiry:lot:{lot.id}",
+        kind=TransactionKind.EXPIRY,
+        when=when,
+        card_number=lot.card_number,
+        system=AccountKind.EXPIRY,
+        points_to_card=-amount,
+    )
+    lot.remaining_points = 0
+    record_movement(session, transaction.id, lot.id, -amount)
+    return amount
+
+
+# --- cards --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardDetails:
+    """A card as a config or import file gives it; never its points."""
+
+    number: str
+    expiry_yymm: str
+    tier: str
+    status: CardStatus
+    enrolled: bool
+    pin_hmac: bytes | None = None
+
+
+def upsert_card(session: Session, details: CardDetails, at: datetime) -> bool:
+    """Create the card (with its account) or update everything but its points; True if new.
+
+    A PIN HMAC that changes resets the wrong-PIN count and unlocks the PIN; `enrolled`
+    recorded as true for the first time takes `at` as the enrolment time.
+    """
+    card = lock_card(session, details.number)
+    if card is None:
+        session.add(
+            Card(
+                number=details.number,
+                expiry_yymm=details.expiry_yymm,
+                tier=details.tier,
+                status=details.status,
+                enrolled=details.enrolled,
+                enrolled_at=at if details.enrolled else None,
+                pin_hmac=details.pin_hmac,
+                wrong_pin_count=0,
+                pin_locked=False,
+            )
+        )
+        session.flush()  # the account refers to the card: the card's row must exist first
+        session.add(Account(kind=AccountKind.CARD, card_number=details.number))
+        session.flush()
+        return True
+    card.expiry_yymm = details.expiry_yymm
+    card.tier = details.tier
+    card.status = details.status
+    if details.enrolled and not card.enrolled:
+        card.enrolled_at = at
+    card.enrolled = details.enrolled
+    if details.pin_hmac != card.pin_hmac:
+        card.pin_hmac = details.pin_hmac
+        card.wrong_pin_count = 0
+        card.pin_locked = False
+    session.flush()
+    return False
+
+
+def find_card(session: Session, number: str) -> Card | None:
+    """The card as stored (no lock): for showing it and for the decision's snapshot."""
+    return session.get(Card, number)
+
+
+def card_lots(session: Session, number: str) -> list[PointLot]:
+    """Every lot of a card, empty ones included, in spending order."""
+    query = (
+        select(PointLot)
+        .where(PointLot.card_number == number)
+        .order_by(PointLot.expires_on, PointLot.earned_on, PointLot.id)
+    )
+    return list(session.scalars(query))
+
+
+def enrol(session: Session, number: str, at: datetime, *, qualify_points: int) -> Enrolment:
+    """Enrol a card in the plan: it needs more than `qualify_points` spendable points."""
+    card = _card_for_command(session, number)
+    if card.enrolled:
+        return Enrolment.ALREADY_ENROLLED
+    if spendable_points(session, number, at) <= qualify_points:
+        return Enrolment.NOT_ENOUGH_POINTS
+    card.enrolled = True
+    card.enrolled_at = at
+    return Enrolment.ENROLLED
+
+
+def set_status(session: Session, number: str, status: CardStatus) -> CardStatus:
+    """Set a card's status; returns the status it had."""
+    card = _card_for_command(session, number)
+    before = card.status
+    card.status = status
+    return before
+
+
+def block(session: Session, number: str) -> CardStatus:
+    """Block a card (`62`); returns the status it had."""
+    return set_status(session, number, CardStatus.BLOCKED)
+
+
+def unblock(session: Session, number: str) -> bool:
+    """A blocked card becomes active again; any other status stays. True if it changed."""
+    card = _card_for_command(session, number)
+    if card.status is not CardStatus.BLOCKED:
+        return False
+    card.status = CardStatus.ACTIVE
+    return True
+
+
+def record_wrong_pin(session: Session, number: str) -> PinState:
+    """Count a wrong PIN; the third in a row locks the PIN (pos-8583.md §5.3)."""
+    card = _card_for_command(session, number)
+    card.wrong_pin_count += 1
+    if card.wrong_pin_count >= PIN_TRIES_TO_LOCK:
+        card.pin_locked = True
+    return PinState(card.wrong_pin_count, card.pin_locked)
+
+
+def reset_pin_tries(session: Session, number: str) -> PinState:
+    """A right PIN: the run of wrong ones starts again (a locked PIN stays locked)."""
+    card = _card_for_command(session, number)
+    card.wrong_pin_count = 0
+    return PinState(0, card.pin_locked)
+
+
+def unlock_pin(session: Session, number: str) -> PinState:
+    """`vipgate cards unlock`: the PIN works again and the count starts from zero."""
+    card = _card_for_command(session, number)
+    card.wrong_pin_count = 0
+    card.pin_locked = False
+    return PinState(0, False)
+
+
+def _card_for_command(session: Session, number: str) -> Card:
+    card = lock_card(session, number)
+    if card is None:
+        raise BadInput("unknown card")
+    return card
+
+
+def journal_transaction(session: Session, key: str) -> JournalTransaction | None:
+    """The transaction applied under an idempotency key, if any."""
+    query = select(JournalTransaction).where(JournalTransaction.idempotency_key == key)
+    return session.scalars(query).one_or_none()

@@ -1,0 +1,266 @@
+"""Shared fixtures: a fresh, migrated ledger database per test on SQLite and on PostgreSQL.
+
+Every ledger test takes `ledger_engine` (or `ledger_url`, or `fresh_ledger_url` for several
+databases in one test) and so runs twice, once per backend: the ledger's promise is that both
+behave the same. Each backend migrates once per session into a template; a test's database is
+a copy of it (a file copy on SQLite, CREATE DATABASE ... TEMPLATE on PostgreSQL), which keeps
+the whole PostgreSQL suite to a few seconds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from datetime import date, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from cardcodec.cards import luhn_check_digit
+from gateway.clock import SHANGHAI
+from gateway.ledger import Moment, operations, records
+from gateway.ledger.db import make_engine, migrate, unit_of_work
+from gateway.ledger.invariants import Violation, check_invariants
+from gateway.ledger.models import Authorisation, CardStatus, KeySuite
+from gateway.points import convert
+from tests import pg
+
+TEMPLATE_DATABASE = "vipgate_template"
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
+FreshUrl = Callable[[], str]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[pg.PgServer]:
+    """A PostgreSQL 15 server for the whole run; skipped (saying why) without the binaries."""
+    missing = pg.missing_binaries()
+    if missing:
+        pytest.skip(missing)
+    server = pg.start()
+    try:
+        yield server
+    finally:
+        pg.stop(server)
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: pg.PgServer) -> str:
+    """The name of a migrated PostgreSQL database that test databases are copied from."""
+    engine = make_engine(postgres_server.create_database(TEMPLATE_DATABASE))
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    return TEMPLATE_DATABASE
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that test databases are copied from."""
+    path = tmp_path_factory.mktemp("ledger-template") / "template.db"
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        migrate(engine)
+    finally:
+        # Closing the last connection folds the WAL into the file, so a copy is complete.
+        engine.dispose()
+    assert not path.with_name(path.name + "-wal").exists()
+    return path
+
+
+_database_numbers = itertools.count(1)
+
+
+@pytest.fixture(params=BACKENDS)
+def ledger_backend(request: pytest.FixtureRequest) -> str:
+    """The backend under test: "sqlite" or "postgresql"."""
+    backend: str = request.param
+    return backend
+
+
+@pytest.fixture
+def fresh_ledger_url(
+    ledger_backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> FreshUrl:
+    """A function that makes a new, empty, migrated ledger database and returns its URL."""
+    if ledger_backend == "sqlite":
+        template: Path = request.getfixturevalue("sqlite_template")
+
+        def fresh_sqlite() -> str:
+            path = tmp_path / f"ledger-{next(_database_numbers)}.db"
+            shutil.copyfile(template, path)
+            return f"sqlite:///{path}"
+
+        return fresh_sqlite
+    server: pg.PgServer = request.getfixturevalue("postgres_server")
+    template_name: str = request.getfixturevalue("postgres_template")
+
+    def fresh_postgres() -> str:
+        return server.create_database(f"ledger_{next(_database_numbers)}", template_name)
+
+    return fresh_postgres
+
+
+@pytest.fixture
+def ledger_url(fresh_ledger_url: FreshUrl) -> str:
+    """The URL of a new, empty, migrated ledger database for this test."""
+    return fresh_ledger_url()
+
+
+@pytest.fixture
+def ledger_engine(ledger_url: str) -> Iterator[Engine]:
+    """An engine on this test's own ledger database, disposed afterwards."""
+    engine = make_engine(ledger_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+# --- a small world to run ledger operations in ---------------------------------------------
+
+MERCHANT_ID = "898310048990001"
+TERMINAL_ID = "10000001"
+START = datetime(2026, 3, 10, 12, 0, tzinfo=SHANGHAI)
+EXPIRY_YEARS = 1
+
+
+def card_number(serial: int) -> str:
+    """A 19-digit plan card number with a valid Luhn digit."""
+    partial = f"668800{serial:012d}"
+    return partial + luhn_check_digit(partial)
+
+
+def moment(at: datetime) -> Moment:
+    """A Moment whose business date is the local calendar date (a cut-off of 00:00)."""
+    return Moment(at, at.astimezone(SHANGHAI).date())
+
+
+class LedgerWorld:
+    """One merchant, one terminal and helpers that run each operation in its own unit of work."""
+
+    def __init__(self, engine: Engine, now: datetime = START) -> None:
+        self.engine = engine
+        self.now = now
+        self._traces = itertools.count(1)
+        self._refs = itertools.count(1)
+        with unit_of_work(engine) as session:
+            records.upsert_merchant(session, merchant_details(), now)
+            records.upsert_terminal(session, terminal_details(), now)
+
+    def swipe(self, trace: int | None = None, at: datetime | None = None) -> operations.Swipe:
+        when = moment(at or self.now)
+        return operations.Swipe(TERMINAL_ID, 1, trace or next(self._traces), when)
+
+    def add_card(
+        self, serial: int = 1, lots: Sequence[tuple[date, int]] = (), *, enrolled: bool = True
+    ) -> str:
+        number = card_number(serial)
+        details = operations.CardDetails(number, "3012", "gold", CardStatus.ACTIVE, enrolled)
+        with unit_of_work(self.engine) as session:
+            operations.upsert_card(session, details, self.now)
+        for earned_on, points in lots:
+            self.accrue(number, earned_on, points)
+        return number
+
+    def accrue(
+        self, number: str, earned_on: date, points: int, ref: str | None = None
+    ) -> operations.Accrued | operations.AccrualSkipped:
+        source_ref = ref or f"test:{next(self._refs)}"
+        with unit_of_work(self.engine) as session:
+            return operations.accrue(
+                session,
+                number,
+                earned_on,
+                points,
+                source_ref,
+                when=moment(self.now),
+                expiry_years=EXPIRY_YEARS,
+            )
+
+    def redeem(
+        self, number: str, points: int, *, amount_fen: int | None = None
+    ) -> operations.Redeemed | operations.Declined:
+        """A redemption without discount: A = D = 2P fen unless an odd A is asked for."""
+        amount = amount_fen if amount_fen is not None else 2 * points
+        with unit_of_work(self.engine) as session:
+            return operations.redeem(
+                session,
+                self.swipe(),
+                number,
+                convert(amount, 0),
+                requested_amount_fen=amount,
+                rule_id=None,
+                fee_bp=80,
+                auth_code="000001",
+            )
+
+    def void(self, original_id: int) -> operations.Restored | operations.Declined:
+        with unit_of_work(self.engine) as session:
+            return operations.void(session, self.swipe(), original_id, auth_code="000002")
+
+    def refund(self, original_id: int, fen: int) -> operations.Refunded | operations.Declined:
+        with unit_of_work(self.engine) as session:
+            return operations.refund(session, self.swipe(), original_id, fen, auth_code="000003")
+
+    def reverse(self, original_id: int) -> operations.Reversed:
+        with unit_of_work(self.engine) as session:
+            original = session.get(Authorisation, original_id)
+            assert original is not None
+            swipe = operations.Swipe(
+                original.terminal_id, original.batch_number, original.trace, moment(self.now)
+            )
+            return operations.reverse(session, swipe, original_id)
+
+    def expire(self, as_of: date) -> operations.ExpiryRun:
+        with unit_of_work(self.engine) as session:
+            return operations.expire(session, as_of, when=moment(self.now))
+
+    def balances(self, number: str) -> operations.Balances:
+        with unit_of_work(self.engine) as session:
+            return operations.balances(session, number, self.now)
+
+    def lots(self, number: str) -> list[tuple[date, int, int]]:
+        """(expires_on, original, remaining) of every lot, in spending order."""
+        with unit_of_work(self.engine) as session:
+            return [
+                (lot.expires_on, lot.original_points, lot.remaining_points)
+                for lot in operations.card_lots(session, number)
+            ]
+
+    def violations(self) -> list[Violation]:
+        with unit_of_work(self.engine) as session:
+            return check_invariants(session)
+
+
+def merchant_details(active: bool = True) -> records.MerchantDetails:
+    return records.MerchantDetails(
+        id=MERCHANT_ID,
+        name="Test merchant",
+        active=active,
+        fee_bp=80,
+        bank_card_fee_bp=100,
+        allow_partial=True,
+        refund_window_days=30,
+        max_amount_fen=5_000_000,
+        rules=[{"id": "all", "discount_bp": 0}],
+    )
+
+
+def terminal_details(enabled: bool = True) -> records.TerminalDetails:
+    return records.TerminalDetails(
+        id=TERMINAL_ID,
+        merchant_id=MERCHANT_ID,
+        enabled=enabled,
+        suite=KeySuite.TDES,
+        tmk_encrypted=b"\x01" * 32,
+    )
+
+
+@pytest.fixture
+def world(ledger_engine: Engine) -> LedgerWorld:
+    """A merchant and terminal in this test's fresh ledger, with the clock at START."""
+    return LedgerWorld(ledger_engine)

@@ -1,0 +1,136 @@
+"""A real PostgreSQL 15 server for the test run, started from the machine's own binaries.
+
+The ledger must behave the same on PostgreSQL as on SQLite, and only a real server shows row
+locks, isolation and types as production has them. The server lives in a temporary folder
+(data, log and unix socket), listens on 127.0.0.1 on a free port, runs as a non-root user
+(PostgreSQL refuses root), trusts local connections, and skips durability it does not need
+for tests (fsync off). `stop` removes every trace of it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+SUPERUSER = "vipgate"
+RUN_AS = "postgres"
+START_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class PgServer:
+    folder: Path
+    port: int
+
+    @property
+    def data(self) -> Path:
+        return self.folder / "data"
+
+    def url(self, database: str) -> str:
+        """A SQLAlchemy URL for one database of this server."""
+        return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def admin(self) -> psycopg.Connection[tuple[object, ...]]:
+        """An autocommit connection to the maintenance database, for CREATE/DROP DATABASE."""
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres", autocommit=True
+        )
+
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """Create a database (copying `template` when given) and return its URL."""
+        suffix = f" TEMPLATE {template} STRATEGY FILE_COPY" if template else ""
+        with self.admin() as connection:
+            connection.execute(f"CREATE DATABASE {name}{suffix}")  # type: ignore[arg-type]
+        return self.url(name)
+
+
+def missing_binaries() -> str | None:
+    """Why the server cannot be started here, or None when it can."""
+    needed = ("initdb", "pg_ctl", "postgres")
+    absent = [name for name in needed if not (PG_BIN / name).exists()]
+    if absent:
+        return f"PostgreSQL 15 binaries not found in {PG_BIN} (missing: {', '.join(absent)})"
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        return "running as root and runuser is missing, so PostgreSQL cannot drop root"
+    return None
+
+
+def _as_server_user(command: list[str]) -> list[str]:
+    """PostgreSQL will not run as root: when we are root, run it as the postgres user."""
+    if os.geteuid() == 0:
+        return ["runuser", "-u", RUN_AS, "--", *command]
+    return command
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start() -> PgServer:
+    """initdb into a new temporary folder and start the server; the caller must `stop` it."""
+    folder = Path(tempfile.mkdtemp(prefix="vipgate-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(folder, RUN_AS, RUN_AS)
+    server = PgServer(folder, _free_port())
+    try:
+        _run(
+            [
+                str(PG_BIN / "initdb"),
+                "-D", str(server.data),
+                "-U", SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ]
+        )  # fmt: skip
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {server.port} -k {folder} "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c max_connections=200"
+        )
+        _run(
+            [
+                str(PG_BIN / "pg_ctl"),
+                "-D", str(server.data),
+                "-l", str(folder / "server.log"),
+                "-o", options,
+                "-t", str(START_TIMEOUT_S),
+                "-w",
+                "start",
+            ]
+        )  # fmt: skip
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return server
+
+
+def stop(server: PgServer) -> None:
+    """Stop the server (fast shutdown: open sessions are ended) and remove its folder."""
+    try:
+        _run([str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-m", "fast", "-w", "stop"])
+    finally:
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+
+def _run(command: list[str]) -> None:
+    completed = subprocess.run(
+        _as_server_user(command), capture_output=True, text=True, check=False, cwd="/"
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(
+            f"{Path(command[0]).name} failed ({completed.returncode}): "
+            f"{completed.stdout}\n{completed.stderr}"
+        )
