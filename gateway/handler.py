@@ -1,0 +1,354 @@
+"""One request in, one answer out: the gateway's synchronous core.
+
+`Gateway.handle` takes a payload as the Twisted protocol received it and returns the answer's
+payload (or None: close the link). It runs the checks that need no database in the order of
+§6 (format, terminal, merchant, enabled, key suite, MAC), then does everything else in one
+ledger transaction: the idempotency look-up (§7), the kind's own decision and its ledger
+change, the request log; the answer leaves only after that commit. A ledger failure answers
+`96` with nothing changed. It is called on a worker thread, one request at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from cardcodec.cards import mask_card_number
+from cardcodec.crypto import Suite, decrypt_track, mac, verify_mac
+from cardcodec.errors import CodecError
+from cardcodec.frame import ENVELOPE_BYTES
+from cardcodec.message import (
+    FieldValue,
+    Message,
+    decode_message,
+    encode_message,
+    encode_message_with_mac,
+    has_mac,
+    mac_input,
+    received_mac,
+)
+from cardcodec.profile import Kind, classify
+from cardcodec.subfields import (
+    NMC_SIGN_ON_3DES_TDK,
+    NMC_SIGN_ON_SM4,
+    NMC_SIGN_ON_SM4_TDK,
+    MessageData,
+    Track2,
+)
+from gateway import answers
+from gateway.answers import Stamp
+from gateway.checks import format_problem, suite_problem
+from gateway.clock import Clock, business_date
+from gateway.config import Config, MerchantConfig, TerminalConfig
+from gateway.ledger import Moment, next_rrn, unit_of_work
+from gateway.ledger.models import RequestClass
+from gateway.ledger.records import RequestIdentity, find_request, log_request
+from gateway.responses import Decline, response_code
+from gateway.sessions import Session, Sessions
+from gateway.transactions import Context, Outcome, Transactions
+
+log = structlog.get_logger("vipgate.gateway")
+
+LOGGED_MTIS = frozenset({"0200", "0220", "0320", "0400", "0500"})
+SM4_SIGN_ONS = frozenset({NMC_SIGN_ON_SM4, NMC_SIGN_ON_SM4_TDK})
+TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
+ANSWER_MTIS_WITH_RRN = answers.FINANCIAL_MTIS | {"0800"}
+
+
+@dataclass
+class Reply:
+    """What goes back: the answer payload (None closes the link) and what the log line says."""
+
+    payload: bytes | None
+    event: dict[str, Any] = field(default_factory=dict)
+
+
+class DeclinedEarly(Exception):  # noqa: N818 (a decline, not a program error)
+    """A request answered before the ledger transaction (a decline of §6's first checks)."""
+
+    def __init__(self, decline: Decline, *, sign_on_again: bool = False) -> None:
+        super().__init__(decline.value)
+        self.decline = decline
+        self.sign_on_again = sign_on_again
+
+
+@dataclass
+class Request:
+    """A decoded request and what the first checks learnt about it."""
+
+    message: Message
+    payload: bytes
+    kind: Kind | None
+    data: MessageData | None
+    terminal: TerminalConfig | None = None
+    merchant: MerchantConfig | None = None
+    session: Session | None = None
+    track: Track2 | None = None
+
+
+class Gateway:
+    """The synchronous core: wired once with the real things, then fed payloads."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        engine: Engine,
+        clock: Clock,
+        sessions: Sessions,
+        pin_matches: Callable[[str, str, bytes], bool],
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self._config = config
+        self._engine = engine
+        self._clock = clock
+        self._sessions = sessions
+        self._terminals = {t.id: t for t in config.terminals}
+        self._merchants = {m.id: m for m in config.merchants}
+        self._transactions = Transactions(config, sessions, pin_matches, random_bytes)
+
+    # -- entry ---------------------------------------------------------------------------
+
+    def handle(self, payload: bytes) -> Reply:
+        moment = self._moment()
+        try:
+            message = decode_message(payload)
+        except CodecError as error:
+            return self._undecodable(error, moment)
+        request = Request(message, payload, None, None)
+        try:
+            self._first_checks(request)
+            return self._in_ledger(request, moment)
+        except DeclinedEarly as rejected:
+            return self._rejected(request, rejected, moment)
+        except SQLAlchemyError:
+            log.exception("ledger_failed", terminal=message.fields.get(41))
+            return self._rejected(request, DeclinedEarly(Decline.SYSTEM), moment, allocate=False)
+
+    def _moment(self) -> Moment:
+        now = self._clock.now().astimezone(self._config.gateway.timezone)
+        return Moment(now, business_date(now, self._config.gateway.cutoff))
+
+    # -- the checks before the ledger (§6 order: 30, 97, 03, 58, A7, A0, 12) -------------
+
+    def _first_checks(self, request: Request) -> None:
+        message = request.message
+        if not {11, 41, 42, 60} <= set(message.fields):
+            raise DeclinedEarly(Decline.FORMAT)
+        request.kind = classify(message.mti, _text(message, 3), _text(message, 60))
+        if request.kind is not None:
+            request.data = MessageData.parse(message.text(60))
+            problem = format_problem(message, request.kind, request.data)
+            if problem is not None:
+                raise DeclinedEarly(Decline.FORMAT)
+        self._terminal_checks(request)
+        if request.kind is Kind.SIGN_ON or request.kind is Kind.ECHO:
+            return
+        self._session_checks(request)
+        if request.kind is None:
+            raise DeclinedEarly(Decline.NOT_SUPPORTED)
+
+    def _terminal_checks(self, request: Request) -> None:
+        message = request.message
+        terminal = self._terminals.get(message.text(41))
+        if terminal is None:
+            raise DeclinedEarly(Decline.TERMINAL_UNKNOWN)
+        request.terminal = terminal
+        kind = request.kind
+        if kind is not None and suite_problem(message, kind, terminal.suite) is not None:
+            raise DeclinedEarly(Decline.FORMAT)
+        request.session = self._sessions.current(terminal.id)
+        if request.session is not None and kind is not None:
+            self._track_checks(request, request.session)
+        merchant = self._merchants.get(message.text(42))
+        if merchant is None or merchant.id != terminal.merchant or not merchant.active:
+            raise DeclinedEarly(Decline.MERCHANT)
+        request.merchant = merchant
+        if not terminal.enabled:
+            raise DeclinedEarly(Decline.TERMINAL_DISABLED)
+        if kind is Kind.SIGN_ON and _sign_on_suite(request) is not terminal.suite:
+            raise DeclinedEarly(Decline.KEY_SUITE)
+
+    def _track_checks(self, request: Request, session: Session) -> None:
+        """Checks that need the keys: 53's TDK digit and the decrypted track (§5.4, §8)."""
+        message = request.message
+        if 53 not in message.fields or 35 not in message.fields:
+            return
+        encrypted = message.text(53)[2] == "1"
+        if encrypted and session.keys.tdk is None:
+            raise DeclinedEarly(Decline.FORMAT)
+        track = message.text(35)
+        try:
+            if encrypted and session.keys.tdk is not None:
+                track = decrypt_track(session.suite, session.keys.tdk, track)
+            request.track = Track2.parse(track)
+        except CodecError:
+            raise DeclinedEarly(Decline.FORMAT) from None
+
+    def _session_checks(self, request: Request) -> None:
+        session = request.session
+        payload = request.payload
+        if session is None or not has_mac(payload):
+            raise DeclinedEarly(Decline.MAC, sign_on_again=True)
+        mak = session.keys.mak
+        if not verify_mac(session.suite, mak, mac_input(payload), received_mac(payload)):
+            raise DeclinedEarly(Decline.MAC, sign_on_again=True)
+
+    # -- the ledger transaction ------------------------------------------------------------
+
+    def _in_ledger(self, request: Request, moment: Moment) -> Reply:
+        kind = request.kind
+        assert kind is not None and request.terminal is not None  # set by the first checks
+        context = Context(
+            message=request.message,
+            kind=kind,
+            data=request.data or MessageData.parse(request.message.text(60)),
+            terminal=request.terminal,
+            merchant=request.merchant,  # type: ignore[arg-type]
+            session=request.session,
+            track=request.track,
+            moment=moment,
+        )
+        try:
+            outcome = self._transact(request, context)
+        except IntegrityError:
+            outcome = self._transact(request, context)  # a concurrent twin logged it first
+        return self._send(request, outcome, moment)
+
+    def _transact(self, request: Request, context: Context) -> Outcome:
+        logged = request.message.mti in LOGGED_MTIS
+        with unit_of_work(self._engine) as session:
+            identity = _identity(context) if logged else None
+            if identity is not None:
+                previous = find_request(session, identity)
+                if previous is not None:
+                    return self._repeat(request, previous.digest, previous.answer)
+            outcome = self._transactions.run(session, context)
+            if identity is not None:
+                log_request(
+                    session,
+                    identity,
+                    _digest(request.payload),
+                    answers.stored(outcome.answer),
+                    context.moment.at,
+                )
+        if outcome.after_commit is not None:
+            outcome.after_commit()
+        return outcome
+
+    def _repeat(self, request: Request, digest: bytes, kept: dict[str, str]) -> Outcome:
+        if digest != _digest(request.payload):
+            raise DeclinedEarly(Decline.DUPLICATE)
+        answer = answers.restored(request.message, kept)
+        return Outcome(answer, repeated=True)
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def _send(self, request: Request, outcome: Outcome, moment: Moment) -> Reply:
+        answer = outcome.answer
+        code = answer.text(39)
+        session = self._sessions.current(request.terminal.id) if request.terminal else None
+        if answers.carries_mac(request.kind, code):
+            keys = outcome.mac_session or session
+            if keys is None:  # keys gone since the request was checked: the terminal re-signs on
+                return self._rejected(
+                    request, DeclinedEarly(Decline.MAC, sign_on_again=True), moment
+                )
+            payload = encode_message_with_mac(answer, _mac_with(keys))
+        else:
+            payload = encode_message(answer)
+        return Reply(payload, self._event(request, code, outcome.card_number, outcome.repeated))
+
+    def _rejected(
+        self, request: Request, rejected: DeclinedEarly, moment: Moment, *, allocate: bool = True
+    ) -> Reply:
+        message = request.message
+        if not {11, 41, 42}.issubset(message.fields):
+            return Reply(None, {"event": "closed", "reason": "unanswerable request"})
+        code = response_code(rejected.decline)
+        stamp = self._stamp(moment)
+        extra: dict[int, FieldValue] = {}
+        if message.mti in ANSWER_MTIS_WITH_RRN:
+            extra[37] = self._rrn(moment) if allocate else _fallback_rrn(moment)
+        answer = answers.answer(
+            message, request.kind, code, stamp, extra, sign_on_again=rejected.sign_on_again
+        )
+        return Reply(encode_message(answer), self._event(request, code, None, False))
+
+    def _undecodable(self, error: CodecError, moment: Moment) -> Reply:
+        partial = error.partial
+        if partial is None or not {11, 41, 42}.issubset(partial.fields):
+            return Reply(None, {"event": "closed", "reason": error.part})
+        request = Request(partial, b"", None, None)
+        return self._rejected(request, DeclinedEarly(Decline.FORMAT), moment)
+
+    def _stamp(self, moment: Moment) -> Stamp:
+        return Stamp(moment.local, moment.business_date, self._config.gateway.acquirer_institution)
+
+    def _rrn(self, moment: Moment) -> str:
+        try:
+            with unit_of_work(self._engine) as session:
+                return next_rrn(session, moment.at)
+        except SQLAlchemyError:
+            return _fallback_rrn(moment)
+
+    def _event(
+        self, request: Request, code: str, card: str | None, repeated: bool
+    ) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "event": "answered",
+            "terminal": request.message.fields.get(41),
+            "mti": request.message.mti,
+            "kind": request.kind.value if request.kind else None,
+            "code": code,
+        }
+        if card is not None:
+            event["card"] = mask_card_number(card)
+        if repeated:
+            event["repeated"] = True
+        return event
+
+
+def _text(message: Message, number: int) -> str | None:
+    value = message.fields.get(number)
+    return value if isinstance(value, str) else None
+
+
+def _sign_on_suite(request: Request) -> Suite:
+    code = request.data.management_code if request.data else ""
+    return Suite.SM4 if code in SM4_SIGN_ONS else Suite.TDES
+
+
+def _identity(context: Context) -> RequestIdentity:
+    request_class = RequestClass.REVERSAL if context.kind is Kind.REVERSAL else RequestClass.REQUEST
+    return RequestIdentity(
+        context.terminal.id,
+        int(context.data.batch),
+        int(context.message.text(11)),
+        request_class,
+    )
+
+
+def _digest(payload: bytes) -> bytes:
+    """The request as compared for repeats: everything after the header, field 64 left out."""
+    body = payload[ENVELOPE_BYTES:-8] if has_mac(payload) else payload[ENVELOPE_BYTES:]
+    return hashlib.sha256(body).digest()
+
+
+def _mac_with(session: Session) -> Callable[[bytes], bytes]:
+    return lambda data: mac(session.suite, session.keys.mak, data)
+
+
+def _fallback_rrn(moment: Moment) -> str:
+    """An RRN when the ledger cannot allocate one (answer `96`): 9 + seconds of the year +
+    sub-second digits, a range the ledger's sequence does not reach for decades."""
+    start = moment.at.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+    seconds = int((moment.at - start).total_seconds())
+    return f"9{seconds:08d}{moment.at.microsecond // 1000:03d}"

@@ -1,0 +1,139 @@
+"""The Twisted shell: frames in, frames out, nothing else (pos-8583.md §1).
+
+`TerminalProtocol` is an `Int16StringReceiver` with the profile's 2048-byte limit. Each frame
+is handed to a `Processor` (a callable returning a Deferred of the answer); answers go back in
+the order the requests arrived, whatever order they finish in. A connection idle for too long
+or with too many requests awaiting an answer is closed; a frame that cannot be answered closes
+it too. Nothing a connection sends can stop the gateway or touch another connection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import structlog
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import Int16StringReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from cardcodec.frame import MAX_FRAME_LENGTH
+from gateway.handler import Reply
+
+log = structlog.get_logger("vipgate.protocol")
+
+Processor = Callable[[bytes], "Deferred[Reply]"]
+
+
+@dataclass
+class _Slot:
+    """One request awaiting its answer, in arrival order."""
+
+    started: float
+    reply: Reply | None = None
+    done: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
+    """One terminal connection."""
+
+    MAX_LENGTH = MAX_FRAME_LENGTH
+
+    def __init__(self, factory: TerminalFactory) -> None:
+        self._factory = factory
+        self._slots: deque[_Slot] = deque()
+        self._closing = False
+
+    def connectionMade(self) -> None:
+        # TimeoutMixin schedules through `callLater`: the injected reactor's, for fake clocks.
+        self.callLater = self._factory.reactor.callLater  # type: ignore[method-assign,assignment]
+        self.setTimeout(self._factory.idle_timeout_s)  # type: ignore[no-untyped-call]
+        self._factory.connections += 1
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.setTimeout(None)  # type: ignore[no-untyped-call]
+        self._factory.connections -= 1
+
+    def timeoutConnection(self) -> None:
+        log.info("connection_idle_closed", peer=self._peer())
+        self._close()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.info("frame_too_long_closed", peer=self._peer(), length=length)
+        self._close()
+
+    def stringReceived(self, string: bytes) -> None:
+        if self._closing:
+            return
+        self.resetTimeout()  # type: ignore[no-untyped-call]
+        if len(self._slots) >= self._factory.max_pending:
+            log.info("too_many_pending_closed", peer=self._peer())
+            self._close()
+            return
+        slot = _Slot(time.perf_counter())
+        self._slots.append(slot)
+        deferred = self._factory.process(string)
+        deferred.addCallback(self._answered, slot)
+        deferred.addErrback(self._failed, slot)
+
+    def _answered(self, reply: Reply, slot: _Slot) -> None:
+        slot.reply = reply
+        slot.done = True
+        self._flush()
+
+    def _failed(self, failure: Failure, slot: _Slot) -> None:
+        log.error("processing_failed", error=failure.getErrorMessage())
+        slot.reply = Reply(None, {"event": "closed", "reason": "processing failed"})
+        slot.done = True
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._slots and self._slots[0].done:
+            slot = self._slots.popleft()
+            reply = slot.reply
+            assert reply is not None  # done slots carry their reply
+            latency_ms = round((time.perf_counter() - slot.started) * 1000, 3)
+            log.info(**{"event": "answered", **reply.event, "latency_ms": latency_ms})
+            if self._closing:
+                continue
+            if reply.payload is None:
+                self._close()
+            else:
+                self.sendString(reply.payload)  # type: ignore[no-untyped-call]
+
+    def _close(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            cast(Any, self.transport).loseConnection()
+
+    def _peer(self) -> str:
+        peer = cast(Any, self.transport).getPeer() if self.transport is not None else None
+        return str(getattr(peer, "host", "?"))
+
+
+class TerminalFactory(Factory):
+    """Builds a protocol per connection and counts them."""
+
+    def __init__(
+        self,
+        process: Processor,
+        reactor: IReactorTime,
+        *,
+        idle_timeout_s: float,
+        max_pending: int,
+    ) -> None:
+        self.process = process
+        self.reactor = reactor
+        self.idle_timeout_s = idle_timeout_s
+        self.max_pending = max_pending
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> TerminalProtocol:
+        return TerminalProtocol(self)

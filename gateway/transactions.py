@@ -1,0 +1,645 @@
+"""What each kind of request does inside its ledger transaction (pos-8583.md §4).
+
+Each handler gathers snapshots, asks the pure decision functions, applies the ledger change
+through `gateway.ledger` and returns the answer; the caller commits, logs the request and only
+then sends the answer. Declines are recorded as declined authorisations so that a later void or
+refund naming them gets `25`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session as OrmSession
+
+from cardcodec.cards import card_number_problem
+from cardcodec.crypto import (
+    Suite,
+    decrypt_pin,
+    generate_working_keys,
+    wrap_working_keys,
+)
+from cardcodec.errors import PinBlockError
+from cardcodec.message import FieldValue, Message
+from cardcodec.profile import Kind
+from cardcodec.subfields import (
+    MSG_VOID,
+    NMC_SIGN_ON_3DES_TDK,
+    NMC_SIGN_ON_SM4_TDK,
+    Balance,
+    MessageData,
+    OriginalData,
+    PointsInfo,
+    SettlementTotals,
+    Totals,
+    Track2,
+    parse_upload,
+    parse_upload_end,
+)
+from gateway import answers
+from gateway.answers import Stamp
+from gateway.config import Config, MerchantConfig, TerminalConfig
+from gateway.decision import (
+    Approval,
+    CardSnapshot,
+    PinEffect,
+    PinEntry,
+    amount_decline,
+    card_decline,
+    keyed_entry_decline,
+    pin_decision,
+    price,
+    redemption_decision,
+    refund_window_decline,
+)
+from gateway.ledger import Moment, next_rrn, records
+from gateway.ledger import operations as ops
+from gateway.ledger.journal import lock_card
+from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState, Card
+from gateway.ledger.models import Terminal as TerminalRow
+from gateway.responses import APPROVED, PARTIAL, Decline, response_code
+from gateway.sessions import Session, Sessions
+
+MAX_BATCH_ITEMS = 999
+TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
+RECORDED_KINDS = {
+    Kind.BALANCE: AuthorisationKind.BALANCE,
+    Kind.REDEMPTION: AuthorisationKind.REDEMPTION,
+    Kind.VOID: AuthorisationKind.VOID,
+    Kind.REFUND: AuthorisationKind.REFUND,
+    Kind.REVERSAL: AuthorisationKind.REVERSAL,
+}
+
+
+@dataclass(frozen=True)
+class Context:
+    """A request that passed the first checks, with what they found."""
+
+    message: Message
+    kind: Kind
+    data: MessageData
+    terminal: TerminalConfig
+    merchant: MerchantConfig
+    session: Session | None
+    track: Track2 | None
+    moment: Moment
+
+    @property
+    def swipe(self) -> ops.Swipe:
+        return ops.Swipe(self.terminal.id, int(self.data.batch), self.trace, self.moment)
+
+    @property
+    def trace(self) -> int:
+        return int(self.message.text(11))
+
+    @property
+    def amount_fen(self) -> int:
+        return int(self.message.text(4))
+
+    def presented_card(self) -> tuple[str, str]:
+        """The card number and YYMM the terminal presented: track 2, or keyed 2 + 14."""
+        if self.track is not None:
+            return self.track.card_number, self.track.expiry_yymm
+        return self.message.text(2), self.message.text(14)
+
+
+@dataclass
+class Outcome:
+    """The answer, and what the caller does with it."""
+
+    answer: Message
+    card_number: str | None = None
+    repeated: bool = False
+    mac_session: Session | None = None  # the keys to MAC with when they end with this request
+    after_commit: Callable[[], None] | None = None
+
+
+class Transactions:
+    """The per-kind handlers, sharing the config, the sessions and the PIN check."""
+
+    def __init__(
+        self,
+        config: Config,
+        sessions: Sessions,
+        pin_matches: Callable[[str, str, bytes], bool],
+        random_bytes: Callable[[int], bytes] = secrets.token_bytes,
+    ) -> None:
+        self._config = config
+        self._sessions = sessions
+        self._pin_matches = pin_matches
+        self._random = random_bytes
+        self._handlers: dict[Kind, Callable[[OrmSession, Context], Outcome]] = {
+            Kind.SIGN_ON: self._sign_on,
+            Kind.SIGN_OFF: self._sign_off,
+            Kind.ECHO: self._echo,
+            Kind.BALANCE: self._balance,
+            Kind.REDEMPTION: self._redeem,
+            Kind.VOID: self._void,
+            Kind.REFUND: self._refund,
+            Kind.REVERSAL: self._reverse,
+            Kind.SETTLEMENT: self._settle,
+            Kind.UPLOAD: self._upload,
+            Kind.UPLOAD_END: self._upload_end,
+        }
+
+    def run(self, orm: OrmSession, context: Context) -> Outcome:
+        return self._handlers[context.kind](orm, context)
+
+    # -- building answers --------------------------------------------------------------------
+
+    def _stamp(self, context: Context) -> Stamp:
+        moment = context.moment
+        return Stamp(moment.local, moment.business_date, self._config.gateway.acquirer_institution)
+
+    def _answer(
+        self, context: Context, code: str, extra: dict[int, FieldValue], **flags: bool
+    ) -> Message:
+        return answers.answer(
+            context.message, context.kind, code, self._stamp(context), extra, **flags
+        )
+
+    def _declined(
+        self, orm: OrmSession, context: Context, decline: Decline, card: str | None = None
+    ) -> Outcome:
+        """A decline after the first checks: recorded (financial kinds) and answered."""
+        code = response_code(decline)
+        extra: dict[int, FieldValue] = {}
+        recorded_kind = RECORDED_KINDS.get(context.kind)
+        if recorded_kind is not None:
+            requested = context.amount_fen if 4 in context.message.fields else None
+            recorded = records.record_authorisation(
+                orm,
+                context.swipe,
+                recorded_kind,
+                card_number=card,
+                requested_amount_fen=requested,
+                response_code=code,
+            )
+            extra[37] = recorded.rrn
+        return Outcome(self._answer(context, code, extra), card_number=card)
+
+    def _approved_card_answer(
+        self,
+        context: Context,
+        *,
+        code: str,
+        rrn: str,
+        auth_code: str | None,
+        info: PointsInfo,
+        amount_fen: int | None = None,
+    ) -> Message:
+        extra: dict[int, FieldValue] = {
+            37: rrn,
+            54: Balance(2 * info.balance_points).format(),
+            63: info.format(),
+        }
+        if auth_code is not None:
+            extra[38] = auth_code
+        if amount_fen is not None:
+            extra[4] = f"{amount_fen:012d}"
+        if 2 in context.message.fields:
+            extra[2] = context.message.fields[2]
+        return self._answer(context, code, extra)
+
+    def _auth_code(self) -> str:
+        return self._random(3).hex().upper()
+
+    # -- management ------------------------------------------------------------------------
+
+    def _sign_on(self, orm: OrmSession, context: Context) -> Outcome:
+        terminal = context.terminal
+        keys = generate_working_keys(
+            terminal.suite, context.data.management_code in TDK_SIGN_ONS, self._random
+        )
+        batch = _open_batch(orm, terminal.id)
+        extra: dict[int, FieldValue] = {
+            37: next_rrn(orm, context.moment.at),
+            60: context.data.with_batch(f"{batch:06d}").format(),
+            62: wrap_working_keys(terminal.suite, terminal.tmk, keys),
+        }
+        answer = self._answer(context, APPROVED, extra)
+
+        def install() -> None:
+            self._sessions.sign_on(terminal.id, terminal.suite, keys)
+
+        return Outcome(answer, after_commit=install)
+
+    def _sign_off(self, orm: OrmSession, context: Context) -> Outcome:
+        terminal_id = context.terminal.id
+        answer = self._answer(context, APPROVED, {})
+        return Outcome(
+            answer,
+            mac_session=context.session,
+            after_commit=lambda: self._sessions.sign_off(terminal_id),
+        )
+
+    def _echo(self, orm: OrmSession, context: Context) -> Outcome:
+        signed_on = self._sessions.current(context.terminal.id) is not None
+        return Outcome(self._answer(context, APPROVED, {}, sign_on_again=not signed_on))
+
+    # -- the card: snapshot and PIN -----------------------------------------------------------
+
+    def _card(self, orm: OrmSession, number: str) -> tuple[Card | None, CardSnapshot | None]:
+        card = lock_card(orm, number)
+        if card is None:
+            return None, None
+        snapshot = CardSnapshot(
+            number=card.number,
+            expiry_yymm=card.expiry_yymm,
+            tier=card.tier,
+            status=card.status.value,
+            enrolled=card.enrolled,
+            pin_hmac=card.pin_hmac,
+            wrong_pin_count=card.wrong_pin_count,
+            pin_locked=card.pin_locked,
+        )
+        return card, snapshot
+
+    def _pin(self, context: Context, card_number: str) -> tuple[PinEntry, str | None]:
+        if 26 not in context.message.fields or context.session is None:
+            return PinEntry.NONE, None
+        suite = context.session.suite
+        block = context.message.binary(52 if suite is Suite.TDES else 62)
+        try:
+            pin = decrypt_pin(suite, context.session.keys.pik, block, card_number)
+        except PinBlockError:
+            return PinEntry.INVALID_BLOCK, None
+        return PinEntry.ENTERED, pin
+
+    def _pin_check(self, orm: OrmSession, context: Context, card: CardSnapshot) -> Decline | None:
+        entry, pin = self._pin(context, card.number)
+        stored = card.pin_hmac
+
+        def matches() -> bool:
+            return (
+                pin is not None
+                and stored is not None
+                and self._pin_matches(card.number, pin, stored)
+            )
+
+        decline, effect = pin_decision(card, entry, matches)
+        if effect is PinEffect.WRONG:
+            ops.record_wrong_pin(orm, card.number)
+        elif effect is PinEffect.RIGHT and card.wrong_pin_count:
+            ops.reset_pin_tries(orm, card.number)
+        return decline
+
+    def _card_checks(
+        self, context: Context, card: CardSnapshot | None, *, needs_enrolment: bool
+    ) -> Decline | None:
+        number, expiry = context.presented_card()
+        keyed = keyed_entry_decline(2 in context.message.fields, _pin_sent(context), card)
+        return keyed or card_decline(
+            card,
+            presented_number=number,
+            presented_expiry=expiry,
+            prefixes=self._config.issuer.card_prefixes,
+            local=context.moment.local,
+            needs_enrolment=needs_enrolment,
+        )
+
+    # -- balance and redemption --------------------------------------------------------------
+
+    def _balance(self, orm: OrmSession, context: Context) -> Outcome:
+        number, _ = context.presented_card()
+        _, card = self._card(orm, number)
+        decline = self._card_checks(context, card, needs_enrolment=False)
+        if decline is None and card is not None:
+            decline = self._pin_check(orm, context, card)
+        if decline is not None or card is None:
+            return self._declined(orm, context, decline or Decline.CARD_UNKNOWN, number)
+        spendable = ops.spendable_points(orm, number, context.moment.at)
+        recorded = records.record_authorisation(
+            orm,
+            context.swipe,
+            AuthorisationKind.BALANCE,
+            card_number=number,
+            requested_amount_fen=None,
+            response_code=APPROVED,
+        )
+        info = PointsInfo(0, spendable, 0, 0)
+        answer = self._approved_card_answer(
+            context, code=APPROVED, rrn=recorded.rrn, auth_code=None, info=info
+        )
+        return Outcome(answer, card_number=number)
+
+    def _redeem(self, orm: OrmSession, context: Context) -> Outcome:
+        swipe = context.swipe
+        number, _ = context.presented_card()
+        if records.find_tombstone(orm, swipe.terminal_id, swipe.batch_number, swipe.trace):
+            return self._declined(orm, context, Decline.DUPLICATE, number)
+        _, card = self._card(orm, number)
+        decline = self._card_checks(context, card, needs_enrolment=True)
+        if decline is not None or card is None:
+            return self._declined(orm, context, decline or Decline.CARD_UNKNOWN, number)
+        result = self._redemption_decision(orm, context, card)
+        if isinstance(result, Decline):
+            return self._declined(orm, context, result, number)
+        return self._apply_redemption(orm, context, number, result)
+
+    def _redemption_decision(
+        self, orm: OrmSession, context: Context, card: CardSnapshot
+    ) -> Approval | Decline:
+        if int(context.data.batch) != _open_batch(orm, context.terminal.id):
+            return Decline.NOT_ALLOWED
+        amount = context.amount_fen
+        moment = context.moment
+        priced = None
+        if amount > 0:
+            priced = price(
+                context.merchant,
+                tier=card.tier,
+                local=moment.local,
+                business_date=moment.business_date,
+                amount_fen=amount,
+            )
+        decline = amount_decline(amount, priced) or self._pin_check(orm, context, card)
+        if decline is not None or priced is None:
+            return decline or Decline.BAD_AMOUNT
+        totals = records.gateway_totals(orm, context.terminal.id, int(context.data.batch))
+        if totals.debit_count >= MAX_BATCH_ITEMS:
+            return Decline.OVER_LIMIT
+        return redemption_decision(
+            priced,
+            merchant=context.merchant,
+            plan=self._config.plan,
+            spendable_points=ops.spendable_points(orm, card.number, moment.at),
+            redeemed_today_points=ops.points_redeemed_on(orm, card.number, moment.business_date),
+            partial_supported=bool(context.data.partial_supported),
+        )
+
+    def _apply_redemption(
+        self, orm: OrmSession, context: Context, number: str, approval: Approval
+    ) -> Outcome:
+        code = PARTIAL if approval.partial else APPROVED
+        auth_code = self._auth_code()
+        redeemed = ops.redeem(
+            orm,
+            context.swipe,
+            number,
+            approval.conversion,
+            requested_amount_fen=context.amount_fen,
+            rule_id=approval.rule.id if approval.rule else None,
+            fee_bp=context.merchant.fee_bp,
+            auth_code=auth_code,
+            response_code=code,
+        )
+        if isinstance(redeemed, ops.Declined):
+            return self._declined(orm, context, Decline.NOT_ENOUGH_POINTS, number)
+        conversion = approval.conversion
+        info = PointsInfo(
+            conversion.points,
+            redeemed.spendable_points_after,
+            conversion.discount_bp,
+            conversion.settled_fen,
+        )
+        answer = self._approved_card_answer(
+            context,
+            code=code,
+            rrn=redeemed.rrn,
+            auth_code=auth_code,
+            info=info,
+            amount_fen=conversion.amount_fen,
+        )
+        return Outcome(answer, card_number=number)
+
+    # -- void and refund -----------------------------------------------------------------------
+
+    def _original(
+        self, orm: OrmSession, context: Context, number: str, *, with_date: bool
+    ) -> Authorisation | Decline:
+        """The redemption a void or refund names by RRN; 61 and the card must agree (`25`)."""
+        original = records.find_by_rrn(orm, context.message.text(37))
+        if (
+            original is None
+            or original.kind is not AuthorisationKind.REDEMPTION
+            or original.state is AuthorisationState.DECLINED
+            or original.card_number != number
+            or original.merchant_id != context.merchant.id
+        ):
+            return Decline.ORIGINAL_NOT_FOUND
+        data = OriginalData.parse(context.message.text(61))
+        expected = OriginalData(
+            f"{original.batch_number:06d}",
+            f"{original.trace:06d}",
+            _local_mmdd(original, self._config) if with_date else None,
+        )
+        if data != expected:
+            return Decline.ORIGINAL_NOT_FOUND
+        return original
+
+    def _credit_checks(self, orm: OrmSession, context: Context) -> Decline | None:
+        number, expiry = context.presented_card()
+        card = ops.find_card(orm, number)
+        prefixes = self._config.issuer.card_prefixes
+        if card is None or card.expiry_yymm != expiry:
+            return Decline.CARD_UNKNOWN
+        if card_number_problem(number, prefixes) is not None:
+            return Decline.CARD_UNKNOWN
+        return None
+
+    def _void(self, orm: OrmSession, context: Context) -> Outcome:
+        swipe = context.swipe
+        number, _ = context.presented_card()
+        if records.find_tombstone(orm, swipe.terminal_id, swipe.batch_number, swipe.trace):
+            return self._declined(orm, context, Decline.DUPLICATE, number)
+        decline = self._credit_checks(orm, context)
+        original = self._original(orm, context, number, with_date=False) if not decline else None
+        if isinstance(original, Decline):
+            decline = original
+        if decline is None and isinstance(original, Authorisation):
+            decline = self._void_rules(orm, context, original)
+        if decline is not None or not isinstance(original, Authorisation):
+            return self._declined(orm, context, decline or Decline.ORIGINAL_NOT_FOUND, number)
+        auth_code = self._auth_code()
+        restored = ops.void(orm, swipe, original.id, auth_code=auth_code)
+        if isinstance(restored, ops.Declined):
+            return self._declined(orm, context, Decline.NOT_ALLOWED, number)
+        info = PointsInfo(
+            restored.points,
+            restored.spendable_points_after,
+            original.discount_bp,
+            original.settled_fen,
+        )
+        answer = self._approved_card_answer(
+            context, code=APPROVED, rrn=restored.rrn, auth_code=auth_code, info=info
+        )
+        return Outcome(answer, card_number=number)
+
+    def _void_rules(
+        self, orm: OrmSession, context: Context, original: Authorisation
+    ) -> Decline | None:
+        open_batch = _open_batch(orm, context.terminal.id)
+        if (
+            original.terminal_id != context.terminal.id
+            or original.batch_number != open_batch
+            or int(context.data.batch) != open_batch
+            or original.state is not AuthorisationState.APPROVED
+            or original.refunded_fen > 0
+        ):
+            return Decline.NOT_ALLOWED
+        if context.amount_fen != original.amount_fen:
+            return Decline.AMOUNT_DIFFERS
+        return self._credit_limit(orm, context)
+
+    def _credit_limit(self, orm: OrmSession, context: Context) -> Decline | None:
+        totals = records.gateway_totals(orm, context.terminal.id, int(context.data.batch))
+        return Decline.OVER_LIMIT if totals.credit_count >= MAX_BATCH_ITEMS else None
+
+    def _refund(self, orm: OrmSession, context: Context) -> Outcome:
+        number, _ = context.presented_card()
+        decline = self._credit_checks(orm, context)
+        original = self._original(orm, context, number, with_date=True) if not decline else None
+        if isinstance(original, Decline):
+            decline = original
+        if decline is None and isinstance(original, Authorisation):
+            decline = self._refund_rules(orm, context, original)
+        if decline is not None or not isinstance(original, Authorisation):
+            return self._declined(orm, context, decline or Decline.ORIGINAL_NOT_FOUND, number)
+        auth_code = self._auth_code()
+        refunded = ops.refund(
+            orm, context.swipe, original.id, context.amount_fen, auth_code=auth_code
+        )
+        if isinstance(refunded, ops.Declined):
+            return self._declined(orm, context, Decline.BAD_AMOUNT, number)
+        info = PointsInfo(
+            refunded.points,
+            refunded.spendable_points_after,
+            original.discount_bp,
+            refunded.fen_clawed,
+        )
+        answer = self._approved_card_answer(
+            context, code=APPROVED, rrn=refunded.rrn, auth_code=auth_code, info=info
+        )
+        return Outcome(answer, card_number=number)
+
+    def _refund_rules(
+        self, orm: OrmSession, context: Context, original: Authorisation
+    ) -> Decline | None:
+        if original.state is not AuthorisationState.APPROVED:
+            return Decline.NOT_ALLOWED
+        if int(context.data.batch) != _open_batch(orm, context.terminal.id):
+            return Decline.NOT_ALLOWED
+        window = refund_window_decline(
+            original.business_date,
+            context.moment.business_date,
+            context.merchant.refund_window_days,
+        )
+        if window is not None:
+            return window
+        amount = context.amount_fen
+        if amount <= 0 or amount > original.amount_fen - original.refunded_fen:
+            return Decline.BAD_AMOUNT
+        return self._credit_limit(orm, context)
+
+    # -- reversal --------------------------------------------------------------------------------
+
+    def _reverse(self, orm: OrmSession, context: Context) -> Outcome:
+        swipe = context.swipe
+        if swipe.batch_number != _open_batch(orm, context.terminal.id):
+            recorded = records.record_authorisation(
+                orm,
+                swipe,
+                AuthorisationKind.REVERSAL,
+                card_number=None,
+                requested_amount_fen=context.amount_fen,
+                response_code=APPROVED,
+                exception="reversal_closed_batch",
+            )
+            return Outcome(self._answer(context, APPROVED, {37: recorded.rrn}))
+        wanted = (
+            AuthorisationKind.VOID
+            if context.data.message_type == MSG_VOID
+            else AuthorisationKind.REDEMPTION
+        )
+        original = records.find_reversal_original(
+            orm, swipe.terminal_id, swipe.batch_number, swipe.trace
+        )
+        if original is None or original.kind is not wanted:
+            records.remember_reversal(orm, swipe, context.amount_fen)
+            recorded = records.record_authorisation(
+                orm,
+                swipe,
+                AuthorisationKind.REVERSAL,
+                card_number=None,
+                requested_amount_fen=context.amount_fen,
+                response_code=APPROVED,
+            )
+            return Outcome(self._answer(context, APPROVED, {37: recorded.rrn}))
+        requested = original.requested_amount_fen
+        if context.amount_fen != (requested if requested is not None else original.amount_fen):
+            return self._declined(orm, context, Decline.AMOUNT_DIFFERS, original.card_number)
+        reversed_ = ops.reverse(orm, swipe, original.id)
+        answer = self._answer(context, APPROVED, {37: reversed_.rrn})
+        return Outcome(answer, card_number=original.card_number)
+
+    # -- settlement and batch upload ---------------------------------------------------------------
+
+    def _settle(self, orm: OrmSession, context: Context) -> Outcome:
+        terminal_id = context.terminal.id
+        batch = int(context.data.batch)
+        open_batch = _open_batch(orm, terminal_id)
+        if batch != open_batch:
+            previous = records.latest_batch(orm, terminal_id, batch)
+            just_closed = batch == _previous_batch(open_batch)
+            if just_closed and previous is not None and previous.answer is not None:
+                stored = previous.answer.get("48", "")
+                return Outcome(self._answer(context, APPROVED, {48: stored}))
+            return Outcome(self._answer(context, response_code(Decline.NOT_ALLOWED), {}))
+        sent = SettlementTotals.parse(context.message.text(48)).totals
+        theirs = records.BatchTotals(
+            sent.debit_fen, sent.debit_count, sent.credit_fen, sent.credit_count
+        )
+        ours = records.gateway_totals(orm, terminal_id, batch)
+        result = 1 if ours == theirs else 2
+        totals = Totals(ours.debit_fen, ours.debit_count, ours.credit_fen, ours.credit_count)
+        field48 = SettlementTotals(totals, result).format()
+        answer = self._answer(context, APPROVED, {48: field48})
+        records.close_batch(orm, terminal_id, theirs, {"48": field48}, context.moment.at)
+        return Outcome(answer)
+
+    def _settled_batch(self, orm: OrmSession, context: Context) -> int | None:
+        batch = records.latest_batch(orm, context.terminal.id, int(context.data.batch))
+        if batch is None or batch.closed_at is None:
+            return None
+        return batch.id
+
+    def _upload(self, orm: OrmSession, context: Context) -> Outcome:
+        batch_id = self._settled_batch(orm, context)
+        if batch_id is None:
+            return Outcome(self._answer(context, response_code(Decline.NOT_ALLOWED), {}))
+        lines = [
+            records.UploadLine(int(record.trace), record.card_number, record.amount_fen)
+            for record in parse_upload(context.message.text(48))
+        ]
+        records.record_upload(orm, batch_id, lines, context.moment.at)
+        return Outcome(self._answer(context, APPROVED, {}))
+
+    def _upload_end(self, orm: OrmSession, context: Context) -> Outcome:
+        batch_id = self._settled_batch(orm, context)
+        if batch_id is None:
+            return Outcome(self._answer(context, response_code(Decline.NOT_ALLOWED), {}))
+        total = parse_upload_end(context.message.text(48))
+        records.end_upload(orm, batch_id, total, context.moment.at)
+        return Outcome(self._answer(context, APPROVED, {}))
+
+
+def _pin_sent(context: Context) -> PinEntry:
+    return PinEntry.ENTERED if 26 in context.message.fields else PinEntry.NONE
+
+
+def _open_batch(orm: OrmSession, terminal_id: str) -> int:
+    terminal = orm.get(TerminalRow, terminal_id)
+    if terminal is None:
+        raise LookupError(f"terminal {terminal_id} is not in the ledger")
+    return terminal.open_batch_number
+
+
+def _previous_batch(batch: int) -> int:
+    return 999999 if batch == 1 else batch - 1
+
+
+def _local_mmdd(original: Authorisation, config: Config) -> str:
+    return original.local_time.astimezone(config.gateway.timezone).strftime("%m%d")
