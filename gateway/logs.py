@@ -57,7 +57,7 @@ def configure(stream: TextIO = sys.stdout, level: int = logging.INFO) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=False),
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             protect_card_data,
             structlog.processors.JSONRenderer(),

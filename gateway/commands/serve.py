@@ -1,14 +1,13 @@
-"""`vipgate serve`: the gateway server.
-
-The codec it will speak is in `cardcodec`; the server itself (Twisted protocol, sessions,
-authorisation) is not built yet, so the command says so and exits non-zero rather than pretend.
-"""
+"""`vipgate serve`: migrate, load the config, serve terminals until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
+
+from gateway import logs, server
+from gateway.config import load_config
+from gateway.errors import BadInput
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -21,10 +20,26 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=serve)
 
 
+def parse_listen(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise BadInput(f"--listen: {text!r} is not HOST:PORT")
+    return host, int(port)
+
+
 def serve(args: argparse.Namespace) -> int:
-    print(
-        "vipgate serve: the gateway server is not built yet (see the project's open issues); "
-        "nothing is listening.",
-        file=sys.stderr,
-    )
-    return 1
+    if args.workers != 1:
+        raise BadInput("--workers: only 1 worker process is supported so far")
+    if args.metrics is not None:
+        raise BadInput("--metrics: the metrics endpoint is not built yet")
+    if args.record is not None:
+        raise BadInput("--record: traffic recording in the server is not built yet")
+    config = load_config(args.config, args.db)
+    listen = parse_listen(args.listen) if args.listen else config.gateway.listen
+    clock_start = server.parse_clock(args.clock) if args.clock else None
+    logs.configure()
+    wiring = server.wire(config, clock_start)
+    # The reactor is imported when it is needed, never at module level (Twisted's standard).
+    from twisted.internet import reactor  # noqa: PLC0415
+
+    return server.run(wiring, listen, reactor)

@@ -1,0 +1,169 @@
+"""The one place that wires the real gateway together and runs it (`vipgate serve`).
+
+Config, database, key store, clock, sessions, the synchronous `Gateway`, a one-thread pool for
+its blocking ledger work, and the listening port. SIGTERM or SIGINT stops accepting, lets the
+requests in flight finish and be answered, then exits 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from gateway.clock import Clock, StartedClock, SystemClock
+from gateway.config import Config
+from gateway.errors import BadInput
+from gateway.handler import Gateway, Reply
+from gateway.keystore import FileKeyStore
+from gateway.ledger import make_engine, migrate, unit_of_work
+from gateway.ledger.models import Authorisation, JournalTransaction
+from gateway.loader import load_into_ledger
+from gateway.protocol import TerminalFactory
+from gateway.sessions import Sessions
+
+log = structlog.get_logger("vipgate.server")
+
+
+class GatewayServer:
+    """Feeds frames from the reactor to the `Gateway` on a worker thread, and drains on stop."""
+
+    def __init__(self, gateway: Gateway, reactor: Any, config: Config) -> None:
+        self._gateway = gateway
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="ledger")
+        self._in_flight = 0
+        self._drained: list[Deferred[None]] = []
+        self._port: Any = None
+        self.factory = TerminalFactory(
+            self.process,
+            reactor,
+            idle_timeout_s=config.gateway.idle_timeout_s,
+            max_pending=config.gateway.max_pending_per_connection,
+        )
+
+    def process(self, payload: bytes) -> Deferred[Reply]:
+        self._in_flight += 1
+        deferred: Deferred[Reply] = deferToThreadPool(
+            self._reactor, self._pool, self._gateway.handle, payload
+        )
+        deferred.addBoth(self._finished)
+        return deferred
+
+    def _finished(self, result: Any) -> Any:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            waiting, self._drained = self._drained, []
+            for deferred in waiting:
+                deferred.callback(None)
+        return result
+
+    def listen(self, host: str, port: int) -> Any:
+        """Start the worker thread and listen; returns the listening port."""
+        self._pool.start()
+        self._port = self._reactor.listenTCP(port, self.factory, interface=host)
+        return self._port
+
+    def stop(self) -> Deferred[None]:
+        """Stop accepting, wait for the requests in flight, stop the worker thread."""
+        log.info("stopping", in_flight=self._in_flight)
+        stopped = self._port.stopListening() if self._port is not None else None
+        drained: Deferred[None] = Deferred()
+        if self._in_flight == 0:
+            drained.callback(None)
+        else:
+            self._drained.append(drained)
+        both: Deferred[Any] = drained
+        if stopped is not None:
+            both.addCallback(lambda _: stopped)
+        both.addCallback(lambda _: self._pool.stop())
+        return both
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """The real things a gateway runs with."""
+
+    config: Config
+    engine: Engine
+    clock: Clock
+    gateway: Gateway
+
+
+def parse_clock(text: str) -> datetime:
+    """`--clock ISO8601`: an instant with its offset (a bare local time is refused)."""
+    try:
+        instant = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadInput(f"--clock: {text!r} is not an ISO 8601 instant") from None
+    if instant.tzinfo is None:
+        raise BadInput(f"--clock: {text!r} has no UTC offset (e.g. 2026-11-22T10:00:00+08:00)")
+    return instant
+
+
+def latest_transaction(engine: Engine) -> datetime | None:
+    with unit_of_work(engine) as session:
+        journal = session.scalar(select(func.max(JournalTransaction.created_at)))
+        answered = session.scalar(select(func.max(Authorisation.local_time)))
+    instants = [instant for instant in (journal, answered) if instant is not None]
+    return max(instants) if instants else None
+
+
+def wire(config: Config, clock_start: datetime | None = None) -> Wiring:
+    """Migrate, load the config into the ledger and build the gateway."""
+    engine = make_engine(config.gateway.database)
+    migrate(engine)
+    if clock_start is not None:
+        latest = latest_transaction(engine)
+        if latest is not None and latest > clock_start:
+            raise BadInput(
+                f"--clock: the database holds transactions up to {latest.isoformat()}, "
+                "later than the clock's start"
+            )
+    clock: Clock = (
+        StartedClock(clock_start) if clock_start else SystemClock(config.gateway.timezone)
+    )
+    keystore = FileKeyStore(config.issuer.master_key)
+    with unit_of_work(engine) as session:
+        report = load_into_ledger(session, config, keystore, clock.now())
+    log.info("config_loaded", summary=report.summary())
+    sessions = Sessions(clock, timedelta(hours=config.gateway.key_lifetime_h))
+    gateway = Gateway(
+        config=config,
+        engine=engine,
+        clock=clock,
+        sessions=sessions,
+        pin_matches=keystore.pin_matches,
+    )
+    return Wiring(config, engine, clock, gateway)
+
+
+def run(
+    wiring: Wiring,
+    listen: tuple[str, int],
+    reactor: Any,
+    on_listening: Callable[[Any], None] | None = None,
+) -> int:
+    """Serve until the reactor stops (SIGTERM/SIGINT), draining in-flight requests first."""
+    server = GatewayServer(wiring.gateway, reactor, wiring.config)
+    port = server.listen(*listen)
+    address = port.getHost()
+    log.info("listening", host=getattr(address, "host", ""), port=getattr(address, "port", 0))
+    reactor.addSystemEventTrigger("before", "shutdown", server.stop)
+    if on_listening is not None:
+        on_listening(port)
+    reactor.run()
+    wiring.engine.dispose()
+    log.info("stopped")
+    return 0
+
+
+__all__ = ["GatewayServer", "Wiring", "parse_clock", "run", "wire"]
