@@ -1,0 +1,127 @@
+"""A gateway wired for tests: the demo config, a fresh ledger, a fixed clock, in process."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from gateway.clock import SHANGHAI, FixedClock
+from gateway.config import Config, load_config
+from gateway.handler import Gateway
+from gateway.keystore import FileKeyStore
+from gateway.ledger import make_engine, migrate, unit_of_work
+from gateway.loader import load_into_ledger
+from gateway.sessions import Sessions
+from tests.spec_terminal import Answer, SpecTerminal
+
+DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
+# A Saturday morning: the diamond weekend rule (10:00-22:00) applies, vip-lunch does not.
+SATURDAY_11 = datetime(2026, 11, 21, 11, 0, tzinfo=SHANGHAI)
+
+GOLD_PIN = "6688000000000000014"  # gold, PIN 123456, 100000 points, expiry 2812
+DIAMOND = "6688001234567890124"  # diamond, no PIN, 50000 points, expiry 2906
+NOT_ENROLLED = "6688000000000000022"
+BLOCKED = "6688000000000000030"
+FEW_POINTS = "6688000000000000048"  # vip, 150 points
+EXPIRY = {GOLD_PIN: "2812", DIAMOND: "2906", NOT_ENROLLED: "2812", BLOCKED: "2812"}
+EXPIRY[FEW_POINTS] = "2812"
+
+TMKS = {
+    "10000001": ("898310048990001", "3des", "FD32139FDCE66744281F7C0090707DF2"),
+    "10000002": ("898310048990001", "sm4", "B23AB55B1B37B6FFB0EB41C61A13E6DF"),
+    "20000001": ("898310058120002", "3des", "0123456789ABCDEFFEDCBA9876543210"),
+}
+
+
+def demo_config(tmp_path: Path, database: str | None = None) -> Config:
+    config = load_config(DEMO, database or f"sqlite:///{tmp_path / 'gateway.db'}")
+    issuer = dataclasses.replace(
+        config.issuer,
+        master_key=tmp_path / "master.key",
+        signing_key=tmp_path / "issuer.pem",
+    )
+    return dataclasses.replace(config, issuer=issuer)
+
+
+class Harness:
+    """The real `Gateway` on a real ledger, called directly instead of over TCP."""
+
+    def __init__(self, config: Config, start: datetime = SATURDAY_11) -> None:
+        self.config = config
+        self.clock = FixedClock(start)
+        self.engine = make_engine(config.gateway.database)
+        migrate(self.engine)
+        self.keystore = FileKeyStore(config.issuer.master_key)
+        with unit_of_work(self.engine) as session:
+            load_into_ledger(session, config, self.keystore, start)
+        self.sessions = Sessions(self.clock, timedelta(hours=config.gateway.key_lifetime_h))
+        self.gateway = Gateway(
+            config=config,
+            engine=self.engine,
+            clock=self.clock,
+            sessions=self.sessions,
+            pin_matches=self.keystore.pin_matches,
+        )
+
+    def terminal(self, terminal_id: str = "10000001") -> SpecTerminal:
+        merchant, suite, tmk = TMKS[terminal_id]
+        return SpecTerminal(terminal_id, merchant, suite, bytes.fromhex(tmk))
+
+    def raw(self, payload: bytes) -> bytes | None:
+        return self.gateway.handle(payload).payload
+
+    def send(self, terminal: SpecTerminal, payload: bytes) -> Answer:
+        answer = self.raw(payload)
+        assert answer is not None, "the gateway closed the link"
+        return terminal.check(payload, answer)
+
+    def signed_on(self, terminal_id: str = "10000001", with_tdk: bool = False) -> SpecTerminal:
+        terminal = self.terminal(terminal_id)
+        answer = self.send(terminal, terminal.sign_on(with_tdk))
+        assert answer.code == "00"
+        terminal.adopt_sign_on(answer)
+        return terminal
+
+    def redeem(
+        self,
+        terminal: SpecTerminal,
+        card: str,
+        amount_fen: int,
+        *,
+        pin: str | None = None,
+        partial: bool = False,
+        keyed: bool = False,
+        encrypted: bool = False,
+    ) -> tuple[bytes, Answer]:
+        fields = terminal.card_fields(
+            card, EXPIRY.get(card, "2812"), pin=pin, keyed=keyed, encrypt_track_data=encrypted
+        )
+        request = terminal.financial(
+            "0200", "000000", "22", fields, amount_fen=amount_fen, partial=partial
+        )
+        return request, self.send(terminal, request)
+
+    def void(
+        self, terminal: SpecTerminal, card: str, original: Answer, original_trace: str, amount: int
+    ) -> Answer:
+        fields = terminal.card_fields(card, EXPIRY.get(card, "2812"))
+        extra: dict[int, str | bytes] = {37: original.text(37), 61: terminal.batch + original_trace}
+        request = terminal.financial("0200", "200000", "23", fields, amount_fen=amount, extra=extra)
+        return self.send(terminal, request)
+
+    def refund(
+        self,
+        terminal: SpecTerminal,
+        card: str,
+        original: Answer,
+        original_batch_trace: str,
+        amount: int,
+    ) -> Answer:
+        fields = terminal.card_fields(card, EXPIRY.get(card, "2812"))
+        extra: dict[int, str | bytes] = {
+            37: original.text(37),
+            61: original_batch_trace + original.text(13),
+        }
+        request = terminal.financial("0220", "200000", "25", fields, amount_fen=amount, extra=extra)
+        return self.send(terminal, request)

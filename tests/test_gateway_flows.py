@@ -1,0 +1,369 @@
+"""The gateway's answers to every message of pos-8583.md §4 against a real ledger (SQLite),
+driven by a terminal written from the spec alone."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.gateway_harness import (
+    BLOCKED,
+    DIAMOND,
+    FEW_POINTS,
+    GOLD_PIN,
+    NOT_ENROLLED,
+    Harness,
+    demo_config,
+)
+from tests.spec_terminal import build, parse
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Harness:
+    return Harness(demo_config(tmp_path))
+
+
+@pytest.mark.parametrize(("terminal_id", "with_tdk"), [("10000001", True), ("10000002", False)])
+def test_sign_on_issues_working_keys_under_the_tmk(
+    harness: Harness, terminal_id: str, with_tdk: bool
+) -> None:
+    """0810: fresh keys in 62 (KCVs checked by the terminal), the open batch, no MAC."""
+    terminal = harness.terminal(terminal_id)
+    answer = harness.send(terminal, terminal.sign_on(with_tdk))
+    assert answer.code == "00"
+    assert len(answer.fields[62]) == (60 if with_tdk else 40)
+    assert answer.text(60) == f"00000001{'004' if with_tdk else '005'}"
+    assert 64 not in answer.fields
+    assert answer.header.hex() == "603100310000"
+    terminal.adopt_sign_on(answer)
+    assert (terminal.tdk is not None) == with_tdk
+
+
+def test_sign_on_with_the_other_suite_is_a7(harness: Harness) -> None:
+    """A 3DES terminal asking for SM4 keys gets A7 and no keys."""
+    terminal = harness.terminal("10000001")
+    terminal.suite = "sm4"
+    answer = harness.send(terminal, terminal.sign_on())
+    assert answer.code == "A7"
+    assert 62 not in answer.fields
+
+
+def test_unknown_terminal_is_97(harness: Harness) -> None:
+    """A terminal id the gateway does not know gets 97."""
+    terminal = harness.terminal()
+    terminal.terminal_id = "99999999"
+    assert harness.send(terminal, terminal.sign_on()).code == "97"
+
+
+def test_merchant_of_another_terminal_is_03(harness: Harness) -> None:
+    """Field 42 must be the terminal's own merchant."""
+    terminal = harness.terminal()
+    terminal.merchant_id = "898310058120002"
+    assert harness.send(terminal, terminal.sign_on()).code == "03"
+
+
+def test_gold_redemption_with_pin_takes_points_and_answers_with_mac(harness: Harness) -> None:
+    """12800 fen, no rule for gold: 6400 points, 93600 left, 54 and 63 as §4.8 says."""
+    terminal = harness.signed_on()
+    _, answer = harness.redeem(terminal, GOLD_PIN, 12800, pin="123456")
+    assert answer.code == "00"
+    assert (answer.points, answer.balance, answer.discount_bp, answer.cash_fen) == (
+        6400,
+        93600,
+        0,
+        12800,
+    )
+    assert answer.text(54) == "9002156C000000187200"
+    assert answer.text(4) == "000000012800"
+    assert len(answer.text(37)) == 12
+    assert len(answer.text(38)) == 6
+    assert answer.text(15) == "1121"
+    assert answer.text(32) == "48020000"
+    assert 64 in answer.fields
+
+
+def test_diamond_weekend_discount(harness: Harness) -> None:
+    """Saturday 11:00, diamond, 12800 fen at 10%: D = 11520 fen, P = 5760 points."""
+    terminal = harness.signed_on()
+    _, answer = harness.redeem(terminal, DIAMOND, 12800)
+    assert answer.code == "00"
+    assert (answer.points, answer.discount_bp, answer.cash_fen) == (5760, 1000, 11520)
+    assert answer.balance == 50000 - 5760
+
+
+def test_encrypted_track_on_sm4_with_tdk(harness: Harness) -> None:
+    """A track encrypted with the TDK decrypts to the card (SM4 terminal)."""
+    terminal = harness.signed_on("10000002", with_tdk=True)
+    _, answer = harness.redeem(terminal, DIAMOND, 1000, encrypted=True)
+    assert answer.code == "00"
+    assert answer.points == 500  # under the rule's 10000 fen minimum: no discount
+
+
+def test_encrypted_track_without_tdk_is_a_format_error(harness: Harness) -> None:
+    """53 digit 3 = 1 from a terminal whose sign-on issued no TDK: 30."""
+    terminal = harness.signed_on("10000001", with_tdk=False)
+    terminal.tdk = bytes(16)
+    _, answer = harness.redeem(terminal, DIAMOND, 1000, encrypted=True)
+    assert answer.code == "30"
+    assert 64 not in answer.fields
+
+
+def test_partial_approval_spends_everything(harness: Harness) -> None:
+    """150 points, 1000 fen asked with 60.6 = 1: 10 with A' = 300 fen, P = 150."""
+    terminal = harness.signed_on()
+    _, answer = harness.redeem(terminal, FEW_POINTS, 1000, partial=True)
+    assert answer.code == "10"
+    assert answer.text(4) == "000000000300"
+    assert (answer.points, answer.balance, answer.cash_fen) == (150, 0, 300)
+
+
+def test_not_enough_points_without_partial_is_51(harness: Harness) -> None:
+    """Without 60.6 the same request is declined 51 with the reduced field set."""
+    terminal = harness.signed_on()
+    _, answer = harness.redeem(terminal, FEW_POINTS, 1000)
+    assert answer.code == "51"
+    assert set(answer.fields) <= {3, 4, 11, 12, 13, 15, 32, 37, 39, 41, 42, 49, 60}
+    assert 37 in answer.fields
+
+
+@pytest.mark.parametrize(
+    ("card", "code"),
+    [(NOT_ENROLLED, "57"), (BLOCKED, "62"), ("6688000000000000055", "14")],
+)
+def test_card_declines(harness: Harness, card: str, code: str) -> None:
+    """Not enrolled 57, blocked 62, unknown card 14."""
+    terminal = harness.signed_on()
+    _, answer = harness.redeem(terminal, card, 1000)
+    assert answer.code == code
+
+
+def test_pin_rules(harness: Harness) -> None:
+    """No PIN 55 (not counted); three wrong PINs lock; then a right PIN gets 75."""
+    terminal = harness.signed_on()
+    assert harness.redeem(terminal, GOLD_PIN, 1000)[1].code == "55"
+    for _ in range(3):
+        assert harness.redeem(terminal, GOLD_PIN, 1000, pin="999999")[1].code == "55"
+    assert harness.redeem(terminal, GOLD_PIN, 1000, pin="123456")[1].code == "75"
+    assert harness.redeem(terminal, GOLD_PIN, 1000)[1].code == "55"
+
+
+def test_right_pin_resets_the_run_of_wrong_ones(harness: Harness) -> None:
+    """Two wrong, one right, two wrong: still not locked."""
+    terminal = harness.signed_on()
+    for pin in ("000000", "000000", "123456", "000000", "000000"):
+        harness.redeem(terminal, GOLD_PIN, 100, pin=pin)
+    assert harness.redeem(terminal, GOLD_PIN, 100, pin="123456")[1].code == "00"
+
+
+def test_keyed_entry_needs_a_pin_card_and_its_pin(harness: Harness) -> None:
+    """Keyed without PIN 12; keyed for a card with no PIN 12; keyed with the PIN approved."""
+    terminal = harness.signed_on()
+    assert harness.redeem(terminal, GOLD_PIN, 100, keyed=True)[1].code == "12"
+    assert harness.redeem(terminal, DIAMOND, 100, keyed=True, pin="123456")[1].code == "12"
+    _, answer = harness.redeem(terminal, GOLD_PIN, 100, keyed=True, pin="123456")
+    assert answer.code == "00"
+    assert answer.fields[2] == GOLD_PIN
+
+
+def test_wrong_mac_is_a0_with_sign_on_again_and_changes_nothing(harness: Harness) -> None:
+    """A corrupted MAC: A0, header digit 3, no MAC, and the points stay."""
+    terminal = harness.signed_on()
+    request = terminal.financial(
+        "0200", "000000", "22", terminal.card_fields(DIAMOND, "2906"), amount_fen=1000
+    )
+    tampered = request[:-1] + bytes([request[-1] ^ 1])
+    answer = harness.send(terminal, tampered)
+    assert answer.code == "A0"
+    assert answer.header.hex() == "603103310000"  # processing digit: low nibble of byte 3
+    assert 64 not in answer.fields
+    _, approved = harness.redeem(terminal, DIAMOND, 1000)
+    assert approved.balance == 50000 - 500
+
+
+def test_not_signed_on_is_a0(harness: Harness) -> None:
+    """A terminal that never signed on gets A0 for anything that needs keys."""
+    terminal = harness.terminal()
+    terminal.mak = bytes(16)
+    request = terminal.financial(
+        "0200", "000000", "22", terminal.card_fields(DIAMOND, "2906"), amount_fen=1000
+    )
+    assert harness.send(terminal, request).code == "A0"
+
+
+def test_keys_expire_after_their_lifetime(harness: Harness) -> None:
+    """After 24 h the terminal is no longer signed on: A0."""
+    terminal = harness.signed_on()
+    harness.clock.advance(timedelta(hours=24, seconds=1))
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "A0"
+
+
+def test_echo_needs_no_sign_on_but_says_sign_on_again(harness: Harness) -> None:
+    """0820/301: 00 without keys, with header digit 3 when not signed on."""
+    terminal = harness.terminal()
+    request = build("0820", {11: terminal.next_trace(), **terminal.ids(), 60: "00000001301"})
+    answer = harness.send(terminal, request)
+    assert answer.code == "00"
+    assert answer.header.hex() == "603103310000"  # processing digit: low nibble of byte 3
+
+
+def test_sign_off_destroys_the_keys(harness: Harness) -> None:
+    """0820/002 with a MAC: 00 with a MAC, then the terminal is no longer signed on."""
+    terminal = harness.signed_on()
+    request = terminal.signed(
+        "0820", {11: terminal.next_trace(), **terminal.ids(), 60: "00000001002"}
+    )
+    answer = harness.send(terminal, request)
+    assert answer.code == "00"
+    assert 64 in answer.fields
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "A0"
+
+
+def test_void_puts_every_point_back_and_only_once(harness: Harness) -> None:
+    """Void of a redemption: 00, points back; a second void 22; another amount 64."""
+    terminal = harness.signed_on()
+    _, original = harness.redeem(terminal, DIAMOND, 12800)
+    trace = original.text(11)
+    assert harness.void(terminal, DIAMOND, original, trace, 12000).code == "64"
+    voided = harness.void(terminal, DIAMOND, original, trace, 12800)
+    assert voided.code == "00"
+    assert (voided.points, voided.balance, voided.cash_fen) == (5760, 50000, 11520)
+    assert voided.text(37) != original.text(37)
+    assert harness.void(terminal, DIAMOND, original, trace, 12800).code == "22"
+
+
+def test_void_of_an_unknown_original_is_25(harness: Harness) -> None:
+    """An RRN the gateway never gave: 25."""
+    terminal = harness.signed_on()
+    _, original = harness.redeem(terminal, DIAMOND, 1000)
+    original.fields[37] = "999999999999"
+    assert harness.void(terminal, DIAMOND, original, original.text(11), 1000).code == "25"
+
+
+def test_partial_refunds_add_up_to_the_original_and_no_further(harness: Harness) -> None:
+    """Refunds of 5000 and 7800 of a 12800 redemption return exactly P; more is 13."""
+    terminal = harness.signed_on()
+    _, original = harness.redeem(terminal, DIAMOND, 12800)
+    batch_trace = terminal.batch + original.text(11)
+    first = harness.refund(terminal, DIAMOND, original, batch_trace, 5000)
+    assert first.code == "00"
+    assert (first.points, first.cash_fen) == (2250, 4500)  # floor(5760*5000/12800), floor(D..)
+    second = harness.refund(terminal, DIAMOND, original, batch_trace, 7800)
+    assert second.code == "00"
+    assert first.points + second.points == 5760
+    assert first.cash_fen + second.cash_fen == 11520
+    assert second.balance == 50000
+    assert harness.refund(terminal, DIAMOND, original, batch_trace, 1).code == "13"
+
+
+def test_refund_outside_the_window_is_22(harness: Harness) -> None:
+    """Huangpu Coffee refunds within 7 days of business date."""
+    terminal = harness.signed_on("20000001")
+    _, original = harness.redeem(terminal, DIAMOND, 1000)
+    harness.clock.advance(timedelta(days=8))
+    terminal.adopt_sign_on(harness.send(terminal, terminal.sign_on()))
+    batch_trace = "000001" + original.text(11)
+    assert harness.refund(terminal, DIAMOND, original, batch_trace, 500).code == "22"
+
+
+def test_repeated_request_gets_the_stored_answer_and_changes_nothing(harness: Harness) -> None:
+    """The same redemption sent twice: the same answer, points taken once."""
+    terminal = harness.signed_on()
+    request, first = harness.redeem(terminal, DIAMOND, 1000)
+    second = harness.send(terminal, request)
+    assert second.fields == first.fields
+    _, after = harness.redeem(terminal, DIAMOND, 1000)
+    assert after.balance == 50000 - 2 * 500
+
+
+def test_different_request_with_a_used_trace_is_94(harness: Harness) -> None:
+    """Another amount under the same terminal, batch and trace: 94."""
+    terminal = harness.signed_on()
+    harness.redeem(terminal, DIAMOND, 1000)
+    terminal.trace -= 1
+    _, answer = harness.redeem(terminal, DIAMOND, 2000)
+    assert answer.code == "94"
+
+
+def _reversal(harness: Harness, terminal, request: bytes, reason: str = "98") -> bytes:  # type: ignore[no-untyped-def]
+    _, fields, _, _ = parse(request)
+    for number in (26, 35, 52, 53, 62, 37, 64):
+        fields.pop(number, None)
+    fields[39] = reason
+    return terminal.signed("0400", fields)
+
+
+def test_reversal_undoes_a_redemption_and_repeats_change_nothing(harness: Harness) -> None:
+    """A redemption whose answer was lost is reversed: its points come back, once."""
+    terminal = harness.signed_on()
+    request, _ = harness.redeem(terminal, DIAMOND, 12800)
+    reversal = _reversal(harness, terminal, request)
+    assert harness.send(terminal, reversal).code == "00"
+    assert harness.send(terminal, reversal).code == "00"
+    _, balance = harness.redeem(terminal, DIAMOND, 1000)
+    assert balance.balance == 50000 - 500
+
+
+def test_reversal_before_its_original_makes_the_original_94(harness: Harness) -> None:
+    """The reversal arrives first: 00, and the original is declined 94 when it comes."""
+    terminal = harness.signed_on()
+    fields = terminal.card_fields(DIAMOND, "2906")
+    request = terminal.financial("0200", "000000", "22", fields, amount_fen=1000)
+    assert harness.send(terminal, _reversal(harness, terminal, request)).code == "00"
+    assert harness.send(terminal, request).code == "94"
+
+
+def test_settlement_balanced_then_batch_closes_and_repeat_is_stored(harness: Harness) -> None:
+    """0500 with matching totals: result 1, the next batch opens, a repeat gets the same."""
+    terminal = harness.signed_on()
+    harness.redeem(terminal, DIAMOND, 12800)
+    harness.redeem(terminal, DIAMOND, 1000)
+    totals = f"{13800:012d}{2:03d}{0:012d}{0:03d}0" + "0" * 31
+    fields = {11: terminal.next_trace(), **terminal.ids(), 48: totals, 49: "156"}
+    fields.update({60: f"00{terminal.batch}201", 63: "01 "})
+    request = terminal.signed("0500", fields)
+    answer = harness.send(terminal, request)
+    assert answer.code == "00"
+    assert answer.text(48)[30] == "1"
+    assert answer.text(48)[:30] == totals[:30]
+    assert harness.send(terminal, request).fields == answer.fields
+    terminal2 = harness.signed_on()
+    assert terminal2.batch == "000002"
+
+
+def test_settlement_unbalanced_answers_our_totals(harness: Harness) -> None:
+    """Totals that disagree: result 2 and the gateway's own totals."""
+    terminal = harness.signed_on()
+    harness.redeem(terminal, DIAMOND, 12800)
+    totals = f"{1:012d}{1:03d}{0:012d}{0:03d}0" + "0" * 31
+    fields = {11: terminal.next_trace(), **terminal.ids(), 48: totals, 49: "156"}
+    fields.update({60: f"00{terminal.batch}201", 63: "01 "})
+    answer = harness.send(terminal, terminal.signed("0500", fields))
+    assert answer.text(48)[30] == "2"
+    assert answer.text(48)[:15] == f"{12800:012d}001"
+
+
+def test_missing_field_is_30_and_unknown_field_bit_is_30(harness: Harness) -> None:
+    """Without 25: 30. An unknown bit after 42: 30 from what was read; before 11: closed."""
+    terminal = harness.signed_on()
+    fields = terminal.card_fields(DIAMOND, "2906")
+    request = terminal.financial("0200", "000000", "22", fields, amount_fen=1000)
+    _, parsed, _, _ = parse(request)
+    del parsed[25]
+    parsed.pop(64)
+    assert harness.send(terminal, terminal.signed("0200", parsed)).code == "30"
+    payload = bytearray(request)
+    payload[13 + 5] |= 0x20  # bit 43: after 11, 41 and 42, so they can be answered
+    answer = harness.raw(bytes(payload))
+    assert answer is not None
+    assert parse(answer)[1][39] == "30"
+    payload = bytearray(request)
+    payload[13] |= 0x08  # bit 5: before 11, 41 and 42, nothing to answer with
+    assert harness.raw(bytes(payload)) is None
+
+
+def test_unanswerable_frame_closes_the_link(harness: Harness) -> None:
+    """An unlisted MTI or bytes with nothing readable: no answer, the link closes."""
+    assert harness.raw(b"\x60\x00\x03\x00\x00" + bytes(6) + b"\x01\x00" + bytes(8)) is None
+    assert harness.raw(b"") is None
