@@ -21,8 +21,9 @@ from tests.spec_terminal import build, parse
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Harness:
-    return Harness(demo_config(tmp_path))
+def harness(tmp_path: Path, ledger_url: str) -> Harness:
+    """The gateway on a fresh ledger, once on SQLite and once on PostgreSQL."""
+    return Harness(demo_config(tmp_path, ledger_url))
 
 
 @pytest.mark.parametrize(("terminal_id", "with_tdk"), [("10000001", True), ("10000002", False)])
