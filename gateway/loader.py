@@ -1,0 +1,377 @@
+"""Loading a validated config into the ledger: an upsert by id that never deletes anything.
+
+Every command loads the config before it runs, so loading must be safe to repeat: the same
+config adds nothing the second time. Merchants (with their rules), terminals (the TMK
+encrypted by the key store) and demo cards are created or updated in place; every change of a
+merchant's `active` or a terminal's `enabled` goes into its history through the ledger's
+records API (clearing charges terminal fees from it). A demo card's config lots are accrued
+through the journal once each, as `config:<card number>:<index>`; a balance is never set. A lot
+whose figures changed after it was accrued is refused before anything is written: the journal
+is never edited, so a correction has to come as a new accrual.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from cardcodec.cards import mask_card_number
+from gateway.clock import business_date
+from gateway.config import CardConfig, Config, MerchantConfig, TerminalConfig
+from gateway.errors import BadInput
+from gateway.keystore import KeyStore, KeyStoreError
+from gateway.ledger import Moment, operations, records
+from gateway.ledger.models import (
+    Card,
+    CardStatus,
+    KeySuite,
+    LotOrigin,
+    Merchant,
+    PointLot,
+    Terminal,
+)
+from gateway.rules import DAY_NAMES, Rule
+
+CONFIG_REF_PREFIX = "config:"
+MERCHANT_NAME_MAX_CHARS = 200  # the merchants.name column
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What one load did: how many entries the config holds, and each change it made."""
+
+    merchants: int
+    terminals: int
+    cards: int
+    lots_accrued: int
+    points_accrued: int
+    changes: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def summary(self) -> str:
+        """One plain line: the entries loaded and what changed."""
+        loaded = (
+            f"{self.merchants} merchants, {self.terminals} terminals, {self.cards} cards; "
+            f"{self.lots_accrued} lots accrued ({self.points_accrued} points)"
+        )
+        return f"{loaded}; {len(self.changes)} changes" if self.changes else f"{loaded}; no change"
+
+
+def moment_at(config: Config, now: datetime) -> Moment:
+    """An instant with its business date under the config's time zone and cut-off."""
+    local = now.astimezone(config.gateway.timezone)
+    return Moment(now, business_date(local, config.gateway.cutoff))
+
+
+def config_lot_ref(card_number: str, index: int) -> str:
+    """The source_ref of a config lot: `config:<card number>:<index>` (index from 0)."""
+    return f"{CONFIG_REF_PREFIX}{card_number}:{index}"
+
+
+def load_into_ledger(
+    session: Session, config: Config, keystore: KeyStore, now: datetime
+) -> LoadReport:
+    """Upsert the config's merchants, terminals and cards and accrue new config lots.
+
+    Runs in the caller's unit of work and raises `BadInput` before writing anything when a
+    config lot differs from the lot accrued for it earlier, so a refused load changes nothing.
+    """
+    _refuse_unstorable(config)
+    _refuse_changed_lots(session, config)
+    changes: list[str] = []
+    for merchant in config.merchants:
+        changes.extend(_load_merchant(session, merchant, now))
+    for terminal in config.terminals:
+        changes.extend(_load_terminal(session, terminal, keystore, now))
+    when = moment_at(config, now)
+    lots = points = 0
+    for card in config.cards:
+        changes.extend(_load_card(session, card, keystore, now))
+        for index, accrued in _accrue_lots(session, card, when, config.plan.expiry_years):
+            lots, points = lots + 1, points + accrued
+            changes.append(f"{_card(card.number)}: lot {index} accrued, {accrued} points")
+    return LoadReport(
+        merchants=len(config.merchants),
+        terminals=len(config.terminals),
+        cards=len(config.cards),
+        lots_accrued=lots,
+        points_accrued=points,
+        changes=tuple(changes),
+    )
+
+
+# --- refusals before any write ---------------------------------------------------------------
+
+
+def _refuse_unstorable(config: Config) -> None:
+    for index, merchant in enumerate(config.merchants):
+        if len(merchant.name) > MERCHANT_NAME_MAX_CHARS:
+            raise BadInput(
+                f"{config.path}: merchants[{index}] ({merchant.id}).name: longer than "
+                f"{MERCHANT_NAME_MAX_CHARS} characters"
+            )
+
+
+def _refuse_changed_lots(session: Session, config: Config) -> None:
+    """Every config lot accrued before must still say what it said then; name each that not."""
+    problems = []
+    for card_index, card in enumerate(config.cards):
+        accrued = _accrued_config_lots(session, card.number)
+        for index, lot in enumerate(card.lots):
+            before = accrued.get(config_lot_ref(card.number, index))
+            if before is None or (before.original_points, before.earned_on) == (
+                lot.points,
+                lot.earned_on,
+            ):
+                continue
+            problems.append(
+                f"cards[{card_index}] ({mask_card_number(card.number)}).lots[{index}]: "
+                f"accrued as {before.original_points} points earned {before.earned_on}, now "
+                f"{lot.points} points earned {lot.earned_on}"
+            )
+    if problems:
+        raise BadInput(
+            f"{config.path}: "
+            + "; ".join(problems)
+            + " (an accrued lot is never changed: correct it with an accrual)"
+        )
+
+
+def _accrued_config_lots(session: Session, card_number: str) -> dict[str, PointLot]:
+    prefix = config_lot_ref(card_number, 0)[:-1]
+    return {
+        lot.source_ref: lot
+        for lot in operations.card_lots(session, card_number)
+        if lot.origin is LotOrigin.ACCRUAL and lot.source_ref.startswith(prefix)
+    }
+
+
+# --- merchants and terminals -----------------------------------------------------------------
+
+
+def _load_merchant(session: Session, merchant: MerchantConfig, now: datetime) -> list[str]:
+    details = records.MerchantDetails(
+        id=merchant.id,
+        name=merchant.name,
+        active=merchant.active,
+        fee_bp=merchant.fee_bp,
+        bank_card_fee_bp=merchant.bank_card_fee_bp,
+        allow_partial=merchant.allow_partial,
+        refund_window_days=merchant.refund_window_days,
+        max_amount_fen=merchant.max_amount_fen,
+        rules=[rule_to_json(rule) for rule in merchant.rules],
+    )
+    existing = session.get(Merchant, merchant.id)
+    fields = {name: getattr(details, name) for name in _MERCHANT_FIELDS}
+    before = None if existing is None else {name: getattr(existing, name) for name in fields}
+    records.upsert_merchant(session, details, now)
+    return _describe(f"merchant {merchant.id}", before, fields)
+
+
+_MERCHANT_FIELDS = (
+    "name",
+    "active",
+    "fee_bp",
+    "bank_card_fee_bp",
+    "allow_partial",
+    "refund_window_days",
+    "max_amount_fen",
+    "rules",
+)
+
+
+def _load_terminal(
+    session: Session, terminal: TerminalConfig, keystore: KeyStore, now: datetime
+) -> list[str]:
+    existing = session.get(Terminal, terminal.id)
+    encrypted, tmk_note = _encrypted_tmk(existing, terminal, keystore)
+    details = records.TerminalDetails(
+        id=terminal.id,
+        merchant_id=terminal.merchant,
+        enabled=terminal.enabled,
+        suite=KeySuite(terminal.suite.value),
+        tmk_encrypted=encrypted,
+    )
+    fields: dict[str, object] = {
+        "merchant": terminal.merchant,
+        "enabled": terminal.enabled,
+        "suite": terminal.suite.value,
+    }
+    before: dict[str, object] | None = None
+    if existing is not None:
+        before = {
+            "merchant": existing.merchant_id,
+            "enabled": existing.enabled,
+            "suite": existing.suite.value,
+        }
+    records.upsert_terminal(session, details, now)
+    changes = _describe(f"terminal {terminal.id}", before, fields)
+    return changes + ([f"terminal {terminal.id}: {tmk_note}"] if tmk_note else [])
+
+
+def _encrypted_tmk(
+    existing: Terminal | None, terminal: TerminalConfig, keystore: KeyStore
+) -> tuple[bytes, str | None]:
+    """The stored TMK blob when it still holds the config's TMK, else a new one and why.
+
+    AES-GCM encrypts under a fresh nonce each time, so re-encrypting an unchanged key on every
+    load would rewrite the row for nothing.
+    """
+    if existing is None:
+        return keystore.encrypt_tmk(terminal.id, terminal.tmk), None
+    try:
+        stored = keystore.decrypt_tmk(terminal.id, existing.tmk_encrypted)
+    except KeyStoreError:
+        note = "TMK encrypted again (the stored one did not decrypt under this master key)"
+        return keystore.encrypt_tmk(terminal.id, terminal.tmk), note
+    if hmac.compare_digest(stored, terminal.tmk):
+        return existing.tmk_encrypted, None
+    return keystore.encrypt_tmk(terminal.id, terminal.tmk), "TMK changed"
+
+
+# --- cards and their lots --------------------------------------------------------------------
+
+
+def _load_card(session: Session, card: CardConfig, keystore: KeyStore, now: datetime) -> list[str]:
+    pin_hmac = None if card.pin is None else keystore.pin_hmac(card.number, card.pin)
+    details = operations.CardDetails(
+        number=card.number,
+        expiry_yymm=card.expiry_yymm,
+        tier=card.tier,
+        status=CardStatus(card.status),
+        enrolled=card.enrolled,
+        pin_hmac=pin_hmac,
+    )
+    existing = operations.find_card(session, card.number)
+    before = None if existing is None else _card_fields(existing)
+    after = {
+        "expiry": card.expiry_yymm,
+        "tier": card.tier,
+        "status": card.status,
+        "enrolled": card.enrolled,
+    }
+    operations.upsert_card(session, details, now)
+    changes = _describe(_card(card.number), before, after)
+    if existing is not None and before is not None and before["pin_hmac"] != pin_hmac:
+        changes.append(f"{_card(card.number)}: {_pin_change(before['pin_hmac'], pin_hmac)}")
+    return changes
+
+
+def _card_fields(card: Card) -> dict[str, Any]:
+    return {
+        "expiry": card.expiry_yymm,
+        "tier": card.tier,
+        "status": card.status.value,
+        "enrolled": card.enrolled,
+        "pin_hmac": card.pin_hmac,
+    }
+
+
+def _pin_change(before: object, after: bytes | None) -> str:
+    if after is None:
+        return "PIN removed"
+    if before is None:
+        return "PIN set"
+    return "PIN changed (PIN unlocked, wrong tries reset)"
+
+
+def _accrue_lots(
+    session: Session, card: CardConfig, when: Moment, expiry_years: int
+) -> Iterable[tuple[int, int]]:
+    """Accrue the card's config lots not accrued before; yields (index, points) of each new one."""
+    for index, lot in enumerate(card.lots):
+        outcome = operations.accrue(
+            session,
+            card.number,
+            lot.earned_on,
+            lot.points,
+            config_lot_ref(card.number, index),
+            when=when,
+            expiry_years=expiry_years,
+        )
+        if isinstance(outcome, operations.Accrued):
+            yield index, lot.points
+
+
+# --- describing changes ----------------------------------------------------------------------
+
+
+def _card(number: str) -> str:
+    return f"card {mask_card_number(number)}"
+
+
+def _describe(
+    subject: str, before: Mapping[str, object] | None, after: Mapping[str, object]
+) -> list[str]:
+    """Plain lines for what an upsert changed: `new`, or `field old -> new` per field."""
+    if before is None:
+        return [f"{subject}: new"]
+    lines = []
+    for name, value in after.items():
+        old = before[name]
+        if old == value:
+            continue
+        if isinstance(value, list):
+            lines.append(f"{subject}: {name} changed")
+        else:
+            lines.append(f"{subject}: {name} {_plain(old)} -> {_plain(value)}")
+    return lines
+
+
+def _plain(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+# --- merchant rules as stored JSON -----------------------------------------------------------
+
+
+def rule_to_json(rule: Rule) -> dict[str, Any]:
+    """A rule in the words of the config file, for the merchants.rules JSON column."""
+    data: dict[str, Any] = {"id": rule.id, "discount_bp": rule.discount_bp}
+    if rule.tiers is not None:
+        data["tiers"] = sorted(rule.tiers)
+    if rule.days is not None:
+        data["days"] = [DAY_NAMES[day] for day in sorted(rule.days)]
+    if rule.hours is not None:
+        start, end = rule.hours
+        data["hours"] = f"{start:%H:%M}-{end:%H:%M}"
+    if rule.valid_from is not None:
+        data["valid_from"] = rule.valid_from.isoformat()
+    if rule.valid_to is not None:
+        data["valid_to"] = rule.valid_to.isoformat()
+    data["min_amount_fen"] = rule.min_amount_fen
+    return data
+
+
+def rule_from_json(data: Mapping[str, Any]) -> Rule:
+    """The rule `rule_to_json` stored."""
+    tiers = data.get("tiers")
+    days = data.get("days")
+    hours = data.get("hours")
+    valid_from = data.get("valid_from")
+    valid_to = data.get("valid_to")
+    return Rule(
+        id=data["id"],
+        discount_bp=data["discount_bp"],
+        tiers=None if tiers is None else frozenset(tiers),
+        days=None if days is None else frozenset(DAY_NAMES.index(day) for day in days),
+        hours=None if hours is None else _hours(hours),
+        valid_from=None if valid_from is None else date.fromisoformat(valid_from),
+        valid_to=None if valid_to is None else date.fromisoformat(valid_to),
+        min_amount_fen=data.get("min_amount_fen", 0),
+    )
+
+
+def _hours(text: str) -> tuple[time, time]:
+    start, end = text.split("-")
+    return time.fromisoformat(start), time.fromisoformat(end)

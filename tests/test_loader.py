@@ -1,0 +1,298 @@
+"""Loading the config into the ledger, on both backends: an upsert by id that adds nothing the
+second time, accrues config lots once through the journal, refuses a changed lot whole, keeps
+the active/enabled history, encrypts TMKs and turns a changed PIN into an unlock."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from gateway.clock import SHANGHAI
+from gateway.config import Config, load_config
+from gateway.errors import BadInput
+from gateway.keystore import FileKeyStore
+from gateway.ledger import operations, unit_of_work
+from gateway.ledger.invariants import check_invariants
+from gateway.ledger.models import (
+    Base,
+    JournalTransaction,
+    Merchant,
+    MerchantActiveChange,
+    Terminal,
+    TerminalEnabledChange,
+    TransactionKind,
+)
+from gateway.loader import LoadReport, load_into_ledger, rule_from_json, rule_to_json
+
+DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=SHANGHAI)
+GOLD = "6688000000000000014"
+DIAMOND = "6688001234567890124"
+MERCHANT = "898310048990001"
+TERMINAL = "10000001"
+DEMO_TMK = bytes.fromhex("FD32139FDCE66744281F7C0090707DF2")
+DEMO_CARDS = (
+    GOLD,
+    DIAMOND,
+    "6688000000000000022",
+    "6688000000000000030",
+    "6688000000000000048",
+)
+
+
+def write_config(folder: Path, *replacements: tuple[str, str]) -> Config:
+    """The demo config with each (old, new) replaced once, written into `folder` and loaded."""
+    text = DEMO.read_text(encoding="utf-8")
+    for old, new in replacements:
+        assert old in text, old
+        text = text.replace(old, new, 1)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "vipgate.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_config(path)
+
+
+@pytest.fixture
+def keystore(tmp_path: Path) -> FileKeyStore:
+    return FileKeyStore(tmp_path / "keys" / "master.key")
+
+
+def load(engine: Engine, config: Config, keystore: FileKeyStore, now: datetime = NOW) -> LoadReport:
+    with unit_of_work(engine) as session:
+        return load_into_ledger(session, config, keystore, now)
+
+
+def row_counts(engine: Engine) -> dict[str, int]:
+    """The number of rows in every ledger table."""
+    with unit_of_work(engine) as session:
+        return {
+            table.name: session.scalar(select(func.count()).select_from(table)) or 0
+            for table in Base.metadata.sorted_tables
+        }
+
+
+def test_first_load_creates_everything_and_accrues_lots_through_the_journal(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """Merchants, terminals and cards appear; each config lot is one accrual keyed config:N:i."""
+    report = load(ledger_engine, write_config(tmp_path), keystore)
+    assert (report.merchants, report.terminals, report.cards) == (2, 3, 5)
+    assert (report.lots_accrued, report.points_accrued) == (6, 160150)
+    with unit_of_work(ledger_engine) as session:
+        keys = session.scalars(
+            select(JournalTransaction.idempotency_key).where(
+                JournalTransaction.kind == TransactionKind.ACCRUAL
+            )
+        ).all()
+        assert sorted(keys) == sorted(
+            [f"accrual:config:{GOLD}:0", f"accrual:config:{DIAMOND}:0"]
+            + [f"accrual:config:{DIAMOND}:1"]
+            + [f"accrual:config:{number}:0" for number in DEMO_CARDS[2:]]
+        )
+        assert operations.balances(session, DIAMOND, NOW) == operations.Balances(50000, 50000)
+        assert check_invariants(session) == []
+    assert not any(number in line for line in report.changes for number in DEMO_CARDS)
+
+
+def test_loading_the_same_config_again_adds_nothing(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """A second load, later, changes no row and reports no change."""
+    config = write_config(tmp_path)
+    load(ledger_engine, config, keystore)
+    before = row_counts(ledger_engine)
+    report = load(ledger_engine, config, keystore, NOW + timedelta(days=3))
+    assert report.changes == ()
+    assert (report.lots_accrued, report.points_accrued) == (0, 0)
+    assert row_counts(ledger_engine) == before
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("points = 100000", "points = 90000"),
+        ('earned_on = "2026-03-01"', 'earned_on = "2026-03-02"'),
+    ],
+)
+def test_changed_lot_is_refused_and_nothing_of_the_load_applied(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore, edit: tuple[str, str]
+) -> None:
+    """A lot whose figures changed after accrual is refused, naming the masked card and the lot
+    index, and none of the load's other changes (a merchant, a terminal) is applied."""
+    load(ledger_engine, write_config(tmp_path / "a"), keystore)
+    before = row_counts(ledger_engine)
+    changed = write_config(
+        tmp_path / "b",
+        edit,
+        ("active = true", "active = false"),
+        ("enabled = true", "enabled = false"),
+    )
+    with pytest.raises(BadInput, match=r"cards\[0\] \(668800\*{9}0014\)\.lots\[0\]") as raised:
+        load(ledger_engine, changed, keystore)
+    assert GOLD not in str(raised.value)
+    assert row_counts(ledger_engine) == before
+    with unit_of_work(ledger_engine) as session:
+        merchant = session.get(Merchant, MERCHANT)
+        terminal = session.get(Terminal, TERMINAL)
+        assert merchant is not None and merchant.active
+        assert terminal is not None and terminal.enabled
+
+
+def test_every_change_of_active_and_enabled_is_recorded_with_its_time(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """History rows: the first value, each flip with its load time, and nothing for no change."""
+    on = write_config(tmp_path / "on")
+    off = write_config(
+        tmp_path / "off", ("active = true", "active = false"), ("enabled = true", "enabled = false")
+    )
+    times = [NOW + timedelta(hours=hours) for hours in range(4)]
+    load(ledger_engine, on, keystore, times[0])
+    report = load(ledger_engine, off, keystore, times[1])
+    load(ledger_engine, off, keystore, times[2])
+    load(ledger_engine, on, keystore, times[3])
+    assert f"merchant {MERCHANT}: active true -> false" in report.changes
+    assert f"terminal {TERMINAL}: enabled true -> false" in report.changes
+    expected = [(True, times[0]), (False, times[1]), (True, times[3])]
+    with unit_of_work(ledger_engine) as session:
+        merchant_history = session.execute(
+            select(MerchantActiveChange.active, MerchantActiveChange.changed_at)
+            .where(MerchantActiveChange.merchant_id == MERCHANT)
+            .order_by(MerchantActiveChange.id)
+        ).all()
+        terminal_history = session.execute(
+            select(TerminalEnabledChange.enabled, TerminalEnabledChange.changed_at)
+            .where(TerminalEnabledChange.terminal_id == TERMINAL)
+            .order_by(TerminalEnabledChange.id)
+        ).all()
+    assert [tuple(row) for row in merchant_history] == expected
+    assert [tuple(row) for row in terminal_history] == expected
+
+
+def test_changed_pin_in_the_config_unlocks_the_card(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """Reloading the same PIN leaves a locked PIN locked; a new PIN unlocks it and verifies."""
+    load(ledger_engine, write_config(tmp_path / "a"), keystore)
+    with unit_of_work(ledger_engine) as session:
+        for _ in range(3):
+            operations.record_wrong_pin(session, GOLD)
+    load(ledger_engine, write_config(tmp_path / "a"), keystore)
+    with unit_of_work(ledger_engine) as session:
+        card = operations.find_card(session, GOLD)
+        assert card is not None and card.pin_locked and card.wrong_pin_count == 3
+    changed = write_config(tmp_path / "b", ('pin = "123456"', 'pin = "654321"'))
+    report = load(ledger_engine, changed, keystore)
+    assert any(
+        line.endswith("PIN changed (PIN unlocked, wrong tries reset)") for line in report.changes
+    )
+    with unit_of_work(ledger_engine) as session:
+        card = operations.find_card(session, GOLD)
+        assert card is not None and card.pin_hmac is not None
+        assert (card.pin_locked, card.wrong_pin_count) == (False, 0)
+        assert keystore.pin_matches(GOLD, "654321", card.pin_hmac)
+        assert not keystore.pin_matches(GOLD, "123456", card.pin_hmac)
+
+
+def test_tmk_is_stored_encrypted_and_kept_while_unchanged(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """The row holds an encrypted TMK that decrypts to the config's; a reload keeps the blob;
+    a changed TMK is encrypted anew."""
+    load(ledger_engine, write_config(tmp_path / "a"), keystore)
+    stored = _stored_tmk(ledger_engine)
+    assert DEMO_TMK not in stored
+    assert keystore.decrypt_tmk(TERMINAL, stored) == DEMO_TMK
+    load(ledger_engine, write_config(tmp_path / "a"), keystore)
+    assert _stored_tmk(ledger_engine) == stored
+    new_tmk = "00112233445566778899AABBCCDDEEFF"
+    changed = write_config(tmp_path / "b", ("FD32139FDCE66744281F7C0090707DF2", new_tmk))
+    report = load(ledger_engine, changed, keystore)
+    assert report.changes == (f"terminal {TERMINAL}: TMK changed",)
+    assert keystore.decrypt_tmk(TERMINAL, _stored_tmk(ledger_engine)) == bytes.fromhex(new_tmk)
+
+
+def test_tmk_is_encrypted_again_under_a_new_master_key(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """A stored TMK the master key cannot decrypt is replaced by the config's, under the new key."""
+    config = write_config(tmp_path)
+    load(ledger_engine, config, keystore)
+    replacement = FileKeyStore(tmp_path / "other" / "master.key")
+    report = load(ledger_engine, config, replacement)
+    assert len([line for line in report.changes if "TMK encrypted again" in line]) == 3
+    assert replacement.decrypt_tmk(TERMINAL, _stored_tmk(ledger_engine)) == DEMO_TMK
+
+
+def _stored_tmk(engine: Engine) -> bytes:
+    with unit_of_work(engine) as session:
+        terminal = session.get(Terminal, TERMINAL)
+        assert terminal is not None
+        return terminal.tmk_encrypted
+
+
+def test_enrolled_in_the_config_records_a_past_enrolment(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """`enrolled = true` enrols as it is (whatever the points), at the load's time."""
+    load(ledger_engine, write_config(tmp_path), keystore)
+    with unit_of_work(ledger_engine) as session:
+        small = operations.find_card(session, "6688000000000000048")
+        silver = operations.find_card(session, "6688000000000000022")
+        assert small is not None and small.enrolled and small.enrolled_at == NOW
+        assert silver is not None and not silver.enrolled and silver.enrolled_at is None
+
+
+def test_a_config_without_cards_deletes_nothing(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """Cards, lots and balances loaded earlier stay when a later config no longer lists them."""
+    load(ledger_engine, write_config(tmp_path / "a"), keystore)
+    before = row_counts(ledger_engine)
+    text = DEMO.read_text(encoding="utf-8")
+    (tmp_path / "b").mkdir()
+    path = tmp_path / "b" / "vipgate.toml"
+    path.write_text(text[: text.index("[[cards]]")], encoding="utf-8")
+    report = load(ledger_engine, load_config(path), keystore)
+    assert report.changes == ()
+    assert row_counts(ledger_engine) == before
+
+
+def test_rules_are_stored_as_json_that_reads_back_as_the_same_rules(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """The merchants.rules column holds the config's rules, and reading it back gives them."""
+    config = write_config(tmp_path)
+    load(ledger_engine, config, keystore)
+    with unit_of_work(ledger_engine) as session:
+        merchant = session.get(Merchant, MERCHANT)
+        assert merchant is not None
+        stored = [rule_from_json(data) for data in merchant.rules]
+    assert tuple(stored) == config.merchants[0].rules
+    assert merchant.rules[0] == {
+        "id": "diamond-weekend",
+        "discount_bp": 1000,
+        "tiers": ["diamond"],
+        "days": ["sat", "sun"],
+        "hours": "10:00-22:00",
+        "valid_from": "2026-01-01",
+        "valid_to": "2030-12-31",
+        "min_amount_fen": 10000,
+    }
+    every = config.merchants[1].rules[0]
+    assert rule_from_json(rule_to_json(every)) == every
+
+
+def test_a_merchant_name_the_ledger_cannot_hold_is_refused(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """A name over the column's 200 characters is refused by place before anything is written."""
+    config = write_config(
+        tmp_path, ('name = "Nanjing Road Department Store"', f'name = "{"N" * 201}"')
+    )
+    with pytest.raises(BadInput, match=r"merchants\[0\] \(898310048990001\)\.name"):
+        load(ledger_engine, config, keystore)
+    assert row_counts(ledger_engine)["merchants"] == 0
