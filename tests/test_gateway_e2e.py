@@ -1,0 +1,151 @@
+"""End to end: `vipgate serve` as its own process on loopback, on SQLite and PostgreSQL,
+with the spec terminal over real TCP; then SIGTERM, a clean exit, and logs without card data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN, TMKS
+from tests.spec_terminal import Answer, Link, SpecTerminal
+
+VIPGATE = Path(sys.executable).with_name("vipgate")
+FULL_CARD = re.compile(r"(?<!\d)6688\d{15}(?!\d)")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str]
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        out, _ = self.process.communicate(timeout=30)
+        self.lines += out.splitlines()
+        return self.process.returncode
+
+
+@pytest.fixture
+def served(tmp_path: Path, ledger_url: str) -> Iterator[Served]:
+    """`vipgate serve` on a copy of the demo config, its ledger on the backend under test."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(DEMO, config)
+    port = free_port()
+    command = [str(VIPGATE), "serve", "--config", str(config), "--db", ledger_url]
+    command += ["--listen", f"127.0.0.1:{port}", "--clock", "2026-11-21T11:00:00+08:00"]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
+    )
+    lines: list[str] = []
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if '"listening"' in line:
+            break
+    else:
+        process.kill()
+    assert any('"listening"' in line for line in lines), "".join(lines)
+    serving = Served(process, port, lines)
+    yield serving
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def exchange(link: Link, terminal: SpecTerminal, request: bytes) -> Answer:
+    return terminal.check(request, link.exchange(request))
+
+
+def terminal_for(terminal_id: str) -> SpecTerminal:
+    merchant, suite, tmk = TMKS[terminal_id]
+    return SpecTerminal(terminal_id, merchant, suite, bytes.fromhex(tmk))
+
+
+def test_a_merchant_day_over_tcp_then_sigterm(served: Served) -> None:
+    """Sign on, balance, redeem with a discount, void, refund, settle; then a clean stop."""
+    link = Link("127.0.0.1", served.port)
+    terminal = terminal_for("10000001")
+    signed_on = exchange(link, terminal, terminal.sign_on(with_tdk=True))
+    assert signed_on.code == "00"
+    terminal.adopt_sign_on(signed_on)
+    pin_card = terminal.card_fields(GOLD_PIN, "2812", pin="123456")
+    balance = exchange(link, terminal, terminal.financial("0200", "310000", "01", pin_card))
+    assert (balance.code, balance.balance) == ("00", 100000)
+    card = terminal.card_fields(DIAMOND, "2906", encrypt_track_data=True)
+    redemption_request = terminal.financial("0200", "000000", "22", card, amount_fen=12800)
+    redemption = exchange(link, terminal, redemption_request)
+    assert (redemption.code, redemption.points, redemption.discount_bp) == ("00", 5760, 1000)
+    void_extra: dict[int, str | bytes] = {37: redemption.text(37)}
+    void_extra[61] = "000001" + redemption.text(11)
+    void = exchange(
+        link,
+        terminal,
+        terminal.financial("0200", "200000", "23", card, amount_fen=12800, extra=void_extra),
+    )
+    assert (void.code, void.balance) == ("00", 50000)
+    second = exchange(
+        link, terminal, terminal.financial("0200", "000000", "22", card, amount_fen=20000)
+    )
+    refund_extra: dict[int, str | bytes] = {
+        37: second.text(37),
+        61: "000001" + second.text(11) + second.text(13),
+    }
+    refund = exchange(
+        link,
+        terminal,
+        terminal.financial("0220", "200000", "25", card, amount_fen=5000, extra=refund_extra),
+    )
+    assert (refund.code, refund.points) == ("00", 2250)
+    # debits: the two redemptions (voided one included); credits: the void and the refund
+    totals = f"{32800:012d}{2:03d}{17800:012d}{2:03d}0" + "0" * 31
+    settle_fields: dict[int, str | bytes] = {11: terminal.next_trace(), **terminal.ids()}
+    settle_fields.update({48: totals, 49: "156", 60: "00000001201", 63: "01 "})
+    settled = exchange(link, terminal, terminal.signed("0500", settle_fields))
+    assert (settled.code, settled.text(48)[30]) == ("00", "1")
+    link.close()
+    assert served.stop() == 0
+    log = "".join(served.lines)
+    assert FULL_CARD.search(log) is None, "a full card number reached the log"
+    answered = [json.loads(line) for line in served.lines if '"answered"' in line]
+    assert {entry["code"] for entry in answered} == {"00"}
+    assert any(entry.get("card") == "668800*********0124" for entry in answered)
+
+
+def test_many_connections_and_a_garbage_one_do_not_disturb_each_other(served: Served) -> None:
+    """A connection sending garbage is closed; the others keep being answered."""
+    garbage = socket.create_connection(("127.0.0.1", served.port))
+    garbage.sendall(b"\x00\x05hello")
+    links = [Link("127.0.0.1", served.port) for _ in range(3)]
+    for terminal_id, link in zip(("10000001", "10000002", "20000001"), links, strict=True):
+        terminal = terminal_for(terminal_id)
+        answer = exchange(link, terminal, terminal.sign_on())
+        assert answer.code == "00"
+    assert garbage.recv(100) == b""
+    garbage.close()
+    for link in links:
+        link.close()
+    assert served.stop() == 0
