@@ -1,0 +1,416 @@
+"""The two CSV files people bring to the ledger: the billing accrual feed and the card import.
+
+Both are all-or-nothing (points-and-clearing.md §3): every line is parsed and checked before
+anything is written, and a file with any bad line is refused whole with one `BadInput` that
+names every bad line, so the person fixing it sees the whole damage in one run and a half
+applied feed never has to be untangled. A good file is applied in the caller's unit of work,
+one transaction. An accrual `source_ref` applied by an earlier file is skipped and reported,
+which makes re-sending a feed harmless.
+
+Messages never show a card number in full: the number column is masked, and any long run of
+digits in another column (a shifted column, a reference built from a card number) is masked
+the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cardcodec.cards import card_number_problem, mask_card_number
+from gateway.clock import expiry_last_day
+from gateway.config import CARD_STATUSES, MAX_POINTS, Config
+from gateway.errors import BadInput
+from gateway.ledger import operations
+from gateway.ledger.models import Card, CardStatus
+from gateway.loader import CONFIG_REF_PREFIX, moment_at
+from gateway.rules import TIERS
+
+FEED_HEADER = ("card_number", "earned_on", "points", "source_ref")
+CARDS_HEADER = ("number", "expiry", "tier", "status", "enrolled")
+MAX_FILE_BYTES = 128 * 1024 * 1024
+MAX_LINES = 1_000_000
+MAX_FIELD_CHARS = 200
+# The journal's idempotency key is `accrual:<source_ref>` in a column of 120 characters.
+MAX_SOURCE_REF_CHARS = 120 - len("accrual:")
+LOOKUP_CHUNK = 500
+BOOLEANS = {"true": True, "false": False}
+
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DIGITS_RE = re.compile(r"[0-9]+")
+_LONG_DIGIT_RUN_RE = re.compile(r"[0-9]{12,}")
+_SHOWN_CHARS = 40
+
+Parsed = TypeVar("Parsed")
+
+
+def shown(value: str) -> str:
+    """A value from a file as a message may quote it: quoted, cut short, card-like runs masked."""
+    masked = _LONG_DIGIT_RUN_RE.sub(lambda match: mask_card_number(match[0]), value)
+    if len(masked) > _SHOWN_CHARS:
+        masked = masked[: _SHOWN_CHARS - 3] + "..."
+    return '"' + masked.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
+
+
+# --- reading a file into checked lines ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Row:
+    line: int
+    fields: tuple[str, ...]
+
+
+class _Problems:
+    """Bad lines collected in file order, raised together as one message."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self._by_line: dict[int, list[str]] = {}
+
+    def add(self, line: int, problem: str) -> None:
+        self._by_line.setdefault(line, []).append(problem)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_line)
+
+    def raise_if_any(self) -> None:
+        if not self._by_line:
+            return
+        parts = [f"line {line}: {', '.join(self._by_line[line])}" for line in sorted(self._by_line)]
+        count = len(parts)
+        noun = "bad line" if count == 1 else "bad lines"
+        raise BadInput(
+            f"{self.file} {'; '.join(parts)} ({count} {noun}; nothing from the file was applied)"
+        )
+
+
+def _read_rows(path: Path, header: Sequence[str], problems: _Problems) -> list[_Row]:
+    """The data rows of a UTF-8 CSV with exactly `header`; malformed rows go to `problems`."""
+    text = _read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        first = next(reader, None)
+        if first is None:
+            raise BadInput(f"{path} is empty: the first line must be {','.join(header)}")
+        if tuple(first) != tuple(header):
+            raise BadInput(f"{path} line 1: the header must be exactly {','.join(header)}")
+        rows = []
+        for fields in reader:
+            if reader.line_num > MAX_LINES:
+                raise BadInput(f"{path}: more than {MAX_LINES} lines; split the file")
+            if not fields:
+                continue  # a blank line says nothing
+            row = _Row(reader.line_num, tuple(fields))
+            if _well_formed(row, header, problems):
+                rows.append(row)
+        return rows
+    except csv.Error as error:
+        raise BadInput(f"{path} line {reader.line_num}: not CSV ({error})") from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise BadInput(f"{path}: cannot read: {error.strerror}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise BadInput(f"{path}: larger than {MAX_FILE_BYTES} bytes; split the file")
+    try:
+        return data.decode("utf-8-sig")  # a spreadsheet's byte order mark is not data
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise BadInput(f"{path} line {line}: not UTF-8 text") from None
+
+
+def _well_formed(row: _Row, header: Sequence[str], problems: _Problems) -> bool:
+    if len(row.fields) != len(header):
+        problems.add(row.line, f"{len(row.fields)} fields, expected {len(header)}")
+        return False
+    for name, value in zip(header, row.fields, strict=True):
+        if len(value) > MAX_FIELD_CHARS:
+            problems.add(row.line, f"{name} longer than {MAX_FIELD_CHARS} characters")
+            return False
+    return True
+
+
+def _field(
+    row: _Row, index: int, name: str, parse: Callable[[str], Parsed], problems: _Problems
+) -> Parsed | None:
+    """One field parsed, or None with the reason (parse raises ValueError) added to problems."""
+    try:
+        return parse(row.fields[index])
+    except ValueError as error:
+        problems.add(row.line, f"{name} {error}")
+        return None
+
+
+def _card_number(prefixes: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        problem = card_number_problem(value, prefixes)
+        if problem is not None:
+            raise ValueError(f"{mask_card_number(value)}: {problem}")
+        return value
+
+    return parse
+
+
+def _refuse_repeats(
+    rows: Iterable[tuple[int, str | None]], what: str, show: Callable[[str], str]
+) -> Iterator[tuple[int, str]]:
+    """(line, problem) for each value that appeared on an earlier line of the file."""
+    first_line: dict[str, int] = {}
+    for line, value in rows:
+        if value is None:
+            continue
+        if value in first_line:
+            yield line, f"{what} {show(value)} repeats line {first_line[value]}"
+        else:
+            first_line[value] = line
+
+
+# --- the accrual feed ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Accrual:
+    line: int
+    card_number: str
+    earned_on: date
+    points: int
+    source_ref: str
+
+
+@dataclass(frozen=True)
+class SkippedAccrual:
+    """A line whose source_ref an earlier file applied: not applied again, not an error."""
+
+    line: int
+    source_ref: str
+    points: int
+
+
+@dataclass(frozen=True)
+class FeedReport:
+    file: str
+    applied_lots: int
+    applied_points: int
+    skipped: tuple[SkippedAccrual, ...]
+
+    @property
+    def skipped_points(self) -> int:
+        return sum(item.points for item in self.skipped)
+
+
+def import_points(session: Session, path: Path, config: Config, now: datetime) -> FeedReport:
+    """Check every line of an accrual feed, then accrue them all in the caller's transaction."""
+    accruals = parse_feed(session, path, config, now)
+    when = moment_at(config, now)
+    applied_lots = applied_points = 0
+    skipped = []
+    for accrual in accruals:
+        outcome = operations.accrue(
+            session,
+            accrual.card_number,
+            accrual.earned_on,
+            accrual.points,
+            accrual.source_ref,
+            when=when,
+            expiry_years=config.plan.expiry_years,
+        )
+        if isinstance(outcome, operations.AccrualSkipped):
+            skipped.append(SkippedAccrual(accrual.line, accrual.source_ref, accrual.points))
+        else:
+            applied_lots += 1
+            applied_points += accrual.points
+    return FeedReport(str(path), applied_lots, applied_points, tuple(skipped))
+
+
+def parse_feed(session: Session, path: Path, config: Config, now: datetime) -> list[Accrual]:
+    """The feed's lines, or `BadInput` naming every bad one (the card lookup reads `session`)."""
+    problems = _Problems(str(path))
+    today = now.astimezone(config.gateway.timezone).date()
+    parsed = []
+    for row in _read_rows(path, FEED_HEADER, problems):
+        number = _field(row, 0, "card", _card_number(config.issuer.card_prefixes), problems)
+        earned_on = _field(row, 1, "earned_on", _earned_on(today), problems)
+        points = _field(row, 2, "points", _points, problems)
+        source_ref = _field(row, 3, "source_ref", _source_ref, problems)
+        parsed.append((row.line, number, earned_on, points, source_ref))
+    known = _known_cards(session, {number for _, number, *_ in parsed if number is not None})
+    for line, number, *_ in parsed:
+        if number is not None and number not in known:
+            problems.add(line, f"card {mask_card_number(number)}: unknown card")
+    refs = ((line, ref) for line, *_, ref in parsed)
+    for line, problem in _refuse_repeats(refs, "source_ref", shown):
+        problems.add(line, problem)
+    problems.raise_if_any()
+    return [
+        Accrual(line, number, earned_on, points, ref)
+        for line, number, earned_on, points, ref in parsed
+        if number is not None and earned_on is not None and points is not None and ref
+    ]
+
+
+def _earned_on(today: date) -> Callable[[str], date]:
+    def parse(value: str) -> date:
+        if not _DATE_RE.fullmatch(value):
+            raise ValueError(f"{shown(value)} is not a date YYYY-MM-DD")
+        try:
+            earned_on = date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"{shown(value)} is not a date YYYY-MM-DD") from None
+        if earned_on > today:
+            raise ValueError(f"{value} is after today ({today})")
+        return earned_on
+
+    return parse
+
+
+def _points(value: str) -> int:
+    if not _DIGITS_RE.fullmatch(value) or int(value) == 0:
+        raise ValueError(f"{shown(value)} is not a positive integer")
+    points = int(value)
+    if points > MAX_POINTS:
+        raise ValueError(f"{points} is above the largest lot, {MAX_POINTS}")
+    return points
+
+
+def _source_ref(value: str) -> str:
+    if not value:
+        raise ValueError("is empty")
+    if value.strip() != value or not value.isprintable():
+        raise ValueError(f"{shown(value)} must be printable, without spaces around it")
+    if len(value) > MAX_SOURCE_REF_CHARS:
+        raise ValueError(f"longer than {MAX_SOURCE_REF_CHARS} characters")
+    if value.startswith(CONFIG_REF_PREFIX):
+        raise ValueError(f"{shown(value)}: {CONFIG_REF_PREFIX} is kept for config lots")
+    return value
+
+
+def _known_cards(session: Session, numbers: set[str]) -> set[str]:
+    """Which of the numbers the ledger knows, looked up a bounded chunk at a time."""
+    ordered = sorted(numbers)
+    known: set[str] = set()
+    for start in range(0, len(ordered), LOOKUP_CHUNK):
+        chunk = ordered[start : start + LOOKUP_CHUNK]
+        known.update(session.scalars(select(Card.number).where(Card.number.in_(chunk))))
+    return known
+
+
+# --- the card import -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CardLine:
+    line: int
+    number: str
+    expiry_yymm: str
+    tier: str
+    status: CardStatus
+    enrolled: bool
+
+
+@dataclass(frozen=True)
+class CardImportReport:
+    file: str
+    new_cards: int
+    updated_cards: int
+
+
+def import_cards(session: Session, path: Path, config: Config, now: datetime) -> CardImportReport:
+    """Check every line of a card import, then create or update the cards (never their points).
+
+    An existing card keeps its PIN (the file has no PIN column) and its points.
+    """
+    lines = parse_cards(path, config)
+    new = 0
+    for card in lines:
+        existing = operations.find_card(session, card.number)
+        details = operations.CardDetails(
+            number=card.number,
+            expiry_yymm=card.expiry_yymm,
+            tier=card.tier,
+            status=card.status,
+            enrolled=card.enrolled,
+            pin_hmac=None if existing is None else existing.pin_hmac,
+        )
+        new += operations.upsert_card(session, details, now)
+    return CardImportReport(str(path), new, len(lines) - new)
+
+
+def parse_cards(path: Path, config: Config) -> list[CardLine]:
+    """The import's lines, or `BadInput` naming every bad one.
+
+    A card the config lists must say what the config says: every load of the config applies
+    the config's values again, so an import that differs would be undone without a word.
+    """
+    problems = _Problems(str(path))
+    parse_number = _card_number(config.issuer.card_prefixes)
+    parsed = []
+    numbers = []
+    for row in _read_rows(path, CARDS_HEADER, problems):
+        number = _field(row, 0, "card", parse_number, problems)
+        expiry = _field(row, 1, "expiry", _expiry, problems)
+        tier = _field(row, 2, "tier", _one_of(TIERS), problems)
+        status = _field(row, 3, "status", _one_of(CARD_STATUSES), problems)
+        enrolled = _field(row, 4, "enrolled", _boolean, problems)
+        if number is not None:
+            numbers.append((row.line, number))
+        if number is None or expiry is None or tier is None or status is None or enrolled is None:
+            continue
+        card = CardLine(row.line, number, expiry, tier, CardStatus(status), enrolled)
+        _check_listed(card, config, problems)
+        parsed.append(card)
+    for line, problem in _refuse_repeats(numbers, "card", mask_card_number):
+        problems.add(line, problem)
+    problems.raise_if_any()
+    return parsed
+
+
+def _check_listed(card: CardLine, config: Config, problems: _Problems) -> None:
+    listed = next((entry for entry in config.cards if entry.number == card.number), None)
+    if listed is None:
+        return
+    mine = (card.expiry_yymm, card.tier, card.status.value, card.enrolled)
+    theirs = (listed.expiry_yymm, listed.tier, listed.status, listed.enrolled)
+    if mine != theirs:
+        problems.add(
+            card.line,
+            f"card {mask_card_number(card.number)} is listed in {config.path}, which every "
+            "load applies again: change it there",
+        )
+
+
+def _expiry(value: str) -> str:
+    try:
+        expiry_last_day(value)
+    except ValueError:
+        raise ValueError(f"{shown(value)} is not YYMM") from None
+    return value
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{shown(value)} is not one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _boolean(value: str) -> bool:
+    try:
+        return BOOLEANS[value.lower()]
+    except KeyError:
+        raise ValueError(f"{shown(value)} is not true or false") from None
