@@ -16,7 +16,12 @@ from gateway.errors import BadInput, CheckFailed
 DEFAULT_CONFIG = Path("config/demo.toml")
 
 # Each module registers its own sub-commands; the order is the order of `vipgate --help`.
-COMMAND_MODULES = ("gateway.commands.serve",)
+COMMAND_MODULES = (
+    "gateway.commands.serve",
+    "gateway.commands.cards",
+    "gateway.commands.points",
+    "gateway.commands.ledger",
+)
 
 Handler = Callable[[argparse.Namespace], int]
 

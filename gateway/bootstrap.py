@@ -1,0 +1,140 @@
+"""The one place that wires the real things together for a command: config, database, keys, clock.
+
+Every `vipgate` command starts the same way (operations.md): read and validate the config,
+open the database it names (or `--db`), bring the schema up to date, and load the config's
+merchants, terminals and demo cards into it. Doing that here, once, means every command sees
+the same ledger and the rest of the code receives its collaborators instead of building them,
+so tests hand in a fixed clock or another key store without patching anything deeper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+
+from gateway.clock import Clock, SystemClock
+from gateway.config import Config, load_config
+from gateway.errors import BadInput
+from gateway.keystore import FileKeyStore, KeyStore
+from gateway.ledger import Moment, make_engine, migrate, unit_of_work
+from gateway.loader import LoadReport, load_into_ledger, moment_at
+
+# Two commands loading the same new config at once on PostgreSQL can both try to insert the
+# same merchant; the loser's second attempt finds the rows and changes nothing.
+LOAD_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What a command works with; made by `bootstrap`, closed by `close`."""
+
+    config: Config
+    engine: Engine
+    keystore: KeyStore
+    clock: Clock
+    loaded: LoadReport
+
+    def now(self) -> datetime:
+        return self.clock.now()
+
+    def moment(self) -> Moment:
+        """Now, with its business date under the config's cut-off."""
+        return moment_at(self.config, self.clock.now())
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def system_clock(timezone: tzinfo) -> Clock:
+    """The clock commands read; a test may replace this factory to fix the time."""
+    return SystemClock(timezone)
+
+
+def bootstrap(
+    config_path: Path,
+    db_override: str | None = None,
+    *,
+    clock: Clock | None = None,
+    keystore: KeyStore | None = None,
+) -> Wiring:
+    """Read the config, open and migrate its database, and load the config into it.
+
+    Without a `clock`, the commands' clock (`system_clock`) in the config's time zone; without
+    a `keystore`, the master key file the config names.
+    """
+    config = load_config(config_path, db_override)
+    chosen_clock = clock or system_clock(config.gateway.timezone)
+    chosen_keystore = keystore or FileKeyStore(config.issuer.master_key)
+    engine = open_database(config.gateway.database)
+    try:
+        report = _load(engine, config, chosen_keystore, chosen_clock)
+    except BaseException:
+        engine.dispose()
+        raise
+    return Wiring(config, engine, chosen_keystore, chosen_clock, report)
+
+
+@contextmanager
+def wired(
+    config_path: Path, db_override: str | None = None, *, say: Callable[[str], None] = print
+) -> Iterator[Wiring]:
+    """`bootstrap` for the length of a command, with the database closed afterwards.
+
+    When loading the config changed the ledger, `say` gets a line saying so and one line per
+    change; a load that changed nothing stays quiet.
+    """
+    wiring = bootstrap(config_path, db_override)
+    try:
+        if wiring.loaded.changed:
+            say(f"{config_path}: {wiring.loaded.summary()}")
+            for change in wiring.loaded.changes:
+                say(f"  {change}")
+        yield wiring
+    finally:
+        wiring.close()
+
+
+def open_database(url: str) -> Engine:
+    """An engine on a migrated ledger; a SQLite file's folder is made when missing."""
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(url)
+    except (ArgumentError, ValueError) as error:
+        # The URL may hold a password: name the problem, never the URL.
+        raise BadInput(f"database: {_first_line(error)}") from None
+    except OSError as error:
+        raise BadInput(f"database: cannot make its folder: {error.strerror}") from None
+    # SQL errors would otherwise print their parameters (card numbers) in a traceback.
+    engine.hide_parameters = True
+    try:
+        migrate(engine)
+    except OperationalError as error:
+        engine.dispose()
+        raise BadInput(f"database: cannot open it: {_first_line(error.orig)}") from None
+    return engine
+
+
+def _load(engine: Engine, config: Config, keystore: KeyStore, clock: Clock) -> LoadReport:
+    attempt = 1
+    while True:
+        try:
+            with unit_of_work(engine) as session:
+                return load_into_ledger(session, config, keystore, clock.now())
+        except IntegrityError:
+            if attempt >= LOAD_ATTEMPTS:
+                raise
+            attempt += 1
+
+
+def _first_line(error: object) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

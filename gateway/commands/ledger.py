@@ -1,0 +1,48 @@
+"""`vipgate ledger check`: do the books agree with themselves (points-and-clearing.md §3)?
+
+Exit 0 only when every invariant holds; otherwise each violation is printed on its own line
+and the command exits 1 (a check that ran and found a fault), so a script or a person can
+act on the whole list at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sqlalchemy import func, select
+
+from gateway.bootstrap import wired
+from gateway.errors import CheckFailed
+from gateway.ledger import unit_of_work
+from gateway.ledger.invariants import CHECKS, check_invariants
+from gateway.ledger.models import Card, JournalTransaction, PointLot
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    group = subparsers.add_parser("ledger", help="the points ledger")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    parser = actions.add_parser(
+        "check", parents=[common], help="check every ledger invariant; exit 0 only when all hold"
+    )
+    parser.set_defaults(handler=check)
+
+
+def check(args: argparse.Namespace) -> int:
+    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+        violations = check_invariants(session)
+        counts = [
+            session.scalar(select(func.count()).select_from(model)) or 0
+            for model in (Card, PointLot, JournalTransaction)
+        ]
+    if violations:
+        for violation in violations:
+            print(f"{violation.rule}: {violation.subject}: {violation.detail}")
+        noun = "violation" if len(violations) == 1 else "violations"
+        raise CheckFailed(f"ledger check: {len(violations)} {noun}")
+    cards, lots, transactions = counts
+    print(
+        f"ledger check: all {len(CHECKS)} invariant checks hold "
+        f"({cards} cards, {lots} lots, {transactions} journal transactions)"
+    )
+    return 0

@@ -1,0 +1,72 @@
+"""`vipgate points import FILE` and `vipgate points expire --as-of YYYY-MM-DD`.
+
+The billing system's accrual feed comes in as a CSV, all or nothing (see `gateway.imports`);
+the expiry job books, once, every lot that expired before a date. Both print what they did
+in plain lines and change nothing on bad input (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from gateway.bootstrap import wired
+from gateway.errors import BadInput
+from gateway.imports import import_points, shown
+from gateway.ledger import operations, unit_of_work
+
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    group = subparsers.add_parser("points", help="accrual feed and expiry job")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    parser = actions.add_parser(
+        "import",
+        parents=[common],
+        help="accrue a billing feed, a CSV file: card_number,earned_on,points,source_ref",
+    )
+    parser.add_argument("file", type=Path, metavar="FILE")
+    parser.set_defaults(handler=import_command)
+    parser = actions.add_parser(
+        "expire", parents=[common], help="book every lot that expired before a date"
+    )
+    parser.add_argument("--as-of", required=True, metavar="YYYY-MM-DD", dest="as_of")
+    parser.set_defaults(handler=expire)
+
+
+def import_command(args: argparse.Namespace) -> int:
+    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+        report = import_points(session, args.file, wiring.config, wiring.now())
+    print(f"{report.file}: {report.applied_lots} lots applied ({report.applied_points} points)")
+    if report.skipped:
+        print(
+            f"{report.file}: {len(report.skipped)} lines skipped, their source_ref applied "
+            f"before ({report.skipped_points} points)"
+        )
+        for item in report.skipped:
+            print(f"  line {item.line}: source_ref {shown(item.source_ref)} applied before")
+    return 0
+
+
+def expire(args: argparse.Namespace) -> int:
+    as_of = parse_date(args.as_of, "--as-of")
+    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+        run = operations.expire(session, as_of, when=wiring.moment())
+    print(
+        f"expiry as of {as_of}: {run.lots} lots booked ({run.points} points) on {run.cards} cards"
+    )
+    return 0
+
+
+def parse_date(text: str, option: str) -> date:
+    """A date YYYY-MM-DD from the command line, or `BadInput` naming the option."""
+    if _DATE_RE.fullmatch(text):
+        try:
+            return date.fromisoformat(text)
+        except ValueError:
+            pass
+    raise BadInput(f"{option}: {shown(text)} is not a date YYYY-MM-DD")

@@ -1,0 +1,352 @@
+"""`vipgate cards|points|ledger` through `gateway.cli.main`, on a copy of the demo config and a
+temporary SQLite database: the newcomer's path of issue 3, the exit statuses of operations.md,
+and no full card number in anything the commands print."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import tzinfo
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from gateway import bootstrap
+from gateway.cli import main
+from gateway.clock import Clock, FixedClock
+from gateway.ledger import make_engine, operations, unit_of_work
+from tests.test_imports import (
+    EVERY_CARD,
+    NEW_GOLD,
+    NEW_SILVER,
+    SAMPLES,
+    UNKNOWN,
+    csv_file,
+)
+from tests.test_loader import DEMO, GOLD, NOW
+
+SILVER_IN_CONFIG = "6688000000000000022"
+
+
+@dataclass(frozen=True)
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@dataclass(frozen=True)
+class Cli:
+    run: Callable[..., Result]
+    config: Path
+    db_url: str
+
+
+@pytest.fixture
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
+    """`vipgate` on a copy of the demo config, a fresh SQLite file and a clock fixed at NOW;
+    every run checks that no full card number was printed."""
+    folder = tmp_path / "config"
+    folder.mkdir()
+    config = folder / "demo.toml"
+    shutil.copyfile(DEMO, config)
+    db_url = f"sqlite:///{tmp_path / 'db' / 'ledger.db'}"
+
+    def fixed_clock(_timezone: tzinfo) -> Clock:
+        return FixedClock(NOW)
+
+    monkeypatch.setattr(bootstrap, "system_clock", fixed_clock)
+
+    def run(*args: str) -> Result:
+        code = main([*args, "--config", str(config), "--db", db_url])
+        captured = capsys.readouterr()
+        printed = captured.out + captured.err
+        assert not [number for number in EVERY_CARD if number in printed]
+        return Result(code, captured.out, captured.err)
+
+    return Cli(run, config, db_url)
+
+
+def table_counts(db_url: str) -> dict[str, int]:
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            names = connection.execute(
+                text("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ).scalars()
+            return {
+                name: connection.execute(text(f'SELECT COUNT(*) FROM "{name}"')).scalar_one()
+                for name in list(names)
+            }
+    finally:
+        engine.dispose()
+
+
+def one_error_line(result: Result) -> str:
+    """The single line a refused command prints on stderr, without the `vipgate: ` prefix."""
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("vipgate: ")
+    return lines[0]
+
+
+# --- the newcomer's path ---------------------------------------------------------------------
+
+
+def test_newcomer_imports_cards_and_points_sees_a_card_and_checks_the_ledger(cli: Cli) -> None:
+    """Import the sample cards and feed, show a card, and `ledger check` exits 0."""
+    cards = cli.run("cards", "import", str(SAMPLES / "cards.csv"))
+    assert cards.code == 0
+    assert f"{SAMPLES / 'cards.csv'}: 3 cards imported (3 new, 0 updated)" in cards.out
+    points = cli.run("points", "import", str(SAMPLES / "points.csv"))
+    assert (points.code, points.out) == (
+        0,
+        f"{SAMPLES / 'points.csv'}: 4 lots applied (47900 points)\n",
+    )
+    show = cli.run("cards", "show", NEW_SILVER)
+    assert show.code == 0
+    assert show.out.splitlines() == [
+        "card 668800*********1194",
+        "  tier: silver",
+        "  status: active",
+        "  enrolled: no",
+        "  PIN: not required",
+        "  expiry: 2812, good through 2028-12-31",
+        "  ledger balance: 4400 points",
+        "  spendable balance: 4400 points",
+        "  lots (2, in spending order):",
+        "    earned 2026-06-30, expires 2027-11-30, remaining 3600 of 3600",
+        "    earned 2026-07-31, expires 2027-11-30, remaining 800 of 800",
+    ]
+    check = cli.run("ledger", "check")
+    assert check.code == 0
+    assert (
+        check.out
+        == "ledger check: all 8 invariant checks hold (8 cards, 10 lots, 10 journal transactions)\n"
+    )
+
+
+def test_the_first_command_reports_the_config_load_and_later_ones_stay_quiet(cli: Cli) -> None:
+    """Loading the demo config is reported once, change by change, with card numbers masked."""
+    first = cli.run("ledger", "check")
+    assert first.out.startswith(
+        f"{cli.config}: 2 merchants, 3 terminals, 5 cards; 6 lots accrued (160150 points); "
+        "16 changes\n  merchant 898310048990001: new\n"
+    )
+    assert "  card 668800*********0014: lot 0 accrued, 100000 points\n" in first.out
+    second = cli.run("ledger", "check")
+    assert second.out.startswith("ledger check: all 8 invariant checks hold")
+
+
+def test_bad_csv_exits_2_names_every_bad_line_and_changes_nothing(cli: Cli) -> None:
+    """The bad sample files are refused whole (exit 2) in one line naming each bad line."""
+    cli.run("cards", "import", str(SAMPLES / "cards.csv"))
+    before = table_counts(cli.db_url)
+    shown_before = cli.run("cards", "show", NEW_GOLD).out
+    cards = cli.run("cards", "import", str(SAMPLES / "cards-bad.csv"))
+    assert cards.code == 2
+    line = one_error_line(cards)
+    for number in range(2, 7):
+        assert f"line {number}: " in line
+    assert line.endswith("(5 bad lines; nothing from the file was applied)")
+    points = cli.run("points", "import", str(SAMPLES / "points-bad.csv"))
+    assert points.code == 2
+    line = one_error_line(points)
+    assert [f"line {n}: " in line for n in range(2, 7)] == [True] * 5
+    assert "card 668800*********9999: unknown card" in line
+    assert (cards.out, points.out) == ("", "")
+    assert table_counts(cli.db_url) == before
+    assert cli.run("cards", "show", NEW_GOLD).out == shown_before
+
+
+# --- exit statuses ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("cards", "show"),
+        ("cards", "enrol"),
+        ("cards", "block"),
+        ("cards", "unlock"),
+        ("cards", "status", "{card}", "lost"),
+    ],
+)
+def test_an_unknown_card_exits_2(cli: Cli, command: tuple[str, ...]) -> None:
+    """Every card command refuses a card the ledger does not know, in one masked line."""
+    args = [part.format(card=UNKNOWN) for part in command]
+    if "{card}" not in command:
+        args.append(UNKNOWN)
+    result = cli.run(*args)
+    assert result.code == 2
+    assert one_error_line(result) == "vipgate: error: card 668800*********9999: unknown card"
+
+
+@pytest.mark.parametrize(
+    ("card", "reason"),
+    [
+        ("6688000000000000015", "card 668800*********0015: Luhn check digit wrong"),
+        ("66880000000000000", "card 668800*******0000: not 19 digits"),
+        ("abc", "card ***: not 19 digits"),
+    ],
+)
+def test_a_malformed_card_exits_2_without_echoing_it(cli: Cli, card: str, reason: str) -> None:
+    """A card argument that is no plan card number is refused before any lookup, masked."""
+    result = cli.run("cards", "show", card)
+    assert result.code == 2
+    assert one_error_line(result) == f"vipgate: error: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("as_of", "reason"),
+    [
+        ("2026-13-01", '--as-of: "2026-13-01" is not a date YYYY-MM-DD'),
+        ("2026/11/01", '--as-of: "2026/11/01" is not a date YYYY-MM-DD'),
+        ("2026-11-23", "expiry as of 2026-11-23: that date has not begun yet"),
+    ],
+)
+def test_a_bad_expiry_date_exits_2(cli: Cli, as_of: str, reason: str) -> None:
+    """`points expire` refuses a malformed date and one whose midnight is still to come."""
+    result = cli.run("points", "expire", "--as-of", as_of)
+    assert result.code == 2
+    assert one_error_line(result) == f"vipgate: error: {reason}"
+
+
+def test_a_bad_date_in_the_feed_exits_2(cli: Cli, tmp_path: Path) -> None:
+    """A feed line with an impossible date is bad input, named by line."""
+    path = csv_file(
+        tmp_path, "feed.csv", "card_number,earned_on,points,source_ref", f"{GOLD},2026-02-29,5,R1"
+    )
+    result = cli.run("points", "import", str(path))
+    assert result.code == 2
+    assert 'line 2: earned_on "2026-02-29" is not a date YYYY-MM-DD' in one_error_line(result)
+
+
+def test_an_unknown_status_is_a_usage_error(cli: Cli) -> None:
+    """`cards status` takes only the five card states (argparse exits 2)."""
+    with pytest.raises(SystemExit) as raised:
+        cli.run("cards", "status", NEW_GOLD, "frozen")
+    assert raised.value.code == 2
+
+
+# --- what each command does ----------------------------------------------------------------
+
+
+def test_expire_books_expired_lots_once(cli: Cli, tmp_path: Path) -> None:
+    """A lot earned in 2024 expired on 2025-11-30: the job books it, and again books nothing."""
+    cli.run("cards", "import", str(SAMPLES / "cards.csv"))
+    feed = csv_file(
+        tmp_path,
+        "old.csv",
+        "card_number,earned_on,points,source_ref",
+        f"{NEW_GOLD},2024-06-01,500,OLD-1",
+    )
+    assert cli.run("points", "import", str(feed)).code == 0
+    shown = cli.run("cards", "show", NEW_GOLD).out
+    assert "  ledger balance: 500 points\n  spendable balance: 0 points\n" in shown
+    assert "remaining 500 of 500 (expired, not yet booked)" in shown
+    first = cli.run("points", "expire", "--as-of", "2026-11-22")
+    assert first.out == "expiry as of 2026-11-22: 1 lots booked (500 points) on 1 cards\n"
+    again = cli.run("points", "expire", "--as-of", "2026-11-22")
+    assert again.out == "expiry as of 2026-11-22: 0 lots booked (0 points) on 0 cards\n"
+    assert "  ledger balance: 0 points\n" in cli.run("cards", "show", NEW_GOLD).out
+    assert cli.run("ledger", "check").code == 0
+
+
+def test_enrol_needs_more_than_the_qualifying_points(cli: Cli) -> None:
+    """Too few spendable points is exit 2 with the figures; enough enrols; twice is no change."""
+    cli.run("cards", "import", str(SAMPLES / "cards.csv"))
+    short = cli.run("cards", "enrol", NEW_SILVER)
+    assert short.code == 2
+    assert one_error_line(short) == (
+        "vipgate: error: card 668800*********1194: 0 spendable points; enrolment needs more "
+        "than 3500"
+    )
+    cli.run("points", "import", str(SAMPLES / "points.csv"))
+    assert cli.run("cards", "enrol", NEW_SILVER).out == "card 668800*********1194: enrolled\n"
+    again = cli.run("cards", "enrol", NEW_SILVER)
+    assert (again.code, again.out) == (0, "card 668800*********1194: already enrolled\n")
+    assert "  enrolled: yes, since 2026-11-22 12:00\n" in cli.run("cards", "show", NEW_SILVER).out
+
+
+def test_block_and_status_change_a_card_and_say_what_it_was(cli: Cli) -> None:
+    """`block` and `status` print the new and the previous status."""
+    cli.run("cards", "import", str(SAMPLES / "cards.csv"))
+    block = cli.run("cards", "block", NEW_GOLD)
+    assert block.out == "card 668800*********1012: status blocked (was active)\n"
+    assert (
+        cli.run("cards", "block", NEW_GOLD).out
+        == "card 668800*********1012: status already blocked\n"
+    )
+    lost = cli.run("cards", "status", NEW_GOLD, "lost")
+    assert lost.out == "card 668800*********1012: status lost (was blocked)\n"
+    assert "  status: lost\n" in cli.run("cards", "show", NEW_GOLD).out
+
+
+def test_changes_the_config_would_undo_are_refused(cli: Cli) -> None:
+    """A config card keeps the config's status and enrolment (every command loads the config),
+    so changing them by command is refused with exit 2; the points rule still speaks first."""
+    block = cli.run("cards", "block", GOLD)
+    assert block.code == 2
+    assert "card 668800*********0014 is listed in" in one_error_line(block)
+    assert "with status = active" in block.err
+    enrol = cli.run("cards", "enrol", SILVER_IN_CONFIG)
+    assert "2000 spendable points; enrolment needs more than 3500" in one_error_line(enrol)
+    same = cli.run("cards", "status", GOLD, "active")
+    assert (same.code, same.out) == (0, "card 668800*********0014: status already active\n")
+
+
+def test_unlock_clears_a_locked_pin(cli: Cli) -> None:
+    """After three wrong PINs the card shows locked; `unlock` clears the lock and the count."""
+    cli.run("ledger", "check")
+    engine = make_engine(cli.db_url)
+    try:
+        with unit_of_work(engine) as session:
+            for _ in range(3):
+                operations.record_wrong_pin(session, GOLD)
+    finally:
+        engine.dispose()
+    assert (
+        "  PIN: required, locked (3 wrong tries in a row)\n" in cli.run("cards", "show", GOLD).out
+    )
+    unlock = cli.run("cards", "unlock", GOLD)
+    assert unlock.out == "card 668800*********0014: PIN unlocked (locked after 3 wrong tries)\n"
+    assert (
+        "  PIN: required, not locked (0 wrong tries in a row)\n"
+        in cli.run("cards", "show", GOLD).out
+    )
+    assert cli.run("cards", "unlock", "6688001234567890124").out == (
+        "card 668800*********0124: needs no PIN; nothing to unlock\n"
+    )
+
+
+def test_ledger_check_exits_1_listing_every_violation(cli: Cli) -> None:
+    """A lot edited behind the journal's back breaks two invariants; both are listed, exit 1."""
+    cli.run("ledger", "check")
+    engine = make_engine(cli.db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("UPDATE point_lots SET remaining_points = remaining_points - 1 WHERE id = 1")
+            )
+    finally:
+        engine.dispose()
+    result = cli.run("ledger", "check")
+    assert result.code == 1
+    assert result.out.splitlines() == [
+        "card.balance_vs_lots: account 5: balance 100000, lots hold 99999",
+        "lot.movements: lot 1: remaining 99999, movements sum 100000",
+    ]
+    assert one_error_line(result) == "vipgate: ledger check: 2 violations"
+
+
+def test_a_master_key_open_to_others_exits_2_naming_it(cli: Cli) -> None:
+    """A master key file others can read stops every command with exit 2, naming the file."""
+    cli.run("ledger", "check")
+    key = cli.config.parent / "var" / "master.key"
+    key.chmod(0o644)
+    result = cli.run("cards", "show", GOLD)
+    assert result.code == 2
+    assert one_error_line(result).startswith(f"vipgate: error: master key {key}: permissions 0644")
