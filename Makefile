@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := cardcodec gateway clearing simulators
 
-.PHONY: run test lint bench-codec clean
+.PHONY: run test lint bench-codec bench-gateway clean
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) with $(PYTHON) and installing vipgate with its test extras"
@@ -29,6 +29,10 @@ test: lint
 
 bench-codec: $(BIN)/.installed
 	$(BIN)/python -m cardcodec.bench
+
+# DURATION, RATE and TERMINALS may be set: make bench-gateway DURATION=30 RATE=2000
+bench-gateway: $(BIN)/.installed
+	$(BIN)/python -m tests.bench_gateway
 
 clean:
 	rm -rf $(VENV) build *.egg-info
