@@ -803,7 +803,7 @@ class Terminal:
         if reason not in REVERSAL_REASONS:
             raise ValueError(f"reversal reason must be one of {', '.join(REVERSAL_REASONS)}")
         pending = self.pending_reversal
-        if pending is not None and _same_transaction(pending.original, request):
+        if pending is not None and same_transaction(pending.original, request):
             return  # already owed, with the reason first found
         self._require_no_reversal()
         self.pending_reversal = PendingReversal(request, reason)
@@ -855,7 +855,7 @@ class Terminal:
         pending = self.pending_reversal
         if result.code in _STILL_OWED_CODES:
             return
-        if pending is not None and _same_transaction(pending.original, request):
+        if pending is not None and same_transaction(pending.original, request):
             self.pending_reversal = None
         if result.code != APPROVED:
             return
@@ -877,7 +877,8 @@ class Terminal:
         self._entries = []
 
 
-def _same_transaction(left: Request, right: Request) -> bool:
+def same_transaction(left: Request, right: Request) -> bool:
+    """Whether two requests are the same transaction: same batch and trace (§4.6)."""
     return left.batch == right.batch and left.trace == right.trace
 
 
