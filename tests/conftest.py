@@ -24,7 +24,7 @@ from gateway.ledger import Moment, operations, records
 from gateway.ledger.db import make_engine, migrate, unit_of_work
 from gateway.ledger.invariants import Violation, check_invariants
 from gateway.ledger.models import Authorisation, Base, CardStatus, KeySuite
-from gateway.points import convert
+from gateway.points import Conversion, convert
 from tests import pg
 
 LEDGER_DATABASE = "vipgate_test"
@@ -204,13 +204,18 @@ class LedgerWorld:
     ) -> operations.Redeemed | operations.Declined:
         """A redemption without discount: A = D = 2P fen unless an odd A is asked for."""
         amount = amount_fen if amount_fen is not None else 2 * points
+        return self.redeem_conversion(number, convert(amount, 0))
+
+    def redeem_conversion(
+        self, number: str, conversion: Conversion
+    ) -> operations.Redeemed | operations.Declined:
         with unit_of_work(self.engine) as session:
             return operations.redeem(
                 session,
                 self.swipe(),
                 number,
-                convert(amount, 0),
-                requested_amount_fen=amount,
+                conversion,
+                requested_amount_fen=conversion.amount_fen,
                 rule_id=None,
                 fee_bp=80,
                 auth_code="000001",
