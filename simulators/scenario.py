@@ -89,6 +89,8 @@ _ORIGINALS: Final = {"void": ("redeem",), "refund": ("redeem",), "reverse": ("re
 _UNMACED: Final = ("sign_on", "echo")
 TOP_KEYS: Final = ("description", "clock", "step")
 SETTLEMENT_RESULTS: Final = ("balanced", "unbalanced")
+SENT: Final = ">"
+RECEIVED: Final = "<"
 _SAVE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 _CODE = re.compile(r"[0-9A-Z]{2}")
 
@@ -453,16 +455,24 @@ def load_scenario(path: Path, config: Config) -> Scenario:
 
 @dataclass
 class StepReport:
-    """What one step sent, what came back, and why it failed (empty when it passed)."""
+    """What one step sent and what came back, in wire order, and why it failed (no problems
+    when it passed)."""
 
     step: Step
-    sent: list[str] = field(default_factory=list)
-    received: list[str] = field(default_factory=list)
+    wire: list[tuple[str, str]] = field(default_factory=list)  # (">" sent | "<" received, line)
     problems: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return not self.problems
+
+    @property
+    def sent(self) -> list[str]:
+        return [line for direction, line in self.wire if direction == SENT]
+
+    @property
+    def received(self) -> list[str]:
+        return [line for direction, line in self.wire if direction == RECEIVED]
 
     def render(self) -> list[str]:
         step = self.step
@@ -470,8 +480,7 @@ class StepReport:
             f"step {step.number:>3} {'PASS' if self.passed else 'FAIL'} {step.terminal} {step.do}"
         )
         lines = [title + (f"  {step.name}" if step.name else "")]
-        lines += [f"      > {line}" for line in self.sent]
-        lines += [f"      < {line}" for line in self.received]
+        lines += [f"      {direction} {line}" for direction, line in self.wire]
         lines += [f"      ! {line}" for line in self.problems]
         return lines
 
@@ -649,7 +658,8 @@ class _Runner:
     ) -> Result | None:
         """Send one request and hand its answer to the terminal; the typed answer (a dropped
         one too, read but not applied), None when there was none to read."""
-        report.sent.append(request.describe() + (_fault_note(step) if faults.names else ""))
+        note = _fault_note(step) if faults.names else ""
+        report.wire.append((SENT, request.describe() + note))
         try:
             link = self._link(step.terminal)
         except OSError as error:
@@ -664,10 +674,10 @@ class _Runner:
         try:
             result = terminal.receive(request, exchange.answer)
         except BadAnswerError as refused:
-            report.received.append(f"(refused: {refused.reason})")
+            report.wire.append((RECEIVED, f"(refused: {refused.reason})"))
             report.problems.append(f"answer refused: {refused.reason}")
             return None
-        report.received.append(result.describe())
+        report.wire.append((RECEIVED, result.describe()))
         if faults.repeat:
             problem = _repeat_problem(exchange.answers)
             if problem is not None:
@@ -681,14 +691,14 @@ class _Runner:
         if exchange.dropped:
             try:
                 result = terminal.read(request, exchange.answers[0])
-                report.received.append(f"(dropped) {result.describe()}")
+                report.wire.append((RECEIVED, f"(dropped) {result.describe()}"))
             except BadAnswerError as refused:
-                report.received.append(f"(dropped, and refused: {refused.reason})")
+                report.wire.append((RECEIVED, f"(dropped, and refused: {refused.reason})"))
         else:
-            report.received.append(_no_answer_note(exchange))
+            report.wire.append((RECEIVED, _no_answer_note(exchange)))
         pending = terminal.pending_reversal
         if pending is not None and same_transaction(pending.original, request):
-            report.received.append(f"(a reversal is owed, reason {pending.reason})")
+            report.wire.append((RECEIVED, f"(a reversal is owed, reason {pending.reason})"))
         return result
 
     def _upload(self, step: Step, terminal: Terminal, report: StepReport) -> Result | None:

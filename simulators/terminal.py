@@ -404,7 +404,9 @@ class Terminal:
         self.operator = operator
         self.tpdu = tpdu if tpdu is not None else Tpdu()
         self.header = header if header is not None else Header()
-        self._batch = MessageData(MSG_MANAGEMENT, batch, NMC_ECHO).batch
+        if len(batch) != 6 or not batch.isdigit():
+            raise ValueError("batch must be 6 digits")
+        self._batch = batch
         self._stan = 1
         self.stan = stan
         self.keys: WorkingKeys | None = None
@@ -632,7 +634,11 @@ class Terminal:
         if original.request.kind is not Kind.REDEMPTION or answer is None or answer.rrn is None:
             raise TerminalError(f"a {kind.value} needs a redemption that was answered with an RRN")
         if amount_fen is None:
-            amount_fen = answer.amount_fen or original.request.amount_fen or 0
+            amount_fen = answer.amount_fen  # A' after a partial approval
+        if amount_fen is None:
+            amount_fen = original.request.amount_fen
+        if amount_fen is None:
+            raise TerminalError(f"a {kind.value} needs the original's amount")
         _check_amount(amount_fen)
         date = None
         if kind is Kind.REFUND:
