@@ -80,9 +80,6 @@ class _Problems:
     def add(self, line: int, problem: str) -> None:
         self._by_line.setdefault(line, []).append(problem)
 
-    def __bool__(self) -> bool:
-        return bool(self._by_line)
-
     def raise_if_any(self) -> None:
         if not self._by_line:
             return
@@ -103,7 +100,10 @@ def _read_rows(path: Path, header: Sequence[str], problems: _Problems) -> list[_
         if first is None:
             raise BadInput(f"{path} is empty: the first line must be {','.join(header)}")
         if tuple(first) != tuple(header):
-            raise BadInput(f"{path} line 1: the header must be exactly {','.join(header)}")
+            raise BadInput(
+                f"{path} line 1: the header must be exactly {','.join(header)}, "
+                f"not {shown(','.join(first))}"
+            )
         rows = []
         for fields in reader:
             if reader.line_num > MAX_LINES:

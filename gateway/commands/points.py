@@ -34,7 +34,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
     parser = actions.add_parser(
         "expire", parents=[common], help="book every lot that expired before a date"
     )
-    parser.add_argument("--as-of", required=True, metavar="YYYY-MM-DD", dest="as_of")
+    parser.add_argument(
+        "--as-of",
+        required=True,
+        metavar="YYYY-MM-DD",
+        dest="as_of",
+        help="book the lots that expired before 00:00 of this date (local clock)",
+    )
     parser.set_defaults(handler=expire)
 
 
