@@ -379,28 +379,8 @@ def refund(
     original.refunded_fen += refund_fen
     original.points_returned += points
     original.fen_clawed += fen
-    transaction_id = None
-    returned = Returned((), None)
-    if points > 0:
-        transaction = card_transfer(
-            session,
-            key=swipe.key(RequestClass.REQUEST),
-            kind=TransactionKind.REFUND,
-            when=swipe.when,
-            card_number=card_number,
-            system=AccountKind.REDEMPTION,
-            points_to_card=points,
-        )
-        authorisation.journal_transaction_id = transaction_id = transaction.id
-        shares = _latest_expiring_first(session, original, points)
-        returned = give_back(
-            session,
-            transaction=transaction,
-            card_number=card_number,
-            shares=shares,
-            redemption_id=original.id,
-            when=swipe.when,
-        )
+    transaction_id, returned = _return_refund_points(session, swipe, original, points)
+    authorisation.journal_transaction_id = transaction_id
     return Refunded(
         authorisation.id,
         authorisation.rrn,
@@ -410,6 +390,33 @@ def refund(
         returned,
         spendable_points(session, card_number, swipe.when.at),
     )
+
+
+def _return_refund_points(
+    session: Session, swipe: Swipe, original: Authorisation, points: int
+) -> tuple[int | None, Returned]:
+    """Post and place a refund's points; a refund worth no points posts nothing."""
+    if points == 0:
+        return None, Returned((), None)
+    card_number = _card_of(original)
+    transaction = card_transfer(
+        session,
+        key=swipe.key(RequestClass.REQUEST),
+        kind=TransactionKind.REFUND,
+        when=swipe.when,
+        card_number=card_number,
+        system=AccountKind.REDEMPTION,
+        points_to_card=points,
+    )
+    returned = give_back(
+        session,
+        transaction=transaction,
+        card_number=card_number,
+        shares=_latest_expiring_first(session, original, points),
+        redemption_id=original.id,
+        when=swipe.when,
+    )
+    return transaction.id, returned
 
 
 def _restore_redemption(
