@@ -26,29 +26,37 @@ COMMAND_MODULES = (
 Handler = Callable[[argparse.Namespace], int]
 
 
-def common_options() -> argparse.ArgumentParser:
-    """The options every command takes (operations.md): --config and --db."""
+def common_options(*, defaults: bool = True) -> argparse.ArgumentParser:
+    """The options every command takes (operations.md): --config and --db.
+
+    They may stand before or after the sub-command; the sub-commands' copies carry no
+    defaults, so a value given before the sub-command is not overwritten by one.
+    """
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG,
-        help="configuration file (default: %(default)s)",
+        default=DEFAULT_CONFIG if defaults else argparse.SUPPRESS,
+        help=f"configuration file (default: {DEFAULT_CONFIG})",
     )
-    common.add_argument("--db", default=None, help="database URL (default: the config's)")
+    common.add_argument(
+        "--db",
+        default=None if defaults else argparse.SUPPRESS,
+        help="database URL (default: the config's)",
+    )
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = common_options()
     parser = argparse.ArgumentParser(
         prog="vipgate",
         description="Points-redemption gateway for VIP cards on UnionPay-style POS terminals.",
-        parents=[common],
+        parents=[common_options()],
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    shared = common_options(defaults=False)
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers, common)
+        importlib.import_module(name).register(subparsers, shared)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -19,14 +20,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from gateway.clock import Clock, StartedClock, SystemClock
-from gateway.config import Config
+from gateway.bootstrap import bootstrap, open_database
+from gateway.clock import Clock, StartedClock
+from gateway.config import Config, load_config
 from gateway.errors import BadInput
 from gateway.handler import Gateway, Reply
-from gateway.keystore import FileKeyStore
-from gateway.ledger import make_engine, migrate, unit_of_work
+from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, JournalTransaction
-from gateway.loader import load_into_ledger
 from gateway.protocol import TerminalFactory
 from gateway.sessions import Sessions
 
@@ -117,33 +117,36 @@ def latest_transaction(engine: Engine) -> datetime | None:
     return max(instants) if instants else None
 
 
-def wire(config: Config, clock_start: datetime | None = None) -> Wiring:
-    """Migrate, load the config into the ledger and build the gateway."""
-    engine = make_engine(config.gateway.database)
-    migrate(engine)
-    if clock_start is not None:
+def _refuse_clock_before_ledger(config: Config, clock_start: datetime) -> None:
+    engine = open_database(config.gateway.database)
+    try:
         latest = latest_transaction(engine)
-        if latest is not None and latest > clock_start:
-            raise BadInput(
-                f"--clock: the database holds transactions up to {latest.isoformat()}, "
-                "later than the clock's start"
-            )
-    clock: Clock = (
-        StartedClock(clock_start) if clock_start else SystemClock(config.gateway.timezone)
-    )
-    keystore = FileKeyStore(config.issuer.master_key)
-    with unit_of_work(engine) as session:
-        report = load_into_ledger(session, config, keystore, clock.now())
-    log.info("config_loaded", summary=report.summary())
-    sessions = Sessions(clock, timedelta(hours=config.gateway.key_lifetime_h))
+    finally:
+        engine.dispose()
+    if latest is not None and latest > clock_start:
+        raise BadInput(
+            f"--clock: the database holds transactions up to {latest.isoformat()}, "
+            "later than the clock's start"
+        )
+
+
+def wire(config_path: Path, db_override: str | None, clock_start: datetime | None) -> Wiring:
+    """Migrate, load the config into the ledger (as every command does) and build the gateway."""
+    if clock_start is not None:
+        _refuse_clock_before_ledger(load_config(config_path, db_override), clock_start)
+    clock = StartedClock(clock_start) if clock_start is not None else None
+    base = bootstrap(config_path, db_override, clock=clock)
+    log.info("config_loaded", summary=base.loaded.summary())
+    config = base.config
+    sessions = Sessions(base.clock, timedelta(hours=config.gateway.key_lifetime_h))
     gateway = Gateway(
         config=config,
-        engine=engine,
-        clock=clock,
+        engine=base.engine,
+        clock=base.clock,
         sessions=sessions,
-        pin_matches=keystore.pin_matches,
+        pin_matches=base.keystore.pin_matches,
     )
-    return Wiring(config, engine, clock, gateway)
+    return Wiring(config, base.engine, base.clock, gateway)
 
 
 def run(

@@ -38,7 +38,7 @@ def serve(args: argparse.Namespace) -> int:
     listen = parse_listen(args.listen) if args.listen else config.gateway.listen
     clock_start = server.parse_clock(args.clock) if args.clock else None
     logs.configure()
-    wiring = server.wire(config, clock_start)
+    wiring = server.wire(args.config, args.db, clock_start)
     # The reactor is imported when it is needed, never at module level (Twisted's standard).
     from twisted.internet import reactor  # noqa: PLC0415
 
