@@ -410,6 +410,7 @@ class Terminal:
         self._stan = 1
         self.stan = stan
         self.keys: WorkingKeys | None = None
+        self.asked_tdk = False  # whether the sign-on that gave the keys asked for a TDK
         self.signed_on = False
         self.pending_reversal: PendingReversal | None = None
         self.settled: SettledBatch | None = None
@@ -734,7 +735,7 @@ class Terminal:
         if code in APPROVALS and request.kind not in _UNMACED_ANSWERS:
             self._check_answer_mac(frame[LENGTH_BYTES:])
         try:
-            return self._result(request.kind, answer, code)
+            return self._result(request, answer, code)
         except (CodecError, KeyError, TypeError, ValueError) as error:
             raise BadAnswerError(f"answer field is wrong ({error})", REASON_OTHER) from None
 
@@ -748,12 +749,15 @@ class Terminal:
         ):
             raise BadAnswerError("answer's MAC is wrong", REASON_BAD_MAC)
 
-    def _result(self, kind: Kind, answer: Message, code: str) -> Result:
+    def _result(self, request: Request, answer: Message, code: str) -> Result:
+        kind = request.kind
         text = {n: v for n, v in answer.fields.items() if isinstance(v, str)}
         points = PointsInfo.parse(text[63]) if 63 in text else None
         keys = settlement = None
         if kind is Kind.SIGN_ON and code == APPROVED:
             keys = crypto.unwrap_working_keys(self.suite, self._tmk, answer.binary(62))
+            if (keys.tdk is not None) != _asks_for_tdk(request):
+                raise ValueError("field 62: a TDK came that was not asked for, or none that was")
         if kind is Kind.SETTLEMENT and code == APPROVED:
             settlement = SettlementTotals.parse(text[48])
             if settlement.result not in (RESULT_BALANCED, RESULT_UNBALANCED):
@@ -820,6 +824,7 @@ class Terminal:
         kind = request.kind
         if kind is Kind.SIGN_ON and result.code == APPROVED:
             self.keys = result.keys
+            self.asked_tdk = _asks_for_tdk(request)
             self.signed_on = True
             if result.batch is not None:
                 self._batch = result.batch
@@ -881,6 +886,11 @@ class Terminal:
         )
         self._batch = next_batch(self._batch)
         self._entries = []
+
+
+def _asks_for_tdk(sign_on: Request) -> bool:
+    code = sign_on.message_data.management_code
+    return code in (NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK)
 
 
 def same_transaction(left: Request, right: Request) -> bool:

@@ -177,7 +177,7 @@ def test_sign_on_answer_unwraps_the_case_keys_and_adopts_the_batch(case: SuiteCa
     result = terminal.receive(request, case.frame("sign_on_response_frame"))
     assert result.code == "00"
     assert terminal.keys == WorkingKeys(case.pik, case.mak, case.tdk)
-    assert terminal.signed_on and terminal.has_tdk
+    assert terminal.signed_on and terminal.has_tdk and terminal.asked_tdk
     assert terminal.batch == "000001"
 
 
@@ -363,6 +363,16 @@ def test_sign_on_answer_with_wrong_check_values_is_refused() -> None:
     with pytest.raises(BadAnswerError):
         terminal.receive(request, sign_on_answer(request, other_tmk, KEYS, Suite.TDES))
     assert terminal.keys is None and not terminal.signed_on
+
+
+def test_sign_on_answer_with_keys_other_than_asked_is_refused() -> None:
+    """An 0810 with a TDK to a sign-on that asked for none (or none when asked) is refused."""
+    for asked, sent in ((False, KEYS), (True, WorkingKeys(KEYS.pik, KEYS.mak))):
+        terminal = Terminal(TERMINAL_ID, MERCHANT_ID, Suite.TDES, TMK)
+        request = terminal.sign_on(tdk=asked)
+        with pytest.raises(BadAnswerError, match="field 62"):
+            terminal.receive(request, sign_on_answer(request, TMK, sent, Suite.TDES))
+        assert terminal.keys is None
 
 
 def test_sign_off_verifies_its_mac_and_marks_the_terminal_signed_off() -> None:
