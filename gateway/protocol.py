@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import structlog
 from twisted.internet.defer import Deferred
@@ -29,6 +29,9 @@ from gateway.handler import Reply
 log = structlog.get_logger("vipgate.protocol")
 
 Processor = Callable[[bytes], "Deferred[Reply]"]
+# Where traffic goes when `vipgate serve --record` is on: (direction, terminal, frame), the
+# direction seen from the terminal ("out" what it sent, "in" what it received).
+TrafficRecorder = Callable[[Literal["in", "out"], str, bytes], object]
 
 
 @dataclass
@@ -36,6 +39,7 @@ class _Slot:
     """One request awaiting its answer, in arrival order."""
 
     started: float
+    request: bytes = b""
     reply: Reply | None = None
     done: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -77,7 +81,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             log.info("too_many_pending_closed", peer=self._peer())
             self._close()
             return
-        slot = _Slot(time.perf_counter())
+        slot = _Slot(time.perf_counter(), string if self._factory.record else b"")
         self._slots.append(slot)
         deferred = self._factory.process(string)
         deferred.addCallback(self._answered, slot)
@@ -101,12 +105,22 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             assert reply is not None  # done slots carry their reply
             latency_ms = round((time.perf_counter() - slot.started) * 1000, 3)
             log.info(**{"event": "answered", **reply.event, "latency_ms": latency_ms})
+            self._record(slot, reply)
             if self._closing:
                 continue
             if reply.payload is None:
                 self._close()
             else:
                 self.sendString(reply.payload)  # type: ignore[no-untyped-call]
+
+    def _record(self, slot: _Slot, reply: Reply) -> None:
+        record = self._factory.record
+        if record is None:
+            return
+        terminal = str(reply.event.get("terminal") or "")
+        record("out", terminal, len(slot.request).to_bytes(2, "big") + slot.request)
+        if reply.payload is not None:
+            record("in", terminal, len(reply.payload).to_bytes(2, "big") + reply.payload)
 
     def _close(self) -> None:
         self._closing = True
@@ -128,8 +142,10 @@ class TerminalFactory(Factory):
         *,
         idle_timeout_s: float,
         max_pending: int,
+        record: TrafficRecorder | None = None,
     ) -> None:
         self.process = process
+        self.record = record
         self.reactor = reactor
         self.idle_timeout_s = idle_timeout_s
         self.max_pending = max_pending

@@ -27,7 +27,7 @@ from gateway.errors import BadInput
 from gateway.handler import Gateway, Reply
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, JournalTransaction
-from gateway.protocol import TerminalFactory
+from gateway.protocol import TerminalFactory, TrafficRecorder
 from gateway.sessions import Sessions
 
 log = structlog.get_logger("vipgate.server")
@@ -36,7 +36,13 @@ log = structlog.get_logger("vipgate.server")
 class GatewayServer:
     """Feeds frames from the reactor to the `Gateway` on a worker thread, and drains on stop."""
 
-    def __init__(self, gateway: Gateway, reactor: Any, config: Config) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        reactor: Any,
+        config: Config,
+        record: TrafficRecorder | None = None,
+    ) -> None:
         self._gateway = gateway
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="ledger")
@@ -48,6 +54,7 @@ class GatewayServer:
             reactor,
             idle_timeout_s=config.gateway.idle_timeout_s,
             max_pending=config.gateway.max_pending_per_connection,
+            record=record,
         )
 
     def process(self, payload: bytes) -> Deferred[Reply]:
@@ -154,9 +161,10 @@ def run(
     listen: tuple[str, int],
     reactor: Any,
     on_listening: Callable[[Any], None] | None = None,
+    record: TrafficRecorder | None = None,
 ) -> int:
     """Serve until the reactor stops (SIGTERM/SIGINT), draining in-flight requests first."""
-    server = GatewayServer(wiring.gateway, reactor, wiring.config)
+    server = GatewayServer(wiring.gateway, reactor, wiring.config, record)
     port = server.listen(*listen)
     address = port.getHost()
     log.info("listening", host=getattr(address, "host", ""), port=getattr(address, "port", 0))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from simulators.recording import read_recording
 from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN, TMKS
 from tests.spec_terminal import Answer, Link, SpecTerminal
 
@@ -37,6 +38,7 @@ class Served:
     process: subprocess.Popen[str]
     port: int
     lines: list[str]
+    recording: Path
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -53,6 +55,8 @@ def served(tmp_path: Path, ledger_url: str) -> Iterator[Served]:
     port = free_port()
     command = [str(VIPGATE), "serve", "--config", str(config), "--db", ledger_url]
     command += ["--listen", f"127.0.0.1:{port}", "--clock", "2026-11-21T11:00:00+08:00"]
+    recording = tmp_path / "traffic.jsonl"
+    command += ["--record", str(recording)]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ)
     )
@@ -69,7 +73,7 @@ def served(tmp_path: Path, ledger_url: str) -> Iterator[Served]:
     else:
         process.kill()
     assert any('"listening"' in line for line in lines), "".join(lines)
-    serving = Served(process, port, lines)
+    serving = Served(process, port, lines, recording)
     yield serving
     if process.poll() is None:
         process.kill()
@@ -149,3 +153,9 @@ def test_many_connections_and_a_garbage_one_do_not_disturb_each_other(served: Se
     for link in links:
         link.close()
     assert served.stop() == 0
+    recorded = read_recording(served.recording)
+    signs_on = [r for r in recorded if r.frame[13:15] == b"\x08\x00"]
+    answers = [r for r in recorded if r.frame[13:15] == b"\x08\x10"]
+    assert len(signs_on) == len(answers) == 3
+    assert {r.direction for r in signs_on} == {"out"}
+    assert {r.terminal for r in answers} == {"10000001", "10000002", "20000001"}

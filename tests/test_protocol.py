@@ -135,3 +135,25 @@ def test_connection_count_follows_connections(count: int) -> None:
     assert factory.connections == count
     protocols[0].connectionLost(None)
     assert factory.connections == count - 1
+
+
+def test_recording_keeps_each_request_and_answer_in_order() -> None:
+    """With a recorder, every frame in and out is kept whole, request before answer."""
+    records: list[tuple[str, str, bytes]] = []
+    reactor = MemoryReactorClock()
+    factory = TerminalFactory(
+        lambda payload: succeed(Reply(b"re:" + payload, {"terminal": "10000001"})),
+        reactor,
+        idle_timeout_s=300,
+        max_pending=32,
+        record=lambda direction, terminal, data: records.append((direction, terminal, data)),
+    )
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(frame(b"a") + frame(b"b"))
+    assert records == [
+        ("out", "10000001", frame(b"a")),
+        ("in", "10000001", frame(b"re:a")),
+        ("out", "10000001", frame(b"b")),
+        ("in", "10000001", frame(b"re:b")),
+    ]

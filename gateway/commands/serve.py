@@ -1,13 +1,19 @@
-"""`vipgate serve`: migrate, load the config, serve terminals until SIGTERM/SIGINT."""
+"""`vipgate serve`: migrate, load the config, serve terminals until SIGTERM/SIGINT.
+
+`--record FILE` writes the traffic log in the simulators' format (`simulators.recording`), so a
+recording made at the gateway reads like one made at a terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from gateway import logs, server
 from gateway.config import load_config
 from gateway.errors import BadInput
+from simulators.recording import FileRecorder
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -32,8 +38,6 @@ def serve(args: argparse.Namespace) -> int:
         raise BadInput("--workers: only 1 worker process is supported so far")
     if args.metrics is not None:
         raise BadInput("--metrics: the metrics endpoint is not built yet")
-    if args.record is not None:
-        raise BadInput("--record: traffic recording in the server is not built yet")
     config = load_config(args.config, args.db)
     listen = parse_listen(args.listen) if args.listen else config.gateway.listen
     clock_start = server.parse_clock(args.clock) if args.clock else None
@@ -42,4 +46,7 @@ def serve(args: argparse.Namespace) -> int:
     # The reactor is imported when it is needed, never at module level (Twisted's standard).
     from twisted.internet import reactor  # noqa: PLC0415
 
-    return server.run(wiring, listen, reactor)
+    if args.record is None:
+        return server.run(wiring, listen, reactor)
+    with FileRecorder(Path(args.record)) as recorder:
+        return server.run(wiring, listen, reactor, record=recorder.record)
