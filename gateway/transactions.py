@@ -408,23 +408,25 @@ class Transactions:
     # -- void and refund -----------------------------------------------------------------------
 
     def _original(
-        self, orm: OrmSession, context: Context, number: str, *, with_date: bool
+        self, orm: OrmSession, context: Context, number: str, *, refund: bool
     ) -> Authorisation | Decline:
-        """The redemption a void or refund names by RRN; 61 and the card must agree (`25`)."""
+        """The redemption a void or refund names by RRN; 61 and the card must agree, and a
+        refund's original must be the same merchant's (`25`). A void's original of another
+        terminal is found here and refused by the void's own rules (`22`)."""
         original = records.find_by_rrn(orm, context.message.text(37))
         if (
             original is None
             or original.kind is not AuthorisationKind.REDEMPTION
             or original.state is AuthorisationState.DECLINED
             or original.card_number != number
-            or original.merchant_id != context.merchant.id
+            or (refund and original.merchant_id != context.merchant.id)
         ):
             return Decline.ORIGINAL_NOT_FOUND
         data = OriginalData.parse(context.message.text(61))
         expected = OriginalData(
             f"{original.batch_number:06d}",
             f"{original.trace:06d}",
-            _local_mmdd(original, self._config) if with_date else None,
+            _local_mmdd(original, self._config) if refund else None,
         )
         if data != expected:
             return Decline.ORIGINAL_NOT_FOUND
@@ -446,7 +448,7 @@ class Transactions:
         if records.find_tombstone(orm, swipe.terminal_id, swipe.batch_number, swipe.trace):
             return self._declined(orm, context, Decline.DUPLICATE, number)
         decline = self._credit_checks(orm, context)
-        original = self._original(orm, context, number, with_date=False) if not decline else None
+        original = self._original(orm, context, number, refund=False) if not decline else None
         if isinstance(original, Decline):
             decline = original
         if decline is None and isinstance(original, Authorisation):
@@ -491,7 +493,7 @@ class Transactions:
     def _refund(self, orm: OrmSession, context: Context) -> Outcome:
         number, _ = context.presented_card()
         decline = self._credit_checks(orm, context)
-        original = self._original(orm, context, number, with_date=True) if not decline else None
+        original = self._original(orm, context, number, refund=True) if not decline else None
         if isinstance(original, Decline):
             decline = original
         if decline is None and isinstance(original, Authorisation):

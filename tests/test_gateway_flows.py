@@ -234,6 +234,23 @@ def test_void_puts_every_point_back_and_only_once(harness: Harness) -> None:
     assert harness.void(terminal, DIAMOND, original, trace, 12800).code == "22"
 
 
+def test_void_of_another_terminals_original_is_22(harness: Harness) -> None:
+    """An original of another terminal, even of another merchant, cannot be voided: 22."""
+    coffee = harness.signed_on("20000001")
+    _, original = harness.redeem(coffee, DIAMOND, 1000)
+    store = harness.signed_on("10000001")
+    assert harness.void(store, DIAMOND, original, original.text(11), 1000).code == "22"
+
+
+def test_refund_of_another_merchants_original_is_25(harness: Harness) -> None:
+    """A refund must name an original of the same merchant: 25 otherwise."""
+    coffee = harness.signed_on("20000001")
+    _, original = harness.redeem(coffee, DIAMOND, 1000)
+    store = harness.signed_on("10000001")
+    batch_trace = "000001" + original.text(11)
+    assert harness.refund(store, DIAMOND, original, batch_trace, 500).code == "25"
+
+
 def test_void_of_an_unknown_original_is_25(harness: Harness) -> None:
     """An RRN the gateway never gave: 25."""
     terminal = harness.signed_on()
