@@ -128,6 +128,8 @@ class Gateway:
             return self._in_ledger(request, moment)
         except DeclinedEarly as rejected:
             return self._rejected(request, rejected, moment)
+        except CodecError:  # a sub-field that does not fit its shape
+            return self._rejected(request, DeclinedEarly(Decline.FORMAT), moment)
         except SQLAlchemyError:
             log.exception("ledger_failed", terminal=message.fields.get(41))
             return self._rejected(request, DeclinedEarly(Decline.SYSTEM), moment, allocate=False)
