@@ -12,11 +12,16 @@ pending reversal, and every builder except the sign-on refuses to build until it
 For rehearsals, a terminal keeps its last working keys after a sign-off or an answer asking it
 to sign on again (header digit `3`): it is then marked as not signed on, but can still send, so
 that operators can see what the gateway answers to a terminal in that state.
+
+For replays, `Terminal.rebuild` turns a request recorded in another session into the same
+request under this session's keys: fresh MAC, the track re-encrypted under the new TDK (or sent
+clear), and a PIN block carried over only by what the config knows of the card's PIN, never by
+decrypting it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -42,7 +47,7 @@ from cardcodec.message import (
     mac_input,
     received_mac,
 )
-from cardcodec.profile import Kind, request_rule
+from cardcodec.profile import Kind, classify, request_rule
 from cardcodec.subfields import (
     MAX_UPLOAD_RECORDS,
     MSG_BALANCE,
@@ -332,6 +337,22 @@ class Completed:
 
     request: Request
     result: Result | None
+
+
+@dataclass(frozen=True, repr=False)
+class Rebuilt:
+    """A recorded request rebuilt under the current keys (`Terminal.rebuild`).
+
+    `notes` say what could not be carried over as recorded, in words (never a PIN, a key or a
+    track); `recorded_mac_wrong` is True when the recorded MAC did not verify under the
+    recorded MAK, so that a replay can corrupt the new one the same way."""
+
+    request: Request
+    notes: tuple[str, ...] = ()
+    recorded_mac_wrong: bool = False
+
+    def __repr__(self) -> str:
+        return f"Rebuilt({self.request.describe()!r}, notes={self.notes!r})"
 
 
 @dataclass(frozen=True)
@@ -714,6 +735,122 @@ class Terminal:
         }
         return self._finish(Kind.UPLOAD_END, self._message("0320", fields))
 
+    # --- rebuilding a recorded request --------------------------------------------------
+
+    def rebuild(
+        self,
+        frame: bytes,
+        *,
+        recorded_keys: WorkingKeys | None = None,
+        pins: Mapping[str, str] | None = None,
+        replace: Mapping[int, FieldValue] | None = None,
+    ) -> Rebuilt:
+        """The request recorded as `frame` (LEN included, as it went over the wire), rebuilt
+        under this terminal's working keys; changes nothing in the terminal.
+
+        Every field stays as recorded (trace, batch, amounts, field 48) except those given in
+        `replace`, and: an encrypted track is decrypted with the recorded TDK and encrypted
+        again under this session's TDK, or sent clear (53 digit 3 `0`) when this session has
+        none; the MAC is computed afresh. `recorded_keys` are the working keys of the recorded
+        session; without them an encrypted track cannot be read and goes as recorded.
+
+        A PIN block is never decrypted. When `pins` (card number -> PIN, as the config knows
+        them) has the card's PIN, the recorded block is compared with that PIN's block under
+        the recorded PIK: the same, and the PIN's block under the new PIK is sent; different,
+        and the block of a PIN known to be wrong is sent, so that a wrong-PIN attempt stays
+        one. Otherwise the recorded block goes as it was (re-MAC'd), and `notes` say so.
+
+        `CodecError` when the frame does not decode; `TerminalError` when it is no request
+        of the profile, or needs keys this terminal does not have.
+        """
+        recorded = decode_frame(frame)
+        fields = dict(recorded.fields)
+        processing = fields.get(3)
+        message_data = fields.get(60)
+        kind = classify(
+            recorded.mti,
+            processing if isinstance(processing, str) else None,
+            message_data if isinstance(message_data, str) else None,
+        )
+        if kind is None:
+            raise TerminalError(f"recorded {recorded.mti} is not a request of the profile")
+        fields.update(replace or {})
+        maced = fields.pop(64, None) is not None
+        notes: list[str] = []
+        card = self._carry_track(fields, recorded_keys, notes)
+        self._carry_pin(fields, card, recorded_keys, pins or {}, notes)
+        message = Message(recorded.mti, fields, recorded.tpdu, recorded.header)
+        if not maced:
+            return Rebuilt(Request(kind, message, encode_frame(message), card), tuple(notes))
+        keys = self._require_keys()
+        payload = encode_message_with_mac(
+            message, lambda data: crypto.mac(self.suite, keys.mak, data)
+        )
+        return Rebuilt(
+            Request(kind, message, add_length(payload), card),
+            tuple(notes),
+            _mac_wrong(self.suite, frame[LENGTH_BYTES:], recorded_keys),
+        )
+
+    def _carry_track(
+        self,
+        fields: dict[int, FieldValue],
+        recorded_keys: WorkingKeys | None,
+        notes: list[str],
+    ) -> CardEntry | None:
+        """Field 35 moved under this session's TDK; the card the request carries, when it
+        can be read (keyed: 2 and 14; swiped: the track in clear)."""
+        number, expiry, track = fields.get(2), fields.get(14), fields.get(35)
+        if isinstance(number, str) and isinstance(expiry, str):
+            return _card_entry(number, expiry, keyed=True)
+        if not isinstance(track, str):
+            return None
+        security = fields.get(53)
+        if isinstance(security, str) and security[2:3] == "1":
+            recorded_tdk = recorded_keys.tdk if recorded_keys is not None else None
+            if recorded_tdk is None:
+                notes.append("track sent as recorded: the recorded session's TDK is unknown")
+                return None
+            track = crypto.decrypt_track(self.suite, recorded_tdk, track)
+            tdk = self._require_keys().tdk
+            if tdk is not None:
+                fields[35] = crypto.encrypt_track(self.suite, tdk, track)
+            else:
+                fields[35] = track
+                fields[53] = security[:2] + "0" + security[3:]
+                notes.append("track sent in clear: this session has no TDK")
+        try:
+            parsed = Track2.parse(track)
+        except CodecError:
+            return None
+        return _card_entry(parsed.card_number, parsed.expiry_yymm, keyed=False)
+
+    def _carry_pin(
+        self,
+        fields: dict[int, FieldValue],
+        card: CardEntry | None,
+        recorded_keys: WorkingKeys | None,
+        pins: Mapping[str, str],
+        notes: list[str],
+    ) -> None:
+        """The PIN block (52, or 62 in an SM4 request) under this session's PIK, when what
+        the config knows of the card's PIN allows it; see `rebuild`."""
+        number = 52 if 52 in fields else 62 if 62 in fields else None
+        if number is None:
+            return
+        block = fields[number]
+        pin = pins.get(card.number) if card is not None else None
+        if card is None or pin is None or recorded_keys is None:
+            notes.append(
+                "PIN block sent as recorded (re-MAC'd): without the card's PIN it cannot be "
+                "encrypted under the new PIK"
+            )
+            return
+        if block != crypto.encrypt_pin(self.suite, recorded_keys.pik, pin, card.number):
+            pin = _wrong_pin(pin)
+            notes.append("the recorded PIN was not the card's: a PIN as wrong is sent instead")
+        fields[number] = crypto.encrypt_pin(self.suite, self._require_keys().pik, pin, card.number)
+
     # --- answers -------------------------------------------------------------------------
 
     def read(self, request: Request, frame: bytes) -> Result:
@@ -891,6 +1028,26 @@ class Terminal:
 def _asks_for_tdk(sign_on: Request) -> bool:
     code = sign_on.message_data.management_code
     return code in (NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK)
+
+
+def _card_entry(number: str, expiry: str, *, keyed: bool) -> CardEntry | None:
+    """The card of a recorded request, or None when its number or expiry is malformed."""
+    try:
+        return CardEntry(number, expiry, keyed=keyed)
+    except ValueError:
+        return None
+
+
+def _wrong_pin(pin: str) -> str:
+    """A PIN of the same length that differs from `pin` in every digit."""
+    return "".join(str((int(digit) + 1) % 10) for digit in pin)
+
+
+def _mac_wrong(suite: Suite, payload: bytes, keys: WorkingKeys | None) -> bool:
+    """Whether a recorded payload's MAC fails under the recorded MAK (False when unknown)."""
+    if keys is None or not has_mac(payload):
+        return False
+    return not crypto.verify_mac(suite, keys.mak, mac_input(payload), received_mac(payload))
 
 
 def same_transaction(left: Request, right: Request) -> bool:
