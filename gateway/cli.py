@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "gateway.commands.cards",
     "gateway.commands.points",
     "gateway.commands.ledger",
+    "gateway.commands.sim",
 )
 
 Handler = Callable[[argparse.Namespace], int]
