@@ -40,6 +40,7 @@ from simulators.scenario import load_scenario, run_scenario_file
 
 PROBE_TIMEOUT_S: Final = 5.0
 PLAIN_PROGRESS_INTERVAL_S: Final = 1.0
+BAR_WIDTH: Final = 20
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -205,7 +206,7 @@ class RichProgress:
     def __init__(self, duration_s: float) -> None:
         self.progress = Progress(
             TextColumn("{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=BAR_WIDTH),
             TimeElapsedColumn(),
             console=Console(stderr=True),
             refresh_per_second=1 / PROGRESS_INTERVAL_S,
@@ -216,7 +217,11 @@ class RichProgress:
 
     def update(self, snapshot: Snapshot) -> None:
         done = min(snapshot.elapsed_s, self.duration_s)
-        self.progress.update(self.task, completed=done, description=snapshot.line())
+        # Cut the text to leave room for the bar and the time, which rich would drop first.
+        room = max(20, self.progress.console.width - BAR_WIDTH - 12)
+        line = snapshot.line()
+        text = line if len(line) <= room else line[: room - 1] + "…"
+        self.progress.update(self.task, completed=done, description=text)
 
     def close(self) -> None:
         self.progress.stop()
