@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session as OrmSession
 
 from cardcodec.cards import mask_card_number
 from cardcodec.crypto import Suite, decrypt_track, mac, verify_mac
@@ -117,7 +118,32 @@ class Gateway:
     # -- entry ---------------------------------------------------------------------------
 
     def handle(self, payload: bytes) -> Reply:
-        moment = self._moment()
+        """Answer one request (a group of one)."""
+        return self.handle_group([payload])[0]
+
+    def handle_group(self, payloads: Sequence[bytes]) -> list[Reply]:
+        """Answer several requests with one ledger commit (group commit).
+
+        Requests that need the ledger run one after the other in one transaction; every answer
+        is built only after that commit. If anything in the group fails, the group is rolled
+        back and each request runs again in a transaction of its own, so one request's failure
+        never costs another its answer.
+        """
+        replies: list[Reply | None] = [None] * len(payloads)
+        pending: list[tuple[int, Request, Context]] = []
+        for index, payload in enumerate(payloads):
+            prepared = self._prepare(payload, self._moment())
+            if isinstance(prepared, Reply):
+                replies[index] = prepared
+            else:
+                pending.append((index, *prepared))
+        if pending:
+            for index, reply in self._in_ledger(pending):
+                replies[index] = reply
+        return [reply if reply is not None else Reply(None) for reply in replies]
+
+    def _prepare(self, payload: bytes, moment: Moment) -> Reply | tuple[Request, Context]:
+        """Decode and run the checks that need no database: an answer, or a ledger context."""
         try:
             message = decode_message(payload)
         except CodecError as error:
@@ -125,14 +151,11 @@ class Gateway:
         request = Request(message, payload, None, None)
         try:
             self._first_checks(request)
-            return self._in_ledger(request, moment)
+            return request, self._context(request, moment)
         except DeclinedEarly as rejected:
             return self._rejected(request, rejected, moment)
         except CodecError:  # a sub-field that does not fit its shape
             return self._rejected(request, DeclinedEarly(Decline.FORMAT), moment)
-        except SQLAlchemyError:
-            log.exception("ledger_failed", terminal=message.fields.get(41))
-            return self._rejected(request, DeclinedEarly(Decline.SYSTEM), moment, allocate=False)
 
     def _moment(self) -> Moment:
         now = self._clock.now().astimezone(self._config.gateway.timezone)
@@ -205,51 +228,95 @@ class Gateway:
 
     # -- the ledger transaction ------------------------------------------------------------
 
-    def _in_ledger(self, request: Request, moment: Moment) -> Reply:
+    def _context(self, request: Request, moment: Moment) -> Context:
         kind = request.kind
         assert kind is not None and request.terminal is not None  # set by the first checks
-        context = Context(
+        assert request.merchant is not None
+        return Context(
             message=request.message,
             kind=kind,
             data=request.data or MessageData.parse(request.message.text(60)),
             terminal=request.terminal,
-            merchant=request.merchant,  # type: ignore[arg-type]
+            merchant=request.merchant,
             session=request.session,
             track=request.track,
             moment=moment,
         )
-        try:
-            outcome = self._transact(request, context)
-        except IntegrityError:
-            outcome = self._transact(request, context)  # a concurrent twin logged it first
-        return self._send(request, outcome, moment)
 
-    def _transact(self, request: Request, context: Context) -> Outcome:
-        logged = request.message.mti in LOGGED_MTIS
-        with unit_of_work(self._engine) as session:
-            identity = _identity(context) if logged else None
-            if identity is not None:
-                previous = find_request(session, identity)
-                if previous is not None:
-                    return self._repeat(request, previous.digest, previous.answer)
-            outcome = self._transactions.run(session, context)
-            if identity is not None:
-                log_request(
-                    session,
-                    identity,
-                    _digest(request.payload),
-                    answers.stored(outcome.answer),
-                    context.moment.at,
-                )
-        if outcome.after_commit is not None:
-            outcome.after_commit()
+    def _in_ledger(self, pending: list[tuple[int, Request, Context]]) -> list[tuple[int, Reply]]:
+        try:
+            with unit_of_work(self._engine) as session:
+                outcomes = [self._run(session, request, context) for _, request, context in pending]
+        except SQLAlchemyError:
+            if len(pending) > 1:
+                return [answered for item in pending for answered in self._in_ledger([item])]
+            return [(pending[0][0], self._alone(pending[0][1], pending[0][2]))]
+        replies = []
+        for (index, request, context), outcome in zip(pending, outcomes, strict=True):
+            if outcome.after_commit is not None:
+                outcome.after_commit()
+            replies.append((index, self._send(request, outcome, context.moment)))
+        return replies
+
+    def _alone(self, request: Request, context: Context) -> Reply:
+        """A request whose group failed, in a transaction of its own: once more if a twin
+        logged the same identity meanwhile, else `96` with nothing changed."""
+        for attempt in (1, 2):
+            try:
+                with unit_of_work(self._engine) as session:
+                    outcome = self._run(session, request, context)
+            except IntegrityError:
+                if attempt == 2:
+                    break
+                continue
+            except SQLAlchemyError:
+                break
+            if outcome.after_commit is not None:
+                outcome.after_commit()
+            return self._send(request, outcome, context.moment)
+        log.error("ledger_failed", terminal=request.message.fields.get(41))
+        return self._rejected(
+            request, DeclinedEarly(Decline.SYSTEM), context.moment, allocate=False
+        )
+
+    def _run(self, session: OrmSession, request: Request, context: Context) -> Outcome:
+        """One request inside the group's transaction: the request log, then the kind."""
+        identity = _identity(context) if request.message.mti in LOGGED_MTIS else None
+        if identity is not None:
+            previous = find_request(session, identity)
+            if previous is not None:
+                return self._repeat(session, request, context, previous.digest, previous.answer)
+        outcome = self._transactions.run(session, context)
+        if identity is not None:
+            log_request(
+                session,
+                identity,
+                _digest(request.payload),
+                answers.stored(outcome.answer),
+                context.moment.at,
+            )
         return outcome
 
-    def _repeat(self, request: Request, digest: bytes, kept: dict[str, str]) -> Outcome:
-        if digest != _digest(request.payload):
-            raise DeclinedEarly(Decline.DUPLICATE)
-        answer = answers.restored(request.message, kept)
-        return Outcome(answer, repeated=True)
+    def _repeat(
+        self,
+        session: OrmSession,
+        request: Request,
+        context: Context,
+        digest: bytes,
+        kept: dict[str, str],
+    ) -> Outcome:
+        """The stored answer for the same request; `94` for another one with its identity
+        (not recorded as an authorisation: the identity belongs to the first request)."""
+        if digest == _digest(request.payload):
+            return Outcome(answers.restored(request.message, kept), repeated=True)
+        extra: dict[int, FieldValue] = {}
+        if request.message.mti in ANSWER_MTIS_WITH_RRN:
+            extra[37] = next_rrn(session, context.moment.at)
+        code = response_code(Decline.DUPLICATE)
+        answer = answers.answer(
+            request.message, request.kind, code, self._stamp(context.moment), extra
+        )
+        return Outcome(answer)
 
     # -- answers -----------------------------------------------------------------------------
 

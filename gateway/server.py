@@ -1,12 +1,14 @@
 """The one place that wires the real gateway together and runs it (`vipgate serve`).
 
-Config, database, key store, clock, sessions, the synchronous `Gateway`, a one-thread pool for
-its blocking ledger work, and the listening port. SIGTERM or SIGINT stops accepting, lets the
-requests in flight finish and be answered, then exits 0.
+Config, database, key store, clock, sessions, the synchronous `Gateway`, the one thread that
+does its blocking ledger work in groups (group commit), and the listening port. SIGTERM or
+SIGINT stops accepting, lets the requests in flight finish and be answered, then exits 0.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,8 +19,6 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
 from gateway.bootstrap import bootstrap, open_database
 from gateway.clock import Clock, StartedClock
@@ -33,8 +33,75 @@ from gateway.sessions import Sessions
 log = structlog.get_logger("vipgate.server")
 
 
+MAX_GROUP = 64  # requests answered by one commit at most
+
+
+class GroupWorker:
+    """The one thread that does ledger work: it takes every request waiting (up to
+    `MAX_GROUP`), answers them with one commit (`Gateway.handle_group`), and hands the answers
+    back to the reactor thread. The reactor never waits on the database."""
+
+    def __init__(self, handle_group: Callable[[list[bytes]], list[Reply]], reactor: Any) -> None:
+        self._handle_group = handle_group
+        self._reactor = reactor
+        self._queue: queue.SimpleQueue[tuple[bytes, Deferred[Reply]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name="ledger", daemon=True)
+        self.groups = 0
+        self.requests = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, payload: bytes) -> Deferred[Reply]:
+        deferred: Deferred[Reply] = Deferred()
+        self._queue.put((payload, deferred))
+        return deferred
+
+    def stop(self) -> None:
+        """Finish what was submitted, then end the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _take(self) -> tuple[list[tuple[bytes, Deferred[Reply]]], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        group = [first]
+        while len(group) < MAX_GROUP:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return group, True
+            group.append(item)
+        return group, False
+
+    def _loop(self) -> None:
+        stopping = False
+        while not stopping:
+            group, stopping = self._take()
+            if not group:
+                continue
+            try:
+                replies = self._handle_group([payload for payload, _ in group])
+            except Exception:  # a bug, not a decline: the links close, the gateway goes on
+                log.exception("group_failed", size=len(group))
+                replies = [Reply(None, {"event": "closed", "reason": "internal error"})] * len(
+                    group
+                )
+            self.groups += 1
+            self.requests += len(group)
+            self._reactor.callFromThread(_deliver, group, replies)
+
+
+def _deliver(group: list[tuple[bytes, Deferred[Reply]]], replies: list[Reply]) -> None:
+    for (_, deferred), reply in zip(group, replies, strict=True):
+        deferred.callback(reply)
+
+
 class GatewayServer:
-    """Feeds frames from the reactor to the `Gateway` on a worker thread, and drains on stop."""
+    """Feeds frames from the reactor to the ledger worker, and drains on stop."""
 
     def __init__(
         self,
@@ -43,9 +110,8 @@ class GatewayServer:
         config: Config,
         record: TrafficRecorder | None = None,
     ) -> None:
-        self._gateway = gateway
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="ledger")
+        self._worker = GroupWorker(gateway.handle_group, reactor)
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
         self._port: Any = None
@@ -59,9 +125,7 @@ class GatewayServer:
 
     def process(self, payload: bytes) -> Deferred[Reply]:
         self._in_flight += 1
-        deferred: Deferred[Reply] = deferToThreadPool(
-            self._reactor, self._pool, self._gateway.handle, payload
-        )
+        deferred = self._worker.submit(payload)
         deferred.addBoth(self._finished)
         return deferred
 
@@ -74,13 +138,13 @@ class GatewayServer:
         return result
 
     def listen(self, host: str, port: int) -> Any:
-        """Start the worker thread and listen; returns the listening port."""
-        self._pool.start()
+        """Start the ledger worker and listen; returns the listening port."""
+        self._worker.start()
         self._port = self._reactor.listenTCP(port, self.factory, interface=host)
         return self._port
 
     def stop(self) -> Deferred[None]:
-        """Stop accepting, wait for the requests in flight, stop the worker thread."""
+        """Stop accepting, wait for the requests in flight, stop the ledger worker."""
         log.info("stopping", in_flight=self._in_flight)
         stopped = self._port.stopListening() if self._port is not None else None
         drained: Deferred[None] = Deferred()
@@ -91,8 +155,14 @@ class GatewayServer:
         both: Deferred[Any] = drained
         if stopped is not None:
             both.addCallback(lambda _: stopped)
-        both.addCallback(lambda _: self._pool.stop())
+        both.addCallback(lambda _: self._stop_worker())
         return both
+
+    def _stop_worker(self) -> None:
+        self._worker.stop()
+        log.info(
+            "ledger_worker_stopped", groups=self._worker.groups, requests=self._worker.requests
+        )
 
 
 @dataclass(frozen=True)

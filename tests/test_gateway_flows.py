@@ -7,7 +7,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
+from gateway.handler import Reply
+from gateway.transactions import Transactions
 from tests.gateway_harness import (
     BLOCKED,
     DIAMOND,
@@ -17,7 +20,7 @@ from tests.gateway_harness import (
     Harness,
     demo_config,
 )
-from tests.spec_terminal import build, parse
+from tests.spec_terminal import Answer, SpecTerminal, build, parse
 
 
 @pytest.fixture
@@ -385,3 +388,53 @@ def test_unanswerable_frame_closes_the_link(harness: Harness) -> None:
     """An unlisted MTI or bytes with nothing readable: no answer, the link closes."""
     assert harness.raw(b"\x60\x00\x03\x00\x00" + bytes(6) + b"\x01\x00" + bytes(8)) is None
     assert harness.raw(b"") is None
+
+
+def answered(terminal: SpecTerminal, requests: list[bytes], replies: list[Reply]) -> list[Answer]:
+    """Each reply checked against its request (every one must have been answered)."""
+    results = []
+    for request, reply in zip(requests, replies, strict=True):
+        assert reply.payload is not None
+        results.append(terminal.check(request, reply.payload))
+    return results
+
+
+def test_a_group_commits_once_and_answers_each_request(harness: Harness) -> None:
+    """In one group: a redemption, its exact repeat, another request reusing its trace, and a
+    second redemption: approved, the stored answer, 94, approved, and the points taken twice."""
+    terminal = harness.signed_on()
+    card = terminal.card_fields(DIAMOND, "2906")
+    first = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    terminal.trace -= 1
+    reused = terminal.financial("0200", "000000", "22", card, amount_fen=2000)
+    second = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    group = [first, first, reused, second]
+    answers = answered(terminal, group, harness.gateway.handle_group(group))
+    assert [a.code for a in answers] == ["00", "00", "94", "00"]
+    assert answers[1].fields == answers[0].fields
+    assert answers[3].balance == 50000 - 2 * 500
+
+
+def test_one_failing_request_does_not_cost_the_group(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose ledger work fails gets 96 and changes nothing; the others are approved."""
+    terminal = harness.signed_on()
+    card = terminal.card_fields(DIAMOND, "2906")
+    requests = [
+        terminal.financial("0200", "000000", "22", card, amount_fen=amount)
+        for amount in (100, 200, 300)
+    ]
+    original = Transactions.run
+
+    def failing(self: Transactions, orm, context):  # type: ignore[no-untyped-def]
+        if context.amount_fen == 200:
+            raise OperationalError("insert", {}, Exception("disk I/O error"))
+        return original(self, orm, context)
+
+    monkeypatch.setattr(Transactions, "run", failing)
+    answers = answered(terminal, requests, harness.gateway.handle_group(requests))
+    assert [answer.code for answer in answers] == ["00", "96", "00"]
+    monkeypatch.setattr(Transactions, "run", original)
+    _, after = harness.redeem(terminal, DIAMOND, 1000)
+    assert after.balance == 50000 - 50 - 150 - 500
