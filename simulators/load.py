@@ -598,13 +598,13 @@ def _kind_table(kinds: dict[str, dict[str, int]]) -> list[str]:
     codes += [o for o in _OUTCOMES if any(o in counts for counts in kinds.values())]
     width = max([len(kind) for kind in kinds] + [len("kind")]) + 2
     columns = [max(len(code), 5) + 2 for code in codes]
-    header = "kind".ljust(width) + "".join(c.rjust(w) for c, w in zip(codes, columns, strict=True))
-    rows = [
-        kind.ljust(width)
-        + "".join(str(counts.get(c, "")).rjust(w) for c, w in zip(codes, columns, strict=True))
-        for kind, counts in kinds.items()
-    ]
-    return [header, *rows]
+
+    def row(name: str, cells: list[str]) -> str:
+        shown = zip(cells, columns, strict=True)
+        return (name.ljust(width) + "".join(cell.rjust(w) for cell, w in shown)).rstrip()
+
+    rows = [row(kind, [str(counts.get(c, "")) for c in codes]) for kind, counts in kinds.items()]
+    return [row("kind", codes), *rows]
 
 
 def run_load(
