@@ -1,0 +1,188 @@
+"""`vipgate clear`: close a month if it is not closed yet, then write its file, signature and
+statements, the same bytes on every run.
+
+The order is chosen so that nothing wrong ever reaches the acquirer: the month is refused
+while its last business date runs; the signing key is read (or made) before anything is
+closed; the file and its signature are written under hidden partial names, read back (the
+bytes on disk must hash as written, the signature must verify on them), compared with the
+SHA-256 recorded by the first run, and only then moved to their real names. A later run
+whose bytes differ from the first (the ledger changed under a closed month) is a fault
+(exit 1) and leaves the files as they were.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from clearing import ed25519, signing
+from clearing.close import CloseSettings, close_month, closed_month
+from clearing.layout import signature_name
+from clearing.models import ClosedMonth, ClosedMonthMerchant
+from clearing.period import Month, refuse_unfinished
+from clearing.settlement import WrittenFile, partial_path, write_settlement
+from clearing.statements import (
+    MerchantStatements,
+    OperatorFigures,
+    operator_statement_name,
+    write_operator_statement,
+)
+from gateway.config import Config
+from gateway.errors import BadInput, CheckFailed
+from gateway.ledger import unit_of_work
+
+CLOSE_ATTEMPTS = 2
+
+
+@dataclass
+class Cleared:
+    """What a `clear` run did and wrote."""
+
+    closed: ClosedMonth
+    closed_now: bool
+    settlement: WrittenFile
+    signature: Path
+    operator_statement: Path
+    figures: OperatorFigures
+    merchant_statements: list[Path] = field(default_factory=list)
+
+
+def close_settings(config: Config) -> CloseSettings:
+    return CloseSettings(
+        sender_id=config.issuer.id,
+        receiver_id=config.clearing.acquirer_id,
+        terminal_fee_fen=config.clearing.terminal_fee_fen_per_month,
+        timezone=config.gateway.timezone,
+        cutoff=config.gateway.cutoff,
+    )
+
+
+def snapshot_isolation(session: Session) -> None:
+    """One snapshot for every statement of the unit of work: REPEATABLE READ on PostgreSQL
+    (SQLite's unit of work already holds the database's write lock)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+
+
+def ensure_closed(
+    engine: Engine, month: Month, config: Config, now: datetime
+) -> tuple[ClosedMonth, bool]:
+    """The month's close, made now if there is none; True when this call closed it."""
+    for attempt in range(1, CLOSE_ATTEMPTS + 1):
+        try:
+            with unit_of_work(engine) as session:
+                snapshot_isolation(session)
+                existing = closed_month(session, month)
+                if existing is not None:
+                    return existing, False
+                return close_month(session, month, close_settings(config), now), True
+        except IntegrityError:
+            # Another run closed the month (or accounted an item) first: read its close.
+            if attempt == CLOSE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime) -> Cleared:
+    """Refuse an unfinished month, close it if needed, and write everything into `out`."""
+    refuse_unfinished(month, now, config.gateway.timezone, config.gateway.cutoff)
+    _make_folder(out)
+    key = signing.load_or_create(config.issuer.signing_key)
+    closed, closed_now = ensure_closed(engine, month, config, now)
+    path = out / closed.file_name
+    partial = partial_path(path)
+    partial_sig = partial.with_name(signature_name(partial.name))
+    pending = partial.with_name(f".statements-{month.compact}.partial")
+    try:
+        shutil.rmtree(pending, ignore_errors=True)
+        pending.mkdir()
+        statements = MerchantStatements(pending, month.compact)
+        with unit_of_work(engine) as session:
+            written = write_settlement(session, closed, path, [statements])
+            statements.finish(_merchants_at_close(session, closed))
+        partial_sig.write_text(signing.sign_file(key, partial), encoding="ascii")
+        _read_back(month, partial, partial_sig, key.public_key(), written.sha256)
+        _record_or_compare(engine, month, written.sha256)
+        os.replace(partial, path)
+        os.replace(partial_sig, path.with_name(signature_name(path.name)))
+        merchant_statements = [
+            Path(shutil.move(statement, out / statement.name)) for statement in statements.written
+        ]
+    finally:
+        partial.unlink(missing_ok=True)
+        partial_sig.unlink(missing_ok=True)
+        shutil.rmtree(pending, ignore_errors=True)
+    figures = OperatorFigures(written.totals, closed.terminal_count, closed.terminal_fee_fen)
+    operator = out / operator_statement_name(month.compact)
+    write_operator_statement(operator, closed, figures, written.sha256)
+    return Cleared(
+        closed=closed,
+        closed_now=closed_now,
+        settlement=written,
+        signature=path.with_name(signature_name(path.name)),
+        operator_statement=operator,
+        figures=figures,
+        merchant_statements=merchant_statements,
+    )
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BadInput(f"--out {out}: cannot make the folder: {error.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise BadInput(f"--out {out}: cannot write in it")
+
+
+def _merchants_at_close(session: Session, closed: ClosedMonth) -> list[str]:
+    query = (
+        select(ClosedMonthMerchant.merchant_id)
+        .where(ClosedMonthMerchant.month == closed.month)
+        .order_by(ClosedMonthMerchant.merchant_id)
+    )
+    return list(session.scalars(query))
+
+
+def _read_back(
+    month: Month, path: Path, sig_path: Path, public_key: Ed25519PublicKey, sha256: str
+) -> None:
+    """Read the file back from disk: the bytes must be those written (their SHA-256) and the
+    signature beside them must verify. The records themselves were checked field by field as
+    they were formatted; the acquirer's full check is `verify`, which `reconcile` runs too."""
+    signature = bytes.fromhex(sig_path.read_text(encoding="ascii"))
+    public = signing.raw_public(public_key)
+    challenge = ed25519.challenge_hash(public, signature)
+    digest = hashlib.sha256()
+    for chunk in signing.file_chunks(path):
+        digest.update(chunk)
+        challenge.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise CheckFailed(f"clear {month.key}: the file read back is not the file written")
+    if not ed25519.verify_prehashed(public, signature, challenge):
+        raise CheckFailed(f"clear {month.key}: the signature does not verify on the file")
+
+
+def _record_or_compare(engine: Engine, month: Month, sha256: str) -> None:
+    """The first run records the file's SHA-256; every later run must write the same."""
+    with unit_of_work(engine) as session:
+        closed = session.get(ClosedMonth, month.key, with_for_update=True)
+        if closed is None:  # pragma: no cover - closed above, and closes are never deleted
+            raise CheckFailed(f"clear {month.key}: the month's close has disappeared")
+        if closed.file_sha256 is None:
+            closed.file_sha256 = sha256
+        elif closed.file_sha256 != sha256:
+            raise CheckFailed(
+                f"clear {month.key}: the file would differ from the one written when the month "
+                f"closed (SHA-256 {closed.file_sha256}, now {sha256}): the ledger changed under "
+                "a closed month; nothing was replaced"
+            )
