@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "gateway.commands.points",
     "gateway.commands.ledger",
     "gateway.commands.sim",
+    "gateway.commands.clearing",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -1,0 +1,141 @@
+"""`vipgate clear`, `reconcile`, `verify` and `keys export-public`: monthly clearing from the
+command line (operations.md).
+
+`clear` and `reconcile` work on the ledger the config names; `verify` is what the acquirer runs
+and needs only the file, its `.sig` and a public key (the configured issuer's by default, when
+no `--pubkey` is given), never the database. Exit statuses: 0 done, 1 a check found a fault
+(a file that does not verify, a reconciliation with exceptions, a month whose bytes would
+change), 2 bad input (a malformed month, an unfinished month, an unreadable key).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from clearing import signing
+from clearing.clear import Cleared, clear
+from clearing.period import Month
+from clearing.reconcile import reconcile
+from clearing.verify import Verification, verify_file
+from gateway.bootstrap import wired
+from gateway.clock import SHANGHAI
+from gateway.config import load_config
+from gateway.errors import BadInput, CheckFailed
+
+
+def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "clear",
+        parents=[common],
+        help="the month's settlement file, signature, operator and merchant statements",
+    )
+    parser.add_argument("--month", required=True, metavar="YYYY-MM")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.set_defaults(handler=clear_command)
+    parser = subparsers.add_parser(
+        "reconcile", parents=[common], help="the auditors' reconciliation pack for a month"
+    )
+    parser.add_argument("--month", required=True, metavar="YYYY-MM")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.set_defaults(handler=reconcile_command)
+    parser = subparsers.add_parser(
+        "verify", parents=[common], help="the acquirer's check of a settlement file"
+    )
+    parser.add_argument("file", type=Path, metavar="FILE")
+    parser.add_argument(
+        "--pubkey", type=Path, metavar="FILE", help="public key PEM (default: the issuer's)"
+    )
+    parser.set_defaults(handler=verify_command)
+    group = subparsers.add_parser("keys", help="the issuer's signing key")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    parser = actions.add_parser(
+        "export-public", parents=[common], help="print the signing public key as PEM"
+    )
+    parser.set_defaults(handler=export_public)
+
+
+def clear_command(args: argparse.Namespace) -> int:
+    month = Month.parse(args.month)
+    with wired(args.config, args.db) as wiring:
+        cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
+    _report_cleared(cleared)
+    return 0
+
+
+def _report_cleared(cleared: Cleared) -> None:
+    closed = cleared.closed
+    when = closed.closed_at.astimezone(SHANGHAI).isoformat()
+    if cleared.closed_now:
+        print(f"month {closed.month} closed now, at {when}")
+    else:
+        print(f"month {closed.month} closed earlier, at {when}: the same bytes again")
+    trailer = cleared.settlement.trailer
+    print(
+        f"{cleared.settlement.path}: {trailer.detail_count} details, "
+        f"{trailer.merchant_count} merchants, settled {trailer.settled_fen} fen, "
+        f"fees {trailer.fees_fen} fen, net {trailer.net_fen} fen"
+    )
+    print(f"  sha256 {cleared.settlement.sha256}")
+    print(f"{cleared.signature}: Ed25519 signature, verified on the file as written")
+    figures = cleared.figures
+    print(
+        f"{cleared.operator_statement}: total due to the network {figures.total_due_fen} fen "
+        f"({figures.terminal_count} terminals x {figures.terminal_fee_fen} fen), "
+        f"rounding gain {figures.totals.rounding_gain_fen} fen"
+    )
+    for statement in cleared.merchant_statements:
+        print(f"{statement}")
+
+
+def reconcile_command(args: argparse.Namespace) -> int:
+    month = Month.parse(args.month)
+    with wired(args.config, args.db) as wiring:
+        pack = reconcile(wiring.engine, wiring.config, month, args.out, wiring.now())
+    for line in pack.summary_lines():
+        print(line)
+    print(pack.verdict)
+    return 0 if pack.exception_count == 0 else 1
+
+
+def verify_command(args: argparse.Namespace) -> int:
+    if not args.file.is_file():
+        raise BadInput(f"{args.file}: no such file")
+    if args.pubkey is not None:
+        public_key = signing.load_public(args.pubkey)
+    else:
+        config = load_config(args.config, args.db)
+        path = config.issuer.signing_key
+        if not path.exists():
+            raise BadInput(f"signing key {path}: missing; give the issuer's key with --pubkey")
+        public_key = signing.load_private(path).public_key()
+    verification = verify_file(args.file, public_key)
+    _report_verification(verification)
+    if not verification.good:
+        noun = "fault" if verification.fault_count == 1 else "faults"
+        raise CheckFailed(f"verify: {args.file}: {verification.fault_count} {noun}")
+    return 0
+
+
+def _report_verification(verification: Verification) -> None:
+    for fault in verification.faults:
+        print(f"{verification.path.name}: {fault}")
+    hidden = verification.fault_count - len(verification.faults)
+    if hidden:
+        print(f"{verification.path.name}: ... and {hidden} more faults")
+    if verification.good and verification.trailer is not None:
+        trailer = verification.trailer
+        print(
+            f"{verification.path}: good: {trailer.detail_count} details, "
+            f"{trailer.merchant_count} merchants, settled {trailer.settled_fen} fen, "
+            f"fees {trailer.fees_fen} fen, net {trailer.net_fen} fen; trailer SHA-256 and "
+            "Ed25519 signature verified"
+        )
+
+
+def export_public(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.db)
+    key = signing.load_or_create(config.issuer.signing_key)
+    print(signing.public_pem(key), end="")
+    return 0

@@ -1,0 +1,159 @@
+"""The signing key and the `vipgate clear`, `verify` and `keys export-public` commands: what a
+person sees, and the exit statuses operations.md promises."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from clearing import signing
+from gateway.cli import main
+from gateway.clock import SHANGHAI, FixedClock
+from gateway.errors import BadInput
+
+DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
+
+
+@pytest.fixture
+def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The demo config in a folder of its own (its var/ with database and keys beside it),
+    with the commands' clock at 1 December 2026 09:00 in Shanghai."""
+    path = tmp_path / "demo.toml"
+    shutil.copyfile(DEMO, path)
+    set_clock(monkeypatch, datetime(2026, 12, 1, 9, 0, tzinfo=SHANGHAI))
+    return path
+
+
+def set_clock(monkeypatch: pytest.MonkeyPatch, instant: datetime) -> None:
+    monkeypatch.setattr("gateway.bootstrap.system_clock", lambda _tz: FixedClock(instant))
+
+
+def test_the_signing_key_is_made_on_first_use_private_and_pkcs8(tmp_path: Path) -> None:
+    """An unencrypted PKCS#8 PEM, mode 0600, the same key on every later load."""
+    path = tmp_path / "keys" / "issuer.pem"
+    key = signing.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text(encoding="ascii").startswith("-----BEGIN PRIVATE KEY-----\n")
+    assert signing.public_pem(signing.load_or_create(path)) == signing.public_pem(key)
+
+
+def test_a_key_others_can_read_is_refused(tmp_path: Path) -> None:
+    """Group- or world-readable: BadInput naming the file and the mode, never the key."""
+    path = tmp_path / "issuer.pem"
+    signing.load_or_create(path)
+    os.chmod(path, 0o640)
+    with pytest.raises(BadInput, match=r"permissions 0640") as raised:
+        signing.load_private(path)
+    assert "PRIVATE" not in str(raised.value)
+
+
+def test_a_key_of_another_kind_is_refused(tmp_path: Path) -> None:
+    """An EC key where the Ed25519 key should be: BadInput."""
+    path = tmp_path / "issuer.pem"
+    pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.write_bytes(pem)
+    os.chmod(path, 0o600)
+    with pytest.raises(BadInput, match="not an Ed25519 key"):
+        signing.load_private(path)
+
+
+def test_keys_export_public_prints_the_issuer_public_key(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The PEM printed is the public half of the configured signing key (made if missing)."""
+    assert main(["keys", "export-public", "--config", str(config_path)]) == 0
+    printed = capsys.readouterr().out
+    public = serialization.load_pem_public_key(printed.encode("ascii"))
+    assert isinstance(public, Ed25519PublicKey)
+    private = signing.load_private(config_path.parent / "var" / "issuer-ed25519.pem")
+    assert signing.public_pem(private) == printed
+
+
+def test_clear_refuses_an_unfinished_month_with_exit_2(
+    config_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ten minutes before 30 November's business date ends (23:00): exit 2, one line."""
+    set_clock(monkeypatch, datetime(2026, 11, 30, 22, 50, tzinfo=SHANGHAI))
+    out = config_path.parent / "out"
+    status = main(["clear", "--config", str(config_path), "--month", "2026-11", "--out", str(out)])
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("vipgate: error: --month 2026-11: the month is not over")
+    assert len(error.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_clear_refuses_a_malformed_month_with_exit_2(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--month 2026-13: exit 2."""
+    status = main(["clear", "--config", str(config_path), "--month", "2026-13", "--out", "x"])
+    assert status == 2
+    assert "is not a month YYYY-MM" in capsys.readouterr().err
+
+
+def test_clear_then_verify_from_the_command_line(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty November cleared, verified with the default key and an exported one."""
+    out = config_path.parent / "out"
+    arguments = ["--config", str(config_path)]
+    assert main(["clear", *arguments, "--month", "2026-11", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "month 2026-11 closed now, at 2026-12-01T09:00:00+08:00" in printed
+    settlement = out / "VIPSETTLE_ACQ000000000001_202611_001.txt"
+    assert (out / "VIPSETTLE_ACQ000000000001_202611_001.txt.sig").exists()
+    assert main(["verify", *arguments, str(settlement)]) == 0
+    assert "good: 0 details, 0 merchants" in capsys.readouterr().out
+    assert main(["keys", "export-public", *arguments]) == 0
+    pem = config_path.parent / "issuer.pub.pem"
+    pem.write_text(capsys.readouterr().out, encoding="ascii")
+    assert main(["verify", str(settlement), "--pubkey", str(pem)]) == 0
+    assert main(["clear", *arguments, "--month", "2026-11", "--out", str(out)]) == 0
+    assert "closed earlier, at 2026-12-01T09:00:00+08:00: the same bytes" in capsys.readouterr().out
+
+
+def test_verify_names_each_fault_and_exits_1(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A changed byte, then a key that is not the issuer's: exit 1 with the faults printed."""
+    out = config_path.parent / "out"
+    arguments = ["--config", str(config_path)]
+    assert main(["clear", *arguments, "--month", "2026-11", "--out", str(out)]) == 0
+    settlement = out / "VIPSETTLE_ACQ000000000001_202611_001.txt"
+    content = bytearray(settlement.read_bytes())
+    content[12] = ord("X")  # inside the sender id: still a well-formed header
+    settlement.write_bytes(bytes(content))
+    capsys.readouterr()
+    assert main(["verify", *arguments, str(settlement)]) == 1
+    captured = capsys.readouterr()
+    assert "line 2 (T record): the SHA-256 is not that of the bytes before the trailer" in (
+        captured.out
+    )
+    assert "the signature does not verify" in captured.out
+    assert captured.err.strip() == f"vipgate: verify: {settlement}: 2 faults"
+    other = config_path.parent / "other.pem"
+    other.write_text(signing.public_pem(Ed25519PrivateKey.generate()), encoding="ascii")
+    assert main(["clear", *arguments, "--month", "2026-10", "--out", str(out)]) == 0
+    october = out / "VIPSETTLE_ACQ000000000001_202610_001.txt"
+    assert main(["verify", str(october), "--pubkey", str(other)]) == 1
+
+
+def test_verify_of_a_missing_file_is_bad_input(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No such file: exit 2."""
+    assert main(["verify", "--config", str(config_path), str(config_path.parent / "no.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
