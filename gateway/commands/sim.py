@@ -59,9 +59,15 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "load", parents=[common], help="N terminals at a rate for a duration, then settlement"
     )
     _target_option(load)
-    load.add_argument("--terminals", metavar="N", type=int, required=True)
-    load.add_argument("--rate", metavar="PER_S", type=float, required=True)
-    load.add_argument("--duration", metavar="S", type=float, required=True)
+    load.add_argument(
+        "--terminals", metavar="N", type=int, required=True, help="terminals of the config"
+    )
+    load.add_argument(
+        "--rate", metavar="PER_S", type=float, required=True, help="requests/s, all terminals"
+    )
+    load.add_argument(
+        "--duration", metavar="S", type=float, required=True, help="seconds before settlement"
+    )
     _timeout_option(load)
     load.add_argument("--seed", type=int, help="seed of the mix, to repeat a load")
     load.add_argument("--record", metavar="FILE", type=Path, help="append the traffic log here")
