@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := cardcodec gateway clearing simulators
 
-.PHONY: run test lint bench-codec bench-gateway clean
+.PHONY: run test lint bench-codec bench-gateway clean bench-clearing screenshot-reconcile
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) with $(PYTHON) and installing vipgate with its test extras"
@@ -36,3 +36,26 @@ bench-gateway: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Clearing and reconciling a month of N synthetic entries (default 1000000):
+# make bench-clearing N=100000
+bench-clearing: $(BIN)/.installed
+	$(BIN)/python -m clearing.bench $(if $(N),--n $(N))
+
+# The reconciliation page of a sample month, photographed by headless Chromium. Installs
+# nothing: without /usr/bin/chromium it says so and stops.
+SAMPLE := build/reconcile-sample
+screenshot-reconcile: $(BIN)/.installed
+	@if [ ! -x /usr/bin/chromium ]; then \
+		echo "==> skipped: /usr/bin/chromium is missing (Debian package: chromium)"; exit 0; fi; \
+	set -e; \
+	echo "==> playing a sample month into $(SAMPLE) and reconciling it"; \
+	$(BIN)/python -m tests.test_clearing_e2e $(SAMPLE); \
+	profile=$$(mktemp -d); \
+	/usr/bin/chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+		--disable-background-networking --disable-component-update --disable-sync \
+		--user-data-dir=$$profile --window-size=1280,5200 \
+		--screenshot=$(SAMPLE)/reconcile.png \
+		file://$(CURDIR)/$(SAMPLE)/pack/reconcile_202611.html 2>$(SAMPLE)/chromium.log; \
+	rm -rf $$profile; \
+	echo "==> $(SAMPLE)/reconcile.png"
