@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -71,6 +71,15 @@ class GatewaySettings:
     acquirer_institution: str
     idle_timeout_s: int
     max_pending_per_connection: int
+    # Rehearsals only: a key lifetime in seconds that replaces key_lifetime_h, so that a
+    # scenario can wait past it (operations.md lets the config grow; this key is optional).
+    key_lifetime_s: int | None = None
+
+    @property
+    def key_lifetime(self) -> timedelta:
+        if self.key_lifetime_s is not None:
+            return timedelta(seconds=self.key_lifetime_s)
+        return timedelta(hours=self.key_lifetime_h)
 
 
 @dataclass(frozen=True)
@@ -419,6 +428,7 @@ def _gateway(root: _Table, folder: Path) -> GatewaySettings:
         max_pending_per_connection=table.integer(
             "max_pending_per_connection", 32, low=1, high=1024
         ),
+        key_lifetime_s=table.integer("key_lifetime_s", None, low=1, high=8760 * 3600),
     )
 
 
@@ -645,6 +655,7 @@ GATEWAY_KEYS = (
     "timezone",
     "cutoff",
     "key_lifetime_h",
+    "key_lifetime_s",
     "acquirer_institution",
     "idle_timeout_s",
     "max_pending_per_connection",

@@ -11,7 +11,7 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,7 @@ def wire(config_path: Path, db_override: str | None, clock_start: datetime | Non
     base = bootstrap(config_path, db_override, clock=clock)
     log.info("config_loaded", summary=base.loaded.summary())
     config = base.config
-    sessions = Sessions(base.clock, timedelta(hours=config.gateway.key_lifetime_h))
+    sessions = Sessions(base.clock, config.gateway.key_lifetime)
     gateway = Gateway(
         config=config,
         engine=base.engine,

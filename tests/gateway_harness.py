@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from gateway.clock import SHANGHAI, FixedClock
@@ -55,7 +55,7 @@ class Harness:
         self.keystore = FileKeyStore(config.issuer.master_key)
         with unit_of_work(self.engine) as session:
             load_into_ledger(session, config, self.keystore, start)
-        self.sessions = Sessions(self.clock, timedelta(hours=config.gateway.key_lifetime_h))
+        self.sessions = Sessions(self.clock, config.gateway.key_lifetime)
         self.gateway = Gateway(
             config=config,
             engine=self.engine,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
-from datetime import date, time
+from datetime import date, time, timedelta
 from pathlib import Path
 
 import pytest
@@ -654,3 +654,15 @@ def test_no_pin_value_ever_appears_in_a_message(pin: str) -> None:
     """Whatever is written as a PIN, a refusal never repeats it."""
     message = _message_for(('pin = "123456"', f'pin = "{pin}"'))
     assert message is None or pin not in message
+
+
+def test_key_lifetime_in_seconds_replaces_hours_for_rehearsals(tmp_path: Path) -> None:
+    """[gateway] key_lifetime_s, when given, is the key lifetime; otherwise key_lifetime_h."""
+    demo = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
+    assert load_config(demo).gateway.key_lifetime == timedelta(hours=24)
+    text = demo.read_text(encoding="utf-8").replace(
+        "key_lifetime_h = 24", "key_lifetime_h = 24\nkey_lifetime_s = 5"
+    )
+    rehearsal = tmp_path / "rehearsal.toml"
+    rehearsal.write_text(text, encoding="utf-8")
+    assert load_config(rehearsal).gateway.key_lifetime == timedelta(seconds=5)
