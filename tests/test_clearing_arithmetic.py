@@ -30,6 +30,7 @@ from clearing.money import (
     rounding_gain_fen,
 )
 from clearing.period import Month, month_begins, month_ends, refuse_unfinished
+from clearing.reconcile.rules import basis_points_text
 from gateway.clock import SHANGHAI
 from gateway.config import load_config
 from gateway.errors import BadInput
@@ -284,3 +285,11 @@ def test_config_refuses_a_fee_above_the_bank_card_fee(tmp_path: Path) -> None:
     path.write_text(equal, encoding="utf-8")
     config = load_config(path)
     assert dataclasses.replace(config.merchants[0]).fee_bp == 100
+
+
+def test_average_fee_is_shown_in_basis_points_computed_in_integers() -> None:
+    """222 fen of fees on 28104 fen settled: 78.99 bp, truncated, never a float."""
+    assert basis_points_text(222, 28104) == "78.99 bp"
+    assert basis_points_text(-5, 10000) == "-5.00 bp"
+    assert basis_points_text(100, 10000) == "100.00 bp"
+    assert basis_points_text(1, 0) == "n/a"

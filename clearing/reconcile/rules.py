@@ -38,8 +38,9 @@ def basis_points_text(part: int, whole: int) -> str:
     """part / whole in basis points with two decimals, computed in integers ("80.00 bp")."""
     if whole <= 0:
         return "n/a"
-    hundredths = part * 1_000_000 // whole
-    return f"{hundredths // 100}.{hundredths % 100:02d} bp"
+    hundredths = abs(part) * 1_000_000 // whole
+    sign = "-" if part < 0 else ""
+    return f"{sign}{hundredths // 100}.{hundredths % 100:02d} bp"
 
 
 @dataclass(frozen=True)
