@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session as OrmSession
 
 from cardcodec.cards import card_number_problem
@@ -358,15 +359,17 @@ class Transactions:
         decline = amount_decline(amount, priced) or self._pin_check(orm, context, card)
         if decline is not None or priced is None:
             return decline or Decline.BAD_AMOUNT
-        totals = records.gateway_totals(orm, context.terminal.id, int(context.data.batch))
-        if totals.debit_count >= MAX_BATCH_ITEMS:
+        if _batch_count(orm, context, DEBIT_KINDS) >= MAX_BATCH_ITEMS:
             return Decline.OVER_LIMIT
+        redeemed_today = 0
+        if self._config.plan.max_points_per_card_day:  # the query only when there is a limit
+            redeemed_today = ops.points_redeemed_on(orm, card.number, moment.business_date)
         return redemption_decision(
             priced,
             merchant=context.merchant,
             plan=self._config.plan,
             spendable_points=ops.spendable_points(orm, card.number, moment.at),
-            redeemed_today_points=ops.points_redeemed_on(orm, card.number, moment.business_date),
+            redeemed_today_points=redeemed_today,
             partial_supported=bool(context.data.partial_supported),
         )
 
@@ -487,8 +490,8 @@ class Transactions:
         return self._credit_limit(orm, context)
 
     def _credit_limit(self, orm: OrmSession, context: Context) -> Decline | None:
-        totals = records.gateway_totals(orm, context.terminal.id, int(context.data.batch))
-        return Decline.OVER_LIMIT if totals.credit_count >= MAX_BATCH_ITEMS else None
+        count = _batch_count(orm, context, CREDIT_KINDS)
+        return Decline.OVER_LIMIT if count >= MAX_BATCH_ITEMS else None
 
     def _refund(self, orm: OrmSession, context: Context) -> Outcome:
         number, _ = context.presented_card()
@@ -626,6 +629,25 @@ class Transactions:
         total = parse_upload_end(context.message.text(48))
         records.end_upload(orm, batch_id, total, context.moment.at)
         return Outcome(self._answer(context, APPROVED, {}))
+
+
+DEBIT_KINDS = (AuthorisationKind.REDEMPTION,)
+CREDIT_KINDS = (AuthorisationKind.VOID, AuthorisationKind.REFUND)
+# Built once: the count of a batch's debits or credits as §4.7 counts them (approved, not
+# reversed), for the 999-per-batch limit.
+_BATCH_COUNT = select(func.count(Authorisation.id)).where(
+    Authorisation.terminal_id == bindparam("terminal"),
+    Authorisation.batch_number == bindparam("batch"),
+    Authorisation.kind.in_(bindparam("kinds", expanding=True)),
+    Authorisation.response_code.in_(("00", "10")),
+    Authorisation.state != AuthorisationState.REVERSED,
+)
+
+
+def _batch_count(orm: OrmSession, context: Context, kinds: tuple[AuthorisationKind, ...]) -> int:
+    batch = int(context.data.batch)
+    parameters = {"terminal": context.terminal.id, "batch": batch, "kinds": list(kinds)}
+    return int(orm.scalar(_BATCH_COUNT, parameters) or 0)
 
 
 def _pin_sent(context: Context) -> PinEntry:

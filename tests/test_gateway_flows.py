@@ -7,9 +7,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import insert
 from sqlalchemy.exc import OperationalError
 
 from gateway.handler import Reply
+from gateway.ledger import unit_of_work
+from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
 from gateway.transactions import Transactions
 from tests.gateway_harness import (
     BLOCKED,
@@ -438,3 +441,41 @@ def test_one_failing_request_does_not_cost_the_group(
     monkeypatch.setattr(Transactions, "run", original)
     _, after = harness.redeem(terminal, DIAMOND, 1000)
     assert after.balance == 50000 - 50 - 150 - 500
+
+
+def _fill_batch(harness: Harness, kind: AuthorisationKind, first_trace: int) -> None:
+    """999 approved authorisations of one kind in terminal 10000001's open batch."""
+    at = harness.clock.now()
+    rows = [
+        {
+            "rrn": f"{first_trace + index:012d}",
+            "kind": kind,
+            "terminal_id": "10000001",
+            "merchant_id": "898310048990001",
+            "batch_number": 1,
+            "trace": first_trace + index,
+            "card_number": DIAMOND,
+            "amount_fen": 100,
+            "response_code": "00",
+            "local_time": at,
+            "business_date": at.date(),
+            "state": AuthorisationState.APPROVED,
+        }
+        for index in range(999)
+    ]
+    with unit_of_work(harness.engine) as session:
+        session.execute(insert(Authorisation), rows)
+
+
+def test_the_thousandth_debit_or_credit_of_a_batch_is_61(harness: Harness) -> None:
+    """A batch holds 999 debits and 999 credits: the one that would pass either gets 61."""
+    terminal = harness.signed_on()
+    _, original = harness.redeem(terminal, DIAMOND, 1000)
+    assert original.code == "00"
+    terminal.trace = 5000
+    _fill_batch(harness, AuthorisationKind.REDEMPTION, 10000)
+    assert harness.redeem(terminal, DIAMOND, 100)[1].code == "61"
+    batch_trace = terminal.batch + original.text(11)
+    assert harness.refund(terminal, DIAMOND, original, batch_trace, 100).code == "00"
+    _fill_batch(harness, AuthorisationKind.REFUND, 20000)
+    assert harness.refund(terminal, DIAMOND, original, batch_trace, 100).code == "61"
