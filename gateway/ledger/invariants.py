@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, and_, case, func, not_, or_, select, union
 from sqlalchemy.orm import Session
 
 from gateway.ledger.journal import sum_of
@@ -148,32 +148,39 @@ def _lot_movements(session: Session) -> Iterator[Violation]:
 
 
 def _movements_match_entries(session: Session) -> Iterator[Violation]:
-    """In each transaction, the lots moved exactly what the card accounts' entries say."""
-    moved = _totals(
-        session,
-        (
-            select(LotMovement.transaction_id, sum_of(LotMovement.points)).group_by(
-                LotMovement.transaction_id
-            )
-        ),
+    """In each transaction, the lots moved exactly what the card accounts' entries say.
+
+    Compared in the database, so only the transactions that disagree come back: the check
+    runs in bounded memory however large the journal is.
+    """
+    moved = (
+        select(LotMovement.transaction_id.label("id"), sum_of(LotMovement.points).label("points"))
+        .group_by(LotMovement.transaction_id)
+        .subquery()
     )
-    booked = _totals(
-        session,
-        (
-            select(JournalEntry.transaction_id, sum_of(JournalEntry.points))
-            .join(Account, Account.id == JournalEntry.account_id)
-            .where(Account.kind == AccountKind.CARD)
-            .group_by(JournalEntry.transaction_id)
-        ),
+    booked = (
+        select(JournalEntry.transaction_id.label("id"), sum_of(JournalEntry.points).label("points"))
+        .join(Account, Account.id == JournalEntry.account_id)
+        .where(Account.kind == AccountKind.CARD)
+        .group_by(JournalEntry.transaction_id)
+        .subquery()
     )
-    for transaction_id in sorted(set(moved) | set(booked)):
-        lots, card = int(moved.get(transaction_id) or 0), int(booked.get(transaction_id) or 0)
-        if lots != card:
-            yield Violation(
-                "transaction.movements",
-                f"transaction {transaction_id}",
-                f"lots moved {lots}, card entries {card}",
-            )
+    ids = union(select(moved.c.id), select(booked.c.id)).subquery()
+    lots = func.coalesce(moved.c.points, 0)
+    card = func.coalesce(booked.c.points, 0)
+    query = (
+        select(ids.c.id, lots, card)
+        .outerjoin(moved, moved.c.id == ids.c.id)
+        .outerjoin(booked, booked.c.id == ids.c.id)
+        .where(lots != card)
+        .order_by(ids.c.id)
+    )
+    for transaction_id, lots_moved, card_entries in session.execute(query):
+        yield Violation(
+            "transaction.movements",
+            f"transaction {transaction_id}",
+            f"lots moved {int(lots_moved)}, card entries {int(card_entries)}",
+        )
 
 
 def _applied_once(session: Session) -> Iterator[Violation]:
@@ -193,41 +200,49 @@ def _applied_once(session: Session) -> Iterator[Violation]:
 
 def _redemptions_hold_their_points(session: Session) -> Iterator[Violation]:
     """A redemption holds, lot by lot, what it took less what went back: all of P less the
-    refunded points while approved, nothing once voided or reversed."""
-    held = _totals(
-        session,
+    refunded points while approved, nothing once voided or reversed.
+
+    Compared in the database, so only the redemptions that break a rule come back.
+    """
+    held = (
+        select(LotMovement.redemption_id.label("id"), (-sum_of(LotMovement.points)).label("points"))
+        .where(LotMovement.redemption_id.is_not(None))
+        .group_by(LotMovement.redemption_id)
+        .subquery()
+    )
+    holds = func.coalesce(held.c.points, 0)
+    expected = case(
         (
-            select(LotMovement.redemption_id, -sum_of(LotMovement.points))
-            .where(LotMovement.redemption_id.is_not(None))
-            .group_by(LotMovement.redemption_id)
+            Authorisation.state == AuthorisationState.APPROVED,
+            Authorisation.points - Authorisation.points_returned,
         ),
+        else_=0,
+    )
+    refunds_fit = and_(
+        Authorisation.points_returned.between(0, Authorisation.points),
+        Authorisation.refunded_fen.between(0, Authorisation.amount_fen),
+        Authorisation.fen_clawed.between(0, Authorisation.settled_fen),
     )
     query = (
-        select(Authorisation)
+        select(Authorisation.id, holds, expected, refunds_fit)
+        .outerjoin(held, held.c.id == Authorisation.id)
         .where(
             Authorisation.kind == AuthorisationKind.REDEMPTION,
             Authorisation.state != AuthorisationState.DECLINED,
+            or_(holds != expected, not_(refunds_fit)),
         )
         .order_by(Authorisation.id)
     )
-    for redemption in session.scalars(query):
-        holds = int(held.get(redemption.id) or 0)
-        expected = redemption.points - redemption.points_returned
-        if redemption.state is not AuthorisationState.APPROVED:
-            expected = 0
-        if holds != expected:
+    for authorisation_id, holding, owed, fits in session.execute(query):
+        if int(holding) != int(owed):
             yield Violation(
                 "redemption.holding",
-                f"authorisation {redemption.id}",
-                f"holds {holds} points, expected {expected}",
+                f"authorisation {authorisation_id}",
+                f"holds {int(holding)} points, expected {int(owed)}",
             )
-        if not (
-            0 <= redemption.points_returned <= redemption.points
-            and 0 <= redemption.refunded_fen <= redemption.amount_fen
-            and 0 <= redemption.fen_clawed <= redemption.settled_fen
-        ):
+        if not fits:
             yield Violation(
-                "redemption.refunds", f"authorisation {redemption.id}", "refunds exceed original"
+                "redemption.refunds", f"authorisation {authorisation_id}", "refunds exceed original"
             )
 
 
