@@ -6,9 +6,12 @@ what must come back. Parsing checks every value before anything is sent, and a b
 
 Besides the keys of operations.md a step may carry `name` (shown in the report), `expiry`
 (YYMM, for a card the config does not list), `tdk` and `suite` on a sign-on, `encrypt_track`
-on a swiped card, `trace` (the STAN to use, to rehearse duplicates) and `reason` on a reverse.
-A file may say at top level which gateway `clock` its expected values assume and give a
-`description`.
+on a swiped card, `trace` (the STAN to use, to rehearse duplicates), `reason` on a reverse,
+`wait_s` (seconds to wait before sending: past the key lifetime, say) and two faults in the
+request itself: `corrupt_pin` (`99`) and `omit_field` (`30`). A file may say at top level
+which gateway `clock` and which `config` its expected values assume, give a `description`,
+and list `extra_terminals`: terminals the simulator can play that the gateway does not know
+(`97`).
 
 Playing a scenario sends the steps in order, each terminal on its own link. A terminal that
 owes a reversal (§4.6) sends it before the step's request, unless the step is a sign-on or the
@@ -19,6 +22,7 @@ step, what was sent, what came back and why it failed, with card numbers masked.
 from __future__ import annotations
 
 import re
+import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -30,11 +34,12 @@ from cardcodec.cards import mask_card_number
 from cardcodec.crypto import Suite
 from cardcodec.errors import CodecError
 from cardcodec.message import decode_frame
-from gateway.config import Config, load_config
+from gateway.config import Config, TerminalConfig, load_config
 from gateway.errors import BadInput
 from simulators.connection import NO_FAULTS, Connection, Exchange, Faults, Link
 from simulators.recording import FileRecorder
 from simulators.terminal import (
+    IDENTIFYING_FIELDS,
     MAX_AMOUNT_FEN,
     MAX_TRACE,
     REASON_TERMINAL_FAILED,
@@ -62,20 +67,28 @@ ACTIONS: Final = (
     "upload",
 )
 MAX_STEPS: Final = 10_000
+MAX_WAIT_S: Final = 600
+MAX_EXTRA_TERMINALS: Final = 100
 FAULT_KEYS: Final = ("drop_answer", "corrupt_mac", "repeat", "disconnect")
-_COMMON: Final = frozenset({"terminal", "do", "name", "expect", *FAULT_KEYS})
+# Faults in the request itself, applied to the request as built (the link's are FAULT_KEYS).
+REQUEST_FAULT_KEYS: Final = ("corrupt_pin", "omit_field")
+_COMMON: Final = frozenset({"terminal", "do", "name", "expect", "wait_s", *FAULT_KEYS})
 _CARD_KEYS: Final = frozenset({"card", "expiry", "entry", "encrypt_track"})
+_SENT: Final = frozenset({"trace", "omit_field"})  # for a request the step builds itself
 KEYS_BY_ACTION: Final[dict[str, frozenset[str]]] = {
-    "sign_on": _COMMON | {"tdk", "suite", "trace"},
-    "sign_off": _COMMON | {"trace"},
-    "echo": _COMMON | {"trace"},
-    "balance": _COMMON | _CARD_KEYS | {"pin", "trace"},
-    "redeem": _COMMON | _CARD_KEYS | {"pin", "partial", "amount_fen", "save", "trace"},
-    "void": _COMMON | _CARD_KEYS | {"original", "amount_fen", "save", "trace"},
-    "refund": _COMMON | _CARD_KEYS | {"original", "amount_fen", "save", "trace"},
+    "sign_on": _COMMON | _SENT | {"tdk", "suite"},
+    "sign_off": _COMMON | _SENT,
+    "echo": _COMMON | _SENT,
+    "balance": _COMMON | _SENT | _CARD_KEYS | {"pin", "corrupt_pin"},
+    "redeem": _COMMON
+    | _SENT
+    | _CARD_KEYS
+    | {"pin", "corrupt_pin", "partial", "amount_fen", "save"},
+    "void": _COMMON | _SENT | _CARD_KEYS | {"original", "amount_fen", "save"},
+    "refund": _COMMON | _SENT | _CARD_KEYS | {"original", "amount_fen", "save"},
     "reverse": _COMMON | {"original", "reason"},
-    "settle": _COMMON | {"trace"},
-    "upload": frozenset({"terminal", "do", "name", "expect"}),
+    "settle": _COMMON | _SENT,
+    "upload": frozenset({"terminal", "do", "name", "expect", "wait_s"}),
 }
 _REQUIRED: Final[dict[str, tuple[str, ...]]] = {
     "balance": ("card",),
@@ -87,10 +100,16 @@ _REQUIRED: Final[dict[str, tuple[str, ...]]] = {
 # Which saved steps each action may take as its original.
 _ORIGINALS: Final = {"void": ("redeem",), "refund": ("redeem",), "reverse": ("redeem", "void")}
 _UNMACED: Final = ("sign_on", "echo")
-TOP_KEYS: Final = ("description", "clock", "step")
+TOP_KEYS: Final = ("description", "clock", "config", "extra_terminals", "step")
+EXTRA_TERMINAL_KEYS: Final = ("id", "merchant", "suite", "tmk")
 SETTLEMENT_RESULTS: Final = ("balanced", "unbalanced")
 SENT: Final = ">"
 RECEIVED: Final = "<"
+WAITED: Final = "~"
+# A link idle for this share of the gateway's idle time-out is replaced before it is used
+# again: the gateway closes idle links (§1), and a step after a long wait must not find its
+# link closed under it.
+IDLE_SHARE: Final = 0.9
 _SAVE_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 _CODE = re.compile(r"[0-9A-Z]{2}")
 
@@ -163,12 +182,23 @@ class Step:
     original: str | None = None
     reason: str | None = None
     save: str | None = None
+    wait_s: int | None = None  # seconds to wait before sending anything
+    corrupt_pin: bool = False  # a PIN block that decrypts to no valid block
+    omit_field: int | None = None  # a field left out of the request
     faults: Faults = NO_FAULTS
     expect: Expectation = field(default_factory=Expectation)
 
     @property
     def label(self) -> str:
         return f"step {self.number} ({self.do})"
+
+    @property
+    def fault_names(self) -> tuple[str, ...]:
+        """The faults of the step, link and request, as the report names them."""
+        request: tuple[str, ...] = ("corrupt_pin",) if self.corrupt_pin else ()
+        if self.omit_field is not None:
+            request += (f"omit_field {self.omit_field}",)
+        return self.faults.names + request
 
     def __repr__(self) -> str:
         return f"Step({self.label}, terminal={self.terminal!r})"
@@ -180,6 +210,9 @@ class Scenario:
     steps: tuple[Step, ...]
     description: str | None = None
     clock: datetime | None = None  # the gateway clock the expected values assume
+    config: str | None = None  # the --config the expected values assume, as written
+    # Terminals the simulator plays and the gateway does not know (to rehearse `97`).
+    extra_terminals: tuple[TerminalConfig, ...] = ()
 
 
 # --- parsing ------------------------------------------------------------------------------
@@ -318,11 +351,36 @@ def _faults(place: _Place, do: str, expect: Expectation) -> Faults:
     return Faults(**flags)
 
 
+def _corrupt_pin(place: _Place) -> bool:
+    corrupt = place.flag("corrupt_pin")
+    if corrupt and "pin" not in place.data:
+        place.fail("corrupt_pin", "needs pin: it corrupts the block of the PIN entered")
+    return corrupt
+
+
+def _omit_field(place: _Place, faults: Faults) -> int | None:
+    number = place.integer("omit_field", 2, 64)
+    if number is None:
+        return None
+    if number in IDENTIFYING_FIELDS:
+        kept = ", ".join(str(n) for n in sorted(IDENTIFYING_FIELDS))
+        place.fail("omit_field", f"field {number} identifies the request ({kept} stay in)")
+    if faults.drop_answer or faults.disconnect:
+        place.fail(
+            "omit_field",
+            "not with drop_answer or disconnect: the reversal they owe "
+            "would copy the malformed request",
+        )
+    return number
+
+
 class _Parser:
-    def __init__(self, source: str, config: Config) -> None:
+    def __init__(
+        self, source: str, config: Config, extra_terminals: tuple[TerminalConfig, ...] = ()
+    ) -> None:
         self.source = source
         self.config = config
-        self.terminals = {terminal.id for terminal in config.terminals}
+        self.terminals = {terminal.id for terminal in (*config.terminals, *extra_terminals)}
         self.saved: dict[str, Step] = {}
 
     def step(self, number: int, data: object) -> Step:
@@ -347,11 +405,14 @@ class _Parser:
         if terminal is None:
             place.fail("terminal", "missing (required)")
         if terminal not in self.terminals:
-            place.fail("terminal", f"{terminal!r} is not a terminal of the config")
+            place.fail(
+                "terminal", f"{terminal!r} is not a terminal of the config or of extra_terminals"
+            )
         card, entry = _card(place, self.config)
         name: str | None = place.typed("name", str)
         suite = place.choice("suite", tuple(suite.value for suite in Suite))
         expect = _expectation(place, do)
+        faults = _faults(place, do, expect)
         step = Step(
             number=number,
             terminal=terminal,
@@ -369,7 +430,10 @@ class _Parser:
             original=self._original(place, do, terminal),
             reason=place.choice("reason", REVERSAL_REASONS),
             save=self._save(place),
-            faults=_faults(place, do, expect),
+            wait_s=place.integer("wait_s", 1, MAX_WAIT_S),
+            corrupt_pin=_corrupt_pin(place),
+            omit_field=_omit_field(place, faults),
+            faults=faults,
             expect=expect,
         )
         if step.save is not None:
@@ -415,6 +479,72 @@ def _clock(place: _Place) -> datetime | None:
     return value
 
 
+def _config_name(place: _Place) -> str | None:
+    name: str | None = place.typed("config", str)
+    if name is not None and not (name.strip() and name.isprintable()):
+        place.fail("config", "must be a path, as given to --config")
+    return name
+
+
+def _fixed_text(place: _Place, key: str, length: int) -> str:
+    value: str | None = place.typed(key, str)
+    if value is None:
+        place.fail(key, "missing (required)")
+    if len(value) != length or not (value.isascii() and value.isprintable()):
+        place.fail(key, f"{value!r} is not {length} printable ASCII characters")
+    return value
+
+
+def _tmk(place: _Place, suite: Suite) -> bytes:
+    """The master key, checked as the config checks it; its value is never shown."""
+    text: str | None = place.typed("tmk", str)
+    if text is None:
+        place.fail("tmk", "missing (required)")
+    if len(text) != 32 or not all(char in "0123456789ABCDEFabcdef" for char in text):
+        place.fail("tmk", "must be 32 hex digits (16 bytes)")
+    tmk = bytes.fromhex(text)
+    if suite is Suite.TDES and tmk[:8] == tmk[8:]:
+        place.fail("tmk", "the two halves of a 3DES key are equal (that is single DES)")
+    return tmk
+
+
+def _extra_terminal(place: _Place, taken: dict[str, str]) -> TerminalConfig:
+    for key in place.data:
+        if key not in EXTRA_TERMINAL_KEYS:
+            place.fail(key, "unknown key")
+    terminal_id = _fixed_text(place, "id", 8)
+    if terminal_id in taken:
+        place.fail("id", f"{terminal_id!r} is {taken[terminal_id]}")
+    merchant = _fixed_text(place, "merchant", 15)
+    suite_name = place.choice("suite", tuple(suite.value for suite in Suite))
+    if suite_name is None:
+        place.fail("suite", "missing (required)")
+    suite = Suite(suite_name)
+    return TerminalConfig(terminal_id, merchant, True, suite, _tmk(place, suite))
+
+
+def _extra_terminals(top: _Place, config: Config) -> tuple[TerminalConfig, ...]:
+    """`[[extra_terminals]]`: terminals the gateway must not know, so none of the config's."""
+    tables = top.typed("extra_terminals", list)
+    if tables is None:
+        return ()
+    if len(tables) > MAX_EXTRA_TERMINALS:
+        top.fail("extra_terminals", f"more than {MAX_EXTRA_TERMINALS}")
+    taken = {
+        t.id: "a terminal of the config: an extra one must be unknown to the gateway"
+        for t in config.terminals
+    }
+    extras = []
+    for number, data in enumerate(tables, start=1):
+        where = f"extra_terminals {number}"
+        if not isinstance(data, dict):
+            top.fail(where, f"must be a table, not {_type_name(data)}")
+        extra = _extra_terminal(_Place(top.source, where, data), taken)
+        taken[extra.id] = f"already extra terminal {number}"
+        extras.append(extra)
+    return tuple(extras)
+
+
 def parse_scenario(data: dict[str, Any], config: Config, source: str) -> Scenario:
     """A scenario from its TOML tables; any bad value is a `BadInput` naming step and key."""
     top = _Place(source, "", data)
@@ -426,12 +556,15 @@ def parse_scenario(data: dict[str, Any], config: Config, source: str) -> Scenari
         top.fail("step", "no [[step]] tables")
     if len(steps) > MAX_STEPS:
         top.fail("step", f"more than {MAX_STEPS} steps")
-    parser = _Parser(source, config)
+    extras = _extra_terminals(top, config)
+    parser = _Parser(source, config, extras)
     return Scenario(
         source=source,
         steps=tuple(parser.step(number, item) for number, item in enumerate(steps, start=1)),
         description=top.typed("description", str),
         clock=_clock(top),
+        config=_config_name(top),
+        extra_terminals=extras,
     )
 
 
@@ -493,6 +626,7 @@ class Report:
     steps: list[StepReport]
     clock: datetime | None = None
     description: str | None = None
+    config: str | None = None
 
     @property
     def failed(self) -> int:
@@ -501,8 +635,13 @@ class Report:
     def render(self) -> str:
         """A readable text report; card numbers appear masked, PINs and keys never."""
         head = f"scenario {self.source}"
+        expects = []
         if self.clock is not None:
-            head += f" (expects the gateway clock at {self.clock.isoformat()})"
+            expects.append(f"the gateway clock at {self.clock.isoformat()}")
+        if self.config is not None:
+            expects.append(f"--config {self.config}")
+        if expects:
+            head += f" (expects {' and '.join(expects)})"
         lines = [head] + ([self.description] if self.description else [])
         for step in self.steps:
             lines += step.render()
@@ -515,7 +654,7 @@ class Report:
 
 
 def _fault_note(step: Step) -> str:
-    names = step.faults.names
+    names = step.fault_names
     return f" [{', '.join(names)}]" if names else ""
 
 
@@ -542,12 +681,24 @@ def _repeat_problem(answers: tuple[bytes, ...]) -> str | None:
 
 
 class _Runner:
-    def __init__(self, scenario: Scenario, config: Config, connect: Callable[[], Link]) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        config: Config,
+        connect: Callable[[], Link],
+        sleep: Callable[[float], None],
+        monotonic: Callable[[], float],
+    ) -> None:
         self.scenario = scenario
         self.connect = connect
+        self.sleep = sleep
+        self.monotonic = monotonic
+        self.idle_limit_s = IDLE_SHARE * config.gateway.idle_timeout_s
         used = {step.terminal for step in scenario.steps}
-        self.terminals = {t.id: Terminal.from_config(t) for t in config.terminals if t.id in used}
+        known = (*config.terminals, *scenario.extra_terminals)
+        self.terminals = {t.id: Terminal.from_config(t) for t in known if t.id in used}
         self.links: dict[str, Link] = {}
+        self.last_used: dict[str, float] = {}  # monotonic time of each link's last exchange
         self.saved: dict[str, Completed] = {}
 
     def run(self) -> Report:
@@ -559,11 +710,16 @@ class _Runner:
             for link in self.links.values():
                 link.close()
         scenario = self.scenario
-        return Report(scenario.source, reports, scenario.clock, scenario.description)
+        return Report(
+            scenario.source, reports, scenario.clock, scenario.description, scenario.config
+        )
 
     def play(self, step: Step) -> StepReport:
         report = StepReport(step)
         terminal = self.terminals[step.terminal]
+        if step.wait_s is not None:
+            report.wire.append((WAITED, f"waited {step.wait_s} s"))
+            self.sleep(step.wait_s)
         try:
             if self._reversal_first(step, terminal, report):
                 self._action(step, terminal, report)
@@ -573,6 +729,9 @@ class _Runner:
 
     def _link(self, terminal: str) -> Link:
         link = self.links.get(terminal)
+        idle_s = self.monotonic() - self.last_used.get(terminal, self.monotonic())
+        if link is not None and idle_s >= self.idle_limit_s:
+            link.close()  # the gateway has closed it by now, or is about to
         if link is None or link.closed:
             link = self.links[terminal] = self.connect()
         return link
@@ -601,8 +760,10 @@ class _Runner:
         else:
             if step.trace is not None:
                 terminal.stan = step.trace
-            request = self._request(step, terminal)
-            result = self._send(step, terminal, request, report, step.faults)
+            request = self._malformed(step, terminal, self._request(step, terminal))
+            result = self._send(
+                step, terminal, request, report, step.faults, note=_fault_note(step)
+            )
             if step.save is not None:
                 self.saved[step.save] = Completed(request, result)
         if result is not None:
@@ -626,6 +787,14 @@ class _Runner:
                 terminal.give_up(original.request, step.reason or REASON_TERMINAL_FAILED)
             return terminal.reversal()
         return self._card_request(step, terminal, original)
+
+    def _malformed(self, step: Step, terminal: Terminal, request: Request) -> Request:
+        """The request with the step's request faults: the PIN block, then a field left out."""
+        if step.corrupt_pin:
+            request = terminal.with_corrupt_pin(request)
+        if step.omit_field is not None:
+            request = terminal.without_field(request, step.omit_field)
+        return request
 
     def _card_request(self, step: Step, terminal: Terminal, original: Completed | None) -> Request:
         encrypt = step.encrypt_track
@@ -654,11 +823,18 @@ class _Runner:
         return terminal.refund(original, step.amount_fen, card=card, encrypt_track=encrypt)
 
     def _send(
-        self, step: Step, terminal: Terminal, request: Request, report: StepReport, faults: Faults
+        self,
+        step: Step,
+        terminal: Terminal,
+        request: Request,
+        report: StepReport,
+        faults: Faults,
+        *,
+        note: str = "",
     ) -> Result | None:
         """Send one request and hand its answer to the terminal; the typed answer (a dropped
-        one too, read but not applied), None when there was none to read."""
-        note = _fault_note(step) if faults.names else ""
+        one too, read but not applied), None when there was none to read. `note` names the
+        faults in the report."""
         report.wire.append((SENT, request.describe() + note))
         try:
             link = self._link(step.terminal)
@@ -666,6 +842,7 @@ class _Runner:
             report.problems.append(f"cannot connect to the gateway: {error}")
             return None
         exchange = link.exchange(request.frame, faults, terminal.terminal_id)
+        self.last_used[step.terminal] = self.monotonic()
         if exchange.answer is None:
             terminal.no_answer(request)
             if not (faults.drop_answer or faults.disconnect):
@@ -716,9 +893,18 @@ class _Runner:
         return self._send(step, terminal, terminal.upload_end(sent), report, NO_FAULTS)
 
 
-def run_scenario(scenario: Scenario, config: Config, connect: Callable[[], Link]) -> Report:
-    """Play every step in order and report each; `connect` opens a link for a terminal."""
-    return _Runner(scenario, config, connect).run()
+def run_scenario(
+    scenario: Scenario,
+    config: Config,
+    connect: Callable[[], Link],
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> Report:
+    """Play every step in order and report each; `connect` opens a link for a terminal.
+    `sleep` waits a step's `wait_s`, and `monotonic` times how long each link stood idle
+    (both replaceable, so that tests need not wait)."""
+    return _Runner(scenario, config, connect, sleep, monotonic).run()
 
 
 def run_scenario_file(

@@ -16,7 +16,7 @@ that operators can see what the gateway answers to a terminal in that state.
 For replays, `Terminal.rebuild` turns a request recorded in another session into the same
 request under this session's keys: fresh MAC, the track re-encrypted under the new TDK (or sent
 clear), and a PIN block carried over only by what the config knows of the card's PIN, never by
-decrypting it.
+decrypting it; a corrupted PIN block is recognised by comparison and corrupted again.
 """
 
 from __future__ import annotations
@@ -115,6 +115,13 @@ MAX_AMOUNT_FEN: Final = 999_999_999_999  # field 4 is n12
 
 # Fields a reversal leaves out of its copy of the original (§4.6).
 _NOT_IN_REVERSAL: Final = frozenset({26, 35, 52, 53, 62, 37, 64})
+# Fields that identify a request: without 11, 41 or 42 the gateway cannot answer at all (§7),
+# and 60 says what the request is; a rehearsal of a missing field leaves them in.
+IDENTIFYING_FIELDS: Final = frozenset({11, 41, 42, 60})
+MAC_FIELD: Final = 64
+# A clear PIN block that is no ISO 9564 format 0 block for any card: its format nibble is F,
+# and the card number's block starts with 0000, so the XOR of §5.3 keeps that F.
+_CORRUPT_CLEAR_PIN_BLOCK: Final = b"\xff" * crypto.PIN_BLOCK_BYTES
 # Answers that carry no MAC even when approved (§5.1).
 _UNMACED_ANSWERS: Final = frozenset({Kind.SIGN_ON, Kind.ECHO})
 _REVERSIBLE: Final = frozenset({Kind.REDEMPTION, Kind.VOID})
@@ -151,6 +158,14 @@ class BadAnswerError(Exception):
 def _check_amount(amount_fen: int) -> None:
     if type(amount_fen) is not int or not 0 <= amount_fen <= MAX_AMOUNT_FEN:
         raise ValueError(f"amount_fen must be an integer from 0 to {MAX_AMOUNT_FEN}")
+
+
+def corrupt_pin_block(suite: Suite, pik: bytes) -> bytes:
+    """A PIN block (field 52, or 62 for SM4) that decrypts under `pik` to no valid block, so
+    that the gateway answers `99` (§5.3). It is made from no PIN, so a replay recognises it by
+    comparing blocks under the recorded PIK, without decrypting anything."""
+    padding = bytes(suite.block_size - crypto.PIN_BLOCK_BYTES)
+    return crypto.encrypt_ecb(suite, pik, _CORRUPT_CLEAR_PIN_BLOCK + padding)
 
 
 def next_batch(batch: str) -> str:
@@ -735,6 +750,48 @@ class Terminal:
         }
         return self._finish(Kind.UPLOAD_END, self._message("0320", fields))
 
+    # --- rehearsing malformed requests --------------------------------------------------
+
+    def without_field(self, request: Request, number: int) -> Request:
+        """`request` without field `number`, MAC'd afresh when it carries a MAC (without one
+        when `number` is 64), to rehearse a request missing a field (`30`, or `12` without
+        field 3). Changes nothing in the terminal: the trace it took stays taken.
+
+        `ValueError` for a field that identifies the request (11, 41, 42, 60);
+        `TerminalError` when the request does not carry the field."""
+        if number in IDENTIFYING_FIELDS:
+            raise ValueError(f"field {number} identifies the request and cannot be left out")
+        maced = has_mac(request.frame[LENGTH_BYTES:])
+        carried = number in request.message.fields or (number == MAC_FIELD and maced)
+        if not carried:
+            raise TerminalError(f"the {request.kind.value} carries no field {number} to leave out")
+        fields = {n: v for n, v in request.message.fields.items() if n != number}
+        return self._remade(request, fields, maced=maced and number != MAC_FIELD)
+
+    def with_corrupt_pin(self, request: Request) -> Request:
+        """`request` with its PIN block replaced by one that decrypts to no valid block
+        (`corrupt_pin_block`), MAC'd afresh: the gateway answers `99` for a card with a PIN.
+        Changes nothing in the terminal. `TerminalError` when the request has no PIN block."""
+        fields = dict(request.message.fields)
+        number = next((n for n in (52, 62) if isinstance(fields.get(n), bytes)), None)
+        if number is None or 26 not in fields:
+            raise TerminalError(f"the {request.kind.value} carries no PIN block to corrupt")
+        fields[number] = corrupt_pin_block(self.suite, self._require_keys().pik)
+        return self._remade(request, fields, maced=has_mac(request.frame[LENGTH_BYTES:]))
+
+    def _remade(self, request: Request, fields: dict[int, FieldValue], *, maced: bool) -> Request:
+        """The request with other fields, in its own envelope, MAC'd under the current MAK
+        when `maced`; the field rules of §4 are not checked (that is the point)."""
+        old = request.message
+        message = Message(old.mti, fields, old.tpdu, old.header)
+        if not maced:
+            return Request(request.kind, message, encode_frame(message), request.card)
+        keys = self._require_keys()
+        payload = encode_message_with_mac(
+            message, lambda data: crypto.mac(self.suite, keys.mak, data)
+        )
+        return Request(request.kind, message, add_length(payload), request.card)
+
     # --- rebuilding a recorded request --------------------------------------------------
 
     def rebuild(
@@ -754,11 +811,13 @@ class Terminal:
         none; the MAC is computed afresh. `recorded_keys` are the working keys of the recorded
         session; without them an encrypted track cannot be read and goes as recorded.
 
-        A PIN block is never decrypted. When `pins` (card number -> PIN, as the config knows
-        them) has the card's PIN, the recorded block is compared with that PIN's block under
-        the recorded PIK: the same, and the PIN's block under the new PIK is sent; different,
-        and the block of a PIN known to be wrong is sent, so that a wrong-PIN attempt stays
-        one. Otherwise the recorded block goes as it was (re-MAC'd), and `notes` say so.
+        A PIN block is never decrypted. A recorded block equal to `corrupt_pin_block` under
+        the recorded PIK is sent as the corrupted block under the new PIK (a `99` stays one).
+        Otherwise, when `pins` (card number -> PIN, as the config knows them) has the card's
+        PIN, the recorded block is compared with that PIN's block under the recorded PIK: the
+        same, and the PIN's block under the new PIK is sent; different, and the block of a PIN
+        known to be wrong is sent, so that a wrong-PIN attempt stays one. Otherwise the
+        recorded block goes as it was (re-MAC'd), and `notes` say so.
 
         `CodecError` when the frame does not decode; `TerminalError` when it is no request
         of the profile, or needs keys this terminal does not have.
@@ -839,6 +898,10 @@ class Terminal:
         if number is None:
             return
         block = fields[number]
+        if recorded_keys is not None and block == corrupt_pin_block(self.suite, recorded_keys.pik):
+            fields[number] = corrupt_pin_block(self.suite, self._require_keys().pik)
+            notes.append("the recorded PIN block was a corrupted one: a corrupted one is sent")
+            return
         pin = pins.get(card.number) if card is not None else None
         if card is None or pin is None or recorded_keys is None:
             notes.append(
