@@ -1,9 +1,11 @@
 """Scenario files and the link under them: parsing refusals that name step and key, the runner
-against a small in-memory gateway (reversals first, faults, expectations, reports), and the TCP
-connection against a loopback responder."""
+against a small in-memory gateway (reversals first, faults, waits, expectations, reports), every
+shipped scenario against the real gateway core at its config and clock, and the TCP connection
+against a loopback responder."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -12,6 +14,7 @@ import threading
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +23,15 @@ import pytest
 from cardcodec.crypto import (
     Suite,
     WorkingKeys,
+    decrypt_pin,
     decrypt_track,
+    encrypt_pin,
+    generate_working_keys,
     mac,
     verify_mac,
     wrap_working_keys,
 )
+from cardcodec.errors import PinBlockError
 from cardcodec.frame import PROCESSING_OK, PROCESSING_SIGN_ON_AGAIN, FrameSplitter, add_length
 from cardcodec.message import (
     FieldValue,
@@ -32,6 +39,7 @@ from cardcodec.message import (
     decode_frame,
     encode_frame,
     encode_message_with_mac,
+    has_mac,
     mac_input,
     received_mac,
 )
@@ -58,11 +66,16 @@ from simulators.scenario import (
     run_scenario,
     run_scenario_file,
 )
+from simulators.terminal import CardEntry, Terminal, TerminalError, corrupt_pin_block
+from tests.gateway_harness import Harness
+from tests.test_sim_load import InProcessLink
 from tests.vectors import suite_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "config" / "demo.toml"
 SCENARIOS = sorted((ROOT / "simulators" / "scenarios").glob("*.toml"))
+# Every shipped scenario, those of scenarios/rehearsal/ (for config/rehearsal.toml) too.
+SHIPPED = sorted((ROOT / "simulators" / "scenarios").rglob("*.toml"))
 CONFIG = load_config(DEMO)
 GOLD = "6688000000000000014"  # PIN 123456, 100000 points
 DIAMOND = "6688001234567890124"  # no PIN, 50000 points
@@ -128,6 +141,8 @@ class FakeGateway:
 
     def _answer(self, request: Message, frame: bytes) -> bytes:
         terminal = request.text(41)
+        if all(t.id != terminal for t in self.config.terminals):
+            return self._reply(request, "97", {})
         processing = request.text(3) if 3 in request.fields else None
         kind = classify(request.mti, processing, request.text(60))
         if kind is Kind.SIGN_ON:
@@ -136,8 +151,12 @@ class FakeGateway:
         if kind is Kind.ECHO:
             return self._reply(request, "00", {}, signed_on=keys is not None)
         payload = frame[2:]
-        if keys is None or not verify_mac(
-            self.suite(terminal), keys.mak, mac_input(payload), received_mac(payload)
+        if (
+            keys is None
+            or not has_mac(payload)
+            or not verify_mac(
+                self.suite(terminal), keys.mak, mac_input(payload), received_mac(payload)
+            )
         ):
             return self._reply(request, "A0", {}, signed_on=False)
         if kind is Kind.SIGN_OFF:
@@ -349,16 +368,40 @@ def redeem_step(card: str = DIAMOND, amount_fen: int = 1000, **keys: Any) -> str
 # --- the shipped scenarios -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.name)
-def test_shipped_scenarios_parse_against_the_demo_config(path: Path) -> None:
-    """Every file in simulators/scenarios/ is a valid scenario with a gateway clock."""
-    scenario = load_scenario(path, CONFIG)
+def named_config(path: Path) -> Path:
+    """The config a shipped scenario names at top level (`config`, from the project root)."""
+    name = tomllib.loads(path.read_text(encoding="utf-8"))["config"]
+    return ROOT / name
+
+
+def shipped_id(path: Path) -> str:
+    return str(path.relative_to(ROOT / "simulators" / "scenarios"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=shipped_id)
+def test_shipped_scenarios_parse_against_the_config_they_name(path: Path) -> None:
+    """Every file in simulators/scenarios/ (rehearsal/ too) names a config of config/ and a
+    gateway clock, and is a valid scenario against that config."""
+    config = named_config(path)
+    assert config.parent == ROOT / "config" and config.is_file()
+    scenario = load_scenario(path, load_config(config))
     assert scenario.steps and scenario.clock is not None
+    assert scenario.config == str(config.relative_to(ROOT))
 
 
-def test_both_shipped_scenarios_exist() -> None:
-    """The merchant's day and the declines ship with the simulator."""
-    assert {path.name for path in SCENARIOS} >= {"merchant-day.toml", "declines.toml"}
+def test_top_level_scenarios_play_on_the_demo_config() -> None:
+    """Only scenarios/rehearsal/ holds scenarios for another config than the demo's."""
+    assert {named_config(path) for path in SCENARIOS} == {DEMO}
+
+
+def test_the_shipped_scenarios_exist() -> None:
+    """The merchant's day, the declines and the two rehearsals ship with the simulator."""
+    assert {shipped_id(path) for path in SHIPPED} >= {
+        "merchant-day.toml",
+        "declines.toml",
+        "rehearsal/declines.toml",
+        "rehearsal/key-lifetime.toml",
+    }
 
 
 def test_declines_scenario_expects_every_decline_the_demo_can_produce() -> None:
@@ -366,7 +409,42 @@ def test_declines_scenario_expects_every_decline_the_demo_can_produce() -> None:
     scenario = load_scenario(ROOT / "simulators" / "scenarios" / "declines.toml", CONFIG)
     codes = {s.expect.code for s in scenario.steps}
     assert codes >= {"A7", "14", "57", "62", "55", "12", "51", "61", "13", "64", "25", "22"}
-    assert codes >= {"94", "A0"}
+    assert codes >= {"94", "A0", "30", "99"}
+
+
+def harness_for(path: Path, tmp_path: Path) -> tuple[Harness, Config]:
+    """The real gateway core, in process, on a fresh ledger loaded from the config the
+    scenario names, its clock standing at the scenario's clock until a step waits."""
+    folder = tmp_path / path.stem
+    folder.mkdir()
+    config = load_config(named_config(path), f"sqlite:///{folder / 'ledger.db'}")
+    issuer = dataclasses.replace(
+        config.issuer, master_key=folder / "master.key", signing_key=folder / "issuer.pem"
+    )
+    config = dataclasses.replace(config, issuer=issuer)
+    clock = load_scenario(path, config).clock
+    assert clock is not None
+    return Harness(config, clock), config
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=shipped_id)
+def test_shipped_scenarios_pass_against_the_gateway_core_in_process(
+    path: Path, tmp_path: Path
+) -> None:
+    """Every step of every shipped scenario passes against the real decision and ledger at
+    its config and clock; a wait moves the gateway's clock instead of the test's."""
+    harness, config = harness_for(path, tmp_path)
+    lock = threading.Lock()
+    waited: list[float] = []
+
+    def wait(seconds: float) -> None:
+        waited.append(seconds)
+        harness.clock.advance(timedelta(seconds=seconds))
+
+    scenario = load_scenario(path, config)
+    report = run_scenario(scenario, config, lambda: InProcessLink(harness, lock), sleep=wait)
+    assert report.failed == 0, report.render()
+    assert waited == [s.wait_s for s in scenario.steps if s.wait_s is not None]
 
 
 # --- parsing refusals -----------------------------------------------------------------------
@@ -457,6 +535,43 @@ def test_declines_scenario_expects_every_decline_the_demo_can_produce() -> None:
             "expiry: given without card",
         ),
         ("\n[other]\n", "test.toml: other: unknown key"),
+        (redeem_step(wait_s=0), "step 2 (redeem): wait_s: 0 is outside 1-600"),
+        (redeem_step(wait_s=601), "step 2 (redeem): wait_s: 601 is outside 1-600"),
+        (redeem_step(wait_s="6"), "step 2 (redeem): wait_s: must be an integer, not a string"),
+        (redeem_step(wait_s=1.5), "step 2 (redeem): wait_s: must be an integer, not a float"),
+        (
+            redeem_step(corrupt_pin=True),
+            "step 2 (redeem): corrupt_pin: needs pin: it corrupts the block of the PIN",
+        ),
+        (
+            redeem_step(pin="123456", corrupt_pin=1),
+            "step 2 (redeem): corrupt_pin: must be a boolean, not an integer",
+        ),
+        (
+            step(terminal="10000001", do="sign_on", corrupt_pin=True),
+            "step 2 (sign_on): corrupt_pin: unknown key for sign_on",
+        ),
+        (redeem_step(omit_field=1), "step 2 (redeem): omit_field: 1 is outside 2-64"),
+        (redeem_step(omit_field=65), "step 2 (redeem): omit_field: 65 is outside 2-64"),
+        (redeem_step(omit_field="25"), "omit_field: must be an integer, not a string"),
+        (
+            redeem_step(omit_field=41),
+            "step 2 (redeem): omit_field: field 41 identifies the request (11, 41, 42, 60 stay in)",
+        ),
+        (redeem_step(omit_field=60), "omit_field: field 60 identifies the request"),
+        (
+            redeem_step(omit_field=25, drop_answer=True),
+            "step 2 (redeem): omit_field: not with drop_answer or disconnect",
+        ),
+        (redeem_step(omit_field=25, disconnect=True), "omit_field: not with drop_answer"),
+        (
+            step(terminal="10000001", do="upload", omit_field=48),
+            "step 2 (upload): omit_field: unknown key for upload",
+        ),
+        (
+            redeem_step(terminal="99000001"),
+            "terminal: '99000001' is not a terminal of the config or of extra_terminals",
+        ),
     ],
 )
 def test_bad_steps_are_refused_naming_step_and_key(second: str, message: str) -> None:
@@ -501,6 +616,103 @@ def test_references_between_steps_are_checked(steps: str, message: str) -> None:
     """Saved names are unique, originals exist, are of the right kind and terminal."""
     with pytest.raises(BadInput, match=re.escape(message)):
         parse_scenario(tomllib.loads(steps), CONFIG, "test.toml")
+
+
+EXTRA = {"id": "99000001", "merchant": "898310048990001", "suite": "3des"}
+EXTRA_TMK = "2C1B4281ED510B76F43CF0635EFA7712"
+
+
+def extra_terminal(**keys: Any) -> str:
+    """One [[extra_terminals]] table in TOML."""
+    body = "\n".join(f"{key} = {_toml(value)}" for key, value in keys.items())
+    return f"\n[[extra_terminals]]\n{body}\n"
+
+
+@pytest.mark.parametrize(
+    ("top", "message"),
+    [
+        ("config = 5\n", "test.toml: config: must be a string, not an integer"),
+        ('config = " "\n', "test.toml: config: must be a path, as given to --config"),
+        ('extra_terminals = "x"\n', "test.toml: extra_terminals: must be an array, not a string"),
+        ("extra_terminals = [1]\n", "test.toml: extra_terminals 1: must be a table, not an int"),
+        (
+            extra_terminal(**(EXTRA | {"id": "10000001"}), tmk=EXTRA_TMK),
+            "test.toml: extra_terminals 1: id: '10000001' is a terminal of the config: "
+            "an extra one must be unknown to the gateway",
+        ),
+        (
+            extra_terminal(**EXTRA, tmk=EXTRA_TMK) * 2,
+            "test.toml: extra_terminals 2: id: '99000001' is already extra terminal 1",
+        ),
+        (
+            extra_terminal(**(EXTRA | {"id": "9900001"}), tmk=EXTRA_TMK),
+            "extra_terminals 1: id: '9900001' is not 8 printable ASCII characters",
+        ),
+        (
+            extra_terminal(**(EXTRA | {"merchant": "89831004899000"}), tmk=EXTRA_TMK),
+            "extra_terminals 1: merchant: '89831004899000' is not 15 printable ASCII",
+        ),
+        (
+            extra_terminal(**(EXTRA | {"suite": "aes"}), tmk=EXTRA_TMK),
+            "extra_terminals 1: suite: 'aes' is not one of 3des, sm4",
+        ),
+        (
+            extra_terminal(id="99000001", merchant="898310048990001", tmk=EXTRA_TMK),
+            "extra_terminals 1: suite: missing (required)",
+        ),
+        (extra_terminal(**EXTRA), "extra_terminals 1: tmk: missing (required)"),
+        (
+            extra_terminal(**EXTRA, tmk="2C1B4281ED510B76F43CF0635EFA77"),
+            "extra_terminals 1: tmk: must be 32 hex digits (16 bytes)",
+        ),
+        (
+            extra_terminal(**EXTRA, tmk="0123456789ABCDEF0123456789ABCDEF"),
+            "extra_terminals 1: tmk: the two halves of a 3DES key are equal",
+        ),
+        (
+            extra_terminal(**EXTRA, tmk=EXTRA_TMK, enabled=False),
+            "extra_terminals 1: enabled: unknown key",
+        ),
+        (
+            "extra_terminals = [" + ", ".join(["{}"] * 101) + "]\n",
+            "test.toml: extra_terminals: more than 100",
+        ),
+    ],
+)
+def test_bad_top_level_keys_are_refused_naming_table_and_key(top: str, message: str) -> None:
+    """`config` and `[[extra_terminals]]` are checked like steps: one BadInput naming the
+    table and the key, never a master key's value."""
+    with pytest.raises(BadInput) as refused:
+        parse_scenario(tomllib.loads(top + SIGN_ON), CONFIG, "test.toml")
+    assert message in str(refused.value)
+    assert "2C1B4281" not in str(refused.value) and "0123456789ABCDEF" not in str(refused.value)
+
+
+def test_new_keys_parse_into_the_step_and_the_scenario() -> None:
+    """wait_s (upload too), corrupt_pin, omit_field, config and an extra terminal."""
+    text = (
+        'config = "config/demo.toml"\n'
+        + extra_terminal(**(EXTRA | {"suite": "sm4"}), tmk="00" * 16)
+        + SIGN_ON
+        + redeem_step(card=GOLD, pin="123456", corrupt_pin=True, wait_s=6)
+        + redeem_step(omit_field=25, corrupt_mac=True, repeat=True)
+        + step(terminal="10000001", do="upload", wait_s=600)
+        + step(terminal="99000001", do="sign_on", expect={"code": "97"})
+    )
+    scenario = parse_scenario(tomllib.loads(text), CONFIG, "test.toml")
+    assert scenario.config == "config/demo.toml"
+    (extra,) = scenario.extra_terminals
+    assert (extra.id, extra.merchant, extra.suite, extra.enabled) == (
+        "99000001",
+        "898310048990001",
+        Suite.SM4,
+        True,
+    )
+    assert "tmk" not in repr(extra) and "00" * 16 not in repr(scenario)
+    redeem, omitted, upload = scenario.steps[1:4]
+    assert (redeem.wait_s, redeem.corrupt_pin, redeem.fault_names) == (6, True, ("corrupt_pin",))
+    assert omitted.fault_names == ("corrupt_mac", "repeat", "omit_field 25")
+    assert (upload.wait_s, scenario.steps[0].wait_s) == (600, None)
 
 
 def test_refusals_never_show_a_pin_or_a_whole_card_number() -> None:
@@ -638,6 +850,137 @@ def test_a_corrupted_mac_is_answered_a0_with_sign_on_again() -> None:
     assert played.gateway.points[DIAMOND] == 50000
 
 
+def test_corrupt_pin_sends_a_block_that_decrypts_to_no_valid_block() -> None:
+    """corrupt_pin: field 52 (3DES) or 62 (SM4) holds a block no PIN gives, under the PIK the
+    sign-on issued, and the MAC is right for what is sent; the report names the fault."""
+    sm4_sign_on = SIGN_ON.replace('"10000001"', '"10000002"').replace("true", "false")
+    text = (
+        SIGN_ON
+        + sm4_sign_on
+        + redeem_step(card=GOLD, pin="123456", corrupt_pin=True)
+        + redeem_step(card=GOLD, pin="123456", corrupt_pin=True, terminal="10000002")
+    )
+    played = play(text)
+    assert played.report.failed == 0, played.report.render()
+    cases = ((2, 52, Suite.TDES), (3, 62, Suite.SM4))  # (received, PIN block field, suite)
+    for index, number, suite in cases:
+        message = played.gateway.received[index]
+        block = message.fields[number]
+        assert isinstance(block, bytes) and block == corrupt_pin_block(suite, FAKE_KEYS.pik)
+        with pytest.raises(PinBlockError):
+            decrypt_pin(suite, FAKE_KEYS.pik, block, GOLD)
+        payload = encode_frame(message)[2:]
+        assert verify_mac(suite, FAKE_KEYS.mak, mac_input(payload), received_mac(payload))
+    assert "[corrupt_pin]" in played.report.steps[2].sent[0]
+
+
+def test_omit_field_sends_the_request_without_it_maced_as_sent() -> None:
+    """omit_field: the field is gone, everything else is as built, and the MAC covers what is
+    sent (the fake gateway checks it, so the only fault the gateway sees is the gap)."""
+    text = (
+        SIGN_ON
+        + redeem_step(omit_field=25, expect={"code": "00"})
+        + step(terminal="10000001", do="settle", omit_field=49)
+    )
+    played = play(text)
+    assert played.report.failed == 0, played.report.render()
+    redemption, settlement = played.gateway.received[1:3]
+    assert 25 not in redemption.fields and {4, 35, 60} <= set(redemption.fields)
+    assert 49 not in settlement.fields and 48 in settlement.fields
+    assert "[omit_field 25]" in played.report.steps[1].sent[0]
+
+
+def test_omit_field_64_sends_no_mac_and_a_missing_field_fails_the_step() -> None:
+    """Leaving out the MAC sends none (the fake answers A0); a field the request does not
+    carry fails the step without sending, and the run goes on."""
+    text = (
+        SIGN_ON
+        + redeem_step(omit_field=64, expect={"code": "A0"})
+        + redeem_step(omit_field=52)
+        + step(terminal="10000001", do="echo", expect={"code": "00"})
+    )
+    played = play(text)
+    assert not has_mac(encode_frame(played.gateway.received[1])[2:])
+    assert played.report.steps[1].passed
+    assert played.report.steps[2].problems == ["the redemption carries no field 52 to leave out"]
+    assert played.gateway.sent_mtis() == ["0800", "0200", "0820"]
+
+
+def test_a_step_of_an_extra_terminal_is_played_as_that_terminal() -> None:
+    """An extra terminal signs on with its own id and merchant; the gateway answers 97."""
+    sign_on = step(terminal="99000001", do="sign_on", expect={"code": "97"})
+    text = extra_terminal(**EXTRA, tmk=EXTRA_TMK) + sign_on
+    played = play(text)
+    assert played.report.failed == 0, played.report.render()
+    (sign_on,) = played.gateway.received
+    assert (sign_on.fields[41], sign_on.fields[42]) == ("99000001", "898310048990001")
+
+
+class FakeTime:
+    """A monotonic clock that only `sleep` moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def play_timed(text: str, clock: FakeTime) -> Played:
+    gateway = FakeGateway(CONFIG)
+    links: list[FakeLink] = []
+    scenario = parse_scenario(tomllib.loads(text), CONFIG, "test.toml")
+    report = run_scenario(
+        scenario,
+        CONFIG,
+        lambda: FakeLink(gateway, links),
+        sleep=clock.sleep,
+        monotonic=clock.monotonic,
+    )
+    return Played(report, gateway, links)
+
+
+def test_wait_s_sleeps_before_anything_is_sent_and_the_report_says_so() -> None:
+    """A step's wait comes before its own request and before a reversal the terminal owes."""
+    clock = FakeTime()
+    sent_before_wait: list[int] = []
+    text = SIGN_ON + redeem_step(drop_answer=True) + redeem_step(wait_s=6, expect={"code": "00"})
+    gateway = FakeGateway(CONFIG)
+    links: list[FakeLink] = []
+
+    def sleep(seconds: float) -> None:
+        sent_before_wait.append(len(gateway.received))
+        clock.sleep(seconds)
+
+    scenario = parse_scenario(tomllib.loads(text), CONFIG, "test.toml")
+    report = run_scenario(scenario, CONFIG, lambda: FakeLink(gateway, links), sleep=sleep)
+    assert report.failed == 0, report.render()
+    assert clock.sleeps == [6] and sent_before_wait == [2]
+    assert gateway.sent_mtis() == ["0800", "0200", "0400", "0200"]
+    assert report.steps[2].wire[0] == ("~", "waited 6 s")
+    assert "      ~ waited 6 s" in report.render()
+
+
+def test_a_link_idle_near_the_gateway_idle_time_out_is_replaced_before_use() -> None:
+    """After a wait of 270 s or more (90 % of the demo's 300 s), every terminal's next step
+    goes on a new link; after a shorter one the links stay."""
+    second = SIGN_ON.replace('"10000001"', '"20000001"')
+    echo_1 = step(terminal="10000001", do="echo", expect={"code": "00"})
+    echo_2 = step(terminal="20000001", do="echo", expect={"code": "00"})
+    short = step(terminal="10000001", do="echo", wait_s=200, expect={"code": "00"})
+    long = step(terminal="10000001", do="echo", wait_s=270, expect={"code": "00"})
+    played = play_timed(SIGN_ON + second + short + echo_2, FakeTime())
+    assert played.report.failed == 0 and len(played.links) == 2
+    played = play_timed(SIGN_ON + second + long + echo_2 + echo_1, FakeTime())
+    assert played.report.failed == 0, played.report.render()
+    assert len(played.links) == 4 and [link.closed for link in played.links[:2]] == [True] * 2
+
+
 def test_a_disconnect_cuts_the_link_and_the_next_step_reverses_on_a_new_one() -> None:
     """A cut mid-frame leaves no answer; the next step opens a new link and reverses first."""
     text = SIGN_ON + redeem_step(disconnect=True) + step(terminal="10000001", do="echo")
@@ -691,6 +1034,39 @@ def test_report_renders_every_step_with_cards_masked_and_no_pin() -> None:
     assert "668800*********0014" in rendered
     assert GOLD not in rendered and "123456" not in rendered
     assert rendered.endswith("2 steps: 1 passed, 1 failed\n")
+
+
+def test_a_rebuilt_corrupted_pin_block_is_corrupted_again_under_the_new_pik() -> None:
+    """Replay: the simulator's corrupted block is recognised by comparison under the recorded
+    PIK (never decrypted) and sent corrupted under the new one, so a 99 stays a 99."""
+    config = next(t for t in CONFIG.terminals if t.id == "10000001")
+    recorded, live = Terminal.from_config(config), Terminal.from_config(config)
+    recorded.keys = generate_working_keys(Suite.TDES, False)
+    live.keys = generate_working_keys(Suite.TDES, False)
+    card = CardEntry(GOLD, "2812")
+    request = recorded.with_corrupt_pin(recorded.redemption(card, 1000, pin="123456"))
+    rebuilt = live.rebuild(request.frame, recorded_keys=recorded.keys, pins={GOLD: "123456"})
+    assert rebuilt.request.message.fields[52] == corrupt_pin_block(Suite.TDES, live.keys.pik)
+    assert rebuilt.notes == ("the recorded PIN block was a corrupted one: a corrupted one is sent",)
+    right = recorded.redemption(card, 1000, pin="123456")
+    rebuilt = live.rebuild(right.frame, recorded_keys=recorded.keys, pins={GOLD: "123456"})
+    assert rebuilt.request.message.fields[52] == encrypt_pin(
+        Suite.TDES, live.keys.pik, "123456", GOLD
+    )
+
+
+def test_without_field_keeps_the_identifying_fields() -> None:
+    """11, 41, 42 and 60 cannot be left out: the gateway could not answer or classify."""
+    terminal = Terminal.from_config(CONFIG.terminals[0])
+    terminal.keys = generate_working_keys(Suite.TDES, False)
+    request = terminal.redemption(CardEntry(DIAMOND, "2906"), 1000)
+    for number in (11, 41, 42, 60):
+        with pytest.raises(ValueError, match=f"field {number} identifies the request"):
+            terminal.without_field(request, number)
+    with pytest.raises(TerminalError, match="carries no field 26"):
+        terminal.without_field(request, 26)
+    with pytest.raises(TerminalError, match="carries no PIN block to corrupt"):
+        terminal.with_corrupt_pin(request)
 
 
 # --- the TCP connection against a loopback responder ------------------------------------------
