@@ -13,9 +13,6 @@ is `cryptography`'s.
 
 from __future__ import annotations
 
-import os
-import secrets
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -25,9 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from clearing import ed25519
 from gateway.errors import BadInput
+from gateway.secret_files import create_private_file, read_private_file
 
-OWNER_ONLY = 0o600
-GROUP_OR_OTHER = 0o077
 MAX_KEY_FILE_BYTES = 16 * 1024
 CHUNK_BYTES = 1 << 20
 
@@ -45,27 +41,12 @@ def _create(path: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OWNER_ONLY)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(pem)
-                file.flush()
-                os.fsync(file.fileno())
-            os.link(temporary, path)
-        except FileExistsError:
-            pass  # another process made the key first: use theirs
-        finally:
-            temporary.unlink(missing_ok=True)
-    except OSError as error:
-        raise BadInput(f"signing key {path}: cannot create it: {error.strerror}") from None
+    create_private_file(path, pem, "signing key")
 
 
 def load_private(path: Path) -> Ed25519PrivateKey:
     """The signing key, refused unless a private regular file holding an Ed25519 PKCS#8 PEM."""
-    data = _read_private_file(path)
+    data = read_private_file(path, "signing key", MAX_KEY_FILE_BYTES)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -73,26 +54,6 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise BadInput(f"signing key {path}: not an Ed25519 key")
     return key
-
-
-def _read_private_file(path: Path) -> bytes:
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError as error:
-        raise BadInput(f"signing key {path}: cannot read it: {error.strerror}") from None
-    try:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            raise BadInput(f"signing key {path}: not a regular file")
-        if status.st_mode & GROUP_OR_OTHER:
-            mode = stat.S_IMODE(status.st_mode)
-            raise BadInput(
-                f"signing key {path}: permissions {mode:04o} let group or others read it; "
-                "chmod 600 it"
-            )
-        return os.read(descriptor, MAX_KEY_FILE_BYTES)
-    finally:
-        os.close(descriptor)
 
 
 def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
-import stat
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.errors import BadInput
+from gateway.secret_files import create_private_file, read_private_file
 
 MASTER_KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -37,8 +36,6 @@ SEALED_FORMAT = b"\x01"
 TMK_LABEL = b"vipgate tmk"
 PIN_LABEL = b"vipgate pin"
 PIN_DIGITS = range(4, 13)
-OWNER_ONLY = 0o600
-GROUP_OR_OTHER = 0o077
 
 
 class KeyStoreError(Exception):
@@ -155,47 +152,13 @@ def _read_or_create(path: Path) -> _Secret:
 
 
 def _create(path: Path) -> None:
-    """Write 32 random bytes to `path` (mode 0600) unless another process got there first.
-
-    The key goes to a private temporary file that is then linked into place, so no reader
-    ever sees a half-written key and two processes starting together agree on one key.
-    """
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OWNER_ONLY)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(secrets.token_bytes(MASTER_KEY_BYTES))
-                file.flush()
-                os.fsync(file.fileno())
-            os.link(temporary, path)
-        except FileExistsError:
-            pass  # another process made the key first: use theirs
-        finally:
-            temporary.unlink(missing_ok=True)
-    except OSError as error:
-        raise BadInput(f"master key {path}: cannot create it: {error.strerror}") from None
+    """32 random bytes at `path`, owner-only, unless another process made the key first."""
+    create_private_file(path, secrets.token_bytes(MASTER_KEY_BYTES), "master key")
 
 
 def _read(path: Path) -> _Secret:
     """The master key, refused when the file is not a private 32-byte regular file."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError as error:
-        raise BadInput(f"master key {path}: cannot read it: {error.strerror}") from None
-    try:
-        status = os.fstat(descriptor)
-        if not stat.S_ISREG(status.st_mode):
-            raise BadInput(f"master key {path}: not a regular file")
-        if status.st_mode & GROUP_OR_OTHER:
-            mode = stat.S_IMODE(status.st_mode)
-            raise BadInput(
-                f"master key {path}: permissions {mode:04o} let group or others at it; chmod 600 it"
-            )
-        data = os.read(descriptor, MASTER_KEY_BYTES + 1)
-    finally:
-        os.close(descriptor)
+    data = read_private_file(path, "master key", MASTER_KEY_BYTES + 1)
     if len(data) != MASTER_KEY_BYTES:
         raise BadInput(f"master key {path}: must be exactly {MASTER_KEY_BYTES} bytes")
     return _Secret(data)
