@@ -445,19 +445,28 @@ class Transactions:
             return Decline.CARD_UNKNOWN
         return None
 
+    def _credited_original(
+        self, orm: OrmSession, context: Context, *, refund: bool
+    ) -> Authorisation | Decline:
+        """The original a void or refund names, once every check of §4.5 passed."""
+        number, _ = context.presented_card()
+        decline = self._credit_checks(orm, context)
+        if decline is not None:
+            return decline
+        original = self._original(orm, context, number, refund=refund)
+        if isinstance(original, Decline):
+            return original
+        rules = self._refund_rules if refund else self._void_rules
+        return rules(orm, context, original) or original
+
     def _void(self, orm: OrmSession, context: Context) -> Outcome:
         swipe = context.swipe
         number, _ = context.presented_card()
         if records.find_tombstone(orm, swipe.terminal_id, swipe.batch_number, swipe.trace):
             return self._declined(orm, context, Decline.DUPLICATE, number)
-        decline = self._credit_checks(orm, context)
-        original = self._original(orm, context, number, refund=False) if not decline else None
+        original = self._credited_original(orm, context, refund=False)
         if isinstance(original, Decline):
-            decline = original
-        if decline is None and isinstance(original, Authorisation):
-            decline = self._void_rules(orm, context, original)
-        if decline is not None or not isinstance(original, Authorisation):
-            return self._declined(orm, context, decline or Decline.ORIGINAL_NOT_FOUND, number)
+            return self._declined(orm, context, original, number)
         auth_code = self._auth_code()
         restored = ops.void(orm, swipe, original.id, auth_code=auth_code)
         if isinstance(restored, ops.Declined):
@@ -495,14 +504,9 @@ class Transactions:
 
     def _refund(self, orm: OrmSession, context: Context) -> Outcome:
         number, _ = context.presented_card()
-        decline = self._credit_checks(orm, context)
-        original = self._original(orm, context, number, refund=True) if not decline else None
+        original = self._credited_original(orm, context, refund=True)
         if isinstance(original, Decline):
-            decline = original
-        if decline is None and isinstance(original, Authorisation):
-            decline = self._refund_rules(orm, context, original)
-        if decline is not None or not isinstance(original, Authorisation):
-            return self._declined(orm, context, decline or Decline.ORIGINAL_NOT_FOUND, number)
+            return self._declined(orm, context, original, number)
         auth_code = self._auth_code()
         refunded = ops.refund(
             orm, context.swipe, original.id, context.amount_fen, auth_code=auth_code
