@@ -472,13 +472,18 @@ class Transactions:
         if isinstance(restored, ops.Declined):
             return self._declined(orm, context, Decline.NOT_ALLOWED, number)
         info = PointsInfo(
-            restored.points,
-            restored.spendable_points_after,
-            original.discount_bp,
+            restored.points, restored.spendable_points_after, original.discount_bp,
             original.settled_fen,
-        )
+        )  # fmt: skip
+        return self._credited(context, number, restored.rrn, auth_code, info)
+
+    def _credited(
+        self, context: Context, number: str, rrn: str, auth_code: str, info: PointsInfo
+    ) -> Outcome:
+        """The approved answer of a void or refund: 63 gives the points returned and the fen
+        clawed back (§4.5)."""
         answer = self._approved_card_answer(
-            context, code=APPROVED, rrn=restored.rrn, auth_code=auth_code, info=info
+            context, code=APPROVED, rrn=rrn, auth_code=auth_code, info=info
         )
         return Outcome(answer, card_number=number)
 
@@ -514,15 +519,10 @@ class Transactions:
         if isinstance(refunded, ops.Declined):
             return self._declined(orm, context, Decline.BAD_AMOUNT, number)
         info = PointsInfo(
-            refunded.points,
-            refunded.spendable_points_after,
-            original.discount_bp,
+            refunded.points, refunded.spendable_points_after, original.discount_bp,
             refunded.fen_clawed,
-        )
-        answer = self._approved_card_answer(
-            context, code=APPROVED, rrn=refunded.rrn, auth_code=auth_code, info=info
-        )
-        return Outcome(answer, card_number=number)
+        )  # fmt: skip
+        return self._credited(context, number, refunded.rrn, auth_code, info)
 
     def _refund_rules(
         self, orm: OrmSession, context: Context, original: Authorisation
