@@ -95,26 +95,40 @@ def start() -> PgServer:
                 "--no-sync",
             ]
         )  # fmt: skip
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {server.port} -k {folder} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-            "-c max_connections=200"
-        )
-        _run(
-            [
-                str(PG_BIN / "pg_ctl"),
-                "-D", str(server.data),
-                "-l", str(folder / "server.log"),
-                "-o", options,
-                "-t", str(START_TIMEOUT_S),
-                "-w",
-                "start",
-            ]
-        )  # fmt: skip
+        _start_server(server)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return server
+
+
+def _start_server(server: PgServer) -> None:
+    options = (
+        f"-c listen_addresses=127.0.0.1 -p {server.port} -k {server.folder} "
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+        "-c max_connections=200"
+    )
+    _run(
+        [
+            str(PG_BIN / "pg_ctl"),
+            "-D", str(server.data),
+            "-l", str(server.folder / "server.log"),
+            "-o", options,
+            "-t", str(START_TIMEOUT_S),
+            "-w",
+            "start",
+        ]
+    )  # fmt: skip
+
+
+def pause(server: PgServer) -> None:
+    """Stop the server but keep its data, as an outage would (`resume` brings it back)."""
+    _run([str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-m", "fast", "-w", "stop"])
+
+
+def resume(server: PgServer) -> None:
+    """Start a paused server again on the same data and port."""
+    _start_server(server)
 
 
 def stop(server: PgServer) -> None:
