@@ -74,6 +74,11 @@ class GatewaySettings:
     # Rehearsals only: a key lifetime in seconds that replaces key_lifetime_h, so that a
     # scenario can wait past it (operations.md lets the config grow; this key is optional).
     key_lifetime_s: int | None = None
+    # Against hostile peers (docs/reliability.md, Hostile input): one more connection from an
+    # address that has this many open is closed at once; a terminal sending more frames a
+    # second than this (a token bucket per terminal and address) has its connection closed.
+    max_connections_per_address: int = 64
+    max_frames_per_second_per_terminal: int = 50
 
     @property
     def key_lifetime(self) -> timedelta:
@@ -429,6 +434,12 @@ def _gateway(root: _Table, folder: Path) -> GatewaySettings:
             "max_pending_per_connection", 32, low=1, high=1024
         ),
         key_lifetime_s=table.integer("key_lifetime_s", None, low=1, high=8760 * 3600),
+        max_connections_per_address=table.integer(
+            "max_connections_per_address", 64, low=1, high=65535
+        ),
+        max_frames_per_second_per_terminal=table.integer(
+            "max_frames_per_second_per_terminal", 50, low=1, high=100_000
+        ),
     )
 
 
@@ -659,6 +670,8 @@ GATEWAY_KEYS = (
     "acquirer_institution",
     "idle_timeout_s",
     "max_pending_per_connection",
+    "max_connections_per_address",
+    "max_frames_per_second_per_terminal",
 )
 ISSUER_KEYS = ("id", "card_prefixes", "signing_key", "master_key")
 PLAN_KEYS = ("qualify_points", "expiry_years", "max_points_per_card_day")

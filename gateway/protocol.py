@@ -5,6 +5,15 @@ is handed to a `Processor` (a callable returning a Deferred of the answer); answ
 the order the requests arrived, whatever order they finish in. A connection idle for too long
 or with too many requests awaiting an answer is closed; a frame that cannot be answered closes
 it too. Nothing a connection sends can stop the gateway or touch another connection.
+
+Two more bounds stand against hostile peers (docs/reliability.md, Hostile input): at most
+`max_connections_per_address` open connections from one address (one more is closed at once),
+and at most `max_frames_per_second_per_terminal` frames per terminal and address, a token
+bucket on the injected reactor's clock. The protocol reads no field itself: a connection's
+frames count against the terminal its last answer named (field 41), and against its address
+until an answer names one. A frame over the rate closes the connection unprocessed. The
+address is part of the key so that a stranger who writes an honest terminal's id into field
+41 spends his own bucket, not the terminal's.
 """
 
 from __future__ import annotations
@@ -45,6 +54,32 @@ class _Slot:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class TokenBucket:
+    """`rate` tokens a second, at most `rate` kept (a burst of one second's worth)."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        elapsed = max(0.0, now - self.updated)
+        self.tokens = min(self.rate, self.tokens + elapsed * self.rate)
+        self.updated = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token if there is one."""
+        self.refill(now)
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def full(self, now: float) -> bool:
+        self.refill(now)
+        return self.tokens >= self.rate
+
+
 class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
     """One terminal connection."""
 
@@ -54,16 +89,28 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         self._factory = factory
         self._slots: deque[_Slot] = deque()
         self._closing = False
+        self._address = "?"
+        self._counted = False  # in the per-address count (refused connections are not)
+        self._terminal: str | None = None  # the terminal the last answer named
 
     def connectionMade(self) -> None:
         # TimeoutMixin schedules through `callLater`: the injected reactor's, for fake clocks.
         self.callLater = self._factory.reactor.callLater  # type: ignore[method-assign,assignment]
-        self.setTimeout(self._factory.idle_timeout_s)  # type: ignore[no-untyped-call]
         self._factory.connections += 1
+        self._address = self._peer()
+        if not self._factory.admit(self._address):
+            log.info("too_many_connections_closed", peer=self._address)
+            self._close()
+            return
+        self._counted = True
+        self.setTimeout(self._factory.idle_timeout_s)  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)  # type: ignore[no-untyped-call]
         self._factory.connections -= 1
+        if self._counted:
+            self._counted = False
+            self._factory.release(self._address)
 
     def timeoutConnection(self) -> None:
         log.info("connection_idle_closed", peer=self._peer())
@@ -75,6 +122,10 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
 
     def stringReceived(self, string: bytes) -> None:
         if self._closing:
+            return
+        if not self._factory.take_frame(self._terminal, self._address):
+            log.info("frame_rate_closed", peer=self._address, terminal=self._terminal)
+            self._close()
             return
         self.resetTimeout()  # type: ignore[no-untyped-call]
         if len(self._slots) >= self._factory.max_pending:
@@ -88,6 +139,9 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         deferred.addErrback(self._failed, slot)
 
     def _answered(self, reply: Reply, slot: _Slot) -> None:
+        terminal = reply.event.get("terminal")
+        if isinstance(terminal, str) and terminal:
+            self._terminal = terminal
         slot.reply = reply
         slot.done = True
         self._flush()
@@ -132,8 +186,13 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         return str(getattr(peer, "host", "?"))
 
 
+# Buckets kept before the idle ones are dropped: bounds the memory a stream of new terminal
+# ids or addresses can take (a dropped bucket was full, so dropping it forgives nothing).
+MAX_BUCKETS = 10_000
+
+
 class TerminalFactory(Factory):
-    """Builds a protocol per connection and counts them."""
+    """Builds a protocol per connection, counts them per address and meters frames."""
 
     def __init__(
         self,
@@ -143,13 +202,53 @@ class TerminalFactory(Factory):
         idle_timeout_s: float,
         max_pending: int,
         record: TrafficRecorder | None = None,
+        max_connections_per_address: int = 64,
+        max_frames_per_second: float = 50,
     ) -> None:
         self.process = process
         self.record = record
         self.reactor = reactor
         self.idle_timeout_s = idle_timeout_s
         self.max_pending = max_pending
+        self.max_connections_per_address = max_connections_per_address
+        self.max_frames_per_second = max_frames_per_second
         self.connections = 0
+        self.per_address: dict[str, int] = {}
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
 
     def buildProtocol(self, addr: Any) -> TerminalProtocol:
         return TerminalProtocol(self)
+
+    def admit(self, address: str) -> bool:
+        """Count a new connection from `address`, unless that address has its fill already."""
+        count = self.per_address.get(address, 0)
+        if count >= self.max_connections_per_address:
+            return False
+        self.per_address[address] = count + 1
+        return True
+
+    def release(self, address: str) -> None:
+        count = self.per_address.get(address, 0) - 1
+        if count > 0:
+            self.per_address[address] = count
+        else:
+            self.per_address.pop(address, None)
+
+    def take_frame(self, terminal: str | None, address: str) -> bool:
+        """Spend one frame of the terminal's (or, unnamed yet, the address's) rate."""
+        now: float = cast(Any, self.reactor).seconds()
+        key = (terminal or "", address)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= MAX_BUCKETS:
+                self._drop_full_buckets(now)
+            bucket = self._buckets[key] = TokenBucket(self.max_frames_per_second, now)
+        return bucket.take(now)
+
+    def _drop_full_buckets(self, now: float) -> None:
+        for key in [key for key, bucket in self._buckets.items() if bucket.full(now)]:
+            del self._buckets[key]
+
+    @property
+    def buckets(self) -> int:
+        return len(self._buckets)

@@ -121,6 +121,8 @@ class GatewayServer:
             idle_timeout_s=config.gateway.idle_timeout_s,
             max_pending=config.gateway.max_pending_per_connection,
             record=record,
+            max_connections_per_address=config.gateway.max_connections_per_address,
+            max_frames_per_second=config.gateway.max_frames_per_second_per_terminal,
         )
 
     def process(self, payload: bytes) -> Deferred[Reply]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.handler import Reply
-from gateway.protocol import TerminalFactory, TerminalProtocol
+from gateway.protocol import MAX_BUCKETS, TerminalFactory, TerminalProtocol
 
 
 def frame(payload: bytes) -> bytes:
@@ -157,3 +158,132 @@ def test_recording_keeps_each_request_and_answer_in_order() -> None:
         ("out", "10000001", frame(b"b")),
         ("in", "10000001", frame(b"re:b")),
     ]
+
+
+def hostile_factory(
+    process: object = None, *, per_address: int = 64, rate: float = 50
+) -> tuple[TerminalFactory, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    factory = TerminalFactory(
+        process or echo,  # type: ignore[arg-type]
+        reactor,
+        idle_timeout_s=300,
+        max_pending=32,
+        max_connections_per_address=per_address,
+        max_frames_per_second=rate,
+    )
+    return factory, reactor
+
+
+def open_from(
+    factory: TerminalFactory, host: str, port: int = 40000
+) -> tuple[TerminalProtocol, StringTransport]:
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def named(terminal: str) -> object:
+    """A processor whose answers name `terminal`, as the handler's do from field 41."""
+    return lambda payload: succeed(Reply(b"re:" + payload, {"terminal": terminal}))
+
+
+def test_connection_over_the_per_address_bound_is_closed_at_once() -> None:
+    """The connection after the bound from one address closes unread; other addresses pass."""
+    factory, _ = hostile_factory(per_address=2)
+    kept = [open_from(factory, "10.0.0.1", port) for port in (1, 2)]
+    refused, refused_transport = open_from(factory, "10.0.0.1", 3)
+    assert refused_transport.disconnecting
+    assert not any(transport.disconnecting for _, transport in kept)
+    refused.dataReceived(frame(b"x"))
+    assert refused_transport.value() == b""
+    _, other = open_from(factory, "10.0.0.2")
+    assert not other.disconnecting
+
+
+def test_a_closed_connection_frees_its_place_for_its_address() -> None:
+    """Per-address counting follows connections lost, refused ones included."""
+    factory, _ = hostile_factory(per_address=1)
+    first, _ = open_from(factory, "10.0.0.1", 1)
+    refused, _ = open_from(factory, "10.0.0.1", 2)
+    refused.connectionLost(None)
+    assert factory.per_address == {"10.0.0.1": 1}
+    first.connectionLost(None)
+    assert factory.per_address == {}
+    assert factory.connections == 0
+    _, again = open_from(factory, "10.0.0.1", 3)
+    assert not again.disconnecting
+
+
+def test_frames_over_the_rate_close_the_connection_unprocessed() -> None:
+    """The frame beyond the terminal's bucket is not processed and closes the link."""
+    pending = Pending()
+    factory, _ = hostile_factory(pending, rate=3)
+    protocol, transport = open_from(factory, "10.0.0.1")
+    protocol.dataReceived(frame(b"1") + frame(b"2") + frame(b"3"))
+    assert not transport.disconnecting
+    protocol.dataReceived(frame(b"4"))
+    assert transport.disconnecting
+    assert [payload for payload, _ in pending.calls] == [b"1", b"2", b"3"]
+
+
+def test_the_rate_refills_on_the_reactor_clock() -> None:
+    """At the bound rate, frame after frame, a terminal is never cut off."""
+    factory, reactor = hostile_factory(named("10000001"), rate=5)
+    protocol, transport = open_from(factory, "10.0.0.1")
+    for _ in range(50):
+        protocol.dataReceived(frame(b"x"))
+        reactor.advance(0.2)
+    assert not transport.disconnecting
+    assert transport.value() == frame(b"re:x") * 50
+
+
+def test_frames_count_per_terminal_across_its_connections() -> None:
+    """Two connections of one terminal from one address share its bucket."""
+    factory, _ = hostile_factory(named("10000001"), rate=3)
+    first, first_transport = open_from(factory, "10.0.0.1", 1)
+    second, second_transport = open_from(factory, "10.0.0.1", 2)
+    first.dataReceived(frame(b"a"))  # counted on the address, then names the terminal
+    second.dataReceived(frame(b"b"))
+    first.dataReceived(frame(b"c") + frame(b"d") + frame(b"e"))
+    assert not first_transport.disconnecting
+    second.dataReceived(frame(b"f"))
+    assert second_transport.disconnecting
+
+
+def test_a_stranger_naming_a_terminal_spends_his_own_bucket() -> None:
+    """Frames naming the honest terminal from another address do not cut the honest one off."""
+    factory, reactor = hostile_factory(named("10000001"), rate=3)
+    honest, honest_transport = open_from(factory, "10.0.0.1")
+    honest.dataReceived(frame(b"sign-on"))
+    stranger, stranger_transport = open_from(factory, "10.6.6.6")
+    stranger.dataReceived(frame(b"1"))
+    stranger.dataReceived(frame(b"2") + frame(b"3") + frame(b"4") + frame(b"5"))
+    assert stranger_transport.disconnecting
+    reactor.advance(1)
+    honest.dataReceived(frame(b"redeem") + frame(b"redeem"))
+    assert not honest_transport.disconnecting
+
+
+def test_buckets_are_bounded_and_idle_ones_dropped() -> None:
+    """A stream of new addresses never keeps more than MAX_BUCKETS buckets."""
+    factory, reactor = hostile_factory()
+    for number in range(MAX_BUCKETS + 10):
+        address = f"10.{number // 65536}.{number // 256 % 256}.{number % 256}"
+        protocol, _ = open_from(factory, address)
+        protocol.dataReceived(frame(b"x"))
+        protocol.connectionLost(None)
+        reactor.advance(1)
+    assert factory.buckets <= MAX_BUCKETS
+
+
+def test_a_slow_sender_is_closed_by_the_idle_timeout() -> None:
+    """Bytes that never complete a frame do not keep a connection open."""
+    protocol, transport, reactor = connect(echo, idle=10)
+    for byte in frame(b"a frame that takes its time")[:9]:
+        protocol.dataReceived(bytes([byte]))
+        reactor.advance(1)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.disconnecting
