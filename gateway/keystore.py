@@ -4,8 +4,8 @@ The gateway holds two kinds of secret at rest: terminal master keys (encrypted, 
 gateway must use them again) and card PINs (never stored, only an HMAC to compare against).
 Both hang off one master key. `KeyStore` is all the rest of the gateway may ask of it: seal
 and open a TMK, compute and check a PIN HMAC. `FileKeyStore` keeps the master key in a file
-of 32 random bytes readable by its owner only; an HSM-backed store would implement the same
-four methods and never let the key leave the module.
+of 32 random bytes readable by its owner only, and the PIN key sealed under it beside it; an
+HSM-backed store would implement the same four methods and never let the key leave the module.
 
 No key, TMK or PIN ever appears in a message, a repr or a traceback's exception chain: the
 errors raised here name the file or the terminal, never a value, and are raised `from None`.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from pathlib import Path
 from typing import Protocol
@@ -25,21 +26,29 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.errors import BadInput
-from gateway.secret_files import create_private_file, read_private_file
+from gateway.secret_files import create_private_file, read_private_file, replace_private_file
 
 MASTER_KEY_BYTES = 32
 NONCE_BYTES = 12
 TAG_BYTES = 16
-# The first byte of a sealed TMK says how it was sealed, so a later scheme (a new master key,
-# an HSM) can tell its own blobs from these.
-SEALED_FORMAT = b"\x01"
+KEY_ID_BYTES = 4
+# The first byte of a sealed blob says how it was sealed. 1: under the key derived from the one
+# master key; 2: followed by the id of the master key it was sealed under, so that during a
+# rotation blobs of the old and the new master key can both be opened.
+LEGACY_FORMAT = b"\x01"
+SEALED_FORMAT = b"\x02"
 TMK_LABEL = b"vipgate tmk"
 PIN_LABEL = b"vipgate pin"
+PIN_KEY_AAD = b"vipgate pin key"
 PIN_DIGITS = range(4, 13)
 
 
 class KeyStoreError(Exception):
     """A sealed key that does not open under this master key (wrong key, or tampered)."""
+
+
+class _UnrecognisedError(KeyStoreError):
+    """Bytes that are not a blob this store seals at all."""
 
 
 class KeyStore(Protocol):
@@ -82,32 +91,66 @@ def _derive(master: bytes, label: bytes) -> _Secret:
     return _Secret(HKDF(hashes.SHA256(), MASTER_KEY_BYTES, salt=None, info=label).derive(master))
 
 
+class _Master:
+    """One master key: its id (4 bytes of its SHA-256, which tell nothing of it) and the key
+    it seals with."""
+
+    def __init__(self, key: _Secret) -> None:
+        self.id = hashlib.sha256(key.reveal()).digest()[:KEY_ID_BYTES]
+        self.sealing = _derive(key.reveal(), TMK_LABEL)
+        self.legacy_pin = _derive(key.reveal(), PIN_LABEL)
+
+    def __repr__(self) -> str:
+        return "<secret>"
+
+    def seal(self, plain: bytes, aad: bytes) -> bytes:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        body = AESGCM(self.sealing.reveal()).encrypt(nonce, plain, aad)
+        return SEALED_FORMAT + self.id + nonce + body
+
+    def open(self, nonce: bytes, body: bytes, aad: bytes) -> bytes:
+        return AESGCM(self.sealing.reveal()).decrypt(nonce, body, aad)
+
+
 class FileKeyStore:
-    """The master key in a file (made on first use, owner-only); derived keys in memory."""
+    """The master key in a file (made on first use, owner-only); the PIN key sealed under it in
+    a file beside it (`<master>.pin`); during a rotation the next master key in `<master>.next`.
+
+    Rotation (`begin_rotation`, `reseal_tmk` for each stored TMK, `finish_rotation`) can stop
+    at any step and be run again: while `<master>.next` exists both keys open blobs and new
+    blobs are sealed under the next one.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._tmk_key: _Secret | None = None
+        self._masters: dict[bytes, _Master] | None = None
+        self._newest: _Master | None = None
         self._pin_key: _Secret | None = None
 
     def __repr__(self) -> str:
         return f"FileKeyStore(path={str(self.path)!r})"
 
+    @property
+    def next_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".next")
+
+    @property
+    def pin_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".pin")
+
+    # -- TMKs and PINs -------------------------------------------------------------------------
+
     def encrypt_tmk(self, terminal_id: str, tmk: bytes) -> bytes:
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        aead = AESGCM(self._keys()[0].reveal())
-        return SEALED_FORMAT + nonce + aead.encrypt(nonce, tmk, _terminal_aad(terminal_id))
+        return self._newest_master().seal(tmk, _terminal_aad(terminal_id))
 
     def decrypt_tmk(self, terminal_id: str, sealed: bytes) -> bytes:
-        if len(sealed) < 1 + NONCE_BYTES + TAG_BYTES or sealed[:1] != SEALED_FORMAT:
+        try:
+            return self._open(sealed, _terminal_aad(terminal_id))
+        except _UnrecognisedError:
             raise KeyStoreError(
                 f"terminal {terminal_id}: the stored TMK is not an encrypted key of this store"
-            )
-        nonce, body = sealed[1 : 1 + NONCE_BYTES], sealed[1 + NONCE_BYTES :]
-        aead = AESGCM(self._keys()[0].reveal())
-        try:
-            return aead.decrypt(nonce, body, _terminal_aad(terminal_id))
-        except InvalidTag:
+            ) from None
+        except KeyStoreError:
             raise KeyStoreError(
                 f"terminal {terminal_id}: the stored TMK does not open under the master key "
                 f"{self.path} (another master key, or not sealed for this terminal)"
@@ -115,18 +158,88 @@ class FileKeyStore:
 
     def pin_hmac(self, card_number: str, pin: str) -> bytes:
         message = _pin_message(card_number, pin)
-        return hmac.new(self._keys()[1].reveal(), message, hashlib.sha256).digest()
+        return hmac.new(self._pin().reveal(), message, hashlib.sha256).digest()
 
     def pin_matches(self, card_number: str, pin: str, expected: bytes) -> bool:
         return hmac.compare_digest(self.pin_hmac(card_number, pin), expected)
 
-    def _keys(self) -> tuple[_Secret, _Secret]:
-        """The derived keys, reading (or first making) the master key file once."""
-        if self._tmk_key is None or self._pin_key is None:
-            master = _read_or_create(self.path)
-            self._tmk_key = _derive(master.reveal(), TMK_LABEL)
-            self._pin_key = _derive(master.reveal(), PIN_LABEL)
-        return self._tmk_key, self._pin_key
+    # -- rotation ------------------------------------------------------------------------------
+
+    def begin_rotation(self) -> None:
+        """Make the next master key (unless a rotation already began) and seal the PIN key
+        under it; from now on new blobs are sealed under the next key."""
+        pin = self._pin()
+        if not self.next_path.exists():
+            create_private_file(self.next_path, secrets.token_bytes(MASTER_KEY_BYTES), "master key")
+        self._masters = None
+        replace_private_file(
+            self.pin_path, self._newest_master().seal(pin.reveal(), PIN_KEY_AAD), "PIN key"
+        )
+
+    def reseal_tmk(self, terminal_id: str, sealed: bytes) -> bytes:
+        """A stored TMK sealed again under the newest master key."""
+        return self.encrypt_tmk(terminal_id, self.decrypt_tmk(terminal_id, sealed))
+
+    def finish_rotation(self) -> None:
+        """The next master key becomes the master key; the old one is gone."""
+        if self.next_path.exists():
+            os.replace(self.next_path, self.path)
+        self._masters = None
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _load(self) -> dict[bytes, _Master]:
+        if self._masters is None:
+            current = _Master(_read_or_create(self.path))
+            masters = {current.id: current}
+            self._newest = current
+            if self.next_path.exists():
+                following = _Master(_read(self.next_path))
+                masters[following.id] = following
+                self._newest = following
+            self._masters = masters
+        return self._masters
+
+    def _newest_master(self) -> _Master:
+        self._load()
+        assert self._newest is not None  # set by _load
+        return self._newest
+
+    def _open(self, sealed: bytes, aad: bytes) -> bytes:
+        masters = self._load()
+        header = 1 + KEY_ID_BYTES
+        if sealed[:1] == LEGACY_FORMAT and len(sealed) >= 1 + NONCE_BYTES + TAG_BYTES:
+            nonce, body, candidates = sealed[1:13], sealed[13:], list(masters.values())
+        elif sealed[:1] == SEALED_FORMAT and len(sealed) >= header + NONCE_BYTES + TAG_BYTES:
+            master = masters.get(sealed[1:header])
+            nonce, body = sealed[header : header + NONCE_BYTES], sealed[header + NONCE_BYTES :]
+            candidates = [master] if master is not None else []
+        else:
+            raise _UnrecognisedError("not a blob sealed by this store")
+        for master in candidates:
+            try:
+                return master.open(nonce, body, aad)
+            except InvalidTag:
+                continue
+        raise KeyStoreError("does not open under the master key")
+
+    def _pin(self) -> _Secret:
+        """The PIN key: sealed in its own file so that it outlives a master key rotation. Made
+        on first use as the key earlier versions derived from the master key, so PIN HMACs
+        stored before keep matching."""
+        if self._pin_key is None:
+            if not self.pin_path.exists():
+                current = self._newest_master()
+                sealed = current.seal(current.legacy_pin.reveal(), PIN_KEY_AAD)
+                create_private_file(self.pin_path, sealed, "PIN key")
+            sealed = read_private_file(self.pin_path, "PIN key", 256)
+            try:
+                self._pin_key = _Secret(self._open(sealed, PIN_KEY_AAD))
+            except KeyStoreError:
+                raise BadInput(
+                    f"PIN key {self.pin_path}: does not open under the master key {self.path}"
+                ) from None
+        return self._pin_key
 
 
 def _terminal_aad(terminal_id: str) -> bytes:

@@ -57,3 +57,20 @@ def read_private_file(path: Path, what: str, max_bytes: int) -> bytes:
         return os.read(descriptor, max_bytes)
     finally:
         os.close(descriptor)
+
+
+def replace_private_file(path: Path, content: bytes, what: str) -> None:
+    """Write `content` to `path` (mode 0600) in place of what it held, atomically."""
+    try:
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OWNER_ONLY)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(content)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+    except OSError as error:
+        raise BadInput(f"{what} {path}: cannot write it: {error.strerror}") from None

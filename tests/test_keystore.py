@@ -39,7 +39,7 @@ def test_encrypted_tmk_hides_the_key_and_differs_each_time(store: FileKeyStore) 
     second = store.encrypt_tmk("10000001", TMK)
     assert TMK not in first
     assert first != second
-    assert len(first) == 1 + 12 + len(TMK) + 16
+    assert len(first) == 1 + 4 + 12 + len(TMK) + 16  # format, key id, nonce, TMK, tag
 
 
 def test_tmk_for_another_terminal_does_not_decrypt(store: FileKeyStore) -> None:
@@ -56,7 +56,7 @@ def test_tampered_or_foreign_blob_does_not_decrypt(store: FileKeyStore, tmp_path
     encrypted[-1] ^= 1
     with pytest.raises(KeyStoreError):
         store.decrypt_tmk("10000001", bytes(encrypted))
-    for foreign in (b"\x02" + bytes(encrypted[1:]), bytes(encrypted[:28])):
+    for foreign in (b"\x03" + bytes(encrypted[1:]), bytes(encrypted[:32])):
         with pytest.raises(KeyStoreError, match="not an encrypted key"):
             store.decrypt_tmk("10000001", foreign)
     other = FileKeyStore(tmp_path / "other.key")

@@ -23,6 +23,8 @@ from gateway.bootstrap import wired
 from gateway.clock import SHANGHAI
 from gateway.config import load_config
 from gateway.errors import BadInput, CheckFailed
+from gateway.keystore import FileKeyStore
+from gateway.rotation import rotate_master
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -48,12 +50,18 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "--pubkey", type=Path, metavar="FILE", help="public key PEM (default: the issuer's)"
     )
     parser.set_defaults(handler=verify_command)
-    group = subparsers.add_parser("keys", help="the issuer's signing key")
+    group = subparsers.add_parser("keys", help="the issuer's signing key and the master key")
     actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
     parser = actions.add_parser(
         "export-public", parents=[common], help="print the signing public key as PEM"
     )
     parser.set_defaults(handler=export_public)
+    parser = actions.add_parser(
+        "rotate-master",
+        parents=[common],
+        help="a new master key; every stored TMK and the PIN key sealed again under it",
+    )
+    parser.set_defaults(handler=rotate_master_command)
 
 
 def clear_command(args: argparse.Namespace) -> int:
@@ -132,6 +140,19 @@ def _report_verification(verification: Verification) -> None:
             f"fees {trailer.fees_fen} fen, net {trailer.net_fen} fen; trailer SHA-256 and "
             "Ed25519 signature verified"
         )
+
+
+def rotate_master_command(args: argparse.Namespace) -> int:
+    with wired(args.config, args.db) as wiring:
+        keystore = wiring.keystore
+        if not isinstance(keystore, FileKeyStore):
+            raise BadInput("keys rotate-master: the configured key store is not a master key file")
+        rotation = rotate_master(wiring.engine, keystore)
+    print(
+        f"master key {keystore.path} rotated: {rotation.terminals} terminal master keys and the "
+        "PIN key sealed under the new key; the old key is gone"
+    )
+    return 0
 
 
 def export_public(args: argparse.Namespace) -> int:

@@ -1,0 +1,94 @@
+"""`vipgate keys rotate-master`: everything sealed under the old master key opens under the
+new one, PINs still match, and a rotation stopped at any step finishes when run again."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from gateway import cli
+from gateway.keystore import FileKeyStore, KeyStoreError
+from gateway.ledger import unit_of_work
+from gateway.ledger.models import Card, Terminal
+from gateway.rotation import rotate_master
+from tests.gateway_harness import DEMO, GOLD_PIN, TMKS, Harness, demo_config
+
+
+def stored(harness: Harness) -> tuple[dict[str, bytes], bytes]:
+    with unit_of_work(harness.engine) as session:
+        blobs = {t.id: t.tmk_encrypted for t in session.scalars(select(Terminal))}
+        card = session.get(Card, GOLD_PIN)
+        assert card is not None and card.pin_hmac is not None
+        return blobs, card.pin_hmac
+
+
+def assert_everything_opens(harness: Harness) -> None:
+    """A fresh store on the same files opens every TMK and matches the stored PIN HMAC."""
+    store = FileKeyStore(harness.config.issuer.master_key)
+    blobs, pin_hmac = stored(harness)
+    for terminal_id, blob in blobs.items():
+        assert store.decrypt_tmk(terminal_id, blob).hex().upper() == TMKS[terminal_id][2]
+    assert store.pin_matches(GOLD_PIN, "123456", pin_hmac)
+
+
+@pytest.fixture
+def harness(tmp_path: Path, ledger_url: str) -> Harness:
+    return Harness(demo_config(tmp_path, ledger_url))
+
+
+def test_rotation_seals_everything_under_a_new_key(harness: Harness) -> None:
+    """After a rotation the master key differs, every TMK and PIN still works, and the old
+    master key opens none of the new blobs."""
+    master = harness.config.issuer.master_key
+    old_key = master.read_bytes()
+    shutil.copy(master, master.with_name("old.key"))
+    rotation = rotate_master(harness.engine, FileKeyStore(master))
+    assert rotation.terminals == 3
+    assert master.read_bytes() != old_key
+    assert not master.with_name("master.key.next").exists()
+    assert_everything_opens(harness)
+    old_store = FileKeyStore(master.with_name("old.key"))
+    blobs, _ = stored(harness)
+    with pytest.raises(KeyStoreError):
+        old_store.decrypt_tmk("10000001", blobs["10000001"])
+
+
+@pytest.mark.parametrize("stop_after", ["begin", "reseal"])
+def test_a_rotation_stopped_midway_leaves_everything_readable_and_finishes_later(
+    harness: Harness, stop_after: str
+) -> None:
+    """Stopped after the next key is made, or after the TMKs are sealed again: everything
+    still opens, and running the rotation again completes it."""
+    master = harness.config.issuer.master_key
+    store = FileKeyStore(master)
+    store.begin_rotation()
+    if stop_after == "reseal":
+        with unit_of_work(harness.engine) as session:
+            for terminal in session.scalars(select(Terminal)):
+                terminal.tmk_encrypted = store.reseal_tmk(terminal.id, terminal.tmk_encrypted)
+    assert master.with_name("master.key.next").exists()
+    assert_everything_opens(harness)
+    rotate_master(harness.engine, FileKeyStore(master))
+    assert not master.with_name("master.key.next").exists()
+    assert_everything_opens(harness)
+
+
+def test_the_command_rotates_and_the_gateway_still_checks_pins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vipgate keys rotate-master` exits 0; afterwards a PIN redemption is still approved."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(DEMO, config)
+    database = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert cli.main(["keys", "rotate-master", "--config", str(config), "--db", database]) == 0
+    assert "3 terminal master keys" in capsys.readouterr().out
+    assert cli.main(["keys", "rotate-master", "--config", str(config), "--db", database]) == 0
+    rotated = demo_config(tmp_path, database)
+    issuer = dataclasses.replace(rotated.issuer, master_key=tmp_path / "var" / "master.key")
+    harness = Harness(dataclasses.replace(rotated, issuer=issuer))
+    terminal = harness.signed_on()
+    assert harness.redeem(terminal, GOLD_PIN, 1000, pin="123456")[1].code == "00"
