@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := cardcodec gateway clearing simulators
 
-.PHONY: run test lint bench-codec bench-gateway clean bench-clearing screenshot-reconcile
+.PHONY: run test lint bench-codec bench-gateway clean bench-clearing screenshot-reconcile test-crash
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) with $(PYTHON) and installing vipgate with its test extras"
@@ -59,3 +59,9 @@ screenshot-reconcile: $(BIN)/.installed
 		file://$(CURDIR)/$(SAMPLE)/pack/reconcile_202611.html 2>$(SAMPLE)/chromium.log; \
 	rm -rf $$profile; \
 	echo "==> $(SAMPLE)/reconcile.png"
+
+# The crash-safety campaign (docs/reliability.md): SIGKILL the gateway under load and audit the
+# ledger after each restart, on SQLite and on a real PostgreSQL with fsync on.
+# CYCLES (default 20) and SEED may be set: make test-crash CYCLES=50 SEED=1
+test-crash: $(BIN)/.installed
+	$(BIN)/python -m tests.crash_campaign --cycles $(or $(CYCLES),20) --backend both $(if $(SEED),--seed $(SEED))
