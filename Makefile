@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := cardcodec gateway clearing simulators
 
-.PHONY: run test lint bench-codec bench-gateway clean bench-clearing screenshot-reconcile test-crash
+.PHONY: run test lint bench-codec bench-gateway clean bench-clearing screenshot-reconcile test-hostile test-crash
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) with $(PYTHON) and installing vipgate with its test extras"
@@ -65,3 +65,9 @@ screenshot-reconcile: $(BIN)/.installed
 # CYCLES (default 20) and SEED may be set: make test-crash CYCLES=50 SEED=1
 test-crash: $(BIN)/.installed
 	$(BIN)/python -m tests.crash_campaign --cycles $(or $(CYCLES),20) --backend both $(if $(SEED),--seed $(SEED))
+
+# The long hostile-input campaign against `vipgate serve` (docs/reliability.md, Hostile input);
+# DURATION (seconds, default 120) and IDLE (idle connections per wave, default 3000) may be set:
+# make test-hostile DURATION=600 IDLE=5000
+test-hostile: $(BIN)/.installed
+	$(BIN)/python -m tests.hostile_campaign
