@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import structlog
@@ -41,33 +41,36 @@ Processor = Callable[[bytes], "Deferred[Reply]"]
 # Where traffic goes when `vipgate serve --record` is on: (direction, terminal, frame), the
 # direction seen from the terminal ("out" what it sent, "in" what it received).
 TrafficRecorder = Callable[[Literal["in", "out"], str, bytes], object]
+# Time on the reactor's clock, in seconds (Twisted's `seconds()` is fractional), and a frame
+# allowance that refills continuously: neither is ever money or points.
+Seconds = float
+Allowance = float
 
 
 @dataclass
 class _Slot:
     """One request awaiting its answer, in arrival order."""
 
-    started: float
+    started: Seconds
     request: bytes = b""
     reply: Reply | None = None
     done: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class TokenBucket:
     """`rate` tokens a second, at most `rate` kept (a burst of one second's worth)."""
 
-    def __init__(self, rate: float, now: float) -> None:
+    def __init__(self, rate: int, now: Seconds) -> None:
         self.rate = rate
-        self.tokens = rate
+        self.tokens: Allowance = rate
         self.updated = now
 
-    def refill(self, now: float) -> None:
+    def refill(self, now: Seconds) -> None:
         elapsed = max(0.0, now - self.updated)
         self.tokens = min(self.rate, self.tokens + elapsed * self.rate)
         self.updated = now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: Seconds) -> bool:
         """Spend one token if there is one."""
         self.refill(now)
         if self.tokens < 1:
@@ -75,7 +78,7 @@ class TokenBucket:
         self.tokens -= 1
         return True
 
-    def full(self, now: float) -> bool:
+    def full(self, now: Seconds) -> bool:
         self.refill(now)
         return self.tokens >= self.rate
 
@@ -199,11 +202,11 @@ class TerminalFactory(Factory):
         process: Processor,
         reactor: IReactorTime,
         *,
-        idle_timeout_s: float,
+        idle_timeout_s: Seconds,
         max_pending: int,
         record: TrafficRecorder | None = None,
         max_connections_per_address: int = 64,
-        max_frames_per_second: float = 50,
+        max_frames_per_second: int = 50,
     ) -> None:
         self.process = process
         self.record = record
@@ -236,7 +239,7 @@ class TerminalFactory(Factory):
 
     def take_frame(self, terminal: str | None, address: str) -> bool:
         """Spend one frame of the terminal's (or, unnamed yet, the address's) rate."""
-        now: float = cast(Any, self.reactor).seconds()
+        now: Seconds = cast(Any, self.reactor).seconds()
         key = (terminal or "", address)
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -245,7 +248,7 @@ class TerminalFactory(Factory):
             bucket = self._buckets[key] = TokenBucket(self.max_frames_per_second, now)
         return bucket.take(now)
 
-    def _drop_full_buckets(self, now: float) -> None:
+    def _drop_full_buckets(self, now: Seconds) -> None:
         for key in [key for key, bucket in self._buckets.items() if bucket.full(now)]:
             del self._buckets[key]
 
