@@ -49,8 +49,9 @@ from gateway.checks import format_problem, suite_problem
 from gateway.clock import Clock, business_date
 from gateway.config import Config, MerchantConfig, TerminalConfig
 from gateway.ledger import Moment, next_rrn, unit_of_work
+from gateway.ledger.hotpath import hot_ledger
 from gateway.ledger.models import RequestClass
-from gateway.ledger.records import RequestIdentity, find_request, log_request
+from gateway.ledger.records import RequestIdentity
 from gateway.responses import Decline, response_code
 from gateway.sessions import Session, Sessions
 from gateway.transactions import Context, Outcome, Transactions
@@ -283,13 +284,12 @@ class Gateway:
         """One request inside the group's transaction: the request log, then the kind."""
         identity = _identity(context) if request.message.mti in LOGGED_MTIS else None
         if identity is not None:
-            previous = find_request(session, identity)
+            previous = hot_ledger(session).find_request(identity)
             if previous is not None:
                 return self._repeat(session, request, context, previous.digest, previous.answer)
         outcome = self._transactions.run(session, context)
         if identity is not None:
-            log_request(
-                session,
+            hot_ledger(session).log_request(
                 identity,
                 _digest(request.payload),
                 answers.stored(outcome.answer),
@@ -311,7 +311,7 @@ class Gateway:
             return Outcome(answers.restored(request.message, kept), repeated=True)
         extra: dict[int, FieldValue] = {}
         if request.message.mti in ANSWER_MTIS_WITH_RRN:
-            extra[37] = next_rrn(session, context.moment.at)
+            extra[37] = hot_ledger(session).next_rrn(context.moment.at)
         code = response_code(Decline.DUPLICATE)
         answer = answers.answer(
             request.message, request.kind, code, self._stamp(context.moment), extra
