@@ -8,6 +8,7 @@ SIGINT stops accepting, lets the requests in flight finish and be answered, then
 from __future__ import annotations
 
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,6 +146,15 @@ class GatewayServer:
         self._port = self._reactor.listenTCP(port, self.factory, interface=host)
         return self._port
 
+    def adopt(self, listening: socket.socket) -> Any:
+        """Start the ledger worker and accept on a socket another process bound and shares
+        (`vipgate serve --workers N`, gateway/workers.py); returns the listening port."""
+        self._worker.start()
+        fileno, family = listening.fileno(), listening.family
+        self._port = self._reactor.adoptStreamPort(fileno, family, self.factory)
+        listening.close()  # the port holds its own duplicate of the descriptor
+        return self._port
+
     def stop(self) -> Deferred[None]:
         """Stop accepting, wait for the requests in flight, stop the ledger worker."""
         log.info("stopping", in_flight=self._in_flight)
@@ -234,10 +244,15 @@ def run(
     reactor: Any,
     on_listening: Callable[[Any], None] | None = None,
     record: TrafficRecorder | None = None,
+    *,
+    adopt: socket.socket | None = None,
 ) -> int:
-    """Serve until the reactor stops (SIGTERM/SIGINT), draining in-flight requests first."""
+    """Serve until the reactor stops (SIGTERM/SIGINT), draining in-flight requests first.
+
+    With `adopt`, accept on that already listening socket instead of binding `listen`.
+    """
     server = GatewayServer(wiring.gateway, reactor, wiring.config, record)
-    port = server.listen(*listen)
+    port = server.listen(*listen) if adopt is None else server.adopt(adopt)
     address = port.getHost()
     log.info("listening", host=getattr(address, "host", ""), port=getattr(address, "port", 0))
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)

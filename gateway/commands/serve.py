@@ -1,5 +1,8 @@
 """`vipgate serve`: migrate, load the config, serve terminals until SIGTERM/SIGINT.
 
+`--workers N` (N > 1) serves from N forked worker processes on one port (gateway/workers.py);
+the migration and the config load still happen once, here, before they start.
+
 `--record FILE` writes the traffic log in the simulators' format (`simulators.recording`), so a
 recording made at the gateway reads like one made at a terminal.
 """
@@ -10,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gateway import logs, server
+from gateway import logs, server, workers
 from gateway.config import load_config
 from gateway.errors import BadInput
 from simulators.recording import FileRecorder
@@ -34,8 +37,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    if args.workers != 1:
-        raise BadInput("--workers: only 1 worker process is supported so far")
+    workers.check_count(args.workers)
+    if args.workers > 1 and args.record is not None:
+        raise BadInput("--record: one traffic log needs one process; use it with --workers 1")
     if args.metrics is not None:
         raise BadInput("--metrics: the metrics endpoint is not built yet")
     config = load_config(args.config, args.db)
@@ -43,6 +47,8 @@ def serve(args: argparse.Namespace) -> int:
     clock_start = server.parse_clock(args.clock) if args.clock else None
     logs.configure()
     wiring = server.wire(args.config, args.db, clock_start)
+    if args.workers > 1:
+        return workers.serve(wiring, listen, args.workers)
     # The reactor is imported when it is needed, never at module level (Twisted's standard).
     from twisted.internet import reactor  # noqa: PLC0415
 

@@ -1,0 +1,299 @@
+"""`vipgate serve --workers N`: N worker processes answering terminals on one listening port.
+
+One Python process answers terminals on about one core: the reactor, the framing, the MAC and
+PIN work share one interpreter lock. More throughput on one host means more processes. The
+parent does what must happen once (`server.wire`: the config checked, the database migrated,
+the config loaded into the ledger), binds the listening socket, then forks N workers. Each
+worker adopts the socket into its own reactor (`adoptStreamPort`), with its own database pool
+and its own ledger thread; the kernel hands each new connection to whichever worker accepts it
+first. A terminal keeps its connection, so it talks to one worker until the link breaks.
+
+Fork rather than spawn, because the workers then inherit what the parent built once (config,
+key store, clock, gateway) instead of migrating and loading again. That is safe only while the
+parent holds no database connection, runs no thread and has no reactor: it disposes of the
+engine's pool before the first fork, never starts a reactor (checked before every fork), and
+only waits for its children, so forking again to replace a dead worker is as safe as the first.
+
+Signals: SIGTERM or SIGINT to the parent is forwarded as SIGTERM to every worker, which drains
+as a single `vipgate serve` does (stop accepting, answer what is in flight) and exits 0; the
+parent exits 0 when every worker did. Workers ignore SIGINT, so a Ctrl-C typed at a terminal,
+which reaches the whole process group, is acted on once, through the parent. A worker that dies
+unexpectedly is logged and replaced (at most `MAX_RESTARTS` in `RESTART_WINDOW_S`); the parent
+then exits 1 when it stops, because a worker did not exit cleanly. On Linux a worker is told
+to stop when its parent dies, so an orphan never keeps the port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Final
+
+import structlog
+
+from gateway import server
+from gateway.errors import BadInput
+
+log = structlog.get_logger("vipgate.workers")
+
+MAX_WORKERS: Final = 64  # beyond this, more hosts, not more processes on one
+LISTEN_BACKLOG: Final = 511  # connections the kernel queues while every worker is busy
+POLL_S: Final = 0.05  # how often the parent looks for exited workers
+STOP_TIMEOUT_S: Final = 60.0  # a worker still draining after this is killed
+MAX_RESTARTS: Final = 5  # replacements of dead workers within RESTART_WINDOW_S, at most
+RESTART_WINDOW_S: Final = 60.0
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+
+
+def check_count(workers: int) -> int:
+    """`--workers N`: refused (exit 2) unless 1 <= N <= MAX_WORKERS."""
+    if not 1 <= workers <= MAX_WORKERS:
+        raise BadInput(f"--workers: {workers} is outside 1-{MAX_WORKERS} worker processes")
+    return workers
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket the workers share, non-blocking as `adoptStreamPort` needs."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        listening = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise BadInput(f"--listen: cannot listen on {host}:{port}: {reason}") from None
+    listening.setblocking(False)
+    return listening
+
+
+def serve(wiring: server.Wiring, listen: tuple[str, int], workers: int) -> int:
+    """Bind, fork `workers` workers and supervise them until SIGTERM/SIGINT; the exit status."""
+    check_count(workers)
+    _whole_line_writes()
+    # The workers open their own connections; none may be inherited from the parent's pool.
+    wiring.engine.dispose()
+    listening = bind(*listen)
+    host, port = listening.getsockname()[:2]
+    log.info("workers_starting", workers=workers, host=host, port=port, pid=os.getpid())
+    supervisor = Supervisor(wiring, listening, workers)
+    try:
+        return supervisor.run()
+    finally:
+        listening.close()
+
+
+@dataclass
+class Supervisor:
+    """The parent: forks the workers, forwards stop signals, replaces dead workers."""
+
+    wiring: server.Wiring
+    listening: socket.socket
+    count: int
+    children: dict[int, int] = field(default_factory=dict)  # pid -> worker number
+    stop_signal: int | None = None
+    stop_deadline: float | None = None
+    deaths: int = 0
+    unclean_stops: int = 0
+    restarts: deque[float] = field(default_factory=deque)
+
+    def run(self) -> int:
+        previous = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
+        try:
+            for number in range(1, self.count + 1):
+                self._spawn(number)
+            self._supervise()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        clean = self.deaths == 0 and self.unclean_stops == 0
+        if clean:
+            log.info("workers_stopped", workers=self.count)
+            return 0
+        log.error(
+            "workers_stopped_unclean",
+            workers=self.count,
+            died=self.deaths,
+            unclean_stops=self.unclean_stops,
+        )
+        return 1
+
+    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Only noted here; the supervising loop forwards it within POLL_S.
+        if self.stop_signal is None:
+            self.stop_signal = signum
+
+    def _spawn(self, number: int) -> None:
+        """Fork worker `number`. Stop signals are held back across the fork, so that a worker
+        is either in `children` when a stop is forwarded or has not been forked yet."""
+        if "twisted.internet.reactor" in sys.modules:
+            # A reactor made before the fork would be shared (its epoll set, its waker).
+            raise RuntimeError("the parent of the workers must not install a reactor")
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _worker_main(self.wiring, self.listening, number, parent=os.getppid())
+            self.children[pid] = number
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        log.info("worker_started", worker=number, pid=pid)
+
+    def _supervise(self) -> None:
+        while self.children:
+            if self.stop_signal is not None and self.stop_deadline is None:
+                self._forward_stop()
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                self._kill_late_workers()
+                time.sleep(POLL_S)
+                continue
+            number = self.children.pop(pid, None)
+            if number is not None:
+                self._reaped(number, pid, os.waitstatus_to_exitcode(status))
+
+    def _forward_stop(self) -> None:
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "none"
+        log.info(
+            "stopping_workers",
+            signal=name,
+            workers=sorted(self.children.values()),
+        )
+        self.stop_deadline = time.monotonic() + STOP_TIMEOUT_S
+        self.listening.close()  # the workers hold their own copies until they stop accepting
+        for pid in self.children:
+            _signal(pid, signal.SIGTERM)
+
+    def _kill_late_workers(self) -> None:
+        if self.stop_deadline is None or time.monotonic() < self.stop_deadline:
+            return
+        for pid, number in self.children.items():
+            log.error("worker_stop_timeout", worker=number, pid=pid, timeout_s=STOP_TIMEOUT_S)
+            _signal(pid, signal.SIGKILL)
+        self.stop_deadline = float("inf")  # killed once; now only reap them
+
+    def _reaped(self, number: int, pid: int, code: int) -> None:
+        """A worker ended: expected (stopping) or not (then replaced, within the budget)."""
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+        if self.stop_signal is not None:
+            if code == 0:
+                log.info("worker_exited", worker=number, pid=pid)
+            else:
+                self.unclean_stops += 1
+                log.error("worker_stop_failed", worker=number, pid=pid, exit=how)
+            return
+        self.deaths += 1
+        log.error("worker_died", worker=number, pid=pid, exit=how)
+        now = time.monotonic()
+        while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
+            self.restarts.popleft()
+        if len(self.restarts) >= MAX_RESTARTS:
+            log.error(
+                "workers_failing",
+                restarts=len(self.restarts),
+                window_s=RESTART_WINDOW_S,
+                action="stopping every worker",
+            )
+            self.stop_signal = signal.SIGTERM
+            return
+        self.restarts.append(now)
+        self._spawn(number)
+
+
+def _signal(pid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # it exited already; the loop reaps it
+        os.kill(pid, signum)
+
+
+# --- in the worker ------------------------------------------------------------------------------
+
+
+def _worker_main(
+    wiring: server.Wiring, listening: socket.socket, number: int, *, parent: int
+) -> None:
+    """A forked worker: serve on the shared socket until told to stop, then exit; never
+    returns into the parent's code."""
+    status = 1
+    try:
+        _become_worker(number, parent)
+        status = _serve_worker(wiring, listening)
+    except BaseException:
+        log.exception("worker_failed")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def _become_worker(number: int, parent: int) -> None:
+    """Signals as a worker needs them, its number on every log line, the parent watched."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards Ctrl-C as SIGTERM
+    signal.signal(signal.SIGTERM, _early_stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    _tag_log_lines(number)
+    _stop_with_parent(parent)
+
+
+_early_stop_requested: list[bool] = []
+
+
+def _early_stop(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM before the reactor runs (it then installs its own handler): stop once it does."""
+    _early_stop_requested.append(True)
+
+
+def _serve_worker(wiring: server.Wiring, listening: socket.socket) -> int:
+    # A fork-inherited pool must never be used: start from an empty one in this process.
+    wiring.engine.dispose(close=False)
+    from twisted.internet import reactor as installed  # noqa: PLC0415 (this process's own)
+
+    reactor: Any = installed
+
+    def stop_if_asked() -> None:
+        if _early_stop_requested:
+            reactor.stop()
+
+    reactor.callWhenRunning(stop_if_asked)
+    return server.run(wiring, ("", 0), reactor, adopt=listening)
+
+
+def _whole_line_writes() -> None:
+    """Several processes share one stdout: each log line must reach it in one write, or two
+    workers' lines can interleave (`print` writes the line and its newline apart)."""
+    structlog.configure(logger_factory=structlog.WriteLoggerFactory(sys.stdout))
+
+
+def _tag_log_lines(number: int) -> None:
+    """Every line a worker logs, from any thread, says which worker and process wrote it."""
+    pid = os.getpid()
+
+    def tag(
+        _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict.setdefault("worker", number)
+        event_dict.setdefault("pid", pid)
+        return event_dict
+
+    processors = list(structlog.get_config()["processors"])
+    structlog.configure(processors=[tag, *processors])
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Linux: SIGTERM this worker when the parent dies, so an orphan does not keep serving."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+__all__ = ["MAX_WORKERS", "Supervisor", "bind", "check_count", "serve"]
