@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := cardcodec gateway clearing simulators
 
-.PHONY: run test lint bench-codec bench-gateway clean bench-clearing screenshot-reconcile test-hostile test-crash
+.PHONY: run test lint bench-codec bench-gateway clean bench-clearing screenshot-reconcile test-hostile test-crash test-deploy
 
 $(BIN)/.installed: pyproject.toml
 	@echo "==> creating $(VENV) with $(PYTHON) and installing vipgate with its test extras"
@@ -71,3 +71,11 @@ test-crash: $(BIN)/.installed
 # make test-hostile DURATION=600 IDLE=5000
 test-hostile: $(BIN)/.installed
 	$(BIN)/python -m tests.hostile_campaign
+
+# The deployment of docs/deployment.md under fire: HAProxy over two gateways (WORKERS worker
+# processes each, default 2) on one PostgreSQL with fsync on, the simulator's load through
+# HAProxy, and KILLS SIGKILLs alternating between the gateways (each restarted but the last).
+# Needs haproxy (Debian package: haproxy). DURATION (s, default 60), RATE, KILLS may be set:
+# make test-deploy DURATION=300 KILLS=10
+test-deploy: $(BIN)/.installed
+	$(BIN)/python -m tests.deploy_campaign --duration $(or $(DURATION),60) --kills $(or $(KILLS),4) $(if $(RATE),--rate $(RATE)) $(if $(WORKERS),--workers $(WORKERS))
