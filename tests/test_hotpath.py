@@ -36,8 +36,11 @@ def hot_redeem(world: LedgerWorld, number: str, points: int) -> Redeemed | Decli
     swipe = world.swipe()
     with unit_of_work(world.engine) as session:
         hot = hot_ledger(session)
+        hot.prefetch_redemption(swipe, number, daily_limit=True)
+        assert not hot.tombstone_exists(swipe.terminal_id, swipe.batch_number, swipe.trace)
         card = hot.lock_card(number)
         assert card is not None
+        assert hot.points_redeemed_on(number, swipe.when.business_date) >= 0
         lots = hot.spendable_lots(number, swipe.when.local)
         return hot.redeem(
             swipe,

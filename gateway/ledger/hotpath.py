@@ -18,12 +18,16 @@ Nothing here commits, and nothing here decides whether a request is allowed.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from gateway.clock import lot_expired
@@ -147,26 +151,102 @@ class HotLedger:
     def __init__(self, session: Session) -> None:
         connection = session.connection()
         self._sql = _POSTGRES if connection.dialect.name == "postgresql" else _SQLITE
-        self._cursor: Any = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        self._driver: Any = cast(Any, connection.connection).driver_connection
+        self._cursor: Any = self._driver.cursor()
         self._terminals: dict[str, tuple[str, int]] = {}
         self._system_accounts: dict[str, int] = {}
+        self._prefetched: dict[tuple[str, tuple[Any, ...]], Any] = {}
+        self._deferred: list[tuple[str, tuple[Any, ...]]] = []
+        self._dbapi_error: type[Exception] = connection.dialect.loaded_dbapi.Error
+        if self._sql.postgres:
+            event.listen(session, "before_commit", self._before_commit)
+
+    # -- talking to the driver ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _driver_errors(self, statement: str) -> Iterator[None]:
+        """Driver errors as SQLAlchemy's own (`IntegrityError`, `OperationalError`, ...), so
+        the unit of work's callers see what they see from the ORM: `96`, or a retry."""
+        try:
+            yield
+        except self._dbapi_error as error:
+            raise DBAPIError.instance(
+                statement, None, error, self._dbapi_error, hide_parameters=True
+            ) from error
+
+    def _execute(self, statement: str, parameters: Sequence[Any], *, many: bool = False) -> Any:
+        """Run one statement on the main cursor; on PostgreSQL the writes held back so far go
+        first, in the same round trip."""
+        cursor = self._cursor
+        with self._driver_errors(statement):
+            if self._deferred:
+                with self._driver.pipeline():
+                    self._send_deferred()
+                    (cursor.executemany if many else cursor.execute)(statement, parameters)
+            else:
+                (cursor.executemany if many else cursor.execute)(statement, parameters)
+        return cursor
+
+    def _send_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        writer = self._driver.cursor()
+        for statement, parameters in deferred:
+            writer.execute(statement, parameters)
+
+    def _before_commit(self, _session: Session) -> None:
+        """The writes still held back go out before the commit (or fail it)."""
+        if self._deferred:
+            with self._driver_errors("deferred writes"), self._driver.pipeline():
+                self._send_deferred()
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _one(self, statement: str, parameters: Sequence[Any]) -> Any:
-        self._cursor.execute(statement, parameters)
-        return self._cursor.fetchone()
+    def _rows(self, statement: str, parameters: tuple[Any, ...]) -> list[Any]:
+        cursor = self._prefetched.pop((statement, parameters), None)
+        if cursor is None:
+            cursor = self._execute(statement, parameters)
+        with self._driver_errors(statement):
+            return list(cursor.fetchall())
+
+    def _one(self, statement: str, parameters: tuple[Any, ...]) -> Any:
+        rows = self._rows(statement, parameters)
+        return rows[0] if rows else None
+
+    def prefetch_redemption(
+        self,
+        swipe: Swipe,
+        number: str,
+        *,
+        daily_limit: bool,
+        identity: RequestIdentity | None = None,
+    ) -> None:
+        """Send every read a redemption will make at once (PostgreSQL: one pipeline, one round
+        trip; SQLite has no round trips to save, so nothing is sent ahead there). The reads
+        then answer from what came back, in the order the decision asks for them."""
+        if not self._sql.postgres:
+            return
+        self._prefetched.clear()
+        reads: list[tuple[str, tuple[Any, ...]]] = [
+            (self._sql.tombstone, (swipe.terminal_id, swipe.batch_number, swipe.trace)),
+            (self._sql.card, (number,)),
+            (self._sql.lots, (number,)),
+            (self._sql.batch_count, (swipe.terminal_id, swipe.batch_number, "redemption")),
+        ]
+        if swipe.terminal_id not in self._terminals:
+            reads.append((self._sql.terminal, (swipe.terminal_id,)))
+        if daily_limit:
+            reads.append((self._sql.redeemed_on, (number, swipe.when.business_date)))
+        if identity is not None:
+            reads.append((self._sql.find_request, _identity_row(identity)))
+        with self._driver_errors("prefetch"), self._driver.pipeline():
+            self._send_deferred()
+            for statement, parameters in reads:
+                cursor = self._driver.cursor()
+                cursor.execute(statement, parameters)
+                self._prefetched[(statement, parameters)] = cursor
 
     def find_request(self, identity: RequestIdentity) -> LoggedAnswer | None:
-        row = self._one(
-            self._sql.find_request,
-            (
-                identity.terminal_id,
-                identity.batch_number,
-                identity.trace,
-                identity.request_class.value,
-            ),
-        )
+        row = self._one(self._sql.find_request, _identity_row(identity))
         if row is None:
             return None
         answer = row[1] if isinstance(row[1], dict) else json.loads(row[1])
@@ -206,9 +286,12 @@ class HotLedger:
         changes it, and settlements go through the ORM path, which starts a new one."""
         return self._terminal(terminal_id)[1]
 
-    def forget_terminals(self) -> None:
-        """Drop what was read of terminals (after the ORM path may have changed one)."""
-        self._terminals.clear()
+    def request_done(self, *, terminals_changed: bool) -> None:
+        """Between two requests of a group: reads sent ahead and not used are dropped, and
+        after the ORM path (a settlement opens a new batch) terminals are read again."""
+        self._prefetched.clear()
+        if terminals_changed:
+            self._terminals.clear()
 
     def batch_count(self, terminal_id: str, batch_number: int, kinds: Iterable[str]) -> int:
         """Approved, unreversed authorisations of these kinds in a batch (§4.7's counts)."""
@@ -223,9 +306,8 @@ class HotLedger:
 
     def spendable_lots(self, number: str, local: datetime) -> list[Lot]:
         """The card's unexpired lots with points, locked, in spending order."""
-        self._cursor.execute(self._sql.lots, (number,))
         lots = []
-        for lot_id, expires, remaining in self._cursor.fetchall():
+        for lot_id, expires, remaining in self._rows(self._sql.lots, (number,)):
             expires_on = expires if isinstance(expires, date) else date.fromisoformat(expires)
             if not lot_expired(expires_on, local):
                 lots.append(Lot(int(lot_id), expires_on, int(remaining)))
@@ -233,11 +315,11 @@ class HotLedger:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _insert(self, statement: str, parameters: Sequence[Any]) -> int:
-        self._cursor.execute(statement, parameters)
+    def _insert(self, statement: str, parameters: tuple[Any, ...]) -> int:
+        cursor = self._execute(statement, parameters)
         if self._sql.postgres:
-            return int(self._cursor.fetchone()[0])
-        return int(self._cursor.lastrowid)
+            return int(cursor.fetchone()[0])
+        return int(cursor.lastrowid)
 
     def next_rrn(self, at: datetime) -> str:
         """A new retrieval reference number, as `journal.next_rrn` allocates it."""
@@ -249,19 +331,15 @@ class HotLedger:
     def log_request(
         self, identity: RequestIdentity, digest: bytes, answer: dict[str, str], at: datetime
     ) -> None:
-        """As `records.log_request`; the identity's uniqueness fails the commit of a twin."""
-        self._cursor.execute(
-            self._sql.log_request,
-            (
-                identity.terminal_id,
-                identity.batch_number,
-                identity.trace,
-                identity.request_class.value,
-                digest,
-                self._json(answer),
-                self._instant(at),
-            ),
-        )
+        """As `records.log_request`; the identity's uniqueness fails the commit of a twin.
+
+        On PostgreSQL the insert is held back and goes out with the next statement or before
+        the commit, saving a round trip; every read of this unit of work comes after it."""
+        parameters = (*_identity_row(identity), digest, self._json(answer), self._instant(at))
+        if self._sql.postgres:
+            self._deferred.append((self._sql.log_request, parameters))
+        else:
+            self._execute(self._sql.log_request, parameters)
 
     def record_authorisation(
         self,
@@ -336,24 +414,23 @@ class HotLedger:
         available = sum(lot.remaining_points for lot in lots)
         if available < points:
             return Declined(Decline.NOT_ENOUGH_POINTS)
-        rrn = self.next_rrn(swipe.when.at)
-        transaction_id = self._post(swipe, number, account_id, points)
+        shares = _spend(lots, points)
+        amounts = (requested_amount_fen, conversion.amount_fen, conversion.discount_bp)
+        figures = (rule_id, conversion.settled_fen, points, fee_bp)
         row = _Authorisation(
-            AuthorisationKind.REDEMPTION,
-            rrn,
-            auth_code,
-            number,
-            response_code,
-            "approved",
-            transaction_id,
+            AuthorisationKind.REDEMPTION, "", auth_code, number, response_code, "approved", None
         )
-        authorisation_id = self._authorisation(
-            swipe,
-            row,
-            (requested_amount_fen, conversion.amount_fen, conversion.discount_bp),
-            (rule_id, conversion.settled_fen, points, fee_bp),
-        )
-        taken = self._take(lots, points, transaction_id, authorisation_id)
+        if self._sql.postgres:
+            authorisation_id, rrn, transaction_id = self._redeem_in_one(
+                swipe, card, row, amounts + figures, shares
+            )
+        else:
+            rrn = self.next_rrn(swipe.when.at)
+            transaction_id = self._post(swipe, number, account_id, points)
+            row = row._replace(rrn=rrn, transaction_id=transaction_id)
+            authorisation_id = self._authorisation(swipe, row, amounts, figures)
+            self._take(shares, transaction_id, authorisation_id)
+        taken = tuple(LotChange(lot.id, amount, lot.expires_on) for lot, amount in shares)
         return Redeemed(authorisation_id, rrn, transaction_id, taken, available - points)
 
     def _post(self, swipe: Swipe, number: str, account_id: int, points: int) -> int:
@@ -370,31 +447,51 @@ class HotLedger:
         )
         other = self._system_account("redemption")
         legs = [(transaction_id, account_id, -points), (transaction_id, other, points)]
-        self._cursor.executemany(self._sql.entry, legs)
+        self._execute(self._sql.entry, legs, many=True)
         return transaction_id
 
     def _take(
-        self, lots: Sequence[Lot], points: int, transaction_id: int, redemption_id: int
-    ) -> tuple[LotChange, ...]:
-        left = points
-        taken = []
-        movements = []
-        for lot in lots:
-            if left == 0:
-                break
-            amount = min(lot.remaining_points, left)
-            if amount == 0:
-                continue
-            self._cursor.execute(self._sql.take, (amount, lot.id, amount))
-            if self._cursor.rowcount != 1:
+        self, shares: Sequence[tuple[Lot, int]], transaction_id: int, redemption_id: int
+    ) -> None:
+        for lot, amount in shares:
+            if self._execute(self._sql.take, (amount, lot.id, amount)).rowcount != 1:
                 raise LedgerError(f"lot {lot.id} changed under its lock")
-            movements.append((transaction_id, lot.id, -amount, redemption_id, lot.id))
-            taken.append(LotChange(lot.id, amount, lot.expires_on))
-            left -= amount
-        if left:
-            raise LedgerError("the lots given hold fewer points than were to be taken")
-        self._cursor.executemany(self._sql.movement, movements)
-        return tuple(taken)
+        movements = [
+            (transaction_id, lot.id, -amount, redemption_id, lot.id) for lot, amount in shares
+        ]
+        self._execute(self._sql.movement, movements, many=True)
+
+    def _redeem_in_one(
+        self,
+        swipe: Swipe,
+        card: tuple[str, int],
+        row: _Authorisation,
+        figures: tuple[int | None, int, int, str | None, int, int, int],
+        shares: Sequence[tuple[Lot, int]],
+    ) -> tuple[int, str, int]:
+        """PostgreSQL: the RRN, the journal posting, the authorisation, the lot changes and
+        their movements in one statement (one round trip), as the SQLite path writes them."""
+        number, account_id = card
+        when = swipe.when
+        merchant_id, _ = self._terminal(swipe.terminal_id)
+        points = figures[5]
+        parameters: list[Any] = [when.at, swipe.key(RequestClass.REQUEST), when.at]
+        parameters += [when.business_date, number]
+        parameters += [account_id, -points, self._system_account("redemption"), points]
+        parameters += [swipe.terminal_id, merchant_id, swipe.batch_number, swipe.trace]
+        parameters += [row.auth_code, number, *figures, row.response_code, when.at]
+        parameters += [when.business_date]
+        for lot, amount in shares:
+            parameters += [lot.id, amount]
+        statement = _redemption_statement(len(shares))
+        cursor = self._execute(statement, tuple(parameters))
+        with self._driver_errors(statement):
+            authorisation_id, rrn, transaction_id, rrn_id, moved = cursor.fetchone()
+        if rrn_id >= 10**RRN_DIGITS:
+            raise LedgerError("the RRN sequence is exhausted")
+        if moved != len(shares):
+            raise LedgerError("a lot changed under its lock")
+        return int(authorisation_id), str(rrn), int(transaction_id)
 
     def _system_account(self, kind: str) -> int:
         account = self._system_accounts.get(kind)
@@ -425,6 +522,68 @@ class HotLedger:
         return json.dumps(value)
 
 
+def _identity_row(identity: RequestIdentity) -> tuple[str, int, int, str]:
+    return (
+        identity.terminal_id,
+        identity.batch_number,
+        identity.trace,
+        identity.request_class.value,
+    )
+
+
+def _spend(lots: Sequence[Lot], points: int) -> list[tuple[Lot, int]]:
+    """How many points to take from each lot, in the order given (the spending order)."""
+    left = points
+    shares = []
+    for lot in lots:
+        if left == 0:
+            break
+        amount = min(lot.remaining_points, left)
+        if amount:
+            shares.append((lot, amount))
+            left -= amount
+    if left:
+        raise LedgerError("the lots given hold fewer points than were to be taken")
+    return shares
+
+
+@functools.cache
+def _redemption_statement(lot_count: int) -> str:
+    """The PostgreSQL statement of `HotLedger._redeem_in_one` for a number of lots taken.
+
+    Data-modifying CTEs share one snapshot: the lots were locked by `spendable_lots`, and a
+    lot whose points fell short of its share would not be updated, so the movements are
+    counted and the caller refuses a count that differs."""
+    lots = ", ".join(f"({n}, %s::bigint, %s::bigint)" for n in range(lot_count))
+    return (
+        "WITH r AS (INSERT INTO rrn_allocations (allocated_at) VALUES (%s) RETURNING id),"
+        " t AS (INSERT INTO journal_transactions (idempotency_key, kind, created_at,"
+        " business_date, card_number) VALUES (%s, 'redemption', %s, %s, %s) RETURNING id),"
+        " e AS (INSERT INTO journal_entries (transaction_id, account_id, points)"
+        " SELECT t.id, v.account_id, v.points FROM t,"
+        " (VALUES (0, %s::bigint, %s::bigint), (1, %s::bigint, %s::bigint))"
+        " AS v(n, account_id, points) ORDER BY v.n),"
+        " a AS (INSERT INTO authorisations (rrn, kind, terminal_id, merchant_id, batch_number,"
+        " trace, auth_code, card_number, requested_amount_fen, amount_fen, discount_bp,"
+        " rule_id, settled_fen, points, fee_bp, response_code, local_time, business_date,"
+        " original_id, state, refunded_fen, points_returned, fen_clawed,"
+        " journal_transaction_id, exception)"
+        " SELECT lpad(r.id::text, 12, '0'), 'redemption', %s::varchar, %s::varchar,"
+        " %s::integer, %s::integer, %s::varchar, %s::varchar, %s::bigint, %s::bigint,"
+        " %s::integer, %s::varchar, %s::bigint, %s::bigint, %s::integer, %s::varchar,"
+        " %s::timestamptz, %s::date, NULL, 'approved', 0, 0, 0, t.id, NULL FROM r, t"
+        " RETURNING id, rrn),"
+        f" v(n, lot_id, amount) AS (VALUES {lots}),"
+        " u AS (UPDATE point_lots p SET remaining_points = p.remaining_points - v.amount"
+        " FROM v WHERE p.id = v.lot_id AND p.remaining_points >= v.amount RETURNING p.id),"
+        " m AS (INSERT INTO lot_movements (transaction_id, lot_id, points, redemption_id,"
+        " origin_lot_id) SELECT t.id, v.lot_id, -v.amount, a.id, v.lot_id"
+        " FROM v JOIN u ON u.id = v.lot_id CROSS JOIN a CROSS JOIN t ORDER BY v.n"
+        " RETURNING id)"
+        " SELECT a.id, a.rrn, t.id, r.id, (SELECT count(*) FROM m) FROM a, r, t"
+    )
+
+
 def hot_ledger(session: Session) -> HotLedger:
     """The unit of work's driver-level ledger, made on first use and kept with the session.
 
@@ -438,11 +597,11 @@ def hot_ledger(session: Session) -> HotLedger:
     return ledger
 
 
-def forget_terminals(session: Session) -> None:
-    """After the ORM path ran in this unit of work: terminals are read again when needed."""
+def request_done(session: Session, *, terminals_changed: bool) -> None:
+    """See `HotLedger.request_done`; nothing to do when the hot path was not used."""
     ledger = session.info.get(_INFO_KEY)
     if ledger is not None:
-        ledger.forget_terminals()
+        ledger.request_done(terminals_changed=terminals_changed)
 
 
-__all__ = ["HotLedger", "LoggedAnswer", "Lot", "forget_terminals", "hot_ledger"]
+__all__ = ["HotLedger", "LoggedAnswer", "Lot", "hot_ledger", "request_done"]
