@@ -30,7 +30,8 @@ test: lint
 bench-codec: $(BIN)/.installed
 	$(BIN)/python -m cardcodec.bench
 
-# DURATION, RATE and TERMINALS may be set: make bench-gateway DURATION=30 RATE=2000
+# DURATION, RATE, TERMINALS and WORKERS (PostgreSQL worker counts, default 1,2,4) may be set:
+# make bench-gateway DURATION=30 RATE=2000 WORKERS=1,4
 bench-gateway: $(BIN)/.installed
 	$(BIN)/python -m tests.bench_gateway
 

@@ -6,7 +6,10 @@ plenty of points), drives it with terminals written from the spec over real TCP,
   the duration: approved redemptions per second, p50/p99 latency;
 - open loop: redemptions offered at a fixed rate (default 2000/s) spread over the terminals:
   the rate achieved, p50/p99 latency;
-- on PostgreSQL, pgbench -N TPS on the same server (fsync on) in the same run.
+- on PostgreSQL, the same for `vipgate serve --workers N` with N = 1, 2 and 4 (WORKERS may
+  list others), then a table of the figures side by side with pgbench -N TPS on the same server
+  (fsync on) in the same run: how far worker processes take the gateway towards what the
+  database alone can commit.
 Client and server share the machine, as the targets say. Not a test: it prints figures.
 """
 
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cardcodec.cards import luhn_check_digit
@@ -91,10 +95,13 @@ def free_port() -> int:
         return port
 
 
-def start_gateway(folder: Path, database: str, port: int) -> subprocess.Popen[bytes]:
+def start_gateway(
+    folder: Path, database: str, port: int, workers: int = 1
+) -> subprocess.Popen[bytes]:
     command = [str(Path(sys.executable).with_name("vipgate")), "serve"]
     command += ["--config", str(folder / "bench.toml"), "--db", database]
     command += ["--listen", f"127.0.0.1:{port}", "--clock", "2026-11-18T10:00:00+08:00"]
+    command += ["--workers", str(workers)]
     log = (folder / "gateway.log").open("wb")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
@@ -164,11 +171,12 @@ async def open_loop(
     started = time.monotonic()
 
     async def run(client: Client, offset: float) -> None:
-        queue: asyncio.Queue[None] = asyncio.Queue()
+        queue: asyncio.Queue[bool] = asyncio.Queue()
 
         async def sender() -> None:
-            while not queue.empty() or time.monotonic() - started < duration:
-                await queue.get()
+            # Requests still queued when the duration is over are not sent: a gateway slower
+            # than the offered rate shows as a lower rate achieved, not as a run that never ends.
+            while await queue.get() and time.monotonic() - started < duration:
                 await client.redeem(latencies, codes)
 
         task = asyncio.create_task(sender())
@@ -178,8 +186,9 @@ async def open_loop(
             if due - started >= duration:
                 break
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            queue.put_nowait(None)
+            queue.put_nowait(True)
             count += 1
+        queue.put_nowait(False)
         await asyncio.wait_for(task, timeout=duration + 60)
 
     spread = 1 / rate
@@ -192,7 +201,19 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000 if ordered else 0.0
 
 
-async def measure(port: int, keys: dict[str, bytes], args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class Figures:
+    """One gateway run: closed loop approvals/s and latency, open loop rate achieved."""
+
+    closed_per_s: float
+    closed_p50_ms: float
+    closed_p99_ms: float
+    open_per_s: float
+    open_p50_ms: float
+    open_p99_ms: float
+
+
+async def measure(port: int, keys: dict[str, bytes], args: argparse.Namespace) -> Figures:
     clients = [
         Client(SpecTerminal(terminal_id, MERCHANT, "3des", key), card(index % args.cards + 1))
         for index, (terminal_id, key) in enumerate(keys.items())
@@ -201,18 +222,23 @@ async def measure(port: int, keys: dict[str, bytes], args: argparse.Namespace) -
         await client.connect(port)
     latencies, codes = await closed_loop(clients, args.duration)
     approved = codes.get("00", 0)
+    closed = (approved / args.duration, percentile(latencies, 0.5), percentile(latencies, 0.99))
     print(
         f"  closed loop, {len(clients)} terminals, {args.duration:.0f} s: "
-        f"{approved / args.duration:,.0f} approved redemptions/s; "
-        f"p50 {percentile(latencies, 0.5):.1f} ms, p99 {percentile(latencies, 0.99):.1f} ms; "
+        f"{closed[0]:,.0f} approved redemptions/s; "
+        f"p50 {closed[1]:.1f} ms, p99 {closed[2]:.1f} ms; "
         f"codes {codes}"
     )
     latencies, codes, elapsed = await open_loop(clients, args.rate, args.duration)
+    opened = (len(latencies) / elapsed, percentile(latencies, 0.5), percentile(latencies, 0.99))
     print(
-        f"  open loop at {args.rate:,.0f}/s offered: {len(latencies) / elapsed:,.0f}/s achieved; "
-        f"p50 {percentile(latencies, 0.5):.1f} ms, p99 {percentile(latencies, 0.99):.1f} ms; "
+        f"  open loop at {args.rate:,.0f}/s offered: {opened[0]:,.0f}/s achieved; "
+        f"p50 {opened[1]:.1f} ms, p99 {opened[2]:.1f} ms; "
         f"codes {codes}"
     )
+    for client in clients:
+        client.writer.close()
+    return Figures(*closed, *opened)
 
 
 def pgbench_tps(server: pg.PgServer, seconds: int) -> str:
@@ -242,23 +268,71 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
                 admin.execute("ALTER SYSTEM SET fsync = on")
                 admin.execute("ALTER SYSTEM SET synchronous_commit = on")
                 admin.execute("SELECT pg_reload_conf()")
-            database = server.create_database("bench")
-        else:
-            database = f"sqlite:///{folder / 'var' / 'bench.db'}"
-        port = free_port()
-        print(f"{backend}: starting the gateway ({args.terminals} terminals, {args.cards} cards)")
-        gateway = start_gateway(folder, database, port)
-        try:
-            asyncio.run(measure(port, keys, args))
-        finally:
-            gateway.send_signal(signal.SIGTERM)
-            gateway.wait(timeout=60)
+        counts = args.workers if backend == "postgresql" else [1]
+        figures: dict[int, Figures] = {}
+        for workers in counts:
+            # A new database per run: the same start for each, and the fixed --clock is
+            # refused on a ledger holding later transactions.
+            if server is not None:
+                database = server.create_database(f"bench_{workers}_workers")
+            else:
+                database = f"sqlite:///{folder / 'var' / 'bench.db'}"
+            figures[workers] = run_gateway(
+                backend, folder, database, keys, workers=workers, args=args
+            )
         if server is not None:
-            print(f"  pgbench -N on the same server: {pgbench_tps(server, int(args.duration))} TPS")
+            tps = pgbench_tps(server, int(args.duration))
+            print(f"  pgbench -N on the same server: {tps} TPS")
+            print_table(figures, tps)
     finally:
         if server is not None:
             pg.stop(server)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_gateway(
+    backend: str,
+    folder: Path,
+    database: str,
+    keys: dict[str, bytes],
+    *,
+    workers: int,
+    args: argparse.Namespace,
+) -> Figures:
+    port = free_port()
+    processes = f", {workers} worker processes" if workers > 1 else ""
+    print(
+        f"{backend}: starting the gateway ({args.terminals} terminals, {args.cards} cards"
+        f"{processes})"
+    )
+    gateway = start_gateway(folder, database, port, workers)
+    try:
+        return asyncio.run(measure(port, keys, args))
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(timeout=60)
+
+
+def print_table(figures: dict[int, Figures], tps: str) -> None:
+    pgbench = f"{float(tps):,.0f}" if tps.replace(".", "", 1).isdigit() else tps
+    print("  postgresql side by side (approved redemptions/s; latency p50/p99 ms):")
+    print(
+        f"  {'workers':>7}  {'closed loop':>11}  {'p50/p99':>13}  {'open loop':>9}  {'p50/p99':>13}"
+    )
+    for workers, f in figures.items():
+        print(
+            f"  {workers:>7}  {f.closed_per_s:>11,.0f}  "
+            f"{f'{f.closed_p50_ms:.1f}/{f.closed_p99_ms:.1f}':>13}  {f.open_per_s:>9,.0f}  "
+            f"{f'{f.open_p50_ms:.1f}/{f.open_p99_ms:.1f}':>13}"
+        )
+    print(f"  {'pgbench':>7}  {pgbench:>11} TPS (-N, 8 clients, fsync and synchronous_commit on)")
+
+
+def worker_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",") if part.strip()]
+    if not counts or any(not 1 <= n <= 64 for n in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: worker counts 1-64, comma separated")
+    return counts
 
 
 def main() -> None:
@@ -268,6 +342,12 @@ def main() -> None:
     parser.add_argument("--cards", type=int, default=20)
     parser.add_argument("--duration", type=float, default=float(os.environ.get("DURATION", "10")))
     parser.add_argument("--rate", type=float, default=float(os.environ.get("RATE", "2000")))
+    parser.add_argument(
+        "--workers",
+        type=worker_counts,
+        default=worker_counts(os.environ.get("WORKERS", "1,2,4")),
+        help="worker processes to measure on PostgreSQL, comma separated (default 1,2,4)",
+    )
     args = parser.parse_args()
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     for backend in backends:
