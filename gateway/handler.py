@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session as OrmSession
 
 from cardcodec.cards import mask_card_number
-from cardcodec.crypto import Suite, decrypt_track, mac, verify_mac
+from cardcodec.crypto import Suite
 from cardcodec.errors import CodecError
 from cardcodec.frame import ENVELOPE_BYTES
 from cardcodec.message import (
@@ -53,7 +53,8 @@ from gateway.ledger.hotpath import hot_ledger
 from gateway.ledger.models import RequestClass
 from gateway.ledger.records import RequestIdentity
 from gateway.responses import Decline, response_code
-from gateway.sessions import Session, Sessions
+from gateway.security import SecurityModule
+from gateway.sessions import UNAVAILABLE, Session, Sessions, SessionView
 from gateway.transactions import Context, Outcome, Transactions
 
 log = structlog.get_logger("vipgate.gateway")
@@ -93,6 +94,7 @@ class Request:
     merchant: MerchantConfig | None = None
     session: Session | None = None
     track: Track2 | None = None
+    sessions: SessionView = UNAVAILABLE  # the group's sessions, read when the group began
 
 
 class Gateway:
@@ -104,17 +106,17 @@ class Gateway:
         config: Config,
         engine: Engine,
         clock: Clock,
-        sessions: Sessions,
-        pin_matches: Callable[[str, str, bytes], bool],
+        security: SecurityModule,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         self._config = config
         self._engine = engine
         self._clock = clock
-        self._sessions = sessions
+        self._security = security
+        self._sessions = Sessions(engine, clock, config.gateway.key_lifetime, security)
         self._terminals = {t.id: t for t in config.terminals}
         self._merchants = {m.id: m for m in config.merchants}
-        self._transactions = Transactions(config, sessions, pin_matches, random_bytes)
+        self._transactions = Transactions(config, self._sessions, security, random_bytes)
 
     # -- entry ---------------------------------------------------------------------------
 
@@ -132,8 +134,10 @@ class Gateway:
         """
         replies: list[Reply | None] = [None] * len(payloads)
         pending: list[tuple[int, Request, Context]] = []
+        decoded = [_decode(payload) for payload in payloads]
+        sessions = self._sessions.view(_terminal_ids(decoded))
         for index, payload in enumerate(payloads):
-            prepared = self._prepare(payload, self._moment())
+            prepared = self._prepare(payload, decoded[index], sessions, self._moment())
             if isinstance(prepared, Reply):
                 replies[index] = prepared
             else:
@@ -143,13 +147,13 @@ class Gateway:
                 replies[index] = reply
         return [reply if reply is not None else Reply(None) for reply in replies]
 
-    def _prepare(self, payload: bytes, moment: Moment) -> Reply | tuple[Request, Context]:
-        """Decode and run the checks that need no database: an answer, or a ledger context."""
-        try:
-            message = decode_message(payload)
-        except CodecError as error:
-            return self._undecodable(error, moment)
-        request = Request(message, payload, None, None)
+    def _prepare(
+        self, payload: bytes, decoded: Message | CodecError, sessions: SessionView, moment: Moment
+    ) -> Reply | tuple[Request, Context]:
+        """Run the checks that need no ledger transaction: an answer, or a ledger context."""
+        if isinstance(decoded, CodecError):
+            return self._undecodable(decoded, moment)
+        request = Request(decoded, payload, None, None, sessions=sessions)
         try:
             self._first_checks(request)
             return request, self._context(request, moment)
@@ -190,7 +194,7 @@ class Gateway:
         kind = request.kind
         if kind is not None and suite_problem(message, kind, terminal.suite) is not None:
             raise DeclinedEarly(Decline.FORMAT)
-        request.session = self._sessions.current(terminal.id)
+        request.session = request.sessions.get(terminal.id)
         if request.session is not None and kind is not None:
             self._track_checks(request, request.session)
         merchant = self._merchants.get(message.text(42))
@@ -208,23 +212,27 @@ class Gateway:
         if 53 not in message.fields or 35 not in message.fields:
             return
         encrypted = message.text(53)[2] == "1"
-        if encrypted and session.keys.tdk is None:
+        if encrypted and not session.has_tdk:
             raise DeclinedEarly(Decline.FORMAT)
         track = message.text(35)
         try:
-            if encrypted and session.keys.tdk is not None:
-                track = decrypt_track(session.suite, session.keys.tdk, track)
+            if encrypted:
+                track = self._security.decrypt_track(session.keys, track)
             request.track = Track2.parse(track)
         except CodecError:
             raise DeclinedEarly(Decline.FORMAT) from None
 
     def _session_checks(self, request: Request) -> None:
+        """`A0` without keys or with a wrong MAC; `96` when the ledger that holds the keys
+        could not be read, since the terminal may well be signed on."""
         session = request.session
         payload = request.payload
+        if session is None and not request.sessions.available:
+            raise DeclinedEarly(Decline.SYSTEM)
         if session is None or not has_mac(payload):
             raise DeclinedEarly(Decline.MAC, sign_on_again=True)
-        mak = session.keys.mak
-        if not verify_mac(session.suite, mak, mac_input(payload), received_mac(payload)):
+        received = received_mac(payload)
+        if not self._security.verify_mac(session.keys, mac_input(payload), received):
             raise DeclinedEarly(Decline.MAC, sign_on_again=True)
 
     # -- the ledger transaction ------------------------------------------------------------
@@ -323,14 +331,15 @@ class Gateway:
     def _send(self, request: Request, outcome: Outcome, moment: Moment) -> Reply:
         answer = outcome.answer
         code = answer.text(39)
-        session = self._sessions.current(request.terminal.id) if request.terminal else None
         if answers.carries_mac(request.kind, code):
-            keys = outcome.mac_session or session
-            if keys is None:  # keys gone since the request was checked: the terminal re-signs on
+            # The keys the request's MAC was checked with (a repeat's answer too: §7's current
+            # MAK), or those a sign-off ended; read from the ledger when the group began.
+            keys = outcome.mac_session or request.session
+            if keys is None:  # no keys to MAC with: the terminal signs on again
                 return self._rejected(
                     request, DeclinedEarly(Decline.MAC, sign_on_again=True), moment
                 )
-            payload = encode_message_with_mac(answer, _mac_with(keys))
+            payload = encode_message_with_mac(answer, _mac_with(self._security, keys))
         else:
             payload = encode_message(answer)
         return Reply(payload, self._event(request, code, outcome.card_number, outcome.repeated))
@@ -411,8 +420,22 @@ def _digest(payload: bytes) -> bytes:
     return hashlib.sha256(body).digest()
 
 
-def _mac_with(session: Session) -> Callable[[bytes], bytes]:
-    return lambda data: mac(session.suite, session.keys.mak, data)
+def _mac_with(security: SecurityModule, session: Session) -> Callable[[bytes], bytes]:
+    return lambda data: security.mac(session.keys, data)
+
+
+def _decode(payload: bytes) -> Message | CodecError:
+    """The request, or why it does not decode (answered by `_undecodable`)."""
+    try:
+        return decode_message(payload)
+    except CodecError as error:
+        return error
+
+
+def _terminal_ids(decoded: Sequence[Message | CodecError]) -> set[str]:
+    """The terminals a group names in field 41, for its one read of the sessions."""
+    named = (item.fields.get(41) for item in decoded if isinstance(item, Message))
+    return {terminal for terminal in named if isinstance(terminal, str)}
 
 
 def _fallback_rrn(moment: Moment) -> str:

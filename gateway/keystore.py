@@ -1,11 +1,14 @@
 """Every use of the master key behind one small interface, so a hardware module can replace it.
 
-The gateway holds two kinds of secret at rest: terminal master keys (encrypted, because the
-gateway must use them again) and card PINs (never stored, only an HMAC to compare against).
-Both hang off one master key. `KeyStore` is all the rest of the gateway may ask of it: seal
-and open a TMK, compute and check a PIN HMAC. `FileKeyStore` keeps the master key in a file
-of 32 random bytes readable by its owner only, and the PIN key sealed under it beside it; an
-HSM-backed store would implement the same four methods and never let the key leave the module.
+The gateway holds three kinds of secret at rest: terminal master keys and the working keys of
+signed-on terminals (encrypted, because the gateway must use them again, from any process) and
+card PINs (never stored, only an HMAC to compare against). All hang off one master key.
+`KeyStore` is all the rest of the gateway may ask of it: seal and open a TMK or a session's
+working keys, compute and check a PIN HMAC. `FileKeyStore` keeps the master key in a file of 32
+random bytes readable by its owner only, and the PIN key sealed under it beside it; an
+HSM-backed store would implement the same methods and never let the key leave the module. The
+gateway's own key work (working keys, MACs, PIN blocks) goes through `gateway.security`, which
+uses this store for what it keeps at rest.
 
 No key, TMK or PIN ever appears in a message, a repr or a traceback's exception chain: the
 errors raised here name the file or the terminal, never a value, and are raised `from None`.
@@ -38,6 +41,9 @@ KEY_ID_BYTES = 4
 LEGACY_FORMAT = b"\x01"
 SEALED_FORMAT = b"\x02"
 TMK_LABEL = b"vipgate tmk"
+# Associated data of a session's sealed working keys: never equal to a terminal id (the TMKs'),
+# so a sealed TMK can never be opened as working keys or the other way round.
+SESSION_AAD_PREFIX = b"vipgate session keys:"
 PIN_LABEL = b"vipgate pin"
 PIN_KEY_AAD = b"vipgate pin key"
 PIN_DIGITS = range(4, 13)
@@ -60,6 +66,15 @@ class KeyStore(Protocol):
 
     def decrypt_tmk(self, terminal_id: str, sealed: bytes) -> bytes:
         """The TMK of a sealed blob; `KeyStoreError` if it was not sealed for this terminal."""
+        ...
+
+    def seal_session_keys(self, terminal_id: str, keys: bytes) -> bytes:
+        """A terminal's working keys encrypted for the session table, bound to the terminal."""
+        ...
+
+    def open_session_keys(self, terminal_id: str, sealed: bytes) -> bytes:
+        """The working keys of a sealed blob; `KeyStoreError` if they were not sealed for this
+        terminal's session (or under a master key this store no longer has)."""
         ...
 
     def pin_hmac(self, card_number: str, pin: str) -> bytes:
@@ -125,6 +140,7 @@ class FileKeyStore:
         self.path = path
         self._masters: dict[bytes, _Master] | None = None
         self._newest: _Master | None = None
+        self._loaded_files: tuple[object, object] | None = None
         self._pin_key: _Secret | None = None
 
     def __repr__(self) -> str:
@@ -156,6 +172,18 @@ class FileKeyStore:
                 f"{self.path} (another master key, or not sealed for this terminal)"
             ) from None
 
+    def seal_session_keys(self, terminal_id: str, keys: bytes) -> bytes:
+        return self._newest_master().seal(keys, _session_aad(terminal_id))
+
+    def open_session_keys(self, terminal_id: str, sealed: bytes) -> bytes:
+        try:
+            return self._open(sealed, _session_aad(terminal_id))
+        except KeyStoreError:
+            raise KeyStoreError(
+                f"terminal {terminal_id}: the session keys do not open under the master key "
+                f"{self.path}"
+            ) from None
+
     def pin_hmac(self, card_number: str, pin: str) -> bytes:
         message = _pin_message(card_number, pin)
         return hmac.new(self._pin().reveal(), message, hashlib.sha256).digest()
@@ -180,6 +208,10 @@ class FileKeyStore:
         """A stored TMK sealed again under the newest master key."""
         return self.encrypt_tmk(terminal_id, self.decrypt_tmk(terminal_id, sealed))
 
+    def reseal_session_keys(self, terminal_id: str, sealed: bytes) -> bytes:
+        """A session's stored working keys sealed again under the newest master key."""
+        return self.seal_session_keys(terminal_id, self.open_session_keys(terminal_id, sealed))
+
     def finish_rotation(self) -> None:
         """The next master key becomes the master key; the old one is gone."""
         if self.next_path.exists():
@@ -198,9 +230,19 @@ class FileKeyStore:
                 masters[following.id] = following
                 self._newest = following
             self._masters = masters
+            self._loaded_files = self._files()
         return self._masters
 
+    def _files(self) -> tuple[object, object]:
+        """What identifies the key files on disk: a rotation by another process changes it."""
+        return (_identity(self.path), _identity(self.next_path))
+
     def _newest_master(self) -> _Master:
+        """The key new blobs are sealed under. Sealing is rare (a sign-on, a load), so the
+        files are looked at each time: a running gateway must not keep sealing under a master
+        key that another process's rotation is replacing."""
+        if self._masters is not None and self._files() != self._loaded_files:
+            self._masters = None
         self._load()
         assert self._newest is not None  # set by _load
         return self._newest
@@ -208,6 +250,10 @@ class FileKeyStore:
     def _open(self, sealed: bytes, aad: bytes) -> bytes:
         masters = self._load()
         header = 1 + KEY_ID_BYTES
+        if sealed[:1] == SEALED_FORMAT and sealed[1:header] not in masters:
+            # Sealed under a key this process has not read yet: another process rotated.
+            self._masters = None
+            masters = self._load()
         if sealed[:1] == LEGACY_FORMAT and len(sealed) >= 1 + NONCE_BYTES + TAG_BYTES:
             nonce, body, candidates = sealed[1:13], sealed[13:], list(masters.values())
         elif sealed[:1] == SEALED_FORMAT and len(sealed) >= header + NONCE_BYTES + TAG_BYTES:
@@ -244,6 +290,19 @@ class FileKeyStore:
 
 def _terminal_aad(terminal_id: str) -> bytes:
     return terminal_id.encode("ascii")
+
+
+def _session_aad(terminal_id: str) -> bytes:
+    return SESSION_AAD_PREFIX + terminal_id.encode("ascii")
+
+
+def _identity(path: Path) -> object:
+    """The file's inode and change time, or None when it does not exist."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    return (status.st_ino, status.st_mtime_ns, status.st_size)
 
 
 def _pin_message(card_number: str, pin: str) -> bytes:

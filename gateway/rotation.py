@@ -2,8 +2,9 @@
 again under the new one, without a moment where a stored key cannot be opened.
 
 The order makes every step safe to interrupt and to run again: the next master key is written
-beside the current one, the PIN key is sealed under it, every terminal's TMK is sealed again in
-one database transaction, and only then does the next key replace the current one. Until that
+beside the current one, the PIN key is sealed under it, every terminal's TMK and every stored
+session's working keys are sealed again in one database transaction, and only then does the
+next key replace the current one. Until that
 last step both keys open what they sealed, so a stop anywhere leaves everything readable and a
 second run finishes the job.
 """
@@ -17,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from gateway.keystore import FileKeyStore
 from gateway.ledger import unit_of_work
-from gateway.ledger.models import Terminal
+from gateway.ledger.models import Terminal, TerminalSession
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Rotation:
     """What a rotation did."""
 
     terminals: int
+    sessions: int = 0
 
 
 def rotate_master(engine: Engine, keystore: FileKeyStore) -> Rotation:
@@ -36,5 +38,12 @@ def rotate_master(engine: Engine, keystore: FileKeyStore) -> Rotation:
         for terminal in terminals:
             terminal.tmk_encrypted = keystore.reseal_tmk(terminal.id, terminal.tmk_encrypted)
             count += 1
+        signed_on = session.scalars(
+            select(TerminalSession).with_for_update().order_by(TerminalSession.terminal_id)
+        )
+        sessions = 0
+        for row in signed_on:
+            row.keys_sealed = keystore.reseal_session_keys(row.terminal_id, row.keys_sealed)
+            sessions += 1
     keystore.finish_rotation()
-    return Rotation(count)
+    return Rotation(count, sessions)

@@ -29,7 +29,7 @@ from gateway.handler import Gateway, Reply
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, JournalTransaction
 from gateway.protocol import TerminalFactory, TrafficRecorder
-from gateway.sessions import Sessions
+from gateway.security import SoftwareSecurityModule
 
 log = structlog.get_logger("vipgate.server")
 
@@ -227,13 +227,11 @@ def wire(config_path: Path, db_override: str | None, clock_start: datetime | Non
     base = bootstrap(config_path, db_override, clock=clock)
     log.info("config_loaded", summary=base.loaded.summary())
     config = base.config
-    sessions = Sessions(base.clock, config.gateway.key_lifetime)
     gateway = Gateway(
         config=config,
         engine=base.engine,
         clock=base.clock,
-        sessions=sessions,
-        pin_matches=base.keystore.pin_matches,
+        security=SoftwareSecurityModule(base.keystore),
     )
     return Wiring(config, base.engine, base.clock, gateway)
 

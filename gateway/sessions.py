@@ -1,60 +1,170 @@
 """Terminal sessions: the working keys a sign-on issues, and how long they live (§4.1, §5.2).
 
 A terminal is signed on from its 0810 until it signs off, signs on again, or the key lifetime
-runs out. A failed sign-on leaves any earlier keys as they were. The keys live in memory only;
-the clock is injected so that lifetimes are tested without waiting.
+runs out; a failed sign-on leaves any earlier keys as they were. The keys are in the ledger
+(`terminal_sessions`, sealed by the security module), written in the request's own ledger
+transaction, so they are durable exactly when the 0810 is, and any process, or the same one
+after a restart, carries the terminal on (issue 8).
+
+Reading them must cost the hot path almost nothing: a group of requests reads the rows of all
+its terminals with one prebuilt statement, and unsealed keys are kept per process under
+(terminal, generation). A generation names one sign-on and is never reused, so a cached copy is
+used only while the row read for this group still has its generation: keys the ledger no longer
+holds (signed off, or on again through another process) are never used. The clock is injected
+so that lifetimes are tested without waiting.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from cardcodec.crypto import Suite, WorkingKeys
+import structlog
+from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session as OrmSession
+
+from cardcodec.crypto import Suite
 from gateway.clock import Clock
+from gateway.ledger.models import KeySuite, TerminalSession
+from gateway.security import IssuedKeys, KeyHandle, SecurityModule, SecurityModuleError
+
+log = structlog.get_logger("vipgate.sessions")
+
+# Built once: per group one read, per sign-on one delete and one insert, per sign-off a delete.
+_READ = select(
+    TerminalSession.terminal_id,
+    TerminalSession.generation,
+    TerminalSession.suite,
+    TerminalSession.keys_sealed,
+    TerminalSession.expires_at,
+).where(TerminalSession.terminal_id.in_(bindparam("terminals", expanding=True)))
+_END = delete(TerminalSession).where(TerminalSession.terminal_id == bindparam("terminal"))
+_START = insert(TerminalSession).returning(TerminalSession.generation)
 
 
 @dataclass(frozen=True)
 class Session:
-    """A signed-on terminal's keys and when they stop being valid."""
+    """A signed-on terminal's keys (a handle of the security module) and when they end."""
 
     terminal_id: str
     suite: Suite
-    keys: WorkingKeys
-    signed_on_at: datetime
+    keys: KeyHandle
+    generation: int
     expires_at: datetime
 
     @property
     def has_tdk(self) -> bool:
-        return self.keys.tdk is not None
+        return self.keys.has_tdk
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """The sessions of one group's terminals as the ledger held them when the group began.
+
+    `available` is False when the ledger could not be read: then no request can be checked,
+    and one that needs keys is answered `96` rather than told it is not signed on.
+    """
+
+    sessions: dict[str, Session]
+    available: bool = True
+
+    def get(self, terminal_id: str) -> Session | None:
+        return self.sessions.get(terminal_id)
+
+
+UNAVAILABLE = SessionView({}, available=False)
 
 
 class Sessions:
-    """The current session of each terminal, with the key lifetime enforced on every read."""
+    """Sessions in the ledger, with this process's cache of the keys it has unsealed."""
 
-    def __init__(self, clock: Clock, lifetime: timedelta) -> None:
+    def __init__(
+        self, engine: Engine, clock: Clock, lifetime: timedelta, security: SecurityModule
+    ) -> None:
+        self._engine = engine
         self._clock = clock
         self._lifetime = lifetime
-        self._sessions: dict[str, Session] = {}
+        self._security = security
+        self._lock = threading.Lock()
+        # terminal -> (generation, keys or None when they did not open); one entry a terminal.
+        self._cache: dict[str, tuple[int, KeyHandle | None]] = {}
 
-    def sign_on(self, terminal_id: str, suite: Suite, keys: WorkingKeys) -> Session:
+    def view(self, terminal_ids: Iterable[str]) -> SessionView:
+        """The current sessions of these terminals, with one query; expired ones left out."""
+        wanted = sorted(set(terminal_ids))
+        if not wanted:
+            return SessionView({})
+        try:
+            with self._engine.connect() as connection:
+                rows = connection.execute(_READ, {"terminals": wanted}).all()
+        except SQLAlchemyError:
+            return UNAVAILABLE
         now = self._clock.now()
-        session = Session(terminal_id, suite, keys, now, now + self._lifetime)
-        self._sessions[terminal_id] = session
-        return session
+        sessions: dict[str, Session] = {}
+        for terminal_id, generation, suite, sealed, expires_at in rows:
+            keys = self._keys(terminal_id, generation, Suite(suite.value), sealed)
+            if keys is not None and now < expires_at:
+                sessions[terminal_id] = Session(
+                    terminal_id, keys.suite, keys, generation, expires_at
+                )
+        with self._lock:
+            for gone in set(wanted) - {row[0] for row in rows}:
+                self._cache.pop(gone, None)
+        return SessionView(sessions)
 
-    def sign_off(self, terminal_id: str) -> None:
-        self._sessions.pop(terminal_id, None)
+    def sign_on(
+        self, orm: OrmSession, terminal_id: str, issued: IssuedKeys, at: datetime
+    ) -> Callable[[], None]:
+        """Replace the terminal's session inside the caller's transaction; what to run once
+        that transaction has committed (remember the keys without unsealing them again)."""
+        orm.execute(_END, {"terminal": terminal_id})
+        generation = orm.execute(
+            _START,
+            {
+                "terminal_id": terminal_id,
+                "suite": KeySuite(issued.handle.suite.value),
+                "keys_sealed": issued.sealed,
+                "signed_on_at": at,
+                "expires_at": at + self._lifetime,
+            },
+        ).scalar_one()
+        return lambda: self._remember(terminal_id, generation, issued.handle)
 
-    def current(self, terminal_id: str) -> Session | None:
-        """The terminal's session, or None when it is not signed on (never, off, expired)."""
-        session = self._sessions.get(terminal_id)
-        if session is None:
-            return None
-        if self._clock.now() >= session.expires_at:
-            del self._sessions[terminal_id]
-            return None
-        return session
+    def sign_off(self, orm: OrmSession, terminal_id: str) -> Callable[[], None]:
+        """End the terminal's session inside the caller's transaction; forget the keys after."""
+        orm.execute(_END, {"terminal": terminal_id})
+        return lambda: self._forget(terminal_id)
 
-    def __len__(self) -> int:
-        return len(self._sessions)
+    def _keys(
+        self, terminal_id: str, generation: int, suite: Suite, sealed: bytes
+    ) -> KeyHandle | None:
+        """The keys of one sign-on: from the cache when it holds this generation, else
+        unsealed once (and a row that does not open is remembered as such, and logged)."""
+        with self._lock:
+            cached = self._cache.get(terminal_id)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        try:
+            keys: KeyHandle | None = self._security.open_keys(terminal_id, suite, sealed)
+        except SecurityModuleError:
+            log.error("session_keys_unreadable", terminal=terminal_id, generation=generation)
+            keys = None
+        self._remember(terminal_id, generation, keys)
+        return keys
+
+    def _remember(self, terminal_id: str, generation: int, keys: KeyHandle | None) -> None:
+        with self._lock:
+            self._cache[terminal_id] = (generation, keys)
+
+    def _forget(self, terminal_id: str) -> None:
+        with self._lock:
+            self._cache.pop(terminal_id, None)
+
+    def cached(self) -> int:
+        """How many terminals' keys this process holds unsealed (for tests and metrics)."""
+        with self._lock:
+            return sum(1 for _, keys in self._cache.values() if keys is not None)

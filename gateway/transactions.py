@@ -12,17 +12,12 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import structlog
 from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session as OrmSession
 
 from cardcodec.cards import card_number_problem
-from cardcodec.crypto import (
-    Suite,
-    decrypt_pin,
-    generate_working_keys,
-    wrap_working_keys,
-)
-from cardcodec.errors import PinBlockError
+from cardcodec.crypto import Suite
 from cardcodec.message import FieldValue, Message
 from cardcodec.profile import Kind
 from cardcodec.subfields import (
@@ -61,7 +56,10 @@ from gateway.ledger.journal import lock_card
 from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState, Card
 from gateway.ledger.models import Terminal as TerminalRow
 from gateway.responses import APPROVED, PARTIAL, Decline, response_code
+from gateway.security import PinCheck, SecurityModule, SecurityModuleError
 from gateway.sessions import Session, Sessions
+
+log = structlog.get_logger("vipgate.gateway")
 
 MAX_BATCH_ITEMS = 999
 TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
@@ -118,18 +116,18 @@ class Outcome:
 
 
 class Transactions:
-    """The per-kind handlers, sharing the config, the sessions and the PIN check."""
+    """The per-kind handlers, sharing the config, the sessions and the security module."""
 
     def __init__(
         self,
         config: Config,
         sessions: Sessions,
-        pin_matches: Callable[[str, str, bytes], bool],
+        security: SecurityModule,
         random_bytes: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         self._config = config
         self._sessions = sessions
-        self._pin_matches = pin_matches
+        self._security = security
         self._random = random_bytes
         self._handlers: dict[Kind, Callable[[OrmSession, Context], Outcome]] = {
             Kind.SIGN_ON: self._sign_on,
@@ -210,34 +208,41 @@ class Transactions:
     # -- management ------------------------------------------------------------------------
 
     def _sign_on(self, orm: OrmSession, context: Context) -> Outcome:
+        """Fresh keys under the TMK the ledger keeps, and the session row in this transaction:
+        the keys are durable exactly when the 0810 that carries them is. A TMK the security
+        module cannot open is `96`, and the earlier keys stay."""
         terminal = context.terminal
-        keys = generate_working_keys(
-            terminal.suite, context.data.management_code in TDK_SIGN_ONS, self._random
-        )
-        batch = _open_batch(orm, terminal.id)
+        row = orm.get(TerminalRow, terminal.id)
+        if row is None:
+            raise LookupError(f"terminal {terminal.id} is not in the ledger")
+        rrn = next_rrn(orm, context.moment.at)
+        try:
+            issued = self._security.issue_working_keys(
+                terminal.id,
+                terminal.suite,
+                row.tmk_encrypted,
+                with_tdk=context.data.management_code in TDK_SIGN_ONS,
+            )
+        except SecurityModuleError:
+            log.error("sign_on_keys_failed", terminal=terminal.id)
+            return Outcome(self._answer(context, response_code(Decline.SYSTEM), {37: rrn}))
         extra: dict[int, FieldValue] = {
-            37: next_rrn(orm, context.moment.at),
-            60: context.data.with_batch(f"{batch:06d}").format(),
-            62: wrap_working_keys(terminal.suite, terminal.tmk, keys),
+            37: rrn,
+            60: context.data.with_batch(f"{row.open_batch_number:06d}").format(),
+            62: issued.field62,
         }
         answer = self._answer(context, APPROVED, extra)
-
-        def install() -> None:
-            self._sessions.sign_on(terminal.id, terminal.suite, keys)
-
-        return Outcome(answer, after_commit=install)
+        installed = self._sessions.sign_on(orm, terminal.id, issued, context.moment.at)
+        return Outcome(answer, after_commit=installed)
 
     def _sign_off(self, orm: OrmSession, context: Context) -> Outcome:
-        terminal_id = context.terminal.id
+        """The answer is MAC'd under the keys this transaction destroys."""
         answer = self._answer(context, APPROVED, {})
-        return Outcome(
-            answer,
-            mac_session=context.session,
-            after_commit=lambda: self._sessions.sign_off(terminal_id),
-        )
+        forget = self._sessions.sign_off(orm, context.terminal.id)
+        return Outcome(answer, mac_session=context.session, after_commit=forget)
 
     def _echo(self, orm: OrmSession, context: Context) -> Outcome:
-        signed_on = self._sessions.current(context.terminal.id) is not None
+        signed_on = context.session is not None
         return Outcome(self._answer(context, APPROVED, {}, sign_on_again=not signed_on))
 
     # -- the card: snapshot and PIN -----------------------------------------------------------
@@ -258,29 +263,24 @@ class Transactions:
         )
         return card, snapshot
 
-    def _pin(self, context: Context, card_number: str) -> tuple[PinEntry, str | None]:
-        if 26 not in context.message.fields or context.session is None:
-            return PinEntry.NONE, None
-        suite = context.session.suite
-        block = context.message.binary(52 if suite is Suite.TDES else 62)
-        try:
-            pin = decrypt_pin(suite, context.session.keys.pik, block, card_number)
-        except PinBlockError:
-            return PinEntry.INVALID_BLOCK, None
-        return PinEntry.ENTERED, pin
+    def _pin(self, context: Context, card: CardSnapshot) -> PinCheck | None:
+        """What the PIN block says, asked of the security module only for a card with a PIN
+        (a block for a card without one is ignored, never `99`); None when none was sent."""
+        session = context.session
+        if 26 not in context.message.fields or session is None or card.pin_hmac is None:
+            return None
+        block = context.message.binary(52 if session.suite is Suite.TDES else 62)
+        return self._security.check_pin(session.keys, block, card.number, card.pin_hmac)
 
     def _pin_check(self, orm: OrmSession, context: Context, card: CardSnapshot) -> Decline | None:
-        entry, pin = self._pin(context, card.number)
-        stored = card.pin_hmac
-
-        def matches() -> bool:
-            return (
-                pin is not None
-                and stored is not None
-                and self._pin_matches(card.number, pin, stored)
-            )
-
-        decline, effect = pin_decision(card, entry, matches)
+        checked = self._pin(context, card)
+        entry = {
+            None: PinEntry.NONE,
+            PinCheck.BAD_BLOCK: PinEntry.INVALID_BLOCK,
+            PinCheck.MATCH: PinEntry.ENTERED,
+            PinCheck.NO_MATCH: PinEntry.ENTERED,
+        }[checked]
+        decline, effect = pin_decision(card, entry, lambda: checked is PinCheck.MATCH)
         if effect is PinEffect.WRONG:
             ops.record_wrong_pin(orm, card.number)
         elif effect is PinEffect.RIGHT and card.wrong_pin_count:

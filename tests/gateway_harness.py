@@ -12,7 +12,7 @@ from gateway.handler import Gateway
 from gateway.keystore import FileKeyStore
 from gateway.ledger import make_engine, migrate, unit_of_work
 from gateway.loader import load_into_ledger
-from gateway.sessions import Sessions
+from gateway.security import SecurityModule, SoftwareSecurityModule
 from tests.spec_terminal import Answer, SpecTerminal
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
@@ -55,14 +55,14 @@ class Harness:
         self.keystore = FileKeyStore(config.issuer.master_key)
         with unit_of_work(self.engine) as session:
             load_into_ledger(session, config, self.keystore, start)
-        self.sessions = Sessions(self.clock, config.gateway.key_lifetime)
-        self.gateway = Gateway(
-            config=config,
-            engine=self.engine,
-            clock=self.clock,
-            sessions=self.sessions,
-            pin_matches=self.keystore.pin_matches,
-        )
+        self.gateway = self.new_gateway(SoftwareSecurityModule(self.keystore))
+
+    def new_gateway(self, security: SecurityModule | None = None) -> Gateway:
+        """Another gateway on the same ledger and keys, as a restarted or second process is:
+        it shares nothing in memory with the first (its own key store, its own key cache)."""
+        if security is None:
+            security = SoftwareSecurityModule(FileKeyStore(self.config.issuer.master_key))
+        return Gateway(config=self.config, engine=self.engine, clock=self.clock, security=security)
 
     def terminal(self, terminal_id: str = "10000001") -> SpecTerminal:
         merchant, suite, tmk = TMKS[terminal_id]

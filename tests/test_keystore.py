@@ -155,3 +155,34 @@ def test_no_key_material_in_reprs(store: FileKeyStore, key_path: Path) -> None:
     assert "<secret>" in text
     assert master.hex() not in text.lower()
     assert repr(master) not in text
+
+
+def test_session_keys_round_trip_bound_to_their_terminal(store: FileKeyStore) -> None:
+    """Working keys sealed for a terminal's session open for it only, and never as its TMK."""
+    keys = bytes(range(32))
+    sealed = store.seal_session_keys("10000001", keys)
+    assert keys not in sealed
+    assert store.open_session_keys("10000001", sealed) == keys
+    with pytest.raises(KeyStoreError, match="terminal 10000002"):
+        store.open_session_keys("10000002", sealed)
+    with pytest.raises(KeyStoreError):
+        store.decrypt_tmk("10000001", sealed)
+    with pytest.raises(KeyStoreError):
+        store.open_session_keys("10000001", store.encrypt_tmk("10000001", TMK))
+
+
+def test_a_store_sees_a_rotation_made_by_another_process(key_path: Path) -> None:
+    """A store loaded before another process rotated the master key opens the blobs sealed
+    under the new key, and seals new ones under it, so that they outlive the old key."""
+    running = FileKeyStore(key_path)
+    old = running.seal_session_keys("10000001", bytes(32))
+    rotating = FileKeyStore(key_path)
+    rotating.begin_rotation()
+    resealed = rotating.reseal_session_keys("10000001", old)
+    during = running.seal_session_keys("10000001", bytes(32))
+    rotating.finish_rotation()
+    after = running.seal_session_keys("10000001", bytes(32))
+    fresh = FileKeyStore(key_path)
+    for sealed in (resealed, during, after):
+        assert running.open_session_keys("10000001", sealed) == bytes(32)
+        assert fresh.open_session_keys("10000001", sealed) == bytes(32)

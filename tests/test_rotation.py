@@ -13,9 +13,9 @@ from sqlalchemy import select
 from gateway import cli
 from gateway.keystore import FileKeyStore, KeyStoreError
 from gateway.ledger import unit_of_work
-from gateway.ledger.models import Card, Terminal
+from gateway.ledger.models import Card, Terminal, TerminalSession
 from gateway.rotation import rotate_master
-from tests.gateway_harness import DEMO, GOLD_PIN, TMKS, Harness, demo_config
+from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN, TMKS, Harness, demo_config
 
 
 def stored(harness: Harness) -> tuple[dict[str, bytes], bytes]:
@@ -92,3 +92,34 @@ def test_the_command_rotates_and_the_gateway_still_checks_pins(
     harness = Harness(dataclasses.replace(rotated, issuer=issuer))
     terminal = harness.signed_on()
     assert harness.redeem(terminal, GOLD_PIN, 1000, pin="123456")[1].code == "00"
+
+
+def test_rotation_reseals_the_sessions_and_terminals_carry_on(harness: Harness) -> None:
+    """A signed-on terminal's stored keys are sealed again under the new master key: the old
+    key no longer opens them, and both the running gateway and a restarted one accept the
+    terminal's MAC without a new sign-on."""
+    master = harness.config.issuer.master_key
+    terminal = harness.signed_on()
+    with unit_of_work(harness.engine) as session:
+        before = session.scalars(select(TerminalSession.keys_sealed)).one()
+    shutil.copy(master, master.with_name("old.key"))
+    rotation = rotate_master(harness.engine, FileKeyStore(master))
+    assert rotation.sessions == 1
+    with unit_of_work(harness.engine) as session:
+        after = session.scalars(select(TerminalSession.keys_sealed)).one()
+    assert after != before
+    with pytest.raises(KeyStoreError):
+        FileKeyStore(master.with_name("old.key")).open_session_keys("10000001", after)
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
+    harness.gateway = harness.new_gateway()
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
+
+
+def test_a_running_gateway_signs_on_under_the_rotated_key(harness: Harness) -> None:
+    """A gateway started before a rotation seals a later sign-on's keys under the new master
+    key, so a gateway started after it opens them."""
+    harness.signed_on()
+    rotate_master(harness.engine, FileKeyStore(harness.config.issuer.master_key))
+    terminal = harness.signed_on()
+    harness.gateway = harness.new_gateway()
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"

@@ -321,6 +321,29 @@ class Terminal(Base):
     )
 
 
+class TerminalSession(Base):
+    """A signed-on terminal's working keys, sealed under the master key (never clear here).
+
+    In the database rather than in one process's memory, so that a terminal whose connection
+    lands on another process, or on the same gateway after a restart, carries on (issue 8).
+    A sign-on replaces the row, so `generation` (never reused, as `sqlite_autoincrement` and a
+    PostgreSQL sequence guarantee) names one sign-on: a process may keep the keys it unsealed
+    for (terminal, generation) and know from the generation alone whether they are still the
+    terminal's keys. A sign-off deletes the row; the lifetime ends at `expires_at`.
+    """
+
+    __tablename__ = "terminal_sessions"
+
+    generation: Mapped[int] = mapped_column(BigId, primary_key=True)
+    terminal_id: Mapped[str] = mapped_column(ForeignKey("terminals.id"), unique=True)
+    suite: Mapped[KeySuite] = mapped_column(_enum(KeySuite))
+    keys_sealed: Mapped[bytes] = mapped_column(LargeBinary(256))
+    signed_on_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+
 class TerminalEnabledChange(Base):
     """Append-only: every value `terminals.enabled` took, from when."""
 
