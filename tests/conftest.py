@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import date, datetime
 from pathlib import Path
 
@@ -26,8 +26,10 @@ from gateway.ledger.invariants import Violation, check_invariants
 from gateway.ledger.models import Authorisation, Base, CardStatus, KeySuite
 from gateway.points import Conversion, convert
 from tests import pg
+from tests.logscan import Known, LeakWatch, describe, known_from_config, scan_sections
 
 LEDGER_DATABASE = "vipgate_test"
+CONFIGS = Path(__file__).resolve().parents[1] / "config"
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 FreshUrl = Callable[[], str]
@@ -287,3 +289,55 @@ def terminal_details(enabled: bool = True) -> records.TerminalDetails:
 def world(ledger_engine: Engine) -> LedgerWorld:
     """A merchant and terminal in this test's fresh ledger, with the clock at START."""
     return LedgerWorld(ledger_engine)
+
+
+# --- card data where a person reads it (issue 7) ----------------------------------------------
+
+# The shipped configs' prefixes, cards and TMKs; a test's own configs and master key files under
+# its tmp_path are added by the watch, and keys it learns (working keys, PIN blocks) by the test.
+SHIPPED_SECRETS: Known = known_from_config(CONFIGS / "demo.toml") | known_from_config(
+    CONFIGS / "rehearsal.toml"
+)
+
+
+@pytest.fixture(autouse=True)
+def leak_watch(request: pytest.FixtureRequest) -> Iterator[LeakWatch]:
+    """Every test ends with a scan for card data in the logs, statements and pack under its
+    tmp_path, in what it read through `capsys` and in what a process fixture registered; a leak
+    fails the test that produced it (tests/logscan.py says what counts)."""
+    watch = LeakWatch(SHIPPED_SECRETS)
+    if "tmp_path" in request.fixturenames:
+        watch.folder(request.getfixturevalue("tmp_path"))
+    yield watch
+    leaks = watch.leaks()
+    if leaks:
+        pytest.fail(describe(leaks), pytrace=False)
+
+
+@pytest.fixture
+def capsys(capsys: pytest.CaptureFixture[str], leak_watch: LeakWatch) -> pytest.CaptureFixture[str]:
+    """pytest's capsys, with all a test reads of the CLI's output and errors kept for the scan."""
+    read = capsys.readouterr
+
+    def readouterr() -> pytest.CaptureResult[str]:
+        captured = read()
+        leak_watch.text("stdout", captured.out)
+        leak_watch.text("stderr", captured.err)
+        return captured
+
+    capsys.readouterr = readouterr  # type: ignore[method-assign]
+    return capsys
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Output a test left unread (stdout, stderr, log records) is scanned too, phase by phase."""
+    report = yield
+    if report.passed:
+        leaks = scan_sections(report.sections, report.when, SHIPPED_SECRETS)
+        if leaks:
+            report.outcome = "failed"
+            report.longrepr = describe(leaks)
+    return report
