@@ -20,6 +20,7 @@ import pytest
 
 from simulators.recording import read_recording
 from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN, TMKS
+from tests.logscan import LeakWatch
 from tests.spec_terminal import Answer, Link, SpecTerminal
 
 VIPGATE = Path(sys.executable).with_name("vipgate")
@@ -48,7 +49,7 @@ class Served:
 
 
 @pytest.fixture
-def served(tmp_path: Path, ledger_url: str) -> Iterator[Served]:
+def served(tmp_path: Path, ledger_url: str, leak_watch: LeakWatch) -> Iterator[Served]:
     """`vipgate serve` on a copy of the demo config, its ledger on the backend under test."""
     config = tmp_path / "demo.toml"
     shutil.copy(DEMO, config)
@@ -78,6 +79,9 @@ def served(tmp_path: Path, ledger_url: str) -> Iterator[Served]:
     if process.poll() is None:
         process.kill()
         process.wait()
+    if not process.stdout.closed:
+        lines += process.stdout.readlines()
+    leak_watch.text("vipgate serve output", "\n".join(lines))
 
 
 def exchange(link: Link, terminal: SpecTerminal, request: bytes) -> Answer:
@@ -89,14 +93,18 @@ def terminal_for(terminal_id: str) -> SpecTerminal:
     return SpecTerminal(terminal_id, merchant, suite, bytes.fromhex(tmk))
 
 
-def test_a_merchant_day_over_tcp_then_sigterm(served: Served) -> None:
+def test_a_merchant_day_over_tcp_then_sigterm(served: Served, leak_watch: LeakWatch) -> None:
     """Sign on, balance, redeem with a discount, void, refund, settle; then a clean stop."""
     link = Link("127.0.0.1", served.port)
     terminal = terminal_for("10000001")
     signed_on = exchange(link, terminal, terminal.sign_on(with_tdk=True))
     assert signed_on.code == "00"
     terminal.adopt_sign_on(signed_on)
+    assert terminal.tdk is not None
+    leak_watch.keys(PIK=terminal.pik, MAK=terminal.mak, TDK=terminal.tdk)
     pin_card = terminal.card_fields(GOLD_PIN, "2812", pin="123456")
+    assert isinstance(pin_card[52], bytes)
+    leak_watch.keys(PIN_block=pin_card[52])
     balance = exchange(link, terminal, terminal.financial("0200", "310000", "01", pin_card))
     assert (balance.code, balance.balance) == ("00", 100000)
     card = terminal.card_fields(DIAMOND, "2906", encrypt_track_data=True)
