@@ -69,6 +69,7 @@ from simulators.terminal import (
     Terminal,
 )
 from tests import pg
+from tests.logscan import scan_folder
 
 DEMO: Final = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
 VIPGATE: Final = Path(sys.executable).with_name("vipgate")
@@ -479,6 +480,8 @@ def run_campaign(
         engine.dispose()
         _tally(figures, drivers)
         figures.seconds = time.monotonic() - began
+        # Every start's log, killed or not, must be free of card data (issue 7).
+        figures.problems += [f"log: {leak}" for leak in scan_folder(folder)]
         shutil.rmtree(folder, ignore_errors=True)
     return figures
 

@@ -38,6 +38,7 @@ from gateway.ledger import make_engine, unit_of_work
 from gateway.ledger.invariants import check_invariants
 from gateway.ledger.models import Authorisation, AuthorisationKind, JournalTransaction, PointLot
 from tests.gateway_harness import DEMO, DIAMOND, TMKS
+from tests.logscan import scan_folder
 from tests.spec_terminal import Answer, Link, SpecTerminal, parse
 
 VIPGATE = Path(sys.executable).with_name("vipgate")
@@ -88,6 +89,7 @@ class Figures:
     flood_closed: bool = False
     crashes: int = 0
     ledger_problems: list[str] = field(default_factory=list)
+    log_leaks: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count(self, inputs: int = 0, connections: int = 0) -> None:
@@ -119,6 +121,7 @@ class Figures:
                 f"wrong honest answers:    {len(self.wrong_answers)}",
                 f"hostile approvals:       {self.hostile_approvals}",
                 f"ledger problems:         {len(self.ledger_problems)}",
+                f"card data in the log:    {len(self.log_leaks)}",
                 f"crashes:                 {self.crashes}",
             ]
         )
@@ -641,6 +644,8 @@ def run_campaign(folder: Path, campaign: CampaignSettings) -> Figures:
         figures.ledger_problems = ledger_problems(gateway.database, before, figures)
     finally:
         gateway.stop()
+    # Hostile bytes in, and still no card data in the log (issue 7).
+    figures.log_leaks = [str(leak) for leak in scan_folder(folder)]
     return figures
 
 
@@ -666,9 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     print(figures.report())
     for problem in figures.wrong_answers[:10] + figures.ledger_problems[:10]:
         print(f"problem: {problem}")
+    for leak in figures.log_leaks[:10]:
+        print(f"problem: {leak}")
     failed = bool(
         figures.wrong_answers
         or figures.ledger_problems
+        or figures.log_leaks
         or figures.crashes
         or figures.hostile_approvals
         or not figures.per_address_refused

@@ -44,6 +44,11 @@ def test_only_the_honest_approvals_changed_the_ledger(figures: Figures) -> None:
     assert figures.ledger_problems == []
 
 
+def test_the_gateway_log_holds_no_card_data(figures: Figures) -> None:
+    """After every hostile input, the log still shows no full number, track or key."""
+    assert figures.log_leaks == []
+
+
 def test_idle_and_slow_connections_are_closed_by_the_idle_timeout(figures: Figures) -> None:
     """Silent connections and one-byte-a-second senders are closed by the gateway."""
     assert figures.idle_opened >= SHORT.idle_connections
