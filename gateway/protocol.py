@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import structlog
 from twisted.internet.defer import Deferred
@@ -34,6 +34,9 @@ from twisted.python.failure import Failure
 
 from cardcodec.frame import MAX_FRAME_LENGTH
 from gateway.handler import Reply
+
+if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
+    from gateway.metrics import CloseCause, Metrics
 
 log = structlog.get_logger("vipgate.protocol")
 
@@ -53,6 +56,7 @@ class _Slot:
 
     started: Seconds
     request: bytes = b""
+    received: Seconds = 0.0  # on the reactor's clock, for the latency metric
     reply: Reply | None = None
     done: bool = False
 
@@ -103,9 +107,11 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         self._address = self._peer()
         if not self._factory.admit(self._address):
             log.info("too_many_connections_closed", peer=self._address)
-            self._close()
+            self._close("too_many_connections")
             return
         self._counted = True
+        if self._factory.metrics is not None:
+            self._factory.metrics.connection_opened()
         self.setTimeout(self._factory.idle_timeout_s)  # type: ignore[no-untyped-call]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -114,28 +120,32 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         if self._counted:
             self._counted = False
             self._factory.release(self._address)
+            if self._factory.metrics is not None:
+                self._factory.metrics.connection_closed()
 
     def timeoutConnection(self) -> None:
         log.info("connection_idle_closed", peer=self._peer())
-        self._close()
+        self._close("idle")
 
     def lengthLimitExceeded(self, length: int) -> None:
         log.info("frame_too_long_closed", peer=self._peer(), length=length)
-        self._close()
+        self._close("frame_too_long")
 
     def stringReceived(self, string: bytes) -> None:
         if self._closing:
             return
         if not self._factory.take_frame(self._terminal, self._address):
             log.info("frame_rate_closed", peer=self._address, terminal=self._terminal)
-            self._close()
+            self._close("frame_rate")
             return
         self.resetTimeout()  # type: ignore[no-untyped-call]
         if len(self._slots) >= self._factory.max_pending:
             log.info("too_many_pending_closed", peer=self._peer())
-            self._close()
+            self._close("too_many_pending")
             return
         slot = _Slot(time.perf_counter(), string if self._factory.record else b"")
+        if self._factory.metrics is not None:
+            slot.received = cast(Any, self._factory.reactor).seconds()
         self._slots.append(slot)
         deferred = self._factory.process(string)
         deferred.addCallback(self._answered, slot)
@@ -163,12 +173,18 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             latency_ms = round((time.perf_counter() - slot.started) * 1000, 3)
             log.info(**{"event": "answered", **reply.event, "latency_ms": latency_ms})
             self._record(slot, reply)
-            if self._closing:
-                continue
-            if reply.payload is None:
-                self._close()
-            else:
+            written = not self._closing and reply.payload is not None
+            if written:
                 self.sendString(reply.payload)  # type: ignore[no-untyped-call]
+            self._measure(slot, reply, written)
+            if not self._closing and reply.payload is None:
+                self._close("request")
+
+    def _measure(self, slot: _Slot, reply: Reply, written: bool) -> None:
+        metrics = self._factory.metrics
+        if metrics is not None:
+            now: Seconds = cast(Any, self._factory.reactor).seconds()
+            metrics.answered(reply.event, now - slot.received if written else None)
 
     def _record(self, slot: _Slot, reply: Reply) -> None:
         record = self._factory.record
@@ -179,7 +195,9 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         if reply.payload is not None:
             record("in", terminal, len(reply.payload).to_bytes(2, "big") + reply.payload)
 
-    def _close(self) -> None:
+    def _close(self, cause: CloseCause) -> None:
+        if self._factory.metrics is not None and not self._closing:
+            self._factory.metrics.link_closed(cause)
         self._closing = True
         if self.transport is not None:
             cast(Any, self.transport).loseConnection()
@@ -207,8 +225,10 @@ class TerminalFactory(Factory):
         record: TrafficRecorder | None = None,
         max_connections_per_address: int = 64,
         max_frames_per_second: int = 50,
+        metrics: Metrics | None = None,
     ) -> None:
         self.process = process
+        self.metrics = metrics  # None: metrics off
         self.record = record
         self.reactor = reactor
         self.idle_timeout_s = idle_timeout_s

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,7 @@ from gateway.errors import BadInput
 from gateway.handler import Gateway, Reply
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, JournalTransaction
+from gateway.metrics import Metrics, installed
 from gateway.protocol import TerminalFactory, TrafficRecorder
 from gateway.security import SoftwareSecurityModule
 
@@ -42,9 +44,15 @@ class GroupWorker:
     `MAX_GROUP`), answers them with one commit (`Gateway.handle_group`), and hands the answers
     back to the reactor thread. The reactor never waits on the database."""
 
-    def __init__(self, handle_group: Callable[[list[bytes]], list[Reply]], reactor: Any) -> None:
+    def __init__(
+        self,
+        handle_group: Callable[[list[bytes]], list[Reply]],
+        reactor: Any,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._handle_group = handle_group
         self._reactor = reactor
+        self._metrics = metrics
         self._queue: queue.SimpleQueue[tuple[bytes, Deferred[Reply]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="ledger", daemon=True)
         self.groups = 0
@@ -84,6 +92,7 @@ class GroupWorker:
             group, stopping = self._take()
             if not group:
                 continue
+            started = time.perf_counter()
             try:
                 replies = self._handle_group([payload for payload, _ in group])
             except Exception:  # a bug, not a decline: the links close, the gateway goes on
@@ -91,6 +100,8 @@ class GroupWorker:
                 replies = [Reply(None, {"event": "closed", "reason": "internal error"})] * len(
                     group
                 )
+            if self._metrics is not None:
+                self._metrics.group_done(len(group), time.perf_counter() - started)
             self.groups += 1
             self.requests += len(group)
             self._reactor.callFromThread(_deliver, group, replies)
@@ -110,9 +121,12 @@ class GatewayServer:
         reactor: Any,
         config: Config,
         record: TrafficRecorder | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._reactor = reactor
-        self._worker = GroupWorker(gateway.handle_group, reactor)
+        # None: the process's, when `vipgate serve --metrics` installed them (metrics.start).
+        self._metrics = metrics if metrics is not None else installed()
+        self._worker = GroupWorker(gateway.handle_group, reactor, self._metrics)
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
         self._port: Any = None
@@ -124,16 +138,21 @@ class GatewayServer:
             record=record,
             max_connections_per_address=config.gateway.max_connections_per_address,
             max_frames_per_second=config.gateway.max_frames_per_second_per_terminal,
+            metrics=self._metrics,
         )
 
     def process(self, payload: bytes) -> Deferred[Reply]:
         self._in_flight += 1
+        if self._metrics is not None:
+            self._metrics.request_started()
         deferred = self._worker.submit(payload)
         deferred.addBoth(self._finished)
         return deferred
 
     def _finished(self, result: Any) -> Any:
         self._in_flight -= 1
+        if self._metrics is not None:
+            self._metrics.request_finished()
         if self._in_flight == 0:
             waiting, self._drained = self._drained, []
             for deferred in waiting:

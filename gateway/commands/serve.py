@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gateway import logs, server, workers
+from gateway import logs, metrics, server, workers
 from gateway.config import load_config
 from gateway.errors import BadInput
 from simulators.recording import FileRecorder
@@ -40,8 +40,8 @@ def serve(args: argparse.Namespace) -> int:
     workers.check_count(args.workers)
     if args.workers > 1 and args.record is not None:
         raise BadInput("--record: one traffic log needs one process; use it with --workers 1")
-    if args.metrics is not None:
-        raise BadInput("--metrics: the metrics endpoint is not built yet")
+    if args.metrics is not None:  # HOST:PORT checked (exit 2), then served from this reactor
+        metrics.start(args.metrics, args.workers)
     config = load_config(args.config, args.db)
     listen = parse_listen(args.listen) if args.listen else config.gateway.listen
     clock_start = server.parse_clock(args.clock) if args.clock else None
