@@ -291,6 +291,19 @@ class Gateway:
     def _run(self, session: OrmSession, request: Request, context: Context) -> Outcome:
         """One request inside the group's transaction: the request log, then the kind."""
         identity = _identity(context) if request.message.mti in LOGGED_MTIS else None
+        try:
+            return self._logged(session, request, context, identity)
+        finally:
+            self._transactions.done(session, context)
+
+    def _logged(
+        self,
+        session: OrmSession,
+        request: Request,
+        context: Context,
+        identity: RequestIdentity | None,
+    ) -> Outcome:
+        self._transactions.prefetch(session, context, identity)
         if identity is not None:
             previous = hot_ledger(session).find_request(identity)
             if previous is not None:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from sqlalchemy import bindparam, func, select
 from sqlalchemy.orm import Session as OrmSession
 
 from cardcodec.cards import card_number_problem
@@ -52,9 +51,10 @@ from gateway.decision import (
 )
 from gateway.ledger import Moment, next_rrn, records
 from gateway.ledger import operations as ops
-from gateway.ledger.journal import lock_card
-from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState, Card
+from gateway.ledger.hotpath import Lot, hot_ledger, request_done
+from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
 from gateway.ledger.models import Terminal as TerminalRow
+from gateway.ledger.records import RequestIdentity
 from gateway.responses import APPROVED, PARTIAL, Decline, response_code
 from gateway.security import PinCheck, SecurityModule, SecurityModuleError
 from gateway.sessions import Session, Sessions
@@ -146,6 +146,23 @@ class Transactions:
     def run(self, orm: OrmSession, context: Context) -> Outcome:
         return self._handlers[context.kind](orm, context)
 
+    def prefetch(self, orm: OrmSession, context: Context, identity: RequestIdentity | None) -> None:
+        """A redemption's reads, its request-log look-up included, sent ahead together (one
+        round trip on PostgreSQL); other kinds read as they go."""
+        if context.kind is Kind.REDEMPTION:
+            number, _ = context.presented_card()
+            hot_ledger(orm).prefetch_redemption(
+                context.swipe,
+                number,
+                daily_limit=bool(self._config.plan.max_points_per_card_day),
+                identity=identity,
+            )
+
+    @staticmethod
+    def done(orm: OrmSession, context: Context) -> None:
+        """Between two requests of a group (see `hotpath.request_done`)."""
+        request_done(orm, terminals_changed=context.kind not in HOT_KINDS)
+
     # -- building answers --------------------------------------------------------------------
 
     def _stamp(self, context: Context) -> Stamp:
@@ -168,8 +185,7 @@ class Transactions:
         recorded_kind = RECORDED_KINDS.get(context.kind)
         if recorded_kind is not None:
             requested = context.amount_fen if 4 in context.message.fields else None
-            recorded = records.record_authorisation(
-                orm,
+            recorded = hot_ledger(orm).record_authorisation(
                 context.swipe,
                 recorded_kind,
                 card_number=card,
@@ -247,21 +263,10 @@ class Transactions:
 
     # -- the card: snapshot and PIN -----------------------------------------------------------
 
-    def _card(self, orm: OrmSession, number: str) -> tuple[Card | None, CardSnapshot | None]:
-        card = lock_card(orm, number)
-        if card is None:
-            return None, None
-        snapshot = CardSnapshot(
-            number=card.number,
-            expiry_yymm=card.expiry_yymm,
-            tier=card.tier,
-            status=card.status.value,
-            enrolled=card.enrolled,
-            pin_hmac=card.pin_hmac,
-            wrong_pin_count=card.wrong_pin_count,
-            pin_locked=card.pin_locked,
-        )
-        return card, snapshot
+    def _card(self, orm: OrmSession, number: str) -> tuple[CardSnapshot | None, int]:
+        """The card's snapshot, locked, and its journal account id (0 when unknown)."""
+        found = hot_ledger(orm).lock_card(number)
+        return found if found is not None else (None, 0)
 
     def _pin(self, context: Context, card: CardSnapshot) -> PinCheck | None:
         """What the PIN block says, asked of the security module only for a card with a PIN
@@ -305,15 +310,16 @@ class Transactions:
 
     def _balance(self, orm: OrmSession, context: Context) -> Outcome:
         number, _ = context.presented_card()
-        _, card = self._card(orm, number)
+        card, _ = self._card(orm, number)
         decline = self._card_checks(context, card, needs_enrolment=False)
         if decline is None and card is not None:
             decline = self._pin_check(orm, context, card)
         if decline is not None or card is None:
             return self._declined(orm, context, decline or Decline.CARD_UNKNOWN, number)
-        spendable = ops.spendable_points(orm, number, context.moment.at)
-        recorded = records.record_authorisation(
-            orm,
+        hot = hot_ledger(orm)
+        lots = hot.spendable_lots(number, context.moment.local)
+        spendable = sum(lot.remaining_points for lot in lots)
+        recorded = hot.record_authorisation(
             context.swipe,
             AuthorisationKind.BALANCE,
             card_number=number,
@@ -329,21 +335,26 @@ class Transactions:
     def _redeem(self, orm: OrmSession, context: Context) -> Outcome:
         swipe = context.swipe
         number, _ = context.presented_card()
-        if records.find_tombstone(orm, swipe.terminal_id, swipe.batch_number, swipe.trace):
+        hot = hot_ledger(orm)
+        if hot.tombstone_exists(swipe.terminal_id, swipe.batch_number, swipe.trace):
             return self._declined(orm, context, Decline.DUPLICATE, number)
-        _, card = self._card(orm, number)
+        card, account_id = self._card(orm, number)
         decline = self._card_checks(context, card, needs_enrolment=True)
         if decline is not None or card is None:
             return self._declined(orm, context, decline or Decline.CARD_UNKNOWN, number)
-        result = self._redemption_decision(orm, context, card)
+        lots: list[Lot] = []
+        result = self._redemption_decision(orm, context, card, lots)
         if isinstance(result, Decline):
             return self._declined(orm, context, result, number)
-        return self._apply_redemption(orm, context, number, result)
+        return self._apply_redemption(orm, context, (number, account_id), lots, result)
 
     def _redemption_decision(
-        self, orm: OrmSession, context: Context, card: CardSnapshot
+        self, orm: OrmSession, context: Context, card: CardSnapshot, lots: list[Lot]
     ) -> Approval | Decline:
-        if int(context.data.batch) != _open_batch(orm, context.terminal.id):
+        """The decision of §5 on the card's snapshot; `lots` receives the spendable lots
+        read (and locked) for it, which the redemption then takes from."""
+        hot = hot_ledger(orm)
+        if int(context.data.batch) != hot.open_batch(context.terminal.id):
             return Decline.NOT_ALLOWED
         amount = context.amount_fen
         moment = context.moment
@@ -359,29 +370,38 @@ class Transactions:
         decline = amount_decline(amount, priced) or self._pin_check(orm, context, card)
         if decline is not None or priced is None:
             return decline or Decline.BAD_AMOUNT
-        if _batch_count(orm, context, DEBIT_KINDS) >= MAX_BATCH_ITEMS:
+        hot = hot_ledger(orm)  # the PIN check may have changed the card through the ORM
+        count = hot.batch_count(context.terminal.id, int(context.data.batch), DEBIT_VALUES)
+        if count >= MAX_BATCH_ITEMS:
             return Decline.OVER_LIMIT
         redeemed_today = 0
         if self._config.plan.max_points_per_card_day:  # the query only when there is a limit
-            redeemed_today = ops.points_redeemed_on(orm, card.number, moment.business_date)
+            redeemed_today = hot.points_redeemed_on(card.number, moment.business_date)
+        lots.extend(hot.spendable_lots(card.number, moment.local))
         return redemption_decision(
             priced,
             merchant=context.merchant,
             plan=self._config.plan,
-            spendable_points=ops.spendable_points(orm, card.number, moment.at),
+            spendable_points=sum(lot.remaining_points for lot in lots),
             redeemed_today_points=redeemed_today,
             partial_supported=bool(context.data.partial_supported),
         )
 
     def _apply_redemption(
-        self, orm: OrmSession, context: Context, number: str, approval: Approval
+        self,
+        orm: OrmSession,
+        context: Context,
+        card: tuple[str, int],
+        lots: list[Lot],
+        approval: Approval,
     ) -> Outcome:
+        number = card[0]
         code = PARTIAL if approval.partial else APPROVED
         auth_code = self._auth_code()
-        redeemed = ops.redeem(
-            orm,
+        redeemed = hot_ledger(orm).redeem(
             context.swipe,
-            number,
+            card,
+            lots,
             approval.conversion,
             requested_amount_fen=context.amount_fen,
             rule_id=approval.rule.id if approval.rule else None,
@@ -504,7 +524,9 @@ class Transactions:
         return self._credit_limit(orm, context)
 
     def _credit_limit(self, orm: OrmSession, context: Context) -> Decline | None:
-        count = _batch_count(orm, context, CREDIT_KINDS)
+        count = hot_ledger(orm).batch_count(
+            context.terminal.id, int(context.data.batch), CREDIT_VALUES
+        )
         return Decline.OVER_LIMIT if count >= MAX_BATCH_ITEMS else None
 
     def _refund(self, orm: OrmSession, context: Context) -> Outcome:
@@ -635,23 +657,9 @@ class Transactions:
         return Outcome(self._answer(context, APPROVED, {}))
 
 
-DEBIT_KINDS = (AuthorisationKind.REDEMPTION,)
-CREDIT_KINDS = (AuthorisationKind.VOID, AuthorisationKind.REFUND)
-# Built once: the count of a batch's debits or credits as §4.7 counts them (approved, not
-# reversed), for the 999-per-batch limit.
-_BATCH_COUNT = select(func.count(Authorisation.id)).where(
-    Authorisation.terminal_id == bindparam("terminal"),
-    Authorisation.batch_number == bindparam("batch"),
-    Authorisation.kind.in_(bindparam("kinds", expanding=True)),
-    Authorisation.response_code.in_(("00", "10")),
-    Authorisation.state != AuthorisationState.REVERSED,
-)
-
-
-def _batch_count(orm: OrmSession, context: Context, kinds: tuple[AuthorisationKind, ...]) -> int:
-    batch = int(context.data.batch)
-    parameters = {"terminal": context.terminal.id, "batch": batch, "kinds": list(kinds)}
-    return int(orm.scalar(_BATCH_COUNT, parameters) or 0)
+HOT_KINDS = frozenset({Kind.REDEMPTION, Kind.BALANCE})
+DEBIT_VALUES = (AuthorisationKind.REDEMPTION.value,)
+CREDIT_VALUES = (AuthorisationKind.VOID.value, AuthorisationKind.REFUND.value)
 
 
 def _pin_sent(context: Context) -> PinEntry:

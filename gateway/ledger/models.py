@@ -355,6 +355,9 @@ class TerminalEnabledChange(Base):
     changed_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+BATCH_COUNTED = "response_code IN ('00', '10') AND state <> 'reversed'"
+
+
 class Authorisation(Base):
     """What the gateway answered to one financial request, with the figures clearing needs.
 
@@ -399,6 +402,15 @@ class Authorisation(Base):
 
     __table_args__ = (
         Index("ix_authorisations_terminal_batch_trace", "terminal_id", "batch_number", "trace"),
+        # Only the rows §4.7's 999-per-batch count counts, so the count reads the index alone.
+        Index(
+            "ix_authorisations_batch_count",
+            "terminal_id",
+            "batch_number",
+            "kind",
+            sqlite_where=text(BATCH_COUNTED),
+            postgresql_where=text(BATCH_COUNTED),
+        ),
         CheckConstraint(
             "refunded_fen >= 0 AND points_returned >= 0 AND fen_clawed >= 0",
             name="running_totals_not_negative",
