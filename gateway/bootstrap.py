@@ -27,8 +27,10 @@ from gateway.ledger import Moment, make_engine, migrate, unit_of_work
 from gateway.loader import LoadReport, load_into_ledger, moment_at
 
 # Two commands loading the same new config at once on PostgreSQL can both try to insert the
-# same merchant; the loser's second attempt finds the rows and changes nothing.
-LOAD_ATTEMPTS = 2
+# same merchant; the loser's second attempt finds the rows and changes nothing. A gateway
+# starting beside one that serves can deadlock with it over cards; the load is the victim
+# PostgreSQL picks (it waited first) and runs again.
+LOAD_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -129,10 +131,18 @@ def _load(engine: Engine, config: Config, keystore: KeyStore, clock: Clock) -> L
         try:
             with unit_of_work(engine) as session:
                 return load_into_ledger(session, config, keystore, clock.now())
-        except IntegrityError:
-            if attempt >= LOAD_ATTEMPTS:
+        except (IntegrityError, OperationalError) as error:
+            # A twin process loaded the same rows first, or the load met a serving gateway's
+            # group in a deadlock (cards locked in another order): the load runs again.
+            retry = isinstance(error, IntegrityError) or _deadlocked(error)
+            if not retry or attempt >= LOAD_ATTEMPTS:
                 raise
             attempt += 1
+
+
+def _deadlocked(error: OperationalError) -> bool:
+    """PostgreSQL chose this transaction to break a deadlock or a serialisation conflict."""
+    return getattr(error.orig, "sqlstate", None) in ("40P01", "40001")
 
 
 def _first_line(error: object) -> str:

@@ -4,17 +4,20 @@ the active/enabled history, encrypts TMKs and turns a changed PIN into an unlock
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, func, select, text
 
-from gateway.clock import SHANGHAI
+from gateway import bootstrap as bootstrap_module
+from gateway.clock import SHANGHAI, FixedClock
 from gateway.config import Config, load_config
 from gateway.errors import BadInput
 from gateway.keystore import FileKeyStore
-from gateway.ledger import operations, unit_of_work
+from gateway.ledger import make_engine, operations, unit_of_work
 from gateway.ledger.invariants import check_invariants
 from gateway.ledger.models import (
     Base,
@@ -26,6 +29,7 @@ from gateway.ledger.models import (
     TransactionKind,
 )
 from gateway.loader import LoadReport, load_into_ledger, rule_from_json, rule_to_json
+from tests.conftest import empty_postgres_ledger
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=SHANGHAI)
@@ -296,3 +300,48 @@ def test_a_merchant_name_the_ledger_cannot_hold_is_refused(
     with pytest.raises(BadInput, match=r"merchants\[0\] \(898310048990001\)\.name"):
         load(ledger_engine, config, keystore)
     assert row_counts(ledger_engine)["merchants"] == 0
+
+
+def test_a_load_that_deadlocks_with_a_serving_gateway_runs_again(
+    tmp_path: Path, keystore: FileKeyStore, postgres_ledger: str
+) -> None:
+    """A load locking cards in config order against a gateway group holding them in another
+    order: PostgreSQL breaks the deadlock by failing the load, which then runs again."""
+    url = empty_postgres_ledger(postgres_ledger)
+    config = write_config(tmp_path)
+    engine = make_engine(url)
+    first, second = config.cards[0].number, config.cards[1].number
+    try:
+        load(engine, config, keystore)
+        deadlocks_before = _deadlocks(engine)
+        gateway = engine.connect()
+        transaction = gateway.begin()
+        lock = text("SELECT number FROM cards WHERE number = :number FOR UPDATE")
+        gateway.execute(lock, {"number": second})  # a group holds the second card
+        loading = ThreadPoolExecutor(1).submit(
+            bootstrap_module._load, engine, config, keystore, FixedClock(NOW)
+        )
+        _wait_for_lock_wait(engine)  # the load holds the first card and waits for the second
+        gateway.execute(lock, {"number": first})  # ... while the group wants the first
+        transaction.commit()
+        gateway.close()
+        report = loading.result(timeout=30)
+        assert report.cards == len(config.cards)
+        assert _deadlocks(engine) == deadlocks_before + 1
+    finally:
+        engine.dispose()
+
+
+def _deadlocks(engine: Engine) -> int:
+    with engine.connect() as connection:
+        query = text("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+        return int(connection.execute(query).scalar_one())
+
+
+def _wait_for_lock_wait(engine: Engine) -> None:
+    query = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
+    deadline = time.monotonic() + 10
+    with engine.connect() as connection:
+        while connection.execute(query).scalar_one() == 0:
+            assert time.monotonic() < deadline, "the load never waited for the card"
+            time.sleep(0.02)

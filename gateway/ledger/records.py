@@ -57,7 +57,8 @@ class MerchantDetails:
 def upsert_merchant(session: Session, details: MerchantDetails, at: datetime) -> bool:
     """Create or update a merchant; a new merchant or a change of `active` is appended to
     its history with `at`. True if the merchant is new."""
-    merchant = session.get(Merchant, details.id, with_for_update=True)
+    # FOR NO KEY UPDATE: the gateway's inserts that refer to this row (FOR KEY SHARE) go on.
+    merchant = session.get(Merchant, details.id, with_for_update={"key_share": True})
     created = merchant is None
     if merchant is None:
         merchant = Merchant(id=details.id)
@@ -91,7 +92,8 @@ class TerminalDetails:
 def upsert_terminal(session: Session, details: TerminalDetails, at: datetime) -> bool:
     """Create or update a terminal; a new terminal opens batch 000001, and a new terminal or
     a change of `enabled` is appended to its history with `at`. True if the terminal is new."""
-    terminal = session.get(Terminal, details.id, with_for_update=True)
+    # FOR NO KEY UPDATE: the gateway's inserts that refer to this row (FOR KEY SHARE) go on.
+    terminal = session.get(Terminal, details.id, with_for_update={"key_share": True})
     created = terminal is None
     if terminal is None:
         terminal = Terminal(id=details.id, open_batch_number=1)
