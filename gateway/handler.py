@@ -255,6 +255,9 @@ class Gateway:
     def _in_ledger(self, pending: list[tuple[int, Request, Context]]) -> list[tuple[int, Reply]]:
         try:
             with unit_of_work(self._engine) as session:
+                if len(pending) > 1:
+                    cards = (self._transactions.card_of(context) for _, _, context in pending)
+                    hot_ledger(session).lock_cards({card for card in cards if card})
                 outcomes = [self._run(session, request, context) for _, request, context in pending]
         except SQLAlchemyError:
             if len(pending) > 1:

@@ -159,6 +159,14 @@ class Transactions:
             )
 
     @staticmethod
+    def card_of(context: Context) -> str | None:
+        """The card a request presents, for the kinds that lock one (None for the others;
+        a reversal finds its card through its original)."""
+        if context.kind in CARD_KINDS:
+            return context.presented_card()[0]
+        return None
+
+    @staticmethod
     def done(orm: OrmSession, context: Context) -> None:
         """Between two requests of a group (see `hotpath.request_done`)."""
         request_done(orm, terminals_changed=context.kind not in HOT_KINDS)
@@ -658,6 +666,7 @@ class Transactions:
 
 
 HOT_KINDS = frozenset({Kind.REDEMPTION, Kind.BALANCE})
+CARD_KINDS = frozenset({Kind.REDEMPTION, Kind.BALANCE, Kind.VOID, Kind.REFUND})
 DEBIT_VALUES = (AuthorisationKind.REDEMPTION.value,)
 CREDIT_VALUES = (AuthorisationKind.VOID.value, AuthorisationKind.REFUND.value)
 

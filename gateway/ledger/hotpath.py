@@ -99,6 +99,9 @@ class _Sql:
             " JOIN accounts a ON a.card_number = c.number WHERE c.number = ?"
             + (" FOR UPDATE OF c" if postgres else "")
         )
+        self.lock_cards = sql(
+            "SELECT number FROM cards WHERE number = ANY(?) ORDER BY number" + lock
+        )
         self.terminal = sql("SELECT merchant_id, open_batch_number FROM terminals WHERE id = ?")
         self.system_account = sql("SELECT id FROM accounts WHERE kind = ? AND card_number IS NULL")
         self.lots = sql(
@@ -251,6 +254,19 @@ class HotLedger:
             return None
         answer = row[1] if isinstance(row[1], dict) else json.loads(row[1])
         return LoggedAnswer(bytes(row[0]), answer)
+
+    def lock_cards(self, numbers: Iterable[str]) -> None:
+        """Lock a group's cards at its start, in one order for every group (PostgreSQL).
+
+        Each request locks its card as it runs; two gateway processes whose groups hold the
+        same cards in different orders would deadlock, and PostgreSQL would break it only
+        after `deadlock_timeout` (1 s). Taking them all first, sorted, makes every group
+        queue in the same order instead. SQLite's unit of work holds the one write lock."""
+        ordered = sorted(numbers)
+        if self._sql.postgres and ordered:
+            cursor = self._execute(self._sql.lock_cards, (ordered,))
+            with self._driver_errors(self._sql.lock_cards):
+                cursor.fetchall()
 
     def tombstone_exists(self, terminal_id: str, batch_number: int, trace: int) -> bool:
         return self._one(self._sql.tombstone, (terminal_id, batch_number, trace)) is not None
