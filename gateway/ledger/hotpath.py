@@ -160,6 +160,7 @@ class HotLedger:
         self._system_accounts: dict[str, int] = {}
         self._prefetched: dict[tuple[str, tuple[Any, ...]], Any] = {}
         self._deferred: list[tuple[str, tuple[Any, ...]]] = []
+        self._last_instant: tuple[datetime | None, Any] = (None, None)
         self._dbapi_error: type[Exception] = connection.dialect.loaded_dbapi.Error
         if self._sql.postgres:
             event.listen(session, "before_commit", self._before_commit)
@@ -521,11 +522,15 @@ class HotLedger:
     # -- values in the forms SQLAlchemy's types store ------------------------------------------
 
     def _instant(self, at: datetime) -> Any:
+        if self._last_instant[0] is at:  # one request stores its instant several times
+            return self._last_instant[1]
         if at.tzinfo is None or at.utcoffset() is None:
             raise ValueError("a naive datetime cannot be stored; give it a time zone")
-        if self._sql.postgres:
-            return at
-        return at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        stored: Any = at
+        if not self._sql.postgres:
+            stored = at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+        self._last_instant = (at, stored)
+        return stored
 
     def _date(self, day: date) -> Any:
         return day if self._sql.postgres else day.isoformat()
