@@ -1,9 +1,9 @@
 """Prometheus metrics for `vipgate serve --metrics HOST:PORT` (docs/gateway.md, Metrics).
 
 Operators need rates, codes and latencies without reading the JSON log. One `Metrics` object
-holds every series in a registry it is given; the server, the ledger worker and the protocol
-receive it (or None, and then do nothing at all: with metrics off the hot path pays one `is
-None` test and this module, with prometheus_client, is never imported).
+holds every series in a registry it is given; `server.run` hands it to the server, the ledger
+worker and the protocol (or None, and then they do nothing at all: with metrics off the hot
+path pays one `is None` test and this module, with prometheus_client, is never imported).
 
 Label values come only from small fixed sets defined here (request kinds, request MTIs,
 field 39 codes, the gateway's own reasons to close a link): a terminal controls none of them,
@@ -168,23 +168,6 @@ def single_process_registry() -> CollectorRegistry:
     return registry
 
 
-# -- the process's metrics ------------------------------------------------------------------
-# `server.run` builds the GatewayServer; the command installs the process's Metrics here
-# first, and GatewayServer takes them when it is given none. Tests inject theirs instead.
-
-_installed: Metrics | None = None
-
-
-def install(metrics: Metrics | None) -> None:
-    """Make `metrics` the process's (None: metrics off)."""
-    global _installed  # noqa: PLW0603 (one per process, like prometheus_client's own registry)
-    _installed = metrics
-
-
-def installed() -> Metrics | None:
-    return _installed
-
-
 def parse_address(text: str) -> tuple[str, int]:
     """`--metrics HOST:PORT`."""
     host, _, port = text.rpartition(":")
@@ -193,22 +176,19 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def start(text: str, workers: int = 1) -> Metrics:
-    """`vipgate serve --metrics HOST:PORT`: install this process's metrics and serve them.
+def start(text: str) -> Metrics:
+    """`vipgate serve --metrics HOST:PORT` with one process: its metrics, served on HOST:PORT
+    from its reactor; the caller hands them to `server.run`.
 
-    One process only: with `--workers N` the parent binds the port and each worker serves the
-    sum (`prepare_multiprocess`, `bind`, `start_worker`), which gateway/workers.py wires.
-    The reactor is imported here, when it is needed (Twisted's standard)."""
+    With `--workers N` the parent binds the port instead and each worker serves the sum
+    (`prepare_multiprocess`, `bind`, `start_worker`; gateway/workers.py). The reactor is
+    imported here, when it is needed (Twisted's standard)."""
     host, port = parse_address(text)
-    if workers != 1:
-        raise BadInput("--metrics: not served with --workers N yet (gateway/workers.py)")
     from twisted.internet import reactor  # noqa: PLC0415
 
     registry = single_process_registry()
-    metrics = Metrics(registry)
     serve(host, port, reactor, registry)
-    install(metrics)
-    return metrics
+    return Metrics(registry)
 
 
 # -- the endpoint ---------------------------------------------------------------------------
@@ -301,8 +281,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def start_worker(reactor: Any, listening: socket.socket) -> Metrics:
-    """In a forked worker, before `server.run`: install its metrics (written to the shared
-    folder) and answer scrapes on the shared socket with the sum over every worker."""
+    """In a forked worker, before `server.run`: its metrics (written to the shared folder), for
+    `server.run`; scrapes on the shared socket are answered with the sum over every worker."""
     directory = os.environ.get(MULTIPROC_ENV)
     if not directory:
         raise RuntimeError(f"{MULTIPROC_ENV} is not set: call prepare_multiprocess in the parent")
@@ -310,7 +290,6 @@ def start_worker(reactor: Any, listening: socket.socket) -> Metrics:
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
     metrics = Metrics(CollectorRegistry())
     serve_on(listening, reactor, multiprocess_registry(Path(directory)))
-    install(metrics)
     return metrics
 
 
@@ -330,8 +309,6 @@ def mark_worker_dead(pid: int, directory: Path) -> None:
 __all__ = [
     "Metrics",
     "bind",
-    "install",
-    "installed",
     "mark_worker_dead",
     "multiprocess_registry",
     "parse_address",

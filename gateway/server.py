@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import func, select
@@ -29,9 +29,11 @@ from gateway.errors import BadInput
 from gateway.handler import Gateway, Reply
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, JournalTransaction
-from gateway.metrics import Metrics, installed
 from gateway.protocol import TerminalFactory, TrafficRecorder
 from gateway.security import SoftwareSecurityModule
+
+if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
+    from gateway.metrics import Metrics
 
 log = structlog.get_logger("vipgate.server")
 
@@ -124,8 +126,7 @@ class GatewayServer:
         metrics: Metrics | None = None,
     ) -> None:
         self._reactor = reactor
-        # None: the process's, when `vipgate serve --metrics` installed them (metrics.start).
-        self._metrics = metrics if metrics is not None else installed()
+        self._metrics = metrics  # None: `vipgate serve` without --metrics, nothing measured
         self._worker = GroupWorker(gateway.handle_group, reactor, self._metrics)
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
@@ -263,12 +264,14 @@ def run(
     record: TrafficRecorder | None = None,
     *,
     adopt: socket.socket | None = None,
+    metrics: Metrics | None = None,
 ) -> int:
     """Serve until the reactor stops (SIGTERM/SIGINT), draining in-flight requests first.
 
-    With `adopt`, accept on that already listening socket instead of binding `listen`.
+    With `adopt`, accept on that already listening socket instead of binding `listen`; with
+    `metrics` (`vipgate serve --metrics`), measure into them.
     """
-    server = GatewayServer(wiring.gateway, reactor, wiring.config, record)
+    server = GatewayServer(wiring.gateway, reactor, wiring.config, record, metrics)
     port = server.listen(*listen) if adopt is None else server.adopt(adopt)
     address = port.getHost()
     log.info("listening", host=getattr(address, "host", ""), port=getattr(address, "port", 0))

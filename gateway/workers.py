@@ -21,6 +21,11 @@ which reaches the whole process group, is acted on once, through the parent. A w
 unexpectedly is logged and replaced (at most `MAX_RESTARTS` in `RESTART_WINDOW_S`); the parent
 then exits 1 when it stops, because a worker did not exit cleanly. On Linux a worker is told
 to stop when its parent dies, so an orphan never keeps the port.
+
+Metrics (`--metrics HOST:PORT`): the parent binds that port too and makes a folder where every
+worker writes its series (prometheus_client's multiprocess mode); each worker adopts the port
+and answers a scrape with the sum over all workers. When a worker is reaped its live gauges
+are dropped (its counts stay); the folder is removed when the parent exits.
 """
 
 from __future__ import annotations
@@ -28,20 +33,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
 from gateway import server
 from gateway.errors import BadInput
+
+if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
+    from gateway.metrics import Metrics
 
 log = structlog.get_logger("vipgate.workers")
 
@@ -74,20 +85,72 @@ def bind(host: str, port: int) -> socket.socket:
     return listening
 
 
-def serve(wiring: server.Wiring, listen: tuple[str, int], workers: int) -> int:
-    """Bind, fork `workers` workers and supervise them until SIGTERM/SIGINT; the exit status."""
+def serve(
+    wiring: server.Wiring,
+    listen: tuple[str, int],
+    workers: int,
+    metrics_at: tuple[str, int] | None = None,
+) -> int:
+    """Bind, fork `workers` workers and supervise them until SIGTERM/SIGINT; the exit status.
+    With `metrics_at` (`--metrics HOST:PORT`) the workers also serve the sum of their metrics."""
     check_count(workers)
     _whole_line_writes()
     # The workers open their own connections; none may be inherited from the parent's pool.
     wiring.engine.dispose()
     listening = bind(*listen)
-    host, port = listening.getsockname()[:2]
-    log.info("workers_starting", workers=workers, host=host, port=port, pid=os.getpid())
-    supervisor = Supervisor(wiring, listening, workers)
+    shared: SharedMetrics | None = None
     try:
-        return supervisor.run()
+        shared = SharedMetrics.open(*metrics_at) if metrics_at is not None else None
+        host, port = listening.getsockname()[:2]
+        log.info("workers_starting", workers=workers, host=host, port=port, pid=os.getpid())
+        return Supervisor(wiring, listening, workers, shared).run()
     finally:
         listening.close()
+        if shared is not None:
+            shared.close()
+
+
+@dataclass(frozen=True)
+class SharedMetrics:
+    """`--metrics` with several workers: the scrape socket the parent binds and every worker
+    adopts, and the folder each worker writes its series to (gateway/metrics.py)."""
+
+    listening: socket.socket
+    directory: Path
+
+    @classmethod
+    def open(cls, host: str, port: int) -> SharedMetrics:
+        """In the parent, before the first fork; a port that cannot be had is bad input."""
+        from gateway import metrics  # noqa: PLC0415 (prometheus_client only when asked for)
+
+        listening = metrics.bind(host, port)
+        try:
+            folder = Path(tempfile.mkdtemp(prefix="vipgate-metrics-"))
+        except OSError:
+            listening.close()
+            raise
+        return cls(listening, metrics.prepare_multiprocess(folder))
+
+    def start_worker(self, reactor: Any) -> Metrics:
+        """In a worker: its metrics, and scrapes answered on the shared port."""
+        from gateway import metrics  # noqa: PLC0415
+
+        return metrics.start_worker(reactor, self.listening)
+
+    def worker_exited(self, pid: int) -> None:
+        """In the parent: a reaped worker's live gauges no longer count; its counts stay."""
+        from gateway import metrics  # noqa: PLC0415
+
+        metrics.mark_worker_dead(pid, self.directory)
+
+    def stop_accepting(self) -> None:
+        """The workers hold their own copies of the port until they stop."""
+        self.listening.close()
+
+    def close(self) -> None:
+        """When the parent exits: the series of this run go with it."""
+        self.listening.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclass
@@ -97,6 +160,7 @@ class Supervisor:
     wiring: server.Wiring
     listening: socket.socket
     count: int
+    metrics: SharedMetrics | None = None
     children: dict[int, int] = field(default_factory=dict)  # pid -> worker number
     stop_signal: int | None = None
     stop_deadline: float | None = None
@@ -142,7 +206,7 @@ class Supervisor:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _worker_main(self.wiring, self.listening, number, parent=os.getppid())
+                _worker_main(self.wiring, self.listening, self.metrics, number, os.getppid())
             self.children[pid] = number
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -170,6 +234,8 @@ class Supervisor:
         )
         self.stop_deadline = time.monotonic() + STOP_TIMEOUT_S
         self.listening.close()  # the workers hold their own copies until they stop accepting
+        if self.metrics is not None:
+            self.metrics.stop_accepting()
         for pid in self.children:
             _signal(pid, signal.SIGTERM)
 
@@ -184,6 +250,8 @@ class Supervisor:
     def _reaped(self, number: int, pid: int, code: int) -> None:
         """A worker ended: expected (stopping) or not (then replaced, within the budget)."""
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
+        if self.metrics is not None:
+            self.metrics.worker_exited(pid)
         if self.stop_signal is not None:
             if code == 0:
                 log.info("worker_exited", worker=number, pid=pid)
@@ -218,14 +286,18 @@ def _signal(pid: int, signum: int) -> None:
 
 
 def _worker_main(
-    wiring: server.Wiring, listening: socket.socket, number: int, *, parent: int
+    wiring: server.Wiring,
+    listening: socket.socket,
+    metrics: SharedMetrics | None,
+    number: int,
+    parent: int,
 ) -> None:
     """A forked worker: serve on the shared socket until told to stop, then exit; never
     returns into the parent's code."""
     status = 1
     try:
         _become_worker(number, parent)
-        status = _serve_worker(wiring, listening)
+        status = _serve_worker(wiring, listening, metrics)
     except BaseException:
         log.exception("worker_failed")
     finally:
@@ -251,7 +323,9 @@ def _early_stop(_signum: int, _frame: FrameType | None) -> None:
     _early_stop_requested.append(True)
 
 
-def _serve_worker(wiring: server.Wiring, listening: socket.socket) -> int:
+def _serve_worker(
+    wiring: server.Wiring, listening: socket.socket, metrics: SharedMetrics | None
+) -> int:
     # A fork-inherited pool must never be used: start from an empty one in this process.
     wiring.engine.dispose(close=False)
     from twisted.internet import reactor as installed  # noqa: PLC0415 (this process's own)
@@ -263,7 +337,8 @@ def _serve_worker(wiring: server.Wiring, listening: socket.socket) -> int:
             reactor.stop()
 
     reactor.callWhenRunning(stop_if_asked)
-    return server.run(wiring, ("", 0), reactor, adopt=listening)
+    measured = metrics.start_worker(reactor) if metrics is not None else None
+    return server.run(wiring, ("", 0), reactor, adopt=listening, metrics=measured)
 
 
 def _whole_line_writes() -> None:
@@ -296,4 +371,4 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-__all__ = ["MAX_WORKERS", "Supervisor", "bind", "check_count", "serve"]
+__all__ = ["MAX_WORKERS", "SharedMetrics", "Supervisor", "bind", "check_count", "serve"]

@@ -1,7 +1,7 @@
 """Metrics (`vipgate serve --metrics HOST:PORT`): the series move as requests, declines, closed
 links and connections happen, on fakes with a fresh registry per test; labels never carry card
 numbers or terminal text; the multiprocess mode sums forked workers; and a real `vipgate serve`
-answers a scrape over HTTP."""
+answers a scrape over HTTP (with `--workers N`: tests/test_workers.py)."""
 
 from __future__ import annotations
 
@@ -295,16 +295,13 @@ def test_server_counts_requests_in_flight_until_answered(
     gatewayserver.stop()
 
 
-def test_server_takes_the_installed_metrics_when_given_none(metrics: Metrics) -> None:
-    """`vipgate serve --metrics` installs the process's metrics; the server then uses them."""
+def test_server_measures_only_the_metrics_it_is_given(metrics: Metrics) -> None:
+    """Metrics reach the server as an argument (`server.run(metrics=...)`), nothing
+    process-wide: without them the protocol measures nothing."""
     gateway = cast(Gateway, SimpleNamespace(handle_group=lambda payloads: []))
     assert GatewayServer(gateway, MemoryReactorClock(), fake_config()).factory.metrics is None
-    gateway_metrics.install(metrics)
-    try:
-        served = GatewayServer(gateway, MemoryReactorClock(), fake_config())
-        assert served.factory.metrics is metrics
-    finally:
-        gateway_metrics.install(None)
+    served = GatewayServer(gateway, MemoryReactorClock(), fake_config(), metrics=metrics)
+    assert served.factory.metrics is metrics
 
 
 # -- the endpoint ---------------------------------------------------------------------------
@@ -359,17 +356,23 @@ def test_endpoint_port_in_use_is_bad_input(registry: CollectorRegistry) -> None:
         gateway_metrics.serve("127.0.0.1", 9464, Busy(), registry)
 
 
-def test_metrics_with_several_workers_is_refused_until_they_wire_it() -> None:
-    """--metrics with --workers N > 1 is refused by `start`: the workers code serves it."""
-    with pytest.raises(BadInput, match="--metrics"):
-        gateway_metrics.start("127.0.0.1:9464", workers=2)
+def test_a_busy_metrics_port_for_the_workers_is_bad_input() -> None:
+    """The parent of `--workers N` binds the metrics port before forking: one already taken is
+    bad input naming --metrics (exit 2)."""
+    taken = gateway_metrics.bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(BadInput, match="--metrics"):
+            gateway_metrics.bind("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
 
 
 # -- several worker processes -----------------------------------------------------------------
 
 # Run in its own interpreter: multiprocess mode changes process-wide state (an environment
-# variable, prometheus_client's value class). It does what gateway/workers.py does: imports
-# first, prepares the folder, binds, forks two workers that each record and serve the sum.
+# variable, prometheus_client's value class). It makes gateway/workers.py's calls in their
+# order: imports first, prepares the folder, binds, forks two workers that each record and
+# serve the sum (tests/test_workers.py runs the real `vipgate serve --workers 2 --metrics`).
 MULTIPROCESS_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time, urllib.request

@@ -1,6 +1,8 @@
 """`vipgate serve --workers N` as real processes on loopback: one port shared by N workers,
 each answering terminals; SIGTERM drains them all and exits 0; a killed worker is replaced and
-reported; a bad N is refused naming --workers."""
+reported; a bad N is refused naming --workers; with `--metrics` every scrape of the one metrics
+port answers the sum over the workers. Everything the processes write is scanned for card data
+(tests/logscan.py)."""
 
 from __future__ import annotations
 
@@ -11,42 +13,60 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.cli import main
+from gateway.metrics import MULTIPROC_ENV
 from gateway.workers import MAX_WORKERS
 from tests.gateway_harness import DEMO
+from tests.logscan import LeakWatch
 from tests.spec_terminal import Link
 from tests.test_gateway_e2e import VIPGATE, free_port, terminal_for
+from tests.test_metrics import scrape
 
 START_TIMEOUT_S = 60.0
 WAIT_S = 20.0
 MAX_CONNECTIONS = 60  # to see both workers accept; each new connection is a fresh race
+SIGN_ONS = 'vipgate_requests_total{code="00",kind="sign-on",mti="0800"}'
+SCRAPES = 8  # each is a fresh race between the workers for the metrics port
 
 
 class Workers:
-    """`vipgate serve --workers N` with its JSON log lines collected as they come."""
+    """`vipgate serve --workers N` with its JSON log lines collected as they come; its
+    temporary files (the metrics folder) under `tmp`."""
 
-    def __init__(self, folder: Path, database: str, count: int) -> None:
+    def __init__(
+        self, folder: Path, database: str, count: int, metrics_port: int | None = None
+    ) -> None:
         config = folder / "demo.toml"
         shutil.copy(DEMO, config)
         self.port = free_port()
+        self.metrics_port = metrics_port
         command = [str(VIPGATE), "serve", "--config", str(config), "--db", database]
         command += ["--listen", f"127.0.0.1:{self.port}", "--workers", str(count)]
         command += ["--clock", "2026-11-21T11:00:00+08:00"]
+        if metrics_port is not None:
+            command += ["--metrics", f"127.0.0.1:{metrics_port}"]
+        self.tmp = folder / "tmp"
+        self.tmp.mkdir()
+        env = {name: value for name, value in os.environ.items() if name != MULTIPROC_ENV}
         self.process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**env, "TMPDIR": str(self.tmp)},
         )
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.wait_for(lambda: len(self.named("listening")) >= count, START_TIMEOUT_S)
 
     def _read(self) -> None:
         assert self.process.stdout is not None
@@ -78,13 +98,51 @@ class Workers:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._reader.join(timeout=10)
+
+    def output(self) -> str:
+        with self._lock:
+            return "".join(self.raw)
+
+    def scrape_until(self, expected: Mapping[str, float]) -> dict[str, float]:
+        """Scrape until the samples named in `expected` have those values (a closed link is
+        counted when its worker notices); the last scrape."""
+        assert self.metrics_port is not None
+        samples: dict[str, float] = {}
+
+        def matches() -> bool:
+            nonlocal samples
+            samples = scrape(self.metrics_port or 0)
+            return all(samples.get(name) == value for name, value in expected.items())
+
+        self.wait_for(matches)
+        return samples
+
+
+StartWorkers = Callable[..., Workers]
 
 
 @pytest.fixture
-def two_workers(tmp_path: Path, ledger_url: str) -> Iterator[Workers]:
-    served = Workers(tmp_path, ledger_url, 2)
-    yield served
-    served.kill()
+def start_workers(tmp_path: Path, leak_watch: LeakWatch) -> Iterator[StartWorkers]:
+    """Start `vipgate serve --workers N` and wait until every worker listens; at the end kill
+    what still runs and hand everything it wrote to the scan for card data."""
+    started: list[Workers] = []
+
+    def start(database: str, count: int, metrics_port: int | None = None) -> Workers:
+        served = Workers(tmp_path, database, count, metrics_port)
+        started.append(served)
+        served.wait_for(lambda: len(served.named("listening")) >= count, START_TIMEOUT_S)
+        return served
+
+    yield start
+    for served in started:
+        served.kill()
+        leak_watch.text("vipgate serve --workers output", served.output())
+
+
+@pytest.fixture
+def two_workers(ledger_url: str, start_workers: StartWorkers) -> Workers:
+    return start_workers(ledger_url, 2)
 
 
 def sign_on(link: Link, terminal_id: str = "10000001") -> None:
@@ -118,26 +176,68 @@ def test_two_workers_share_the_port_answer_terminals_and_drain_on_sigterm(
     assert len(two_workers.named("workers_stopped")) == 1
 
 
-def test_a_killed_worker_is_replaced_and_the_parent_exits_1(tmp_path: Path) -> None:
-    """SIGKILL to one worker: logged as died, a new worker listens, terminals still get
-    answers; the parent's exit status then says a worker did not exit cleanly."""
-    served = Workers(tmp_path, f"sqlite:///{tmp_path / 'ledger.db'}", 2)
-    try:
-        victim = served.named("worker_started")[0]
-        os.kill(victim["pid"], signal.SIGKILL)
-        served.wait_for(lambda: len(served.named("listening")) == 3)
-        died = served.named("worker_died")
-        assert [(e["worker"], e["pid"], e["exit"]) for e in died] == [
-            (victim["worker"], victim["pid"], "signal SIGKILL")
-        ]
-        for _ in range(4):
-            link = Link("127.0.0.1", served.port)
-            sign_on(link)
-            link.close()
-        assert served.stop() == 1
-        assert served.named("workers_stopped_unclean")[0]["died"] == 1
-    finally:
-        served.kill()
+def test_two_workers_serve_the_sum_of_their_metrics_on_one_port(
+    ledger_url: str, start_workers: StartWorkers
+) -> None:
+    """`--workers 2 --metrics`: sign-ons answered by both workers; every scrape of the one
+    metrics port, whichever worker takes it, counts all of them, the one link still open and
+    nothing in flight; SIGTERM exits 0 and removes the workers' metrics folder."""
+    served = start_workers(ledger_url, 2, metrics_port=free_port())
+    folders = list(served.tmp.glob("vipgate-metrics-*"))
+    assert len(folders) == 1 and any(folders[0].glob("*.db")), "the workers write their series"
+    sent = 0
+    for _ in range(MAX_CONNECTIONS):
+        link = Link("127.0.0.1", served.port)
+        sign_on(link)
+        link.close()
+        sent += 1
+        if {entry["worker"] for entry in served.named("answered")} == {1, 2}:
+            break
+    held = Link("127.0.0.1", served.port)
+    sign_on(held, "10000002")
+    sent += 1
+    served.wait_for(lambda: len(served.named("answered")) == sent)
+    per_worker = Counter(entry["worker"] for entry in served.named("answered"))
+    assert set(per_worker) == {1, 2}, f"only worker(s) {set(per_worker)} answered"
+    expected = {SIGN_ONS: sent, "vipgate_connections": 1, "vipgate_requests_in_flight": 0}
+    served.scrape_until(expected)
+    for _ in range(SCRAPES):
+        samples = scrape(served.metrics_port or 0)
+        assert {name: samples.get(name) for name in expected} == expected
+        assert samples['vipgate_request_latency_seconds_count{kind="sign-on"}'] == sent
+        assert samples["vipgate_group_size_sum"] == sent
+    held.close()
+    assert served.stop() == 0
+    assert not folders[0].exists(), "the metrics folder goes when the parent exits"
+
+
+def test_a_killed_worker_is_replaced_and_the_parent_exits_1(
+    tmp_path: Path, start_workers: StartWorkers
+) -> None:
+    """SIGKILL to the worker holding a terminal's link: logged as died, a new worker listens,
+    terminals still get answers; the metrics keep the dead worker's counts but not its open
+    link; the parent's exit status then says a worker did not exit cleanly."""
+    served = start_workers(f"sqlite:///{tmp_path / 'ledger.db'}", 2, metrics_port=free_port())
+    held = Link("127.0.0.1", served.port)
+    sign_on(held)
+    served.wait_for(lambda: len(served.named("answered")) == 1)
+    victim = served.named("answered")[0]
+    served.scrape_until({SIGN_ONS: 1, "vipgate_connections": 1})
+    os.kill(victim["pid"], signal.SIGKILL)
+    served.wait_for(lambda: len(served.named("listening")) == 3)
+    died = served.named("worker_died")
+    assert [(e["worker"], e["pid"], e["exit"]) for e in died] == [
+        (victim["worker"], victim["pid"], "signal SIGKILL")
+    ]
+    held.close()
+    served.scrape_until({SIGN_ONS: 1, "vipgate_connections": 0})
+    for _ in range(4):
+        link = Link("127.0.0.1", served.port)
+        sign_on(link)
+        link.close()
+    served.scrape_until({SIGN_ONS: 5, "vipgate_connections": 0})
+    assert served.stop() == 1
+    assert served.named("workers_stopped_unclean")[0]["died"] == 1
 
 
 @pytest.mark.parametrize("count", [0, -1, MAX_WORKERS + 1])

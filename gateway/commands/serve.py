@@ -1,7 +1,9 @@
 """`vipgate serve`: migrate, load the config, serve terminals until SIGTERM/SIGINT.
 
 `--workers N` (N > 1) serves from N forked worker processes on one port (gateway/workers.py);
-the migration and the config load still happen once, here, before they start.
+the migration and the config load still happen once, here, before they start. `--metrics
+HOST:PORT` is served by this process's reactor, or with `--workers N` by every worker on a port
+the parent binds, each scrape answered with the sum over the workers (gateway/metrics.py).
 
 `--record FILE` writes the traffic log in the simulators' format (`simulators.recording`), so a
 recording made at the gateway reads like one made at a terminal.
@@ -11,12 +13,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway import logs, metrics, server, workers
+from gateway import logs, server, workers
 from gateway.config import load_config
 from gateway.errors import BadInput
 from simulators.recording import FileRecorder
+
+if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
+    from gateway.metrics import Metrics
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -40,19 +45,26 @@ def serve(args: argparse.Namespace) -> int:
     workers.check_count(args.workers)
     if args.workers > 1 and args.record is not None:
         raise BadInput("--record: one traffic log needs one process; use it with --workers 1")
-    if args.metrics is not None:  # HOST:PORT checked (exit 2), then served from this reactor
-        metrics.start(args.metrics, args.workers)
+    measured: Metrics | None = None  # one process: its metrics, already served
+    metrics_at: tuple[str, int] | None = None  # several: where the parent binds for the workers
+    if args.metrics is not None:  # HOST:PORT checked first (exit 2)
+        from gateway import metrics  # noqa: PLC0415 (prometheus_client only when asked for)
+
+        if args.workers > 1:
+            metrics_at = metrics.parse_address(args.metrics)
+        else:
+            measured = metrics.start(args.metrics)
     config = load_config(args.config, args.db)
     listen = parse_listen(args.listen) if args.listen else config.gateway.listen
     clock_start = server.parse_clock(args.clock) if args.clock else None
     logs.configure()
     wiring = server.wire(args.config, args.db, clock_start)
     if args.workers > 1:
-        return workers.serve(wiring, listen, args.workers)
+        return workers.serve(wiring, listen, args.workers, metrics_at)
     # The reactor is imported when it is needed, never at module level (Twisted's standard).
     from twisted.internet import reactor  # noqa: PLC0415
 
     if args.record is None:
-        return server.run(wiring, listen, reactor)
+        return server.run(wiring, listen, reactor, metrics=measured)
     with FileRecorder(Path(args.record)) as recorder:
-        return server.run(wiring, listen, reactor, record=recorder.record)
+        return server.run(wiring, listen, reactor, record=recorder.record, metrics=measured)
