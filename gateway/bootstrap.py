@@ -4,7 +4,7 @@ Every `vipgate` command starts the same way (operations.md): read and validate t
 open the database it names (or `--db`), bring the schema up to date, and load the config's
 merchants, terminals and demo cards into it. Doing that here, once, means every command sees
 the same ledger and the rest of the code receives its collaborators instead of building them,
-so tests hand in a fixed clock or another key store without patching anything deeper.
+so tests hand in a fixed clock or another security module without patching anything deeper.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
 from gateway.errors import BadInput
-from gateway.keystore import FileKeyStore, KeyStore
+from gateway.keystore import FileKeyStore
 from gateway.ledger import Moment, make_engine, migrate, unit_of_work
 from gateway.loader import LoadReport, load_into_ledger, moment_at
+from gateway.security import SecurityModule, SoftwareSecurityModule
 
 # Two commands loading the same new config at once on PostgreSQL can both try to insert the
 # same merchant; the loser's second attempt finds the rows and changes nothing. A gateway
@@ -39,7 +40,7 @@ class Wiring:
 
     config: Config
     engine: Engine
-    keystore: KeyStore
+    security: SecurityModule
     clock: Clock
     loaded: LoadReport
 
@@ -64,23 +65,23 @@ def bootstrap(
     db_override: str | None = None,
     *,
     clock: Clock | None = None,
-    keystore: KeyStore | None = None,
+    security: SecurityModule | None = None,
 ) -> Wiring:
     """Read the config, open and migrate its database, and load the config into it.
 
     Without a `clock`, the commands' clock (`system_clock`) in the config's time zone; without
-    a `keystore`, the master key file the config names.
+    a `security` module, the software one on the master key file the config names.
     """
     config = load_config(config_path, db_override)
     chosen_clock = clock or system_clock(config.gateway.timezone)
-    chosen_keystore = keystore or FileKeyStore(config.issuer.master_key)
+    chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
     engine = open_database(config.gateway.database)
     try:
-        report = _load(engine, config, chosen_keystore, chosen_clock)
+        report = _load(engine, config, chosen_security, chosen_clock)
     except BaseException:
         engine.dispose()
         raise
-    return Wiring(config, engine, chosen_keystore, chosen_clock, report)
+    return Wiring(config, engine, chosen_security, chosen_clock, report)
 
 
 @contextmanager
@@ -125,12 +126,12 @@ def open_database(url: str) -> Engine:
     return engine
 
 
-def _load(engine: Engine, config: Config, keystore: KeyStore, clock: Clock) -> LoadReport:
+def _load(engine: Engine, config: Config, security: SecurityModule, clock: Clock) -> LoadReport:
     attempt = 1
     while True:
         try:
             with unit_of_work(engine) as session:
-                return load_into_ledger(session, config, keystore, clock.now())
+                return load_into_ledger(session, config, security, clock.now())
         except (IntegrityError, OperationalError) as error:
             # A twin process loaded the same rows first, or the load met a serving gateway's
             # group in a deadlock (cards locked in another order): the load runs again.

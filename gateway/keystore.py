@@ -1,14 +1,12 @@
-"""Every use of the master key behind one small interface, so a hardware module can replace it.
+"""The master key file and what is sealed under it: the key material the software security
+module keeps at rest.
 
 The gateway holds three kinds of secret at rest: terminal master keys and the working keys of
 signed-on terminals (encrypted, because the gateway must use them again, from any process) and
 card PINs (never stored, only an HMAC to compare against). All hang off one master key.
-`KeyStore` is all the rest of the gateway may ask of it: seal and open a TMK or a session's
-working keys, compute and check a PIN HMAC. `FileKeyStore` keeps the master key in a file of 32
-random bytes readable by its owner only, and the PIN key sealed under it beside it; an
-HSM-backed store would implement the same methods and never let the key leave the module. The
-gateway's own key work (working keys, MACs, PIN blocks) goes through `gateway.security`, which
-uses this store for what it keeps at rest.
+`FileKeyStore` keeps the master key in a file of 32 random bytes readable by its owner only,
+and the PIN key sealed under it beside it. Only `gateway.security.SoftwareSecurityModule` uses
+it: the rest of the gateway asks `SecurityModule`, which an HSM can implement without a file.
 
 No key, TMK or PIN ever appears in a message, a repr or a traceback's exception chain: the
 errors raised here name the file or the terminal, never a value, and are raised `from None`.
@@ -21,7 +19,6 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -55,35 +52,6 @@ class KeyStoreError(Exception):
 
 class _UnrecognisedError(KeyStoreError):
     """Bytes that are not a blob this store seals at all."""
-
-
-class KeyStore(Protocol):
-    """What the gateway may ask of the master key; nothing here hands the key out."""
-
-    def encrypt_tmk(self, terminal_id: str, tmk: bytes) -> bytes:
-        """The TMK encrypted for storage, bound to its terminal."""
-        ...
-
-    def decrypt_tmk(self, terminal_id: str, sealed: bytes) -> bytes:
-        """The TMK of a sealed blob; `KeyStoreError` if it was not sealed for this terminal."""
-        ...
-
-    def seal_session_keys(self, terminal_id: str, keys: bytes) -> bytes:
-        """A terminal's working keys encrypted for the session table, bound to the terminal."""
-        ...
-
-    def open_session_keys(self, terminal_id: str, sealed: bytes) -> bytes:
-        """The working keys of a sealed blob; `KeyStoreError` if they were not sealed for this
-        terminal's session (or under a master key this store no longer has)."""
-        ...
-
-    def pin_hmac(self, card_number: str, pin: str) -> bytes:
-        """The value stored in place of a card's PIN."""
-        ...
-
-    def pin_matches(self, card_number: str, pin: str, expected: bytes) -> bool:
-        """Whether a PIN entered for a card gives the stored HMAC (constant time)."""
-        ...
 
 
 class _Secret:

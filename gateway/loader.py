@@ -2,7 +2,7 @@
 
 Every command loads the config before it runs, so loading must be safe to repeat: the same
 config adds nothing the second time. Merchants (with their rules), terminals (the TMK
-encrypted by the key store) and demo cards are created or updated in place; every change of a
+sealed by the security module) and demo cards are created or updated in place; every change of a
 merchant's `active` or a terminal's `enabled` goes into its history through the ledger's
 records API (clearing charges terminal fees from it). A demo card's config lots are accrued
 through the journal once each, as `config:<card number>:<index>`; a balance is never set. A lot
@@ -12,7 +12,6 @@ is never edited, so a correction has to come as a new accrual.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -24,7 +23,6 @@ from cardcodec.cards import mask_card_number
 from gateway.clock import business_date
 from gateway.config import CardConfig, Config, MerchantConfig, TerminalConfig
 from gateway.errors import BadInput
-from gateway.keystore import KeyStore, KeyStoreError
 from gateway.ledger import Moment, operations, records
 from gateway.ledger.models import (
     Card,
@@ -36,6 +34,7 @@ from gateway.ledger.models import (
     Terminal,
 )
 from gateway.rules import DAY_NAMES, Rule
+from gateway.security import SecurityModule, SecurityModuleError
 
 CONFIG_REF_PREFIX = "config:"
 MERCHANT_NAME_MAX_CHARS = 200  # the merchants.name column
@@ -77,9 +76,10 @@ def config_lot_ref(card_number: str, index: int) -> str:
 
 
 def load_into_ledger(
-    session: Session, config: Config, keystore: KeyStore, now: datetime
+    session: Session, config: Config, security: SecurityModule, now: datetime
 ) -> LoadReport:
-    """Upsert the config's merchants, terminals and cards and accrue new config lots.
+    """Upsert the config's merchants, terminals and cards and accrue new config lots; TMKs
+    are sealed and PIN references made by `security`.
 
     Runs in the caller's unit of work and raises `BadInput` before writing anything when a
     config lot differs from the lot accrued for it earlier, so a refused load changes nothing.
@@ -90,11 +90,11 @@ def load_into_ledger(
     for merchant in config.merchants:
         changes.extend(_load_merchant(session, merchant, now))
     for terminal in config.terminals:
-        changes.extend(_load_terminal(session, terminal, keystore, now))
+        changes.extend(_load_terminal(session, terminal, security, now))
     when = moment_at(config, now)
     lots = points = 0
     for card in config.cards:
-        changes.extend(_load_card(session, card, keystore, now))
+        changes.extend(_load_card(session, card, security, now))
         for index, accrued in _accrue_lots(session, card, when, config.plan.expiry_years):
             lots, points = lots + 1, points + accrued
             changes.append(f"{_card(card.number)}: lot {index} accrued, {accrued} points")
@@ -189,10 +189,10 @@ _MERCHANT_FIELDS = (
 
 
 def _load_terminal(
-    session: Session, terminal: TerminalConfig, keystore: KeyStore, now: datetime
+    session: Session, terminal: TerminalConfig, security: SecurityModule, now: datetime
 ) -> list[str]:
     existing = session.get(Terminal, terminal.id)
-    encrypted, tmk_note = _encrypted_tmk(existing, terminal, keystore)
+    encrypted, tmk_note = _sealed_tmk(existing, terminal, security)
     details = records.TerminalDetails(
         id=terminal.id,
         merchant_id=terminal.merchant,
@@ -217,31 +217,33 @@ def _load_terminal(
     return changes + ([f"terminal {terminal.id}: {tmk_note}"] if tmk_note else [])
 
 
-def _encrypted_tmk(
-    existing: Terminal | None, terminal: TerminalConfig, keystore: KeyStore
+def _sealed_tmk(
+    existing: Terminal | None, terminal: TerminalConfig, security: SecurityModule
 ) -> tuple[bytes, str | None]:
     """The stored TMK blob when it still holds the config's TMK, else a new one and why.
 
-    AES-GCM encrypts under a fresh nonce each time, so re-encrypting an unchanged key on every
-    load would rewrite the row for nothing.
+    Sealing uses a fresh nonce each time, so sealing an unchanged key again on every load
+    would rewrite the row for nothing.
     """
     if existing is None:
-        return keystore.encrypt_tmk(terminal.id, terminal.tmk), None
+        return security.seal_tmk(terminal.id, terminal.tmk), None
     try:
-        stored = keystore.decrypt_tmk(terminal.id, existing.tmk_encrypted)
-    except KeyStoreError:
+        unchanged = security.tmk_matches(terminal.id, existing.tmk_encrypted, terminal.tmk)
+    except SecurityModuleError:
         note = "TMK encrypted again (the stored one did not decrypt under this master key)"
-        return keystore.encrypt_tmk(terminal.id, terminal.tmk), note
-    if hmac.compare_digest(stored, terminal.tmk):
+        return security.seal_tmk(terminal.id, terminal.tmk), note
+    if unchanged:
         return existing.tmk_encrypted, None
-    return keystore.encrypt_tmk(terminal.id, terminal.tmk), "TMK changed"
+    return security.seal_tmk(terminal.id, terminal.tmk), "TMK changed"
 
 
 # --- cards and their lots --------------------------------------------------------------------
 
 
-def _load_card(session: Session, card: CardConfig, keystore: KeyStore, now: datetime) -> list[str]:
-    pin_hmac = None if card.pin is None else keystore.pin_hmac(card.number, card.pin)
+def _load_card(
+    session: Session, card: CardConfig, security: SecurityModule, now: datetime
+) -> list[str]:
+    pin_hmac = None if card.pin is None else security.pin_reference(card.number, card.pin)
     details = operations.CardDetails(
         number=card.number,
         expiry_yymm=card.expiry_yymm,

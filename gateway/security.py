@@ -1,21 +1,32 @@
-"""Every use of a working key or a TMK behind one small interface, so that a hardware security
-module (HSM) can take its place (issue 7).
+"""Every use of a key behind one small interface, so that a hardware security module (HSM) can
+take its place (issue 7).
 
-The gateway asks five things of keys while it serves: issue working keys at a sign-on, check a
-request's MAC, MAC an answer, decrypt a track, and say whether a PIN block holds the card's PIN.
-`SecurityModule` is exactly that, plus opening the working keys a sign-on stored. Keys cross it
-only sealed (the TMK as the ledger keeps it, the working keys as the session table keeps them,
-field 62 under the TMK) or as an opaque `KeyHandle`; a PIN never crosses it at all: the answer
-is match, no match or bad block. An HSM implementation would hold its handles as keys under its
-own local master key and do every operation inside the device.
+`SecurityModule` is everything the gateway asks of keys, in three parts:
 
-`SoftwareSecurityModule` does the work in this process with `cardcodec.crypto` and seals what
-it stores through the `KeyStore` (the master key file).
+- serving: issue working keys at a sign-on, open the working keys a sign-on stored, check a
+  request's MAC, MAC an answer, decrypt a track, and say whether a PIN block holds the card's
+  PIN;
+- loading the config: seal a terminal's TMK for the ledger, say whether a stored sealed TMK is
+  the config's (so an unchanged key is not rewritten), and make the reference stored in place
+  of a card's PIN;
+- rotating the master key (`begin_rotation`, then `MasterKeyRotation`): seal every stored TMK
+  and session again under a new key.
+
+What never leaves the module: the master key, working keys in clear (they cross only sealed for
+the session table, wrapped under the TMK in field 62, or as an opaque `KeyHandle`), a TMK in
+clear (the config's goes in to be sealed or compared; none comes out) and a PIN (the config's
+goes in to make its reference; a PIN block's comes out only as match, no match or bad block).
+An HSM implementation would hold its handles as keys under its own local master key and do
+every operation inside the device.
+
+`SoftwareSecurityModule` does the work in this process with `cardcodec.crypto` and keeps what
+it stores sealed under the master key file (`gateway.keystore.FileKeyStore`).
 """
 
 from __future__ import annotations
 
 import enum
+import hmac
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +44,7 @@ from cardcodec.crypto import (
     wrap_working_keys,
 )
 from cardcodec.errors import CodecError, PinBlockError
-from gateway.keystore import KeyStore, KeyStoreError
+from gateway.keystore import FileKeyStore, KeyStoreError
 
 # The sealed working keys start with the suite they are for, so a row whose suite column was
 # changed does not open as keys of the other suite.
@@ -73,8 +84,34 @@ class SecurityModuleError(Exception):
     """Sealed keys the module cannot open (another master key, tampered, another terminal)."""
 
 
+class MasterKeyRotation(Protocol):
+    """A master key rotation under way, from `SecurityModule.begin_rotation` to `finish`.
+
+    Until `finish` the old and the new master key both open what they sealed and everything
+    newly sealed is under the new one, so a rotation stopped at any step leaves every stored
+    key usable, and beginning again carries it on. PIN references are one-way and outlive a
+    rotation: it never touches cards.
+    """
+
+    def reseal_tmk(self, terminal_id: str, sealed_tmk: bytes) -> bytes:
+        """A stored TMK sealed again under the new master key; `SecurityModuleError` if it
+        does not open."""
+        ...
+
+    def reseal_session_keys(self, terminal_id: str, sealed: bytes) -> bytes:
+        """A stored session's working keys sealed again under the new master key;
+        `SecurityModuleError` if they do not open."""
+        ...
+
+    def finish(self) -> None:
+        """The new master key replaces the old one, which opens nothing from now on."""
+        ...
+
+
 class SecurityModule(Protocol):
-    """All the key work the serving gateway does; nothing here returns a clear key or PIN."""
+    """All the key work of the gateway; nothing here returns a clear key or PIN."""
+
+    # -- serving ---------------------------------------------------------------------------
 
     def issue_working_keys(
         self, terminal_id: str, suite: Suite, sealed_tmk: bytes, *, with_tdk: bool
@@ -101,10 +138,35 @@ class SecurityModule(Protocol):
         ...
 
     def check_pin(
-        self, keys: KeyHandle, block: bytes, card_number: str, pin_hmac: bytes
+        self, keys: KeyHandle, block: bytes, card_number: str, pin_reference: bytes
     ) -> PinCheck:
-        """Whether the PIN block, under the session's PIK, holds the PIN whose HMAC is stored
-        for the card (§5.3)."""
+        """Whether the PIN block, under the session's PIK, holds the PIN whose reference is
+        stored for the card (§5.3)."""
+        ...
+
+    # -- loading the config ----------------------------------------------------------------
+
+    def seal_tmk(self, terminal_id: str, tmk: bytes) -> bytes:
+        """The config's TMK sealed for the ledger, bound to its terminal: what
+        `issue_working_keys` takes."""
+        ...
+
+    def tmk_matches(self, terminal_id: str, sealed_tmk: bytes, tmk: bytes) -> bool:
+        """Whether a stored sealed TMK is this TMK (a load keeps an unchanged key's row as it
+        is); `SecurityModuleError` if it does not open. An HSM compares check values."""
+        ...
+
+    def pin_reference(self, card_number: str, pin: str) -> bytes:
+        """What the ledger stores in place of a card's PIN, for `check_pin`. The same card and
+        PIN always give the same bytes, so a load can tell a PIN that did not change (and
+        leave its wrong tries alone)."""
+        ...
+
+    # -- rotating the master key -----------------------------------------------------------
+
+    def begin_rotation(self) -> MasterKeyRotation:
+        """Make the next master key (or take up the rotation already begun) and seal under
+        it from now on."""
         ...
 
 
@@ -125,10 +187,10 @@ class _SoftwareKeys:
 
 class SoftwareSecurityModule:
     """The security module in this process: `cardcodec.crypto` for the card cryptography, the
-    key store for the master key (TMKs, sealed working keys, PIN HMACs)."""
+    master key file for what is kept at rest (TMKs, sealed working keys, the PIN key)."""
 
     def __init__(
-        self, keystore: KeyStore, random_bytes: Callable[[int], bytes] = secrets.token_bytes
+        self, keystore: FileKeyStore, random_bytes: Callable[[int], bytes] = secrets.token_bytes
     ) -> None:
         self._keystore = keystore
         self._random = random_bytes
@@ -170,16 +232,56 @@ class SoftwareSecurityModule:
         return decrypt_track(held.suite, held.keys.tdk, track)
 
     def check_pin(
-        self, keys: KeyHandle, block: bytes, card_number: str, pin_hmac: bytes
+        self, keys: KeyHandle, block: bytes, card_number: str, pin_reference: bytes
     ) -> PinCheck:
         held = _held(keys)
         try:
             pin = decrypt_pin(held.suite, held.keys.pik, block, card_number)
         except PinBlockError:
             return PinCheck.BAD_BLOCK
-        if self._keystore.pin_matches(card_number, pin, pin_hmac):
+        if self._keystore.pin_matches(card_number, pin, pin_reference):
             return PinCheck.MATCH
         return PinCheck.NO_MATCH
+
+    def seal_tmk(self, terminal_id: str, tmk: bytes) -> bytes:
+        return self._keystore.encrypt_tmk(terminal_id, tmk)
+
+    def tmk_matches(self, terminal_id: str, sealed_tmk: bytes, tmk: bytes) -> bool:
+        try:
+            stored = self._keystore.decrypt_tmk(terminal_id, sealed_tmk)
+        except KeyStoreError as error:
+            raise SecurityModuleError(str(error)) from None
+        return hmac.compare_digest(stored, tmk)
+
+    def pin_reference(self, card_number: str, pin: str) -> bytes:
+        """An HMAC-SHA256 of card number and PIN under the PIN key."""
+        return self._keystore.pin_hmac(card_number, pin)
+
+    def begin_rotation(self) -> MasterKeyRotation:
+        self._keystore.begin_rotation()
+        return _FileRotation(self._keystore)
+
+
+class _FileRotation:
+    """A rotation of the master key file: `<master>.next` until `finish`."""
+
+    def __init__(self, keystore: FileKeyStore) -> None:
+        self._keystore = keystore
+
+    def reseal_tmk(self, terminal_id: str, sealed_tmk: bytes) -> bytes:
+        try:
+            return self._keystore.reseal_tmk(terminal_id, sealed_tmk)
+        except KeyStoreError as error:
+            raise SecurityModuleError(str(error)) from None
+
+    def reseal_session_keys(self, terminal_id: str, sealed: bytes) -> bytes:
+        try:
+            return self._keystore.reseal_session_keys(terminal_id, sealed)
+        except KeyStoreError as error:
+            raise SecurityModuleError(str(error)) from None
+
+    def finish(self) -> None:
+        self._keystore.finish_rotation()
 
 
 def _held(keys: KeyHandle) -> _SoftwareKeys:

@@ -30,7 +30,6 @@ from gateway.handler import Gateway, Reply
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, JournalTransaction
 from gateway.protocol import TerminalFactory, TrafficRecorder
-from gateway.security import SoftwareSecurityModule
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
     from gateway.metrics import Metrics
@@ -251,7 +250,7 @@ def wire(config_path: Path, db_override: str | None, clock_start: datetime | Non
         config=config,
         engine=base.engine,
         clock=base.clock,
-        security=SoftwareSecurityModule(base.keystore),
+        security=base.security,
     )
     return Wiring(config, base.engine, base.clock, gateway)
 

@@ -47,22 +47,29 @@ def demo_config(tmp_path: Path, database: str | None = None) -> Config:
 class Harness:
     """The real `Gateway` on a real ledger, called directly instead of over TCP."""
 
-    def __init__(self, config: Config, start: datetime = SATURDAY_11) -> None:
+    def __init__(
+        self, config: Config, start: datetime = SATURDAY_11, security: SecurityModule | None = None
+    ) -> None:
+        """The config loaded through `security`: by default the software module on the
+        config's master key file (`self.keystore`)."""
         self.config = config
         self.clock = FixedClock(start)
         self.engine = make_engine(config.gateway.database)
         migrate(self.engine)
         self.keystore = FileKeyStore(config.issuer.master_key)
+        self.security = security or SoftwareSecurityModule(self.keystore)
         with unit_of_work(self.engine) as session:
-            load_into_ledger(session, config, self.keystore, start)
-        self.gateway = self.new_gateway(SoftwareSecurityModule(self.keystore))
+            load_into_ledger(session, config, self.security, start)
+        self.gateway = self.new_gateway(self.security)
 
     def new_gateway(self, security: SecurityModule | None = None) -> Gateway:
         """Another gateway on the same ledger and keys, as a restarted or second process is:
-        it shares nothing in memory with the first (its own key store, its own key cache)."""
-        if security is None:
+        it shares nothing in memory with the first (its own key store, its own key cache).
+        Another kind of module (a device every process shares) is used again as it is."""
+        if security is None and isinstance(self.security, SoftwareSecurityModule):
             security = SoftwareSecurityModule(FileKeyStore(self.config.issuer.master_key))
-        return Gateway(config=self.config, engine=self.engine, clock=self.clock, security=security)
+        chosen = security or self.security
+        return Gateway(config=self.config, engine=self.engine, clock=self.clock, security=chosen)
 
     def terminal(self, terminal_id: str = "10000001") -> SpecTerminal:
         merchant, suite, tmk = TMKS[terminal_id]

@@ -29,6 +29,7 @@ from gateway.ledger.models import (
     TransactionKind,
 )
 from gateway.loader import LoadReport, load_into_ledger, rule_from_json, rule_to_json
+from gateway.security import SoftwareSecurityModule
 from tests.conftest import empty_postgres_ledger
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
@@ -65,8 +66,9 @@ def keystore(tmp_path: Path) -> FileKeyStore:
 
 
 def load(engine: Engine, config: Config, keystore: FileKeyStore, now: datetime = NOW) -> LoadReport:
+    """Load through the software security module over `keystore`."""
     with unit_of_work(engine) as session:
-        return load_into_ledger(session, config, keystore, now)
+        return load_into_ledger(session, config, SoftwareSecurityModule(keystore), now)
 
 
 def row_counts(engine: Engine) -> dict[str, int]:
@@ -319,7 +321,11 @@ def test_a_load_that_deadlocks_with_a_serving_gateway_runs_again(
         lock = text("SELECT number FROM cards WHERE number = :number FOR UPDATE")
         gateway.execute(lock, {"number": second})  # a group holds the second card
         loading = ThreadPoolExecutor(1).submit(
-            bootstrap_module._load, engine, config, keystore, FixedClock(NOW)
+            bootstrap_module._load,
+            engine,
+            config,
+            SoftwareSecurityModule(keystore),
+            FixedClock(NOW),
         )
         _wait_for_lock_wait(engine)  # the load holds the first card and waits for the second
         gateway.execute(lock, {"number": first})  # ... while the group wants the first

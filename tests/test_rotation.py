@@ -15,7 +15,13 @@ from gateway.keystore import FileKeyStore, KeyStoreError
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Card, Terminal, TerminalSession
 from gateway.rotation import rotate_master
+from gateway.security import SecurityModuleError, SoftwareSecurityModule
 from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN, TMKS, Harness, demo_config
+
+
+def software(master: Path) -> SoftwareSecurityModule:
+    """The software security module on the master key file at `master`, as a command has it."""
+    return SoftwareSecurityModule(FileKeyStore(master))
 
 
 def stored(harness: Harness) -> tuple[dict[str, bytes], bytes]:
@@ -46,7 +52,7 @@ def test_rotation_seals_everything_under_a_new_key(harness: Harness) -> None:
     master = harness.config.issuer.master_key
     old_key = master.read_bytes()
     shutil.copy(master, master.with_name("old.key"))
-    rotation = rotate_master(harness.engine, FileKeyStore(master))
+    rotation = rotate_master(harness.engine, software(master))
     assert rotation.terminals == 3
     assert master.read_bytes() != old_key
     assert not master.with_name("master.key.next").exists()
@@ -64,15 +70,14 @@ def test_a_rotation_stopped_midway_leaves_everything_readable_and_finishes_later
     """Stopped after the next key is made, or after the TMKs are sealed again: everything
     still opens, and running the rotation again completes it."""
     master = harness.config.issuer.master_key
-    store = FileKeyStore(master)
-    store.begin_rotation()
+    rotation = software(master).begin_rotation()
     if stop_after == "reseal":
         with unit_of_work(harness.engine) as session:
             for terminal in session.scalars(select(Terminal)):
-                terminal.tmk_encrypted = store.reseal_tmk(terminal.id, terminal.tmk_encrypted)
+                terminal.tmk_encrypted = rotation.reseal_tmk(terminal.id, terminal.tmk_encrypted)
     assert master.with_name("master.key.next").exists()
     assert_everything_opens(harness)
-    rotate_master(harness.engine, FileKeyStore(master))
+    rotate_master(harness.engine, software(master))
     assert not master.with_name("master.key.next").exists()
     assert_everything_opens(harness)
 
@@ -103,7 +108,7 @@ def test_rotation_reseals_the_sessions_and_terminals_carry_on(harness: Harness) 
     with unit_of_work(harness.engine) as session:
         before = session.scalars(select(TerminalSession.keys_sealed)).one()
     shutil.copy(master, master.with_name("old.key"))
-    rotation = rotate_master(harness.engine, FileKeyStore(master))
+    rotation = rotate_master(harness.engine, software(master))
     assert rotation.sessions == 1
     with unit_of_work(harness.engine) as session:
         after = session.scalars(select(TerminalSession.keys_sealed)).one()
@@ -119,7 +124,26 @@ def test_a_running_gateway_signs_on_under_the_rotated_key(harness: Harness) -> N
     """A gateway started before a rotation seals a later sign-on's keys under the new master
     key, so a gateway started after it opens them."""
     harness.signed_on()
-    rotate_master(harness.engine, FileKeyStore(harness.config.issuer.master_key))
+    rotate_master(harness.engine, software(harness.config.issuer.master_key))
     terminal = harness.signed_on()
     harness.gateway = harness.new_gateway()
     assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
+
+
+def test_a_session_that_does_not_open_stops_the_rotation_with_the_ledger_unchanged(
+    harness: Harness,
+) -> None:
+    """A stored key the module cannot open is a `SecurityModuleError`: no row is sealed again,
+    the old master key stays, and everything it sealed still opens."""
+    master = harness.config.issuer.master_key
+    harness.signed_on()
+    with unit_of_work(harness.engine) as session:
+        row = session.scalars(select(TerminalSession)).one()
+        row.keys_sealed = row.keys_sealed[:-1] + bytes([row.keys_sealed[-1] ^ 1])
+    blobs_before, _ = stored(harness)
+    old_key = master.read_bytes()
+    with pytest.raises(SecurityModuleError, match="terminal 10000001"):
+        rotate_master(harness.engine, software(master))
+    assert stored(harness)[0] == blobs_before
+    assert master.read_bytes() == old_key
+    assert_everything_opens(harness)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import select
 
 from cardcodec.crypto import (
     Suite,
@@ -27,15 +29,20 @@ from cardcodec.crypto import (
 )
 from cardcodec.errors import CodecError, PinBlockError
 from gateway.keystore import FileKeyStore
+from gateway.ledger import unit_of_work
+from gateway.ledger.models import Terminal
+from gateway.loader import load_into_ledger
+from gateway.rotation import rotate_master
 from gateway.security import (
     IssuedKeys,
     KeyHandle,
+    MasterKeyRotation,
     PinCheck,
     SecurityModule,
     SecurityModuleError,
     SoftwareSecurityModule,
 )
-from tests.gateway_harness import DIAMOND, GOLD_PIN, Harness, demo_config
+from tests.gateway_harness import DIAMOND, GOLD_PIN, TMKS, Harness, demo_config
 from tests.vectors import SuiteCase, suite_cases
 
 TERMINAL = "10000001"
@@ -100,11 +107,12 @@ def test_track_decrypts_to_the_vectors_clear_track(store: FileKeyStore, case: Su
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
 def test_vector_pin_block_matches_only_its_pin(store: FileKeyStore, case: SuiteCase) -> None:
-    """The vectors' PIN block: match against its card's PIN HMAC, no match against another."""
+    """The vectors' PIN block: match against its card's PIN reference, no match against
+    another."""
     module, keys = issued_handle(store, case)
     block = case.frame("pin_block_encrypted")
-    right = store.pin_hmac(case.card_number, case.pin)
-    wrong = store.pin_hmac(case.card_number, "999999")
+    right = module.pin_reference(case.card_number, case.pin)
+    wrong = module.pin_reference(case.card_number, "999999")
     assert module.check_pin(keys, block, case.card_number, right) is PinCheck.MATCH
     assert module.check_pin(keys, block, case.card_number, wrong) is PinCheck.NO_MATCH
 
@@ -176,6 +184,32 @@ def test_a_tmk_that_does_not_open_is_a_module_error(store: FileKeyStore, tmp_pat
     assert CASES[0].tmk.hex() not in str(raised.value).lower()
 
 
+def test_a_sealed_tmk_matches_only_its_key_and_terminal(store: FileKeyStore) -> None:
+    """`seal_tmk` gives what the key store opens, without the key in it; `tmk_matches` says
+    same or not and never returns the key; another terminal's blob is a module error."""
+    module = SoftwareSecurityModule(store)
+    tmk = CASES[0].tmk
+    sealed = module.seal_tmk(TERMINAL, tmk)
+    assert tmk not in sealed and store.decrypt_tmk(TERMINAL, sealed) == tmk
+    assert module.tmk_matches(TERMINAL, sealed, tmk)
+    assert not module.tmk_matches(TERMINAL, sealed, bytes(len(tmk)))
+    with pytest.raises(SecurityModuleError, match="terminal 10000002") as raised:
+        module.tmk_matches("10000002", sealed, tmk)
+    assert tmk.hex() not in str(raised.value).lower()
+
+
+def test_a_pin_reference_is_the_same_in_every_process(store: FileKeyStore) -> None:
+    """The same card and PIN give the same reference from another module on the same key
+    file (so a load tells an unchanged PIN), the HMAC earlier versions stored; another PIN
+    gives another."""
+    case = CASES[0]
+    reference = SoftwareSecurityModule(store).pin_reference(case.card_number, case.pin)
+    again = SoftwareSecurityModule(FileKeyStore(store.path))
+    assert again.pin_reference(case.card_number, case.pin) == reference
+    assert reference == store.pin_hmac(case.card_number, case.pin)
+    assert again.pin_reference(case.card_number, "999999") != reference
+
+
 def test_no_track_decryption_without_a_tdk(store: FileKeyStore) -> None:
     """Keys issued without a TDK refuse to decrypt a track (the gateway answers `30`)."""
     case = CASES[0]
@@ -211,16 +245,31 @@ class Slot:
 
 
 class FakeHsm:
-    """Another `SecurityModule`, as a hardware one would be: handles are slot numbers, stored
-    keys are sealed under the device's own key (not the master key file), and it records what
-    the gateway asked of it. It reads TMKs and PIN HMACs through the key store, as a device
-    would hold them under its own key."""
+    """Another `SecurityModule`, as a hardware one would be, on no master key file at all:
+    handles are slot numbers; TMKs, stored working keys and the PIN key live under the
+    device's own local master keys (LMKs, by generation, so it can rotate them); and it
+    records what the gateway asked of it."""
 
-    def __init__(self, keystore: FileKeyStore) -> None:
-        self._keystore = keystore
-        self._device_key = AESGCM(AESGCM.generate_key(128))
+    def __init__(self) -> None:
+        self._lmks = {1: AESGCM.generate_key(128)}
+        self._newest = 1
+        self._pin_key = os.urandom(32)
         self._slots: dict[int, WorkingKeys] = {}
         self.calls: Counter[str] = Counter()
+
+    def seal(self, plain: bytes, label: str) -> bytes:
+        nonce = os.urandom(12)
+        body = AESGCM(self._lmks[self._newest]).encrypt(nonce, plain, label.encode())
+        return bytes([self._newest]) + nonce + body
+
+    def open(self, sealed: bytes, label: str) -> bytes:
+        lmk = self._lmks.get(sealed[0])
+        if lmk is None:
+            raise SecurityModuleError(f"{label}: under an LMK the device no longer has")
+        try:
+            return AESGCM(lmk).decrypt(sealed[1:13], sealed[13:], label.encode())
+        except InvalidTag:
+            raise SecurityModuleError(f"{label}: does not open") from None
 
     def _load(self, suite: Suite, keys: WorkingKeys) -> Slot:
         number = len(self._slots) + 1
@@ -235,16 +284,15 @@ class FakeHsm:
         self, terminal_id: str, suite: Suite, sealed_tmk: bytes, *, with_tdk: bool
     ) -> IssuedKeys:
         self.calls["issue"] += 1
-        tmk = self._keystore.decrypt_tmk(terminal_id, sealed_tmk)
+        tmk = self.open(sealed_tmk, f"tmk {terminal_id}")
         keys = generate_working_keys(suite, with_tdk)
-        nonce = os.urandom(12)
         plain = keys.pik + keys.mak + (keys.tdk or b"")
-        sealed = nonce + self._device_key.encrypt(nonce, plain, terminal_id.encode())
+        sealed = self.seal(plain, f"session {terminal_id}")
         return IssuedKeys(wrap_working_keys(suite, tmk, keys), sealed, self._load(suite, keys))
 
     def open_keys(self, terminal_id: str, suite: Suite, sealed: bytes) -> KeyHandle:
         self.calls["open"] += 1
-        plain = self._device_key.decrypt(sealed[:12], sealed[12:], terminal_id.encode())
+        plain = self.open(sealed, f"session {terminal_id}")
         tdk = plain[32:] or None
         return self._load(suite, WorkingKeys(pik=plain[:16], mak=plain[16:32], tdk=tdk))
 
@@ -263,23 +311,72 @@ class FakeHsm:
         return decrypt_track(keys.suite, tdk, track)
 
     def check_pin(
-        self, keys: KeyHandle, block: bytes, card_number: str, pin_hmac: bytes
+        self, keys: KeyHandle, block: bytes, card_number: str, pin_reference: bytes
     ) -> PinCheck:
         self.calls["check_pin"] += 1
         try:
             pin = decrypt_pin(keys.suite, self._keys(keys).pik, block, card_number)
         except PinBlockError:
             return PinCheck.BAD_BLOCK
-        matches = self._keystore.pin_matches(card_number, pin, pin_hmac)
+        matches = hmac.compare_digest(self._reference(card_number, pin), pin_reference)
         return PinCheck.MATCH if matches else PinCheck.NO_MATCH
+
+    def seal_tmk(self, terminal_id: str, tmk: bytes) -> bytes:
+        self.calls["seal_tmk"] += 1
+        return self.seal(tmk, f"tmk {terminal_id}")
+
+    def tmk_matches(self, terminal_id: str, sealed_tmk: bytes, tmk: bytes) -> bool:
+        self.calls["tmk_matches"] += 1
+        return hmac.compare_digest(self.open(sealed_tmk, f"tmk {terminal_id}"), tmk)
+
+    def pin_reference(self, card_number: str, pin: str) -> bytes:
+        self.calls["pin_reference"] += 1
+        return self._reference(card_number, pin)
+
+    def _reference(self, card_number: str, pin: str) -> bytes:
+        return hmac.digest(self._pin_key, f"{card_number}:{pin}".encode(), "sha256")
+
+    def begin_rotation(self) -> MasterKeyRotation:
+        self.calls["begin_rotation"] += 1
+        if self._newest == min(self._lmks):
+            self._newest += 1
+            self._lmks[self._newest] = AESGCM.generate_key(128)
+        return FakeRotation(self)
+
+    def finish_rotation(self) -> None:
+        self._lmks = {self._newest: self._lmks[self._newest]}
+
+
+class FakeRotation:
+    """The device's LMK change: keys translated from the old LMK to the new one."""
+
+    def __init__(self, hsm: FakeHsm) -> None:
+        self._hsm = hsm
+
+    def reseal_tmk(self, terminal_id: str, sealed_tmk: bytes) -> bytes:
+        self._hsm.calls["reseal_tmk"] += 1
+        label = f"tmk {terminal_id}"
+        return self._hsm.seal(self._hsm.open(sealed_tmk, label), label)
+
+    def reseal_session_keys(self, terminal_id: str, sealed: bytes) -> bytes:
+        self._hsm.calls["reseal_session_keys"] += 1
+        label = f"session {terminal_id}"
+        return self._hsm.seal(self._hsm.open(sealed, label), label)
+
+    def finish(self) -> None:
+        self._hsm.finish_rotation()
+
+
+def hsm_harness(tmp_path: Path, ledger_url: str) -> tuple[Harness, FakeHsm]:
+    """The demo config loaded into a fresh ledger through a fake HSM."""
+    hsm = FakeHsm()
+    return Harness(demo_config(tmp_path, ledger_url), security=hsm), hsm
 
 
 def test_the_gateway_works_with_another_security_module(tmp_path: Path, ledger_url: str) -> None:
     """With a fake HSM in place of the software module the gateway signs on, checks MACs,
     decrypts tracks, checks PINs and MACs answers, all through the module's interface."""
-    harness = Harness(demo_config(tmp_path, ledger_url))
-    hsm = FakeHsm(harness.keystore)
-    harness.gateway = harness.new_gateway(hsm)
+    harness, hsm = hsm_harness(tmp_path, ledger_url)
     terminal = harness.signed_on(with_tdk=True)
     _, approved = harness.redeem(terminal, GOLD_PIN, 1000, pin="123456", encrypted=True)
     assert approved.code == "00" and 64 in approved.fields
@@ -290,4 +387,34 @@ def test_the_gateway_works_with_another_security_module(tmp_path: Path, ledger_u
     harness.gateway = harness.new_gateway(hsm)
     assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
     assert hsm.calls["open"] == 1
+    harness.engine.dispose()
+
+
+def test_another_security_module_loads_the_config_and_rotates(
+    tmp_path: Path, ledger_url: str
+) -> None:
+    """The fake HSM takes the whole job: it seals the TMKs and makes the PIN references of a
+    config load, tells a second load that nothing changed, and rotates its master key with a
+    terminal signed on, which carries on; the master key file is never made."""
+    harness, hsm = hsm_harness(tmp_path, ledger_url)
+    assert (hsm.calls["seal_tmk"], hsm.calls["pin_reference"]) == (3, 1)
+    with unit_of_work(harness.engine) as session:
+        again = load_into_ledger(session, harness.config, hsm, harness.clock.now())
+    assert again.changes == () and hsm.calls["tmk_matches"] == 3
+    terminal = harness.signed_on(with_tdk=True)
+    with unit_of_work(harness.engine) as session:
+        old_tmk = session.scalars(select(Terminal.tmk_encrypted).filter_by(id=TERMINAL)).one()
+
+    rotation = rotate_master(harness.engine, hsm)
+
+    assert (rotation.terminals, rotation.sessions) == (3, 1)
+    with pytest.raises(SecurityModuleError):
+        hsm.tmk_matches(TERMINAL, old_tmk, bytes.fromhex(TMKS[TERMINAL][2]))
+    approved = harness.redeem(terminal, GOLD_PIN, 1000, pin="123456", encrypted=True)[1]
+    assert approved.code == "00"
+    harness.gateway = harness.new_gateway(hsm)
+    assert harness.redeem(terminal, GOLD_PIN, 1000, pin="123456")[1].code == "00"
+    assert harness.signed_on("10000002").terminal_id == "10000002"
+    assert hsm.calls["open"] == 1
+    assert not harness.config.issuer.master_key.exists()
     harness.engine.dispose()

@@ -23,8 +23,8 @@ from gateway.bootstrap import wired
 from gateway.clock import SHANGHAI
 from gateway.config import load_config
 from gateway.errors import BadInput, CheckFailed
-from gateway.keystore import FileKeyStore
 from gateway.rotation import rotate_master
+from gateway.security import SecurityModuleError
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -144,12 +144,15 @@ def _report_verification(verification: Verification) -> None:
 
 def rotate_master_command(args: argparse.Namespace) -> int:
     with wired(args.config, args.db) as wiring:
-        keystore = wiring.keystore
-        if not isinstance(keystore, FileKeyStore):
-            raise BadInput("keys rotate-master: the configured key store is not a master key file")
-        rotation = rotate_master(wiring.engine, keystore)
+        try:
+            rotation = rotate_master(wiring.engine, wiring.security)
+        except SecurityModuleError as error:
+            # The ledger is unchanged and the next key kept: once the key is repaired, running
+            # the command again finishes the rotation.
+            raise BadInput(f"keys rotate-master: {error}; nothing was sealed again") from None
+        master_key = wiring.config.issuer.master_key
     print(
-        f"master key {keystore.path} rotated: {rotation.terminals} terminal master keys and the "
+        f"master key {master_key} rotated: {rotation.terminals} terminal master keys and the "
         "PIN key sealed under the new key; the old key is gone"
     )
     return 0
