@@ -26,6 +26,12 @@ from cardcodec.message import (
 )
 from cardcodec.spec import PYISO_SPEC
 
+# Targets: the codec's decode + encode against pyiso8583's of the same body, and a full round
+# with both MACs. 5,000 redemptions a second leave 200 us of CPU for each in all; the codec's
+# share should stay under a fifth of it.
+RATIO_TARGET = 0.5
+FULL_ROUND_TARGET_US = 40
+
 MAK = bytes.fromhex("1349C33040A656CB04BC1244A6FDABA1")
 
 REQUEST_FIELDS: dict[int, str | bytes] = {
@@ -118,9 +124,9 @@ def main() -> None:
         for name in ("request", "answer"):
             base = timings[f"{name}: pyiso8583 decode + encode"]
             ours = timings[f"{name}: codec decode + encode"]
-            print(f"  {name}: codec / pyiso8583 = {ours / base:.2f} (target <= 1.20)")
+            print(f"  {name}: codec / pyiso8583 = {ours / base:.2f} (target <= {RATIO_TARGET:.2f})")
         full = timings["full round: request in + MAC, answer out + MAC"]
-        print(f"  full round {full:.1f} us (target < 120 us)")
+        print(f"  full round {full:.1f} us (target < {FULL_ROUND_TARGET_US} us)")
 
 
 if __name__ == "__main__":

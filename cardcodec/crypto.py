@@ -10,15 +10,16 @@ problem only, as everything else in the codec does.
 
 from __future__ import annotations
 
+import binascii
 import enum
-import functools
 import hmac
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from cardcodec.errors import CodecError, PinBlockError
 
@@ -34,6 +35,7 @@ class Suite(enum.Enum):
         return 8 if self is Suite.TDES else 16
 
 
+_BLOCK_SIZES = {suite: suite.block_size for suite in Suite}
 KEY_BYTES = 16
 KCV_BYTES = 4
 MAC_BYTES = 8
@@ -47,23 +49,76 @@ _MAX_CARD_DIGITS = 19
 _HEX_DIGITS = frozenset("0123456789ABCDEFabcdef")
 # A working RNG repeats a 3DES half once in 2**56 draws; a source that keeps doing it is broken.
 _MAX_KEY_DRAWS = 8
-# Every signed-on terminal uses up to four keys (TMK, PIK, MAK, TDK); the cache only has to
-# hold the busy ones, and a miss costs one key schedule (about 2 microseconds).
-_CIPHER_CACHE_SIZE = 1024
+# ECB contexts by key, per thread. ECB keeps no state between whole blocks, so one context
+# serves every call with its key, and building one (key schedule and cipher context) costs more
+# than the whole MAC. cryptography's contexts are not thread-safe, hence one cache per thread.
+# Every signed-on terminal uses up to four keys (TMK, PIK, MAK, TDK); a cache only has to hold
+# the busy ones, and when it is full the oldest context is dropped. Keys are secrets: the caches
+# are never printed, and their repr says how many contexts they hold, nothing more.
+_CONTEXT_CACHE_SIZE = 2048
 
 
-@functools.lru_cache(maxsize=_CIPHER_CACHE_SIZE)
-def _cached_cipher(suite: Suite, key: bytes) -> Cipher[modes.ECB]:
+class _Contexts(threading.local):
+    """One thread's ECB encryptor and decryptor contexts, by (suite, key)."""
+
+    def __init__(self) -> None:
+        self.encryptors: dict[tuple[Suite, bytes], CipherContext] = {}
+        self.decryptors: dict[tuple[Suite, bytes], CipherContext] = {}
+
+    def __repr__(self) -> str:
+        count = len(self.encryptors) + len(self.decryptors)
+        return f"<cipher contexts: {count} in this thread>"
+
+    def clear(self) -> None:
+        self.encryptors.clear()
+        self.decryptors.clear()
+
+
+_CONTEXTS = _Contexts()
+
+
+def _new_cipher(suite: Suite, key: bytes) -> Cipher[modes.ECB]:
     if suite is Suite.TDES:
         # K1 K2 K1: the 24-byte form avoids the 16-byte key deprecation and is the same cipher.
         return Cipher(TripleDES(key + key[:8]), modes.ECB())
     return Cipher(algorithms.SM4(key), modes.ECB())
 
 
-def _cipher(suite: Suite, key: bytes) -> Cipher[modes.ECB]:
+def _checked_key(key: bytes) -> bytes:
     if len(key) != KEY_BYTES:
         raise CodecError(f"key is not {KEY_BYTES} bytes", part="key")
-    return _cached_cipher(suite, bytes(key))
+    return key if key.__class__ is bytes else bytes(key)
+
+
+def _remember(
+    cache: dict[tuple[Suite, bytes], CipherContext],
+    entry: tuple[Suite, bytes],
+    context: CipherContext,
+) -> CipherContext:
+    if len(cache) >= _CONTEXT_CACHE_SIZE:
+        del cache[next(iter(cache))]
+    cache[entry] = context
+    return context
+
+
+def _encryptor(suite: Suite, key: bytes) -> CipherContext:
+    """This thread's ECB encryptor for the key: only whole blocks, and never finalized."""
+    entry = (suite, _checked_key(key))
+    cache = _CONTEXTS.encryptors
+    context = cache.get(entry)
+    if context is None:
+        context = _remember(cache, entry, _new_cipher(*entry).encryptor())
+    return context
+
+
+def _decryptor(suite: Suite, key: bytes) -> CipherContext:
+    """This thread's ECB decryptor for the key: only whole blocks, and never finalized."""
+    entry = (suite, _checked_key(key))
+    cache = _CONTEXTS.decryptors
+    context = cache.get(entry)
+    if context is None:
+        context = _remember(cache, entry, _new_cipher(*entry).decryptor())
+    return context
 
 
 def _check_whole_blocks(suite: Suite, data: bytes) -> None:
@@ -81,18 +136,16 @@ def _is_digits(text: str) -> bool:
 
 def encrypt_ecb(suite: Suite, key: bytes, data: bytes) -> bytes:
     """ECB-encrypt whole blocks of `data` under a 16-byte key (3DES as K1 K2 K1, or SM4)."""
-    cipher = _cipher(suite, key)
+    encryptor = _encryptor(suite, key)
     _check_whole_blocks(suite, data)
-    encryptor = cipher.encryptor()
-    return encryptor.update(data) + encryptor.finalize()
+    return encryptor.update(data)
 
 
 def decrypt_ecb(suite: Suite, key: bytes, data: bytes) -> bytes:
     """ECB-decrypt whole blocks of `data` under a 16-byte key (3DES as K1 K2 K1, or SM4)."""
-    cipher = _cipher(suite, key)
+    decryptor = _decryptor(suite, key)
     _check_whole_blocks(suite, data)
-    decryptor = cipher.decryptor()
-    return decryptor.update(data) + decryptor.finalize()
+    return decryptor.update(data)
 
 
 def check_value(suite: Suite, key: bytes) -> bytes:
@@ -103,33 +156,47 @@ def check_value(suite: Suite, key: bytes) -> bytes:
 # MAC (§5.1)
 
 
+def _fold_steps(padded_bytes: int, size: int) -> tuple[tuple[int, int], ...]:
+    """The halvings that fold `padded_bytes` down to one `size`-byte block: (shift, mask)."""
+    steps = _FOLD_STEPS.get((padded_bytes, size))
+    if steps is None:
+        bits = 8 * padded_bytes
+        halvings = []
+        while bits > 8 * size:
+            bits >>= 1
+            halvings.append((bits, (1 << bits) - 1))
+        steps = _FOLD_STEPS[(padded_bytes, size)] = tuple(halvings)  # a few per block size
+    return steps
+
+
+_FOLD_STEPS: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+
+
 def _xor_blocks(data: bytes, size: int) -> bytes:
     """All `size`-byte blocks of `data`, zero-padded on the right, XORed together.
 
     Zero blocks do not change an XOR, so the data is padded to a power-of-two number of blocks
     and folded in halves: log2(blocks) big-integer steps instead of one step per block.
     """
-    blocks = max(1, -(-len(data) // size))
-    padded_bytes = size << (blocks - 1).bit_length()
-    folded = int.from_bytes(data, "big") << (8 * (padded_bytes - len(data)))
-    bits = 8 * padded_bytes
-    while bits > 8 * size:
-        bits >>= 1
-        folded = (folded >> bits) ^ (folded & ((1 << bits) - 1))
+    length = len(data)
+    padded_bytes = size << (max(1, -(-length // size)) - 1).bit_length()
+    folded = int.from_bytes(data, "big") << (8 * (padded_bytes - length))
+    for shift, mask in _FOLD_STEPS.get((padded_bytes, size)) or _fold_steps(padded_bytes, size):
+        folded = (folded >> shift) ^ (folded & mask)
     return folded.to_bytes(size, "big")
 
 
 def mac(suite: Suite, mak: bytes, mac_input: bytes) -> bytes:
     """The UnionPay ECB MAC of `mac_input` (MTI to end of field 63): field 64's 8 ASCII bytes."""
-    cipher = _cipher(suite, mak)
-    size = suite.block_size
-    hex_folded = _xor_blocks(mac_input, size).hex().upper().encode("ascii")
-    # One encryptor for both steps: ECB keeps no state between blocks, and this halves the cost.
-    encryptor = cipher.encryptor()
-    first = encryptor.update(hex_folded[:size])
-    final = encryptor.update(_xor(first, hex_folded[size:]))
-    encryptor.finalize()
-    return final[: MAC_BYTES // 2].hex().upper().encode("ascii")
+    if len(mak) != KEY_BYTES or mak.__class__ is not bytes:
+        mak = _checked_key(mak)
+    encryptor = _CONTEXTS.encryptors.get((suite, mak)) or _encryptor(suite, mak)
+    size = _BLOCK_SIZES[suite]
+    hex_folded = binascii.b2a_hex(_xor_blocks(mac_input, size)).upper()
+    first = int.from_bytes(encryptor.update(hex_folded[:size]), "big")
+    second = first ^ int.from_bytes(hex_folded[size:], "big")
+    final = encryptor.update(second.to_bytes(size, "big"))
+    return binascii.b2a_hex(final[: MAC_BYTES // 2]).upper()
 
 
 def verify_mac(suite: Suite, mak: bytes, mac_input: bytes, received: bytes) -> bool:
