@@ -3,20 +3,30 @@
 Starts `vipgate serve` as its own process on a generated config (many terminals, cards with
 plenty of points), drives it with terminals written from the spec over real TCP, and prints:
 - closed loop: every terminal sends its next redemption as soon as the last is answered, for
-  the duration: approved redemptions per second, p50/p99 latency;
-- open loop: redemptions offered at a fixed rate (default 2000/s) spread over the terminals:
-  the rate achieved, p50/p99 latency;
-- on PostgreSQL, the same for `vipgate serve --workers N` with N = 1, 2 and 4 (WORKERS may
-  list others), then a table of the figures side by side with pgbench -N TPS on the same server
-  (fsync on) in the same run: how far worker processes take the gateway towards what the
-  database alone can commit.
-Client and server share the machine, as the targets say. Not a test: it prints figures.
+  the duration: approved redemptions per second, p50/p99 latency (send to answer);
+- open loop: redemptions offered at a fixed rate (RATE, default 2000/s) spread over the
+  terminals, each terminal sending one at a time as a real POS does (a request due while the
+  terminal waits for an answer is queued): the rate achieved, p50/p99 latency measured from
+  the moment each request was due, not sent, so queueing counts (no coordinated omission);
+- both with `vipgate serve --workers N` for several N: on SQLite N = 1 and 2 (SQLITE_WORKERS
+  or --sqlite-workers may list others), on PostgreSQL N = 1, 2 and 4 (WORKERS or --workers),
+  each backend's figures then side by side in a table; on PostgreSQL with pgbench -N TPS on
+  the same server (fsync on) in the same run: how far worker processes take the gateway
+  towards what the database alone can commit.
+Client and server share the machine, as the targets say, so the client is lean, as wrk is
+(tests/bench_client.py): every terminal signs on and builds all its redemptions (each with its
+own STAN and MAC) before the clock runs, and while it runs one process drives every connection
+from one selector, finding field 39 of each answer by walking the bitmap. Each phase prints
+the client's own CPU (process time over wall time; 100% is one of the machine's cores), so
+what the gateway had left is plain. The closed loop has frames for MAX_RATE (--max-rate,
+default 8000) approvals/s; a terminal that runs out stops, and the line says so.
+Not a test: it prints figures.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import math
 import os
 import re
 import secrets
@@ -32,7 +42,8 @@ from pathlib import Path
 
 from cardcodec.cards import luhn_check_digit
 from tests import pg
-from tests.spec_terminal import SpecTerminal, parse
+from tests.bench_client import Phase, Terminal, closed_loop, open_loop, redemptions, sign_on
+from tests.spec_terminal import SpecTerminal
 
 ROOT = Path(__file__).resolve().parents[1]
 MERCHANT = "898310048990001"
@@ -116,86 +127,6 @@ def start_gateway(
     raise RuntimeError("the gateway did not start listening in time")
 
 
-class Client:
-    """One terminal on its own connection."""
-
-    def __init__(self, terminal: SpecTerminal, card_number: str) -> None:
-        self.terminal = terminal
-        self.card = card_number
-        self.reader: asyncio.StreamReader
-        self.writer: asyncio.StreamWriter
-
-    async def connect(self, port: int) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
-        request = self.terminal.sign_on()
-        answer = await self.exchange(request)
-        self.terminal.adopt_sign_on(self.terminal.check(request, answer))
-
-    async def exchange(self, payload: bytes) -> bytes:
-        self.writer.write(len(payload).to_bytes(2, "big") + payload)
-        length = int.from_bytes(await self.reader.readexactly(2), "big")
-        return await self.reader.readexactly(length)
-
-    def redemption(self) -> bytes:
-        fields = self.terminal.card_fields(self.card, "3012")
-        return self.terminal.financial("0200", "000000", "22", fields, amount_fen=100)
-
-    async def redeem(self, latencies: list[float], codes: dict[str, int]) -> None:
-        request = self.redemption()
-        started = time.perf_counter()
-        answer = await self.exchange(request)
-        latencies.append(time.perf_counter() - started)
-        code = str(parse(answer)[1][39])
-        codes[code] = codes.get(code, 0) + 1
-
-
-async def closed_loop(clients: list[Client], duration: float) -> tuple[list[float], dict[str, int]]:
-    latencies: list[float] = []
-    codes: dict[str, int] = {}
-    stop = time.monotonic() + duration
-
-    async def run(client: Client) -> None:
-        while time.monotonic() < stop:
-            await client.redeem(latencies, codes)
-
-    await asyncio.gather(*(run(client) for client in clients))
-    return latencies, codes
-
-
-async def open_loop(
-    clients: list[Client], rate: float, duration: float
-) -> tuple[list[float], dict[str, int], float]:
-    latencies: list[float] = []
-    codes: dict[str, int] = {}
-    per_client = rate / len(clients)
-    started = time.monotonic()
-
-    async def run(client: Client, offset: float) -> None:
-        queue: asyncio.Queue[bool] = asyncio.Queue()
-
-        async def sender() -> None:
-            # Requests still queued when the duration is over are not sent: a gateway slower
-            # than the offered rate shows as a lower rate achieved, not as a run that never ends.
-            while await queue.get() and time.monotonic() - started < duration:
-                await client.redeem(latencies, codes)
-
-        task = asyncio.create_task(sender())
-        count = 0
-        while True:
-            due = started + offset + count / per_client
-            if due - started >= duration:
-                break
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
-            queue.put_nowait(True)
-            count += 1
-        queue.put_nowait(False)
-        await asyncio.wait_for(task, timeout=duration + 60)
-
-    spread = 1 / rate
-    await asyncio.gather(*(run(c, i * spread) for i, c in enumerate(clients)))
-    return latencies, codes, time.monotonic() - started
-
-
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] * 1000 if ordered else 0.0
@@ -211,34 +142,74 @@ class Figures:
     open_per_s: float
     open_p50_ms: float
     open_p99_ms: float
+    closed_client_cpu: float
+    open_client_cpu: float
 
 
-async def measure(port: int, keys: dict[str, bytes], args: argparse.Namespace) -> Figures:
-    clients = [
-        Client(SpecTerminal(terminal_id, MERCHANT, "3des", key), card(index % args.cards + 1))
-        for index, (terminal_id, key) in enumerate(keys.items())
+def codes_text(codes: dict[str, int]) -> str:
+    return str(dict(sorted(codes.items())))
+
+
+def client_cpu(phase: Phase) -> str:
+    return f"client CPU {phase.cpu_share:.0%} of a core ({phase.cpu_per_request_us:.0f} µs/request)"
+
+
+def measure(port: int, keys: dict[str, bytes], args: argparse.Namespace) -> Figures:
+    signed_on = []
+    for index, (terminal_id, key) in enumerate(keys.items()):
+        spec = SpecTerminal(terminal_id, MERCHANT, "3des", key)
+        signed_on.append((spec, card(index % args.cards + 1), sign_on(port, spec)))
+    # Frames for each terminal: the closed loop's share of MAX_RATE for the duration, then the
+    # open loop's share of what it offers (and one spare), sent in that order.
+    closed_limit = math.ceil(args.max_rate * args.duration / len(keys))
+    open_need = math.ceil(math.ceil(args.rate * args.duration) / len(keys)) + 1
+    began = time.perf_counter()
+    terminals = [
+        Terminal(sock, redemptions(spec, number, closed_limit + open_need))
+        for spec, number, sock in signed_on
     ]
-    for client in clients:
-        await client.connect(port)
-    latencies, codes = await closed_loop(clients, args.duration)
-    approved = codes.get("00", 0)
-    closed = (approved / args.duration, percentile(latencies, 0.5), percentile(latencies, 0.99))
     print(
-        f"  closed loop, {len(clients)} terminals, {args.duration:.0f} s: "
-        f"{closed[0]:,.0f} approved redemptions/s; "
-        f"p50 {closed[1]:.1f} ms, p99 {closed[2]:.1f} ms; "
-        f"codes {codes}"
+        f"  pre-built {sum(len(t.frames) for t in terminals):,} signed redemptions "
+        f"({closed_limit:,} + {open_need:,} per terminal) in "
+        f"{time.perf_counter() - began:.1f} s, before the clock"
     )
-    latencies, codes, elapsed = await open_loop(clients, args.rate, args.duration)
-    opened = (len(latencies) / elapsed, percentile(latencies, 0.5), percentile(latencies, 0.99))
-    print(
-        f"  open loop at {args.rate:,.0f}/s offered: {opened[0]:,.0f}/s achieved; "
-        f"p50 {opened[1]:.1f} ms, p99 {opened[2]:.1f} ms; "
-        f"codes {codes}"
-    )
-    for client in clients:
-        client.writer.close()
-    return Figures(*closed, *opened)
+    try:
+        closed = closed_loop(terminals, args.duration, closed_limit)
+        approved = closed.codes.get("00", 0)
+        ran_out = (
+            f"; {closed.exhausted} terminals ran out of frames (raise --max-rate)"
+            if closed.exhausted
+            else ""
+        )
+        closed_figures = (
+            approved / closed.elapsed_s,
+            percentile(closed.latencies, 0.5),
+            percentile(closed.latencies, 0.99),
+        )
+        print(
+            f"  closed loop, {len(terminals)} terminals, {args.duration:.0f} s: "
+            f"{closed_figures[0]:,.0f} approved redemptions/s; "
+            f"p50 {closed_figures[1]:.1f} ms, p99 {closed_figures[2]:.1f} ms; "
+            f"codes {codes_text(closed.codes)}; {client_cpu(closed)}{ran_out}"
+        )
+        opened = open_loop(terminals, args.rate, args.duration)
+        open_figures = (
+            opened.answered / opened.elapsed_s,
+            percentile(opened.latencies, 0.5),
+            percentile(opened.latencies, 0.99),
+        )
+        unsent = f"; {opened.unsent:,} still queued at the end, not sent" if opened.unsent else ""
+        print(
+            f"  open loop at {args.rate:,.0f}/s offered: {open_figures[0]:,.0f}/s achieved; "
+            f"p50 {open_figures[1]:.1f} ms, p99 {open_figures[2]:.1f} ms from when due; "
+            f"codes {codes_text(opened.codes)}; {client_cpu(opened)}; "
+            f"client send lag p50 {percentile(opened.lag, 0.5):.2f} ms, "
+            f"p99 {percentile(opened.lag, 0.99):.2f} ms{unsent}"
+        )
+    finally:
+        for terminal in terminals:
+            terminal.sock.close()
+    return Figures(*closed_figures, *open_figures, closed.cpu_share, opened.cpu_share)
 
 
 def pgbench_tps(server: pg.PgServer, seconds: int) -> str:
@@ -268,7 +239,7 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
                 admin.execute("ALTER SYSTEM SET fsync = on")
                 admin.execute("ALTER SYSTEM SET synchronous_commit = on")
                 admin.execute("SELECT pg_reload_conf()")
-        counts = args.workers if backend == "postgresql" else [1]
+        counts = args.workers if backend == "postgresql" else args.sqlite_workers
         figures: dict[int, Figures] = {}
         for workers in counts:
             # A new database per run: the same start for each, and the fixed --clock is
@@ -276,14 +247,15 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
             if server is not None:
                 database = server.create_database(f"bench_{workers}_workers")
             else:
-                database = f"sqlite:///{folder / 'var' / 'bench.db'}"
+                database = f"sqlite:///{folder / 'var' / f'bench_{workers}_workers.db'}"
             figures[workers] = run_gateway(
                 backend, folder, database, keys, workers=workers, args=args
             )
+        tps: str | None = None
         if server is not None:
             tps = pgbench_tps(server, int(args.duration))
             print(f"  pgbench -N on the same server: {tps} TPS")
-            print_table(figures, tps)
+        print_table(backend, figures, tps)
     finally:
         if server is not None:
             pg.stop(server)
@@ -307,25 +279,33 @@ def run_gateway(
     )
     gateway = start_gateway(folder, database, port, workers)
     try:
-        return asyncio.run(measure(port, keys, args))
+        return measure(port, keys, args)
     finally:
         gateway.send_signal(signal.SIGTERM)
         gateway.wait(timeout=60)
 
 
-def print_table(figures: dict[int, Figures], tps: str) -> None:
-    pgbench = f"{float(tps):,.0f}" if tps.replace(".", "", 1).isdigit() else tps
-    print("  postgresql side by side (approved redemptions/s; latency p50/p99 ms):")
+def print_table(backend: str, figures: dict[int, Figures], tps: str | None) -> None:
     print(
-        f"  {'workers':>7}  {'closed loop':>11}  {'p50/p99':>13}  {'open loop':>9}  {'p50/p99':>13}"
+        f"  {backend} side by side (approved redemptions/s; latency p50/p99 ms; "
+        "client CPU, closed/open loop, 100% = one core):"
+    )
+    print(
+        f"  {'workers':>7}  {'closed loop':>11}  {'p50/p99':>13}  {'open loop':>9}  "
+        f"{'p50/p99':>13}  {'client CPU':>10}"
     )
     for workers, f in figures.items():
+        cpu = f"{f.closed_client_cpu:.0%}/{f.open_client_cpu:.0%}"
         print(
             f"  {workers:>7}  {f.closed_per_s:>11,.0f}  "
             f"{f'{f.closed_p50_ms:.1f}/{f.closed_p99_ms:.1f}':>13}  {f.open_per_s:>9,.0f}  "
-            f"{f'{f.open_p50_ms:.1f}/{f.open_p99_ms:.1f}':>13}"
+            f"{f'{f.open_p50_ms:.1f}/{f.open_p99_ms:.1f}':>13}  {cpu:>10}"
         )
-    print(f"  {'pgbench':>7}  {pgbench:>11} TPS (-N, 8 clients, fsync and synchronous_commit on)")
+    if tps is not None:
+        pgbench = f"{float(tps):,.0f}" if tps.replace(".", "", 1).isdigit() else tps
+        print(
+            f"  {'pgbench':>7}  {pgbench:>11} TPS (-N, 8 clients, fsync and synchronous_commit on)"
+        )
 
 
 def worker_counts(text: str) -> list[int]:
@@ -336,19 +316,36 @@ def worker_counts(text: str) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--terminals", type=int, default=int(os.environ.get("TERMINALS", "20")))
+    parser.add_argument("--terminals", type=int, default=int(os.environ.get("TERMINALS", "50")))
     parser.add_argument("--cards", type=int, default=20)
     parser.add_argument("--duration", type=float, default=float(os.environ.get("DURATION", "10")))
     parser.add_argument("--rate", type=float, default=float(os.environ.get("RATE", "2000")))
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        default=float(os.environ.get("MAX_RATE", "8000")),
+        help="closed loop frames pre-built per run: enough for this many approvals/s "
+        "(default 8000); a terminal that runs out stops",
+    )
     parser.add_argument(
         "--workers",
         type=worker_counts,
         default=worker_counts(os.environ.get("WORKERS", "1,2,4")),
         help="worker processes to measure on PostgreSQL, comma separated (default 1,2,4)",
     )
+    parser.add_argument(
+        "--sqlite-workers",
+        type=worker_counts,
+        default=worker_counts(os.environ.get("SQLITE_WORKERS", "1,2")),
+        help="worker processes to measure on SQLite, comma separated (default 1,2)",
+    )
     args = parser.parse_args()
+    if args.terminals < 1 or args.duration <= 0 or args.rate <= 0 or args.max_rate <= 0:
+        parser.error("--terminals, --duration, --rate and --max-rate must be positive")
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     for backend in backends:
         if backend == "postgresql" and pg.missing_binaries():
