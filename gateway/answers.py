@@ -6,8 +6,11 @@ Pure: the handler decides the response code and the figures; this module only ar
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
+from types import MappingProxyType
 
 from cardcodec.frame import PROCESSING_OK, PROCESSING_SIGN_ON_AGAIN
 from cardcodec.message import FieldValue, Message
@@ -32,13 +35,21 @@ class Stamp:
     business_date: date
     acquirer: str
 
-    def fields(self) -> dict[int, FieldValue]:
-        return {
-            12: self.local.strftime("%H%M%S"),
-            13: self.local.strftime("%m%d"),
-            15: self.business_date.strftime("%m%d"),
-            32: self.acquirer,
+    def fields(self) -> Mapping[int, FieldValue]:
+        """12, 13, 15 and 32 (read-only: every answer of a group shares them)."""
+        return _clock_fields(self)
+
+
+@functools.lru_cache(maxsize=16)
+def _clock_fields(stamp: Stamp) -> Mapping[int, FieldValue]:
+    return MappingProxyType(
+        {
+            12: stamp.local.strftime("%H%M%S"),
+            13: stamp.local.strftime("%m%d"),
+            15: stamp.business_date.strftime("%m%d"),
+            32: stamp.acquirer,
         }
+    )
 
 
 def answer(

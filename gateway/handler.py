@@ -73,6 +73,38 @@ class Reply:
     event: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Sealing:
+    """A decided answer not encoded yet: `mac` computes field 64 (None: an answer without
+    one). Encoding needs neither the ledger nor the group, so it can run on another thread."""
+
+    answer: Message
+    event: dict[str, Any]
+    mac: Callable[[bytes], bytes] | None
+
+    def reply(self) -> Reply:
+        if self.mac is None:
+            return Reply(encode_message(self.answer), self.event)
+        return Reply(encode_message_with_mac(self.answer, self.mac), self.event)
+
+
+Answer = Reply | Sealing
+
+
+@dataclass(frozen=True)
+class PreparedGroup:
+    """A group after `Gateway.prepare_group`: the answers already known (None where the
+    ledger decides) and the requests for the ledger transaction, by position."""
+
+    replies: list[Answer | None]
+    pending: list[tuple[int, Request, Context]]
+
+
+def finish(answer: Answer) -> Reply:
+    """The reply to send: a `Sealing` encoded (and MAC'd), a `Reply` as it is."""
+    return answer.reply() if isinstance(answer, Sealing) else answer
+
+
 class DeclinedEarly(Exception):  # noqa: N818 (a decline, not a program error)
     """A request answered before the ledger transaction (a decline of §6's first checks)."""
 
@@ -125,25 +157,48 @@ class Gateway:
         return self.handle_group([payload])[0]
 
     def handle_group(self, payloads: Sequence[bytes]) -> list[Reply]:
-        """Answer several requests with one ledger commit (group commit).
+        """Answer several requests with one ledger commit (group commit); see `decide_group`."""
+        return [finish(answer) for answer in self.decide_group(payloads)]
+
+    def decide_group(self, payloads: Sequence[bytes]) -> list[Answer]:
+        """Decide several requests with one ledger commit (group commit): `prepare_group`,
+        then `decide_prepared`.
 
         Requests that need the ledger run one after the other in one transaction; every answer
         is built only after that commit. If anything in the group fails, the group is rolled
         back and each request runs again in a transaction of its own, so one request's failure
         never costs another its answer.
+
+        An answer is a `Reply`, or a `Sealing`: a decided answer whose encoding (and MAC)
+        needs no ledger, which the server finishes (`finish`) on the reactor thread while the
+        ledger thread goes on to the next group.
         """
-        replies: list[Reply | None] = [None] * len(payloads)
+        return self.decide_prepared(self.prepare_group(payloads))
+
+    def prepare_group(self, payloads: Sequence[bytes]) -> PreparedGroup:
+        """Everything before the ledger transaction: decoding, the group's one read of the
+        sessions (no write lock), the clock, and the checks of §6 that need no ledger (MAC
+        included). The server runs it for one group while the previous group commits."""
+        replies: list[Answer | None] = [None] * len(payloads)
         pending: list[tuple[int, Request, Context]] = []
         decoded = [_decode(payload) for payload in payloads]
         sessions = self._sessions.view(_terminal_ids(decoded))
+        # One reading of the clock for the group: its requests are answered by one commit,
+        # and they share the instant, the business date and the answer's time fields.
+        moment = self._moment()
         for index, payload in enumerate(payloads):
-            prepared = self._prepare(payload, decoded[index], sessions, self._moment())
+            prepared = self._prepare(payload, decoded[index], sessions, moment)
             if isinstance(prepared, Reply):
                 replies[index] = prepared
             else:
                 pending.append((index, *prepared))
-        if pending:
-            for index, reply in self._in_ledger(pending):
+        return PreparedGroup(replies, pending)
+
+    def decide_prepared(self, group: PreparedGroup) -> list[Answer]:
+        """The ledger transaction of a prepared group, and every answer."""
+        replies = list(group.replies)
+        if group.pending:
+            for index, reply in self._in_ledger(group.pending):
                 replies[index] = reply
         return [reply if reply is not None else Reply(None) for reply in replies]
 
@@ -252,7 +307,7 @@ class Gateway:
             moment=moment,
         )
 
-    def _in_ledger(self, pending: list[tuple[int, Request, Context]]) -> list[tuple[int, Reply]]:
+    def _in_ledger(self, pending: list[tuple[int, Request, Context]]) -> list[tuple[int, Answer]]:
         try:
             with unit_of_work(self._engine) as session:
                 if len(pending) > 1:
@@ -263,14 +318,14 @@ class Gateway:
             if len(pending) > 1:
                 return [answered for item in pending for answered in self._in_ledger([item])]
             return [(pending[0][0], self._alone(pending[0][1], pending[0][2]))]
-        replies = []
+        replies: list[tuple[int, Answer]] = []
         for (index, request, context), outcome in zip(pending, outcomes, strict=True):
             if outcome.after_commit is not None:
                 outcome.after_commit()
             replies.append((index, self._send(request, outcome, context.moment)))
         return replies
 
-    def _alone(self, request: Request, context: Context) -> Reply:
+    def _alone(self, request: Request, context: Context) -> Answer:
         """A request whose group failed, in a transaction of its own: once more if a twin
         logged the same identity meanwhile, else `96` with nothing changed."""
         for attempt in (1, 2):
@@ -344,9 +399,10 @@ class Gateway:
 
     # -- answers -----------------------------------------------------------------------------
 
-    def _send(self, request: Request, outcome: Outcome, moment: Moment) -> Reply:
+    def _send(self, request: Request, outcome: Outcome, moment: Moment) -> Answer:
         answer = outcome.answer
         code = answer.text(39)
+        event = self._event(request, code, outcome.card_number, outcome.repeated)
         if answers.carries_mac(request.kind, code):
             # The keys the request's MAC was checked with (a repeat's answer too: §7's current
             # MAK), or those a sign-off ended; read from the ledger when the group began.
@@ -355,10 +411,8 @@ class Gateway:
                 return self._rejected(
                     request, DeclinedEarly(Decline.MAC, sign_on_again=True), moment
                 )
-            payload = encode_message_with_mac(answer, _mac_with(self._security, keys))
-        else:
-            payload = encode_message(answer)
-        return Reply(payload, self._event(request, code, outcome.card_number, outcome.repeated))
+            return Sealing(answer, event, _mac_with(self._security, keys))
+        return Sealing(answer, event, None)
 
     def _rejected(
         self, request: Request, rejected: DeclinedEarly, moment: Moment, *, allocate: bool = True

@@ -11,7 +11,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +26,7 @@ from gateway.bootstrap import bootstrap, open_database
 from gateway.clock import Clock, StartedClock
 from gateway.config import Config, load_config
 from gateway.errors import BadInput
-from gateway.handler import Gateway, Reply
+from gateway.handler import Answer, Gateway, Reply, finish
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, JournalTransaction
 from gateway.protocol import TerminalFactory, TrafficRecorder
@@ -37,30 +37,48 @@ if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
 log = structlog.get_logger("vipgate.server")
 
 
-MAX_GROUP = 64  # requests answered by one commit at most
+MAX_GROUP = 128  # requests answered by one commit at most
 
 
 class GroupWorker:
-    """The one thread that does ledger work: it takes every request waiting (up to
-    `MAX_GROUP`), answers them with one commit (`Gateway.handle_group`), and hands the answers
-    back to the reactor thread. The reactor never waits on the database."""
+    """The threads that do ledger work: each takes every request waiting (up to `MAX_GROUP`),
+    prepares them (`prepare`: decoding, sessions, the checks before the ledger), decides them
+    with one commit (`decide`), and hands the answers back to the reactor thread. The reactor
+    never waits on the database.
+
+    With `prepare` there are two threads, so that one group is prepared while the one before
+    it is in the ledger (a commit mostly waits for the disk). Groups enter the ledger strictly
+    in the order they were taken, one at a time: the ledger sees requests in arrival order, as
+    with one thread. Without `prepare`, `decide` gets the payloads, on one thread."""
 
     def __init__(
         self,
-        handle_group: Callable[[list[bytes]], list[Reply]],
+        decide: Callable[[Any], Sequence[Answer]],
         reactor: Any,
         metrics: Metrics | None = None,
+        *,
+        prepare: Callable[[list[bytes]], Any] | None = None,
     ) -> None:
-        self._handle_group = handle_group
+        self._decide = decide
+        self._prepare = prepare
         self._reactor = reactor
         self._metrics = metrics
         self._queue: queue.SimpleQueue[tuple[bytes, Deferred[Reply]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="ledger", daemon=True)
+        count = 1 if prepare is None else 2
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"ledger-{n}", daemon=True)
+            for n in range(count)
+        ]
+        self._taking = threading.Lock()  # one thread takes a group (and its ticket) at a time
+        self._turn = threading.Condition()
+        self._tickets = 0  # the next group's ticket
+        self._serving = 0  # the ticket whose group may enter the ledger
         self.groups = 0
         self.requests = 0
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, payload: bytes) -> Deferred[Reply]:
         deferred: Deferred[Reply] = Deferred()
@@ -68,48 +86,84 @@ class GroupWorker:
         return deferred
 
     def stop(self) -> None:
-        """Finish what was submitted, then end the thread."""
-        self._queue.put(None)
-        self._thread.join()
+        """Finish what was submitted, then end the threads."""
+        for _ in self._threads:
+            self._queue.put(None)
+        for thread in self._threads:
+            if thread.ident is not None:  # started
+                thread.join()
 
-    def _take(self) -> tuple[list[tuple[bytes, Deferred[Reply]]], bool]:
-        first = self._queue.get()
-        if first is None:
-            return [], True
-        group = [first]
-        while len(group) < MAX_GROUP:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                return group, True
-            group.append(item)
-        return group, False
+    def _take(self) -> tuple[list[tuple[bytes, Deferred[Reply]]], bool, int]:
+        with self._taking:
+            first = self._queue.get()
+            if first is None:
+                return [], True, -1
+            group = [first]
+            stopping = False
+            while len(group) < MAX_GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+            ticket = self._tickets
+            self._tickets += 1
+            return group, stopping, ticket
 
     def _loop(self) -> None:
         stopping = False
         while not stopping:
-            group, stopping = self._take()
+            group, stopping, ticket = self._take()
             if not group:
                 continue
             started = time.perf_counter()
-            try:
-                replies = self._handle_group([payload for payload, _ in group])
-            except Exception:  # a bug, not a decline: the links close, the gateway goes on
-                log.exception("group_failed", size=len(group))
-                replies = [Reply(None, {"event": "closed", "reason": "internal error"})] * len(
-                    group
-                )
+            replies = self._run(ticket, [payload for payload, _ in group])
             if self._metrics is not None:
                 self._metrics.group_done(len(group), time.perf_counter() - started)
-            self.groups += 1
-            self.requests += len(group)
+            with self._turn:
+                self.groups += 1
+                self.requests += len(group)
             self._reactor.callFromThread(_deliver, group, replies)
 
+    def _run(self, ticket: int, payloads: list[bytes]) -> Sequence[Answer]:
+        prepared: Any = payloads
+        failed = False
+        if self._prepare is not None:
+            try:
+                prepared = self._prepare(payloads)
+            except Exception:  # a bug, not a decline: the links close, the gateway goes on
+                log.exception("group_failed", size=len(payloads))
+                failed = True
+        with self._turn:
+            while self._serving != ticket:
+                self._turn.wait()
+        try:
+            if not failed:
+                return self._decide(prepared)
+        except Exception:  # a bug, not a decline: the links close, the gateway goes on
+            log.exception("group_failed", size=len(payloads))
+        finally:
+            with self._turn:
+                self._serving += 1
+                self._turn.notify_all()
+        return [FAILED] * len(payloads)
 
-def _deliver(group: list[tuple[bytes, Deferred[Reply]]], replies: list[Reply]) -> None:
-    for (_, deferred), reply in zip(group, replies, strict=True):
+
+FAILED = Reply(None, {"event": "closed", "reason": "internal error"})
+
+
+def _deliver(group: list[tuple[bytes, Deferred[Reply]]], replies: Sequence[Answer]) -> None:
+    """On the reactor thread: each answer encoded (and MAC'd) here, so that the ledger thread
+    is already deciding the next group, then handed to its connection."""
+    for (_, deferred), answer in zip(group, replies, strict=True):
+        try:
+            reply = finish(answer)
+        except Exception:  # a bug, not a decline: this link closes, the others are answered
+            log.exception("answer_failed")
+            reply = FAILED
         deferred.callback(reply)
 
 
@@ -126,7 +180,9 @@ class GatewayServer:
     ) -> None:
         self._reactor = reactor
         self._metrics = metrics  # None: `vipgate serve` without --metrics, nothing measured
-        self._worker = GroupWorker(gateway.handle_group, reactor, self._metrics)
+        self._worker = GroupWorker(
+            gateway.decide_prepared, reactor, self._metrics, prepare=gateway.prepare_group
+        )
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
         self._port: Any = None

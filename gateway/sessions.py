@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from cardcodec.crypto import Suite
 from gateway.clock import Clock
+from gateway.ledger.db import reading
 from gateway.ledger.models import KeySuite, TerminalSession
 from gateway.security import IssuedKeys, KeyHandle, SecurityModule, SecurityModuleError
 
@@ -99,7 +100,7 @@ class Sessions:
         if not wanted:
             return SessionView({})
         try:
-            with self._engine.connect() as connection:
+            with reading(self._engine) as connection:
                 rows = connection.execute(_READ, {"terminals": wanted}).all()
         except SQLAlchemyError:
             return UNAVAILABLE

@@ -278,7 +278,10 @@ def test_server_counts_requests_in_flight_until_answered(
 ) -> None:
     """Two requests handed to the worker are in flight until their answers reach the reactor."""
     gateway = SimpleNamespace(
-        handle_group=lambda payloads: [Reply(b"ok", answered("echo", "0820", "00"))] * len(payloads)
+        prepare_group=lambda payloads: payloads,
+        decide_prepared=lambda payloads: (
+            [Reply(b"ok", answered("echo", "0820", "00"))] * len(payloads)
+        ),
     )
     reactor = ThreadReactor()
     gatewayserver = GatewayServer(cast(Gateway, gateway), reactor, fake_config(), metrics=metrics)
@@ -298,7 +301,9 @@ def test_server_counts_requests_in_flight_until_answered(
 def test_server_measures_only_the_metrics_it_is_given(metrics: Metrics) -> None:
     """Metrics reach the server as an argument (`server.run(metrics=...)`), nothing
     process-wide: without them the protocol measures nothing."""
-    gateway = cast(Gateway, SimpleNamespace(handle_group=lambda payloads: []))
+    gateway = cast(
+        Gateway, SimpleNamespace(prepare_group=list, decide_prepared=lambda payloads: [])
+    )
     assert GatewayServer(gateway, MemoryReactorClock(), fake_config()).factory.metrics is None
     served = GatewayServer(gateway, MemoryReactorClock(), fake_config(), metrics=metrics)
     assert served.factory.metrics is metrics

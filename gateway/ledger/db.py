@@ -10,6 +10,8 @@ card and its lots). Everything that opens a connection to the ledger goes throug
 
 from __future__ import annotations
 
+import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +19,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
@@ -62,11 +64,87 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
+        if connection.get_execution_options().get(_READ_ONLY):
+            # A snapshot read (WAL): it neither takes nor waits for the write lock.
+            connection.exec_driver_sql("BEGIN DEFERRED")
+            return
         # The write lock is taken here, so two units of work on one file run one after the
         # other (the second waits up to the busy timeout) instead of failing at commit.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        writer_lock = connection.connection.info.get(_WRITER_LOCK)
+        if writer_lock is not None:
+            writer_lock.acquire()
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            if writer_lock is not None:
+                writer_lock.release()
+            raise
 
+    database = make_url(url).database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        _queue_writers(engine, Path(database))
     return engine
+
+
+_WRITER_LOCK = "vipgate.writer_lock"
+_READ_ONLY = "vipgate_read_only"
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads only: on SQLite its transaction is a snapshot that does not
+    take the write lock, so it runs while another unit of work writes or commits."""
+    with engine.connect() as connection:
+        yield connection.execution_options(**{_READ_ONLY: True})
+
+
+class _WriterLock:
+    """A queue in front of SQLite's write lock, shared by every process on the file.
+
+    SQLite makes a writer that finds the file locked sleep and retry (1, 2, 5, 10 ... 100 ms),
+    so with several gateway processes on one file a waiting group could sleep long after the
+    lock was free. An exclusive `flock` on a file beside the database is taken before
+    `BEGIN IMMEDIATE` and given back when the connection returns to the pool: a waiter sleeps
+    in the kernel and wakes the moment the lock is free. The kernel drops the lock of a
+    process that dies. Connections that do not take it (another program) still meet SQLite's
+    own lock and busy timeout, as before."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._held = False
+
+    def acquire(self) -> None:
+        if not self._held:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _queue_writers(engine: Engine, database: Path) -> None:
+    path = database.with_name(database.name + ".writer-lock")
+
+    @event.listens_for(engine, "connect")
+    def _open(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_WRITER_LOCK] = _WriterLock(path)
+
+    @event.listens_for(engine, "checkin")
+    def _release(_dbapi_connection: Any, record: Any) -> None:
+        lock = record.info.get(_WRITER_LOCK) if record is not None else None
+        if lock is not None:
+            lock.release()
+
+    @event.listens_for(engine, "close")
+    def _close(_dbapi_connection: Any, record: Any) -> None:
+        lock = record.info.pop(_WRITER_LOCK, None)
+        if lock is not None:
+            lock.close()
 
 
 def _postgres_engine(url: str) -> Engine:

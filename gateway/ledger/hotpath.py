@@ -174,21 +174,27 @@ class HotLedger:
         try:
             yield
         except self._dbapi_error as error:
-            raise DBAPIError.instance(
-                statement, None, error, self._dbapi_error, hide_parameters=True
-            ) from error
+            raise self._wrapped(statement, error) from error
+
+    def _wrapped(self, statement: str, error: Exception) -> Exception:
+        return DBAPIError.instance(statement, None, error, self._dbapi_error, hide_parameters=True)
 
     def _execute(self, statement: str, parameters: Sequence[Any], *, many: bool = False) -> Any:
         """Run one statement on the main cursor; on PostgreSQL the writes held back so far go
-        first, in the same round trip."""
+        first, in the same round trip. (Plain try/except rather than `_driver_errors`: this
+        runs a dozen times per redemption.)"""
         cursor = self._cursor
-        with self._driver_errors(statement):
+        try:
             if self._deferred:
                 with self._driver.pipeline():
                     self._send_deferred()
                     (cursor.executemany if many else cursor.execute)(statement, parameters)
+            elif many:
+                cursor.executemany(statement, parameters)
             else:
-                (cursor.executemany if many else cursor.execute)(statement, parameters)
+                cursor.execute(statement, parameters)
+        except self._dbapi_error as error:
+            raise self._wrapped(statement, error) from error
         return cursor
 
     def _send_deferred(self) -> None:
@@ -209,8 +215,10 @@ class HotLedger:
         cursor = self._prefetched.pop((statement, parameters), None)
         if cursor is None:
             cursor = self._execute(statement, parameters)
-        with self._driver_errors(statement):
+        try:
             return list(cursor.fetchall())
+        except self._dbapi_error as error:
+            raise self._wrapped(statement, error) from error
 
     def _one(self, statement: str, parameters: tuple[Any, ...]) -> Any:
         rows = self._rows(statement, parameters)
