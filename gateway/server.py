@@ -1,7 +1,7 @@
 """The one place that wires the real gateway together and runs it (`vipgate serve`).
 
-Config, database, key store, clock, sessions, the synchronous `Gateway`, the one thread that
-does its blocking ledger work in groups (group commit), and the listening port. SIGTERM or
+Config, database, key store, clock, sessions, the synchronous `Gateway`, the ledger worker
+whose threads do its blocking work in groups (group commit), and the listening port. SIGTERM or
 SIGINT stops accepting, lets the requests in flight finish and be answered, then exits 0.
 """
 
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
 log = structlog.get_logger("vipgate.server")
 
 
-MAX_GROUP = 128  # requests answered by one commit at most
+MAX_GROUP = 64  # requests answered by one commit at most
 
 
 class GroupWorker:

@@ -5,7 +5,7 @@ PIN work share one interpreter lock. More throughput on one host means more proc
 parent does what must happen once (`server.wire`: the config checked, the database migrated,
 the config loaded into the ledger), binds the listening socket, then forks N workers. Each
 worker adopts the socket into its own reactor (`adoptStreamPort`), with its own database pool
-and its own ledger thread; the kernel hands each new connection to whichever worker accepts it
+and its own ledger worker; the kernel hands each new connection to whichever worker accepts it
 first. A terminal keeps its connection, so it talks to one worker until the link breaks.
 
 Fork rather than spawn, because the workers then inherit what the parent built once (config,

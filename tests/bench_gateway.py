@@ -52,6 +52,10 @@ listen = "127.0.0.1:8583"
 database = "sqlite:///var/bench.db"
 acquirer_institution = "48020000"
 max_pending_per_connection = 64
+# every bench terminal connects from 127.0.0.1
+max_connections_per_address = 4096
+# a bench terminal sends far faster than a real one
+max_frames_per_second_per_terminal = 100000
 [issuer]
 id = "CMCCVIP00000001"
 card_prefixes = ["668800"]
@@ -320,7 +324,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--terminals", type=int, default=int(os.environ.get("TERMINALS", "50")))
+    parser.add_argument("--terminals", type=int, default=int(os.environ.get("TERMINALS", "200")))
     parser.add_argument("--cards", type=int, default=20)
     parser.add_argument("--duration", type=float, default=float(os.environ.get("DURATION", "10")))
     parser.add_argument("--rate", type=float, default=float(os.environ.get("RATE", "2000")))
