@@ -1,5 +1,6 @@
-"""SQLite's writers queue on a lock file beside the database (a unit of work waits in the
-kernel, not in SQLite's sleep-and-retry), and a snapshot read (`reading`) waits for nobody."""
+"""SQLite's writers queue on a lock file beside the database (looked at again every
+millisecond, not in SQLite's sleep-and-retry), and a snapshot read (`reading`) waits for
+nobody."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from gateway.ledger import make_engine, migrate, unit_of_work
-from gateway.ledger.db import reading
+from gateway.ledger.db import _WriterLock, reading
 
 
 def lock_file_is_free(path: Path) -> bool:
@@ -73,3 +74,25 @@ def test_a_snapshot_read_does_not_wait_for_a_writer(tmp_path: Path) -> None:
         assert done.wait(5), "the read waited for the writer"
         thread.join()
     engine.dispose()
+
+
+def test_a_writer_lock_never_given_back_leaves_the_decision_to_sqlite(tmp_path: Path) -> None:
+    """A holder that never lets go is waited for up to the timeout, then the writer goes on
+    without the lock file and SQLite's busy timeout applies, as it did before."""
+    path = tmp_path / "ledger.db.writer-lock"
+    holder = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    lock = _WriterLock(path)
+    started = time.monotonic()
+    lock.acquire(timeout_s=0.2)
+    waited = time.monotonic() - started
+    assert 0.2 <= waited < 5
+    assert not lock_file_is_free(path)  # still the holder's
+    lock.release()  # not held: nothing to give back
+    fcntl.flock(holder, fcntl.LOCK_UN)
+    lock.acquire(timeout_s=0.2)
+    assert not lock_file_is_free(path)
+    lock.release()
+    assert lock_file_is_free(path)
+    lock.close()
+    os.close(holder)

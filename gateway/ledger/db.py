@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -104,19 +105,34 @@ class _WriterLock:
     SQLite makes a writer that finds the file locked sleep and retry (1, 2, 5, 10 ... 100 ms),
     so with several gateway processes on one file a waiting group could sleep long after the
     lock was free. An exclusive `flock` on a file beside the database is taken before
-    `BEGIN IMMEDIATE` and given back when the connection returns to the pool: a waiter sleeps
-    in the kernel and wakes the moment the lock is free. The kernel drops the lock of a
-    process that dies. Connections that do not take it (another program) still meet SQLite's
+    `BEGIN IMMEDIATE` and given back when the connection returns to the pool: a waiter looks
+    again within a millisecond of the lock being free. The kernel drops the lock of a process
+    that dies. Connections that do not take it (another program) still meet SQLite's
     own lock and busy timeout, as before."""
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._held = False
 
-    def acquire(self) -> None:
-        if not self._held:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+    def acquire(self, timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
+        """Wait for the lock, looking again every millisecond at most. After `timeout_s`
+        the caller goes on without it and SQLite's own busy timeout decides, so a holder that
+        never lets go costs what it always did (an error after the busy timeout), not a hang."""
+        if self._held:
+            return
+        deadline = time.monotonic() + timeout_s
+        pause = 0.0001
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(pause)
+                pause = min(2 * pause, 0.001)
+                continue
             self._held = True
+            return
 
     def release(self) -> None:
         if self._held:
