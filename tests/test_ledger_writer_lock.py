@@ -84,13 +84,13 @@ def test_a_writer_lock_never_given_back_leaves_the_decision_to_sqlite(tmp_path: 
     fcntl.flock(holder, fcntl.LOCK_EX)
     lock = _WriterLock(path)
     started = time.monotonic()
-    lock.acquire(timeout_s=0.2)
+    lock.acquire(timeout_ms=200)
     waited = time.monotonic() - started
     assert 0.2 <= waited < 5
     assert not lock_file_is_free(path)  # still the holder's
     lock.release()  # not held: nothing to give back
     fcntl.flock(holder, fcntl.LOCK_UN)
-    lock.acquire(timeout_s=0.2)
+    lock.acquire(timeout_ms=200)
     assert not lock_file_is_free(path)
     lock.release()
     assert lock_file_is_free(path)

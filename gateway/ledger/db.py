@@ -114,19 +114,19 @@ class _WriterLock:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         self._held = False
 
-    def acquire(self, timeout_s: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
-        """Wait for the lock, looking again every millisecond at most. After `timeout_s`
+    def acquire(self, timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+        """Wait for the lock, looking again every millisecond at most. After `timeout_ms`
         the caller goes on without it and SQLite's own busy timeout decides, so a holder that
         never lets go costs what it always did (an error after the busy timeout), not a hang."""
         if self._held:
             return
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic_ns() + timeout_ms * 1_000_000
         pause = 0.0001
         while True:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                if time.monotonic_ns() >= deadline:
                     return
                 time.sleep(pause)
                 pause = min(2 * pause, 0.001)
