@@ -63,6 +63,7 @@ LOGGED_MTIS = frozenset({"0200", "0220", "0320", "0400", "0500"})
 SM4_SIGN_ONS = frozenset({NMC_SIGN_ON_SM4, NMC_SIGN_ON_SM4_TDK})
 TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
 ANSWER_MTIS_WITH_RRN = answers.FINANCIAL_MTIS | {"0800"}
+MIN_RUN = 2  # a shorter run of redemptions goes the one-request way
 
 
 @dataclass
@@ -313,7 +314,7 @@ class Gateway:
                 if len(pending) > 1:
                     cards = (self._transactions.card_of(context) for _, _, context in pending)
                     hot_ledger(session).lock_cards({card for card in cards if card})
-                outcomes = [self._run(session, request, context) for _, request, context in pending]
+                outcomes = self._outcomes(session, pending)
         except SQLAlchemyError:
             if len(pending) > 1:
                 return [answered for item in pending for answered in self._in_ledger([item])]
@@ -324,6 +325,49 @@ class Gateway:
                 outcome.after_commit()
             replies.append((index, self._send(request, outcome, context.moment)))
         return replies
+
+    def _outcomes(
+        self, session: OrmSession, pending: list[tuple[int, Request, Context]]
+    ) -> list[Outcome]:
+        """Every request of the group in order: runs of redemptions together
+        (`Transactions.redeem_run`), the others, and whatever a run leaves, one by one."""
+        outcomes: list[Outcome] = []
+        start = 0
+        while start < len(pending):
+            end = start
+            while end < len(pending) and _runs_together(pending[end][2], pending[end][1]):
+                end += 1
+            if end - start >= MIN_RUN:
+                done = self._run_together(session, pending[start:end])
+                outcomes += done
+                start += len(done)
+                if start == end:
+                    continue
+            _, request, context = pending[start]
+            outcomes.append(self._run(session, request, context))
+            start += 1
+        return outcomes
+
+    def _run_together(
+        self, session: OrmSession, run: list[tuple[int, Request, Context]]
+    ) -> list[Outcome]:
+        """A run of redemptions: the outcomes of its first requests, logged together."""
+        identities = [(context, _identity(context)) for _, _, context in run]
+        try:
+            outcomes = self._transactions.redeem_run(session, identities)
+        finally:
+            self._transactions.done(session, run[0][2])
+        entries = []
+        for (_, request, context), (_, identity), outcome in zip(
+            run,
+            identities,
+            outcomes,
+            strict=False,  # the run's answered requests
+        ):
+            stored = answers.stored(outcome.answer)
+            entries.append((identity, _digest(request.payload), stored, context.moment.at))
+        hot_ledger(session).log_requests(entries)
+        return outcomes
 
     def _alone(self, request: Request, context: Context) -> Answer:
         """A request whose group failed, in a transaction of its own: once more if a twin
@@ -472,6 +516,11 @@ def _text(message: Message, number: int) -> str | None:
 def _sign_on_suite(request: Request) -> Suite:
     code = request.data.management_code if request.data else ""
     return Suite.SM4 if code in SM4_SIGN_ONS else Suite.TDES
+
+
+def _runs_together(context: Context, request: Request) -> bool:
+    """A redemption, logged by its identity, can be part of a run (`_run_together`)."""
+    return context.kind is Kind.REDEMPTION and request.message.mti in LOGGED_MTIS
 
 
 def _identity(context: Context) -> RequestIdentity:

@@ -8,9 +8,14 @@ refund naming them gets `25`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import itertools
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Protocol
 
 import structlog
 from sqlalchemy.orm import Session as OrmSession
@@ -51,10 +56,11 @@ from gateway.decision import (
 )
 from gateway.ledger import Moment, next_rrn, records
 from gateway.ledger import operations as ops
-from gateway.ledger.hotpath import Lot, hot_ledger, request_done
+from gateway.ledger.hotpath import Lot, PlannedRedemption, hot_ledger, request_done
 from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
 from gateway.ledger.models import Terminal as TerminalRow
 from gateway.ledger.records import RequestIdentity
+from gateway.points import Conversion
 from gateway.responses import APPROVED, PARTIAL, Decline, response_code
 from gateway.security import PinCheck, SecurityModule, SecurityModuleError
 from gateway.sessions import Session, Sessions
@@ -102,6 +108,37 @@ class Context:
         if self.track is not None:
             return self.track.card_number, self.track.expiry_yymm
         return self.message.text(2), self.message.text(14)
+
+
+class RedemptionReads(Protocol):
+    """What a redemption's decision reads: `HotLedger` for one request, `GroupView` for a
+    run of them."""
+
+    def tombstone_exists(self, terminal_id: str, batch_number: int, trace: int) -> bool: ...
+
+    def lock_card(self, number: str) -> tuple[CardSnapshot, int] | None: ...
+
+    def open_batch(self, terminal_id: str) -> int: ...
+
+    def batch_count(self, terminal_id: str, batch_number: int, kinds: Iterable[str]) -> int: ...
+
+    def points_redeemed_on(self, number: str, business_date: date) -> int: ...
+
+    def spendable_lots(self, number: str, local: datetime) -> list[Lot]: ...
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """An approved redemption before it is written: the card (number, account), the lots
+    it takes from, and the approval."""
+
+    card: tuple[str, int]
+    lots: list[Lot]
+    approval: Approval
+
+
+class _OwnTransaction(Exception):  # noqa: N818 (a signal, not an error)
+    """A request of a run that must go the one-request way."""
 
 
 @dataclass
@@ -285,7 +322,9 @@ class Transactions:
         block = context.message.binary(52 if session.suite is Suite.TDES else 62)
         return self._security.check_pin(session.keys, block, card.number, card.pin_hmac)
 
-    def _pin_check(self, orm: OrmSession, context: Context, card: CardSnapshot) -> Decline | None:
+    def _pin_verdict(
+        self, context: Context, card: CardSnapshot
+    ) -> tuple[Decline | None, PinEffect]:
         checked = self._pin(context, card)
         entry = {
             None: PinEntry.NONE,
@@ -293,11 +332,25 @@ class Transactions:
             PinCheck.MATCH: PinEntry.ENTERED,
             PinCheck.NO_MATCH: PinEntry.ENTERED,
         }[checked]
-        decline, effect = pin_decision(card, entry, lambda: checked is PinCheck.MATCH)
+        return pin_decision(card, entry, lambda: checked is PinCheck.MATCH)
+
+    def _pin_check(self, orm: OrmSession, context: Context, card: CardSnapshot) -> Decline | None:
+        """The PIN's decision, its effect on the card's tries recorded through the ORM (and
+        flushed, so the driver-level reads after it see it)."""
+        decline, effect = self._pin_verdict(context, card)
         if effect is PinEffect.WRONG:
             ops.record_wrong_pin(orm, card.number)
         elif effect is PinEffect.RIGHT and card.wrong_pin_count:
             ops.reset_pin_tries(orm, card.number)
+        hot_ledger(orm)
+        return decline
+
+    def _pin_check_in_run(self, context: Context, card: CardSnapshot) -> Decline | None:
+        """The PIN's decision for a request of a run, which records nothing: a PIN whose
+        effect changes the card sends the request the one-request way."""
+        decline, effect = self._pin_verdict(context, card)
+        if effect is PinEffect.WRONG or (effect is PinEffect.RIGHT and card.wrong_pin_count):
+            raise _OwnTransaction
         return decline
 
     def _card_checks(
@@ -341,28 +394,48 @@ class Transactions:
         return Outcome(answer, card_number=number)
 
     def _redeem(self, orm: OrmSession, context: Context) -> Outcome:
+        number, _ = context.presented_card()
+        verdict = self._redemption_verdict(
+            context, hot_ledger(orm), lambda card: self._pin_check(orm, context, card)
+        )
+        if isinstance(verdict, Decline):
+            return self._declined(orm, context, verdict, number)
+        return self._apply_redemption(orm, context, verdict)
+
+    def _redemption_verdict(
+        self,
+        context: Context,
+        reads: RedemptionReads,
+        pin_check: Callable[[CardSnapshot], Decline | None],
+    ) -> _Verdict | Decline:
+        """Everything a redemption decides before it writes, on `reads` (the unit of work's
+        `HotLedger`, or a run's `GroupView`)."""
         swipe = context.swipe
         number, _ = context.presented_card()
-        hot = hot_ledger(orm)
-        if hot.tombstone_exists(swipe.terminal_id, swipe.batch_number, swipe.trace):
-            return self._declined(orm, context, Decline.DUPLICATE, number)
-        card, account_id = self._card(orm, number)
+        if reads.tombstone_exists(swipe.terminal_id, swipe.batch_number, swipe.trace):
+            return Decline.DUPLICATE
+        found = reads.lock_card(number)
+        card, account_id = found if found is not None else (None, 0)
         decline = self._card_checks(context, card, needs_enrolment=True)
         if decline is not None or card is None:
-            return self._declined(orm, context, decline or Decline.CARD_UNKNOWN, number)
+            return decline or Decline.CARD_UNKNOWN
         lots: list[Lot] = []
-        result = self._redemption_decision(orm, context, card, lots)
+        result = self._redemption_decision(context, card, lots, reads, pin_check)
         if isinstance(result, Decline):
-            return self._declined(orm, context, result, number)
-        return self._apply_redemption(orm, context, (number, account_id), lots, result)
+            return result
+        return _Verdict((number, account_id), lots, result)
 
     def _redemption_decision(
-        self, orm: OrmSession, context: Context, card: CardSnapshot, lots: list[Lot]
+        self,
+        context: Context,
+        card: CardSnapshot,
+        lots: list[Lot],
+        reads: RedemptionReads,
+        pin_check: Callable[[CardSnapshot], Decline | None],
     ) -> Approval | Decline:
         """The decision of §5 on the card's snapshot; `lots` receives the spendable lots
         read (and locked) for it, which the redemption then takes from."""
-        hot = hot_ledger(orm)
-        if int(context.data.batch) != hot.open_batch(context.terminal.id):
+        if int(context.data.batch) != reads.open_batch(context.terminal.id):
             return Decline.NOT_ALLOWED
         amount = context.amount_fen
         moment = context.moment
@@ -375,17 +448,16 @@ class Transactions:
                 business_date=moment.business_date,
                 amount_fen=amount,
             )
-        decline = amount_decline(amount, priced) or self._pin_check(orm, context, card)
+        decline = amount_decline(amount, priced) or pin_check(card)
         if decline is not None or priced is None:
             return decline or Decline.BAD_AMOUNT
-        hot = hot_ledger(orm)  # the PIN check may have changed the card through the ORM
-        count = hot.batch_count(context.terminal.id, int(context.data.batch), DEBIT_VALUES)
+        count = reads.batch_count(context.terminal.id, int(context.data.batch), DEBIT_VALUES)
         if count >= MAX_BATCH_ITEMS:
             return Decline.OVER_LIMIT
         redeemed_today = 0
         if self._config.plan.max_points_per_card_day:  # the query only when there is a limit
-            redeemed_today = hot.points_redeemed_on(card.number, moment.business_date)
-        lots.extend(hot.spendable_lots(card.number, moment.local))
+            redeemed_today = reads.points_redeemed_on(card.number, moment.business_date)
+        lots.extend(reads.spendable_lots(card.number, moment.local))
         return redemption_decision(
             priced,
             merchant=context.merchant,
@@ -395,21 +467,15 @@ class Transactions:
             partial_supported=bool(context.data.partial_supported),
         )
 
-    def _apply_redemption(
-        self,
-        orm: OrmSession,
-        context: Context,
-        card: tuple[str, int],
-        lots: list[Lot],
-        approval: Approval,
-    ) -> Outcome:
-        number = card[0]
+    def _apply_redemption(self, orm: OrmSession, context: Context, verdict: _Verdict) -> Outcome:
+        number = verdict.card[0]
+        approval = verdict.approval
         code = PARTIAL if approval.partial else APPROVED
         auth_code = self._auth_code()
         redeemed = hot_ledger(orm).redeem(
             context.swipe,
-            card,
-            lots,
+            verdict.card,
+            verdict.lots,
             approval.conversion,
             requested_amount_fen=context.amount_fen,
             rule_id=approval.rule.id if approval.rule else None,
@@ -419,22 +485,96 @@ class Transactions:
         )
         if isinstance(redeemed, ops.Declined):
             return self._declined(orm, context, Decline.NOT_ENOUGH_POINTS, number)
-        conversion = approval.conversion
-        info = PointsInfo(
-            conversion.points,
-            redeemed.spendable_points_after,
-            conversion.discount_bp,
-            conversion.settled_fen,
+        answer = self._redeemed_answer(
+            context,
+            code,
+            rrn=redeemed.rrn,
+            auth_code=auth_code,
+            conversion=approval.conversion,
+            spendable_after=redeemed.spendable_points_after,
         )
-        answer = self._approved_card_answer(
+        return Outcome(answer, card_number=number)
+
+    def _redeemed_answer(
+        self,
+        context: Context,
+        code: str,
+        *,
+        rrn: str,
+        auth_code: str,
+        conversion: Conversion,
+        spendable_after: int,
+    ) -> Message:
+        info = PointsInfo(
+            conversion.points, spendable_after, conversion.discount_bp, conversion.settled_fen
+        )
+        return self._approved_card_answer(
             context,
             code=code,
-            rrn=redeemed.rrn,
+            rrn=rrn,
             auth_code=auth_code,
             info=info,
             amount_fen=conversion.amount_fen,
         )
-        return Outcome(answer, card_number=number)
+
+    def redeem_run(
+        self, orm: OrmSession, run: Sequence[tuple[Context, RequestIdentity]]
+    ) -> list[Outcome]:
+        """A run of redemptions (group commit's common case) with one read and one write per
+        table: the outcomes of as many of its first requests as are approved, in order, each
+        what the one-request path gives it. The first request not answered (a decline, a
+        repeat, a PIN try to record, another business date) and those after it are the
+        caller's to run one by one, after the run's request log (`HotLedger.log_requests`)."""
+        day = run[0][0].moment.business_date
+        run = list(itertools.takewhile(lambda item: item[0].moment.business_date == day, run))
+        hot = hot_ledger(orm)
+        view = hot.read_group(
+            [(context.swipe, context.presented_card()[0], identity) for context, identity in run],
+            daily_limit=bool(self._config.plan.max_points_per_card_day),
+            business_date=day,
+        )
+        planned: list[tuple[Context, PlannedRedemption, Conversion]] = []
+        for context, identity in run:
+            if view.identity_taken(identity):
+                break
+            try:
+                verdict = self._redemption_verdict(
+                    context, view, functools.partial(self._pin_check_in_run, context)
+                )
+            except _OwnTransaction:
+                break
+            if isinstance(verdict, Decline):
+                break
+            approval = verdict.approval
+            plan = view.plan(
+                context.swipe,
+                verdict.card,
+                verdict.lots,
+                approval.conversion,
+                requested_amount_fen=context.amount_fen,
+                rule_id=approval.rule.id if approval.rule else None,
+                fee_bp=context.merchant.fee_bp,
+                auth_code="",
+                response_code=PARTIAL if approval.partial else APPROVED,
+            )
+            if isinstance(plan, ops.Declined):
+                break
+            view.claim(identity)
+            plan = dataclasses.replace(plan, auth_code=self._auth_code())
+            planned.append((context, plan, approval.conversion))
+        rrns = hot.write_group([plan for _, plan, _ in planned])
+        outcomes = []
+        for (context, plan, conversion), rrn in zip(planned, rrns, strict=True):
+            answer = self._redeemed_answer(
+                context,
+                plan.response_code,
+                rrn=rrn,
+                auth_code=plan.auth_code,
+                conversion=conversion,
+                spendable_after=plan.spendable_points_after,
+            )
+            outcomes.append(Outcome(answer, card_number=plan.card[0]))
+        return outcomes
 
     # -- void and refund -----------------------------------------------------------------------
 

@@ -428,17 +428,17 @@ def test_one_failing_request_does_not_cost_the_group(
         terminal.financial("0200", "000000", "22", card, amount_fen=amount)
         for amount in (100, 200, 300)
     ]
-    original = Transactions.run
+    original = Transactions._redemption_verdict  # the one-request path and runs both use it
 
-    def failing(self: Transactions, orm, context):  # type: ignore[no-untyped-def]
+    def failing(self: Transactions, context, *args):  # type: ignore[no-untyped-def]
         if context.amount_fen == 200:
             raise OperationalError("insert", {}, Exception("disk I/O error"))
-        return original(self, orm, context)
+        return original(self, context, *args)
 
-    monkeypatch.setattr(Transactions, "run", failing)
+    monkeypatch.setattr(Transactions, "_redemption_verdict", failing)
     answers = answered(terminal, requests, harness.gateway.handle_group(requests))
     assert [answer.code for answer in answers] == ["00", "96", "00"]
-    monkeypatch.setattr(Transactions, "run", original)
+    monkeypatch.setattr(Transactions, "_redemption_verdict", original)
     _, after = harness.redeem(terminal, DIAMOND, 1000)
     assert after.balance == 50000 - 50 - 150 - 500
 

@@ -58,6 +58,126 @@ class LoggedAnswer:
     answer: dict[str, str]
 
 
+@dataclass(frozen=True)
+class PlannedRedemption:
+    """An approved redemption decided on a `GroupView`, written later with the rest of its
+    run by `HotLedger.write_group`: the same rows `HotLedger.redeem` writes."""
+
+    swipe: Swipe
+    card: tuple[str, int]  # number, journal account id
+    shares: tuple[tuple[Lot, int], ...]  # points taken from each lot, in spending order
+    amounts: tuple[int, int, int]  # requested, A, d
+    figures: tuple[str | None, int, int, int]  # rule, D, P, fee in force
+    auth_code: str
+    response_code: str
+    spendable_points_after: int
+
+
+class GroupView:
+    """A run of redemptions' reads, made at once (`HotLedger.read_group`), answering what the
+    one-request path asks of `HotLedger` as if the run's earlier redemptions were written.
+
+    Only what a run of approved redemptions changes is followed (lots, batch counts, points
+    redeemed today, identities); anything else ends the run and goes the one-request way."""
+
+    def __init__(
+        self,
+        hot: HotLedger,
+        business_date: date,
+        *,
+        logged: set[tuple[str, int, int, str]],
+        tombstones: set[tuple[str, int, int]],
+        cards: dict[str, tuple[CardSnapshot, int]],
+        lots: dict[str, list[Lot]],
+        batch_counts: dict[tuple[str, int], int],
+        redeemed: dict[str, int],
+    ) -> None:
+        self._hot = hot
+        self.business_date = business_date
+        self._taken = logged
+        self._tombstones = tombstones
+        self._cards = cards
+        self._lots = lots
+        self._remaining = {lot.id: lot.remaining_points for held in lots.values() for lot in held}
+        self._batch_counts = batch_counts
+        self._redeemed = redeemed
+
+    def identity_taken(self, identity: RequestIdentity) -> bool:
+        """Logged before the run, or claimed by one of its requests."""
+        return _identity_row(identity) in self._taken
+
+    def claim(self, identity: RequestIdentity) -> None:
+        self._taken.add(_identity_row(identity))
+
+    def tombstone_exists(self, terminal_id: str, batch_number: int, trace: int) -> bool:
+        return (terminal_id, batch_number, trace) in self._tombstones
+
+    def lock_card(self, number: str) -> tuple[CardSnapshot, int] | None:
+        return self._cards.get(number)
+
+    def open_batch(self, terminal_id: str) -> int:
+        return self._hot.open_batch(terminal_id)
+
+    def batch_count(self, terminal_id: str, batch_number: int, kinds: Iterable[str]) -> int:
+        if tuple(kinds) != (AuthorisationKind.REDEMPTION.value,):
+            raise ValueError("a run of redemptions counts redemptions only")
+        return self._batch_counts[(terminal_id, batch_number)]
+
+    def points_redeemed_on(self, number: str, business_date: date) -> int:
+        if business_date != self.business_date:
+            raise ValueError(f"the run was read for {self.business_date}, not {business_date}")
+        return self._redeemed.get(number, 0)
+
+    def spendable_lots(self, number: str, local: datetime) -> list[Lot]:
+        remaining = self._remaining
+        return [
+            Lot(lot.id, lot.expires_on, remaining[lot.id])
+            for lot in self._lots.get(number, ())
+            if remaining[lot.id] > 0 and not lot_expired(lot.expires_on, local)
+        ]
+
+    def plan(
+        self,
+        swipe: Swipe,
+        card: tuple[str, int],
+        lots: Sequence[Lot],
+        conversion: Conversion,
+        *,
+        requested_amount_fen: int,
+        rule_id: str | None,
+        fee_bp: int,
+        auth_code: str,
+        response_code: str,
+    ) -> PlannedRedemption | Declined:
+        """As `HotLedger.redeem`, written later: the lots, counts and sums the run's next
+        requests see change now."""
+        if response_code not in APPROVED_CODES:
+            raise ValueError("a redemption is planned only when approved")
+        points = conversion.points
+        if points <= 0:
+            return Declined(Decline.NO_POINTS)
+        available = sum(lot.remaining_points for lot in lots)
+        if available < points:
+            return Declined(Decline.NOT_ENOUGH_POINTS)
+        shares = tuple(_spend(lots, points))
+        for lot, amount in shares:
+            self._remaining[lot.id] -= amount
+        place = (swipe.terminal_id, swipe.batch_number)
+        self._batch_counts[place] = self._batch_counts.get(place, 0) + 1
+        if swipe.when.business_date == self.business_date:
+            self._redeemed[card[0]] = self._redeemed.get(card[0], 0) + points
+        return PlannedRedemption(
+            swipe,
+            card,
+            shares,
+            (requested_amount_fen, conversion.amount_fen, conversion.discount_bp),
+            (rule_id, conversion.settled_fen, points, fee_bp),
+            auth_code,
+            response_code,
+            available - points,
+        )
+
+
 class _Authorisation(NamedTuple):
     """The columns of an authorisation row that are not amounts."""
 
@@ -148,12 +268,105 @@ _SQLITE = _Sql(postgres=False)
 _POSTGRES = _Sql(postgres=True)
 
 
+class _GroupSql:
+    """The statements that read or write for a whole run of redemptions at once.
+
+    SQLite takes the run's keys as one JSON array (`json_each`), PostgreSQL as arrays
+    (`unnest`, `= ANY`); either way the statement's text does not depend on the run's length,
+    so each is prepared once, and every look-up is driven from the keys into the same unique
+    indexes the one-request statements use."""
+
+    def __init__(self, postgres: bool) -> None:
+        lock = " FOR UPDATE" if postgres else ""
+        if postgres:
+            identities = "unnest(%s::text[], %s::int[], %s::int[], %s::text[]) AS j(t, b, n, c)"
+            places = "unnest(%s::text[], %s::int[], %s::int[]) AS j(t, b, n)"
+            batches = "unnest(%s::text[], %s::int[]) AS j(t, b)"
+            t, b, n, c = "j.t", "j.b", "j.n", "j.c"
+            numbers = "= ANY(%s::text[])"
+        else:
+            identities = places = batches = "json_each(?) AS j"
+            t, b, n, c = (f"json_extract(j.value, '$[{i}]')" for i in range(4))
+            numbers = "IN (SELECT value FROM json_each(?))"
+        self.logged = (
+            f"SELECT r.terminal_id, r.batch_number, r.trace, r.request_class, r.digest, r.answer"
+            f" FROM {identities} CROSS JOIN request_log r WHERE r.terminal_id = {t}"
+            f" AND r.batch_number = {b} AND r.trace = {n} AND r.request_class = {c}"
+        )
+        self.tombstones = (
+            f"SELECT r.terminal_id, r.batch_number, r.trace FROM {places}"
+            f" CROSS JOIN reversal_tombstones r WHERE r.terminal_id = {t}"
+            f" AND r.batch_number = {b} AND r.trace = {n}"
+        )
+        self.cards = (
+            "SELECT c.number, c.expiry_yymm, c.tier, c.status, c.enrolled, c.pin_hmac,"
+            " c.wrong_pin_count, c.pin_locked, a.id FROM cards c"
+            f" JOIN accounts a ON a.card_number = c.number WHERE c.number {numbers}"
+            + (" FOR UPDATE OF c" if postgres else "")
+        )
+        self.lots = (
+            "SELECT card_number, id, expires_on, remaining_points FROM point_lots"
+            f" WHERE card_number {numbers} AND remaining_points > 0"
+            " ORDER BY card_number, expires_on, earned_on, id" + lock
+        )
+        self.terminals = (
+            f"SELECT id, merchant_id, open_batch_number FROM terminals WHERE id {numbers}"
+        )
+        self.batch_counts = (
+            f"SELECT {t}, {b}, (SELECT count(*) FROM authorisations a WHERE a.terminal_id = {t}"
+            f" AND a.batch_number = {b} AND a.kind = 'redemption'"
+            f" AND a.response_code IN ('00', '10') AND a.state <> 'reversed') FROM {batches}"
+        )
+        self.redeemed_on = (
+            "SELECT card_number, sum(points) FROM authorisations"
+            f" WHERE card_number {numbers} AND kind = 'redemption' AND state = 'approved'"
+            f" AND business_date = {'%s' if postgres else '?'} GROUP BY card_number"
+        )
+        if postgres:
+            self.next_ids = {
+                table: f"SELECT nextval(pg_get_serial_sequence('{table}', 'id'))"
+                " FROM generate_series(1, %s)"
+                for table in ("rrn_allocations", "journal_transactions", "authorisations")
+            }
+        else:  # the unit of work holds SQLite's write lock: nobody else takes ids meanwhile
+            self.next_ids = {
+                "rrn_allocations": "SELECT coalesce((SELECT seq FROM sqlite_sequence"
+                " WHERE name = 'rrn_allocations'), 0)",
+                "journal_transactions": "SELECT coalesce(max(id), 0) FROM journal_transactions",
+                "authorisations": "SELECT coalesce(max(id), 0) FROM authorisations",
+            }
+
+        def sql(text: str) -> str:
+            return text.replace("?", "%s") if postgres else text
+
+        self.rrn = sql("INSERT INTO rrn_allocations (id, allocated_at) VALUES (?, ?)")
+        self.transaction = sql(
+            "INSERT INTO journal_transactions (id, idempotency_key, kind, created_at,"
+            " business_date, card_number) VALUES (?, ?, 'redemption', ?, ?, ?)"
+        )
+        self.authorisation = sql(
+            "INSERT INTO authorisations (id, rrn, kind, terminal_id, merchant_id, batch_number,"
+            " trace, auth_code, card_number, requested_amount_fen, amount_fen, discount_bp,"
+            " rule_id, settled_fen, points, fee_bp, response_code, local_time, business_date,"
+            " original_id, state, refunded_fen, points_returned, fen_clawed,"
+            " journal_transaction_id, exception)"
+            " VALUES (?, ?, 'redemption', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL,"
+            " 'approved', 0, 0, 0, ?, NULL)"
+        )
+
+
+_GROUP_SQLITE = _GroupSql(postgres=False)
+_GROUP_POSTGRES = _GroupSql(postgres=True)
+
+
 class HotLedger:
     """The driver-level ledger of one unit of work (get it with `hot_ledger(session)`)."""
 
     def __init__(self, session: Session) -> None:
         connection = session.connection()
-        self._sql = _POSTGRES if connection.dialect.name == "postgresql" else _SQLITE
+        postgres = connection.dialect.name == "postgresql"
+        self._sql = _POSTGRES if postgres else _SQLITE
+        self._group_sql = _GROUP_POSTGRES if postgres else _GROUP_SQLITE
         self._driver: Any = cast(Any, connection.connection).driver_connection
         self._cursor: Any = self._driver.cursor()
         self._terminals: dict[str, tuple[str, int]] = {}
@@ -285,17 +498,7 @@ class HotLedger:
         row = self._one(self._sql.card, (number,))
         if row is None:
             return None
-        snapshot = CardSnapshot(
-            number=row[0],
-            expiry_yymm=row[1],
-            tier=row[2],
-            status=row[3],
-            enrolled=bool(row[4]),
-            pin_hmac=bytes(row[5]) if row[5] is not None else None,
-            wrong_pin_count=int(row[6]),
-            pin_locked=bool(row[7]),
-        )
-        return snapshot, int(row[8])
+        return _snapshot(row), int(row[8])
 
     def _terminal(self, terminal_id: str) -> tuple[str, int]:
         known = self._terminals.get(terminal_id)
@@ -527,6 +730,178 @@ class HotLedger:
             account = self._system_accounts[kind] = int(row[0])
         return account
 
+    # -- a run of redemptions at once ------------------------------------------------------
+
+    def read_group(
+        self,
+        requests: Sequence[tuple[Swipe, str, RequestIdentity]],
+        *,
+        daily_limit: bool,
+        business_date: date,
+    ) -> GroupView:
+        """Everything a run of redemptions (swipe, card number, identity) reads, in one
+        statement per table (PostgreSQL: all in one round trip), cards and lots locked."""
+        sql = self._group_sql
+        numbers = sorted({number for _, number, _ in requests})
+        identities = [_identity_row(identity) for _, _, identity in requests]
+        places = [(s.terminal_id, s.batch_number, s.trace) for s, _, _ in requests]
+        batches = sorted({(s.terminal_id, s.batch_number) for s, _, _ in requests})
+        terminals = sorted({s.terminal_id for s, _, _ in requests} - self._terminals.keys())
+        reads: list[tuple[str, tuple[Any, ...]]] = [
+            (sql.logged, self._keys(identities)),
+            (sql.tombstones, self._keys(places)),
+            (sql.cards, self._keys(numbers)),
+            (sql.lots, self._keys(numbers)),
+            (sql.batch_counts, self._keys(batches)),
+        ]
+        if daily_limit:
+            reads.append((sql.redeemed_on, (*self._keys(numbers), self._date(business_date))))
+        if terminals:
+            reads.append((sql.terminals, self._keys(terminals)))
+        results = self._read_all(reads)
+        if terminals:
+            for terminal_id, merchant_id, open_batch in results.pop():
+                self._terminals[terminal_id] = (merchant_id, int(open_batch))
+        redeemed = {row[0]: int(row[1]) for row in results.pop()} if daily_limit else {}
+        logged, tombstones, cards, lots, counts = results
+        held: dict[str, list[Lot]] = {}
+        for number, lot_id, expires, remaining in lots:
+            expires_on = expires if isinstance(expires, date) else date.fromisoformat(expires)
+            held.setdefault(number, []).append(Lot(int(lot_id), expires_on, int(remaining)))
+        return GroupView(
+            self,
+            business_date,
+            logged={(row[0], int(row[1]), int(row[2]), row[3]) for row in logged},
+            tombstones={(row[0], int(row[1]), int(row[2])) for row in tombstones},
+            cards={row[0]: (_snapshot(row), int(row[8])) for row in cards},
+            lots=held,
+            batch_counts={(row[0], int(row[1])): int(row[2]) for row in counts},
+            redeemed=redeemed,
+        )
+
+    def _keys(self, keys: Sequence[Any]) -> tuple[Any, ...]:
+        """A run's keys as the group statements take them: one JSON array (SQLite) or one
+        array per column (PostgreSQL)."""
+        if not self._sql.postgres:
+            return (json.dumps(keys),)
+        if keys and isinstance(keys[0], tuple):
+            return tuple(list(column) for column in zip(*keys, strict=True))
+        return (list(keys),)
+
+    def _read_all(self, reads: Sequence[tuple[str, tuple[Any, ...]]]) -> list[list[Any]]:
+        """The rows of each read, in order; PostgreSQL sends them together, after the
+        writes held back so far."""
+        if not self._sql.postgres:
+            return [list(self._execute(statement, p).fetchall()) for statement, p in reads]
+        cursors = []
+        with self._driver_errors("group reads"), self._driver.pipeline():
+            self._send_deferred()
+            for statement, parameters in reads:
+                cursor = self._driver.cursor()
+                cursor.execute(statement, parameters)
+                cursors.append(cursor)
+        with self._driver_errors("group reads"):
+            return [list(cursor.fetchall()) for cursor in cursors]
+
+    def _new_ids(self, counts: dict[str, int]) -> dict[str, list[int]]:
+        """Fresh ids for rows about to be inserted: from the sequences on PostgreSQL; on
+        SQLite after the highest in use (the unit of work holds the write lock)."""
+        tables = list(counts)
+        statements = self._group_sql.next_ids
+        if self._sql.postgres:
+            reads = [(statements[table], (counts[table],)) for table in tables]
+            return {
+                table: [int(row[0]) for row in rows]
+                for table, rows in zip(tables, self._read_all(reads), strict=True)
+            }
+        fresh = {}
+        for table in tables:
+            base = int(self._execute(statements[table], ()).fetchone()[0])
+            fresh[table] = list(range(base + 1, base + 1 + counts[table]))
+        return fresh
+
+    def write_group(self, planned: Sequence[PlannedRedemption]) -> list[str]:
+        """Write a run of planned redemptions, one statement per table, exactly the rows
+        `redeem` writes for each; their RRNs, in order."""
+        if not planned:
+            return []
+        sql = self._group_sql
+        count = len(planned)
+        ids = self._new_ids(
+            {"rrn_allocations": count, "journal_transactions": count, "authorisations": count}
+        )
+        system = self._system_account("redemption")
+        rrn_rows, transactions, entries, authorisations, movements = [], [], [], [], []
+        taken: dict[int, int] = {}
+        rrns = []
+        for plan, rrn_id, transaction_id, authorisation_id in zip(
+            planned,
+            ids["rrn_allocations"],
+            ids["journal_transactions"],
+            ids["authorisations"],
+            strict=True,
+        ):
+            swipe = plan.swipe
+            at = self._instant(swipe.when.at)
+            day = self._date(swipe.when.business_date)
+            number, account_id = plan.card
+            points = plan.figures[2]
+            rrn = f"{rrn_id:0{RRN_DIGITS}d}"
+            if len(rrn) != RRN_DIGITS:
+                raise LedgerError("the RRN sequence is exhausted")
+            rrns.append(rrn)
+            rrn_rows.append((rrn_id, at))
+            key = swipe.key(RequestClass.REQUEST)
+            transactions.append((transaction_id, key, at, day, number))
+            entries += [(transaction_id, account_id, -points), (transaction_id, system, points)]
+            merchant_id, _ = self._terminal(swipe.terminal_id)
+            where = (swipe.terminal_id, merchant_id, swipe.batch_number, swipe.trace)
+            row: tuple[Any, ...] = (authorisation_id, rrn, *where, plan.auth_code, number)
+            row += plan.amounts
+            row += (*plan.figures, plan.response_code, at, day, transaction_id)
+            authorisations.append(row)
+            for lot, amount in plan.shares:
+                taken[lot.id] = taken.get(lot.id, 0) + amount
+                movements.append((transaction_id, lot.id, -amount, authorisation_id, lot.id))
+        writes: list[tuple[str, list[tuple[Any, ...]]]] = [
+            (sql.rrn, rrn_rows),
+            (sql.transaction, transactions),
+            (self._sql.entry, entries),
+            (sql.authorisation, authorisations),
+            (self._sql.take, [(amount, lot_id, amount) for lot_id, amount in taken.items()]),
+            (self._sql.movement, movements),
+        ]
+        changed = self._write_all(writes)[4]
+        if changed != len(taken):
+            raise LedgerError("a lot changed under its lock")
+        return rrns
+
+    def _write_all(self, writes: Sequence[tuple[str, list[tuple[Any, ...]]]]) -> list[int]:
+        """Each statement over its rows; the rows each changed (PostgreSQL: one round trip)."""
+        if not self._sql.postgres:
+            return [self._execute(sql, rows, many=True).rowcount for sql, rows in writes]
+        cursors = []
+        with self._driver_errors("group writes"), self._driver.pipeline():
+            self._send_deferred()
+            for statement, rows in writes:
+                cursor = self._driver.cursor()
+                cursor.executemany(statement, rows)
+                cursors.append(cursor)
+        return [cursor.rowcount for cursor in cursors]
+
+    def log_requests(
+        self, entries: Sequence[tuple[RequestIdentity, bytes, dict[str, str], datetime]]
+    ) -> None:
+        """`log_request` for a run's requests, in one statement (held back on PostgreSQL)."""
+        rows = [
+            (*_identity_row(identity), digest, self._json(answer), self._instant(at))
+            for identity, digest, answer, at in entries
+        ]
+        if self._sql.postgres:
+            self._deferred += [(self._sql.log_request, row) for row in rows]
+        elif rows:
+            self._execute(self._sql.log_request, rows, many=True)
+
     # -- values in the forms SQLAlchemy's types store ------------------------------------------
 
     def _instant(self, at: datetime) -> Any:
@@ -549,6 +924,20 @@ class HotLedger:
 
             return Json(value)
         return json.dumps(value)
+
+
+def _snapshot(row: Sequence[Any]) -> CardSnapshot:
+    """A card row (number, expiry, tier, status, enrolled, PIN, tries, locked) as decided on."""
+    return CardSnapshot(
+        number=row[0],
+        expiry_yymm=row[1],
+        tier=row[2],
+        status=row[3],
+        enrolled=bool(row[4]),
+        pin_hmac=bytes(row[5]) if row[5] is not None else None,
+        wrong_pin_count=int(row[6]),
+        pin_locked=bool(row[7]),
+    )
 
 
 def _identity_row(identity: RequestIdentity) -> tuple[str, int, int, str]:
@@ -633,4 +1022,12 @@ def request_done(session: Session, *, terminals_changed: bool) -> None:
         ledger.request_done(terminals_changed=terminals_changed)
 
 
-__all__ = ["HotLedger", "LoggedAnswer", "Lot", "hot_ledger", "request_done"]
+__all__ = [
+    "GroupView",
+    "HotLedger",
+    "LoggedAnswer",
+    "Lot",
+    "PlannedRedemption",
+    "hot_ledger",
+    "request_done",
+]
