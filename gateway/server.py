@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from twisted.internet.defer import Deferred
 
+from gateway import logs
 from gateway.bootstrap import bootstrap, open_database
 from gateway.clock import Clock, StartedClock
 from gateway.config import Config, load_config
@@ -70,6 +71,10 @@ class GroupWorker:
             for n in range(count)
         ]
         self._taking = threading.Lock()  # one thread takes a group (and its ticket) at a time
+        # At most one group taken and not yet in the ledger: the next group is taken when the
+        # one before it enters the ledger, so it is made of every request that arrived
+        # meanwhile, not of the one or two that came in just after the previous take.
+        self._may_take = threading.Semaphore(1)
         self._turn = threading.Condition()
         self._tickets = 0  # the next group's ticket
         self._serving = 0  # the ticket whose group may enter the ledger
@@ -116,8 +121,10 @@ class GroupWorker:
     def _loop(self) -> None:
         stopping = False
         while not stopping:
+            self._may_take.acquire()
             group, stopping, ticket = self._take()
             if not group:
+                self._may_take.release()
                 continue
             started = time.perf_counter()
             replies = self._run(ticket, [payload for payload, _ in group])
@@ -140,6 +147,7 @@ class GroupWorker:
         with self._turn:
             while self._serving != ticket:
                 self._turn.wait()
+        self._may_take.release()  # this group is in the ledger: the next may be taken
         try:
             if not failed:
                 return self._decide(prepared)
@@ -158,13 +166,14 @@ FAILED = Reply(None, {"event": "closed", "reason": "internal error"})
 def _deliver(group: list[tuple[bytes, Deferred[Reply]]], replies: Sequence[Answer]) -> None:
     """On the reactor thread: each answer encoded (and MAC'd) here, so that the ledger thread
     is already deciding the next group, then handed to its connection."""
-    for (_, deferred), answer in zip(group, replies, strict=True):
-        try:
-            reply = finish(answer)
-        except Exception:  # a bug, not a decline: this link closes, the others are answered
-            log.exception("answer_failed")
-            reply = FAILED
-        deferred.callback(reply)
+    with logs.together():  # the group's log lines in one write
+        for (_, deferred), answer in zip(group, replies, strict=True):
+            try:
+                reply = finish(answer)
+            except Exception:  # a bug, not a decline: this link closes, the others are answered
+                log.exception("answer_failed")
+                reply = FAILED
+            deferred.callback(reply)
 
 
 class GatewayServer:

@@ -134,3 +134,30 @@ def test_without_prepare_one_thread_decides_the_payloads() -> None:
     run(worker, [b"x", b"y"])
     assert {name for name, _ in seen} == {"ledger-0"}
     assert [p for _, group in seen for p in group] == [b"x", b"y"]
+
+
+def test_the_next_group_is_taken_when_the_one_before_it_enters_the_ledger() -> None:
+    """While a group is being prepared, what arrives waits and then goes as one group, rather
+    than the second thread taking each request the moment it comes."""
+    entered = threading.Event()
+    release = threading.Event()
+    recorder = Recorder()
+
+    def slow_prepare(payloads: list[bytes]) -> list[bytes]:
+        if payloads == [b"first"]:
+            entered.set()
+            assert release.wait(5)
+        return recorder.prepare(payloads)
+
+    worker = GroupWorker(recorder.decide, ThreadReactor(), prepare=slow_prepare)
+    worker.start()
+    worker.submit(b"first")
+    assert entered.wait(5)
+    later = [f"{n:02d}".encode() for n in range(5)]
+    for payload in later:
+        worker.submit(payload)
+        time.sleep(0.005)  # time enough for a free thread to take each one alone
+    release.set()
+    worker.stop()
+    decided = [group for kind, group in recorder.events if kind == "decide"]
+    assert decided == [(b"first",), tuple(later)]

@@ -1,0 +1,67 @@
+"""Log lines: JSON, card numbers masked, and a group's lines written together."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from gateway import logs
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    saved = structlog.get_config()
+    written = io.StringIO()
+    logs.configure(written)
+    try:
+        yield written
+    finally:
+        structlog.configure(**saved)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_a_line_is_written_as_it_is_logged_with_the_card_masked(stream: io.StringIO) -> None:
+    structlog.get_logger("t").info("answered", card="6688001234567890124", pin="1234")
+    (line,) = lines(stream)
+    assert line["event"] == "answered"
+    assert line["card"] == "668800*********0124"
+    assert line["pin"] == "<hidden>"
+
+
+def test_lines_logged_together_are_written_when_the_block_ends(stream: io.StringIO) -> None:
+    log = structlog.get_logger("t")
+    with logs.together():
+        log.info("first", card="6688001234567890124")
+        with logs.together():
+            log.info("second")
+        assert stream.getvalue() == ""  # the inner block writes with the outer one
+        log.info("third")
+        assert stream.getvalue() == ""
+    assert [line["event"] for line in lines(stream)] == ["first", "second", "third"]
+    assert lines(stream)[0]["card"] == "668800*********0124"
+
+
+def test_another_threads_lines_are_not_held(stream: io.StringIO) -> None:
+    log = structlog.get_logger("t")
+    with logs.together():
+        log.info("held")
+        worker = threading.Thread(target=lambda: log.info("elsewhere"))
+        worker.start()
+        worker.join()
+        assert [line["event"] for line in lines(stream)] == ["elsewhere"]
+    assert [line["event"] for line in lines(stream)] == ["elsewhere", "held"]
+
+
+def test_lines_held_when_the_block_fails_are_still_written(stream: io.StringIO) -> None:
+    with pytest.raises(RuntimeError), logs.together():
+        structlog.get_logger("t").error("before_the_failure")
+        raise RuntimeError
+    assert [line["event"] for line in lines(stream)] == ["before_the_failure"]
