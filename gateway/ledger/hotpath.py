@@ -151,15 +151,11 @@ class GroupView:
     ) -> PlannedRedemption | Declined:
         """As `HotLedger.redeem`, written later: the lots, counts and sums the run's next
         requests see change now."""
-        if response_code not in APPROVED_CODES:
-            raise ValueError("a redemption is planned only when approved")
+        spent = _taking(lots, conversion.points, response_code)
+        if isinstance(spent, Declined):
+            return spent
+        shares, available = spent
         points = conversion.points
-        if points <= 0:
-            return Declined(Decline.NO_POINTS)
-        available = sum(lot.remaining_points for lot in lots)
-        if available < points:
-            return Declined(Decline.NOT_ENOUGH_POINTS)
-        shares = tuple(_spend(lots, points))
         for lot, amount in shares:
             self._remaining[lot.id] -= amount
         place = (swipe.terminal_id, swipe.batch_number)
@@ -169,7 +165,7 @@ class GroupView:
         return PlannedRedemption(
             swipe,
             card,
-            shares,
+            tuple(shares),
             (requested_amount_fen, conversion.amount_fen, conversion.discount_bp),
             (rule_id, conversion.settled_fen, points, fee_bp),
             auth_code,
@@ -633,16 +629,12 @@ class HotLedger:
     ) -> Redeemed | Declined:
         """As `operations.redeem`, on lots read (and locked) by `spendable_lots` in this unit
         of work: card -> redemption in the journal, points taken earliest-expiring first."""
-        if response_code not in APPROVED_CODES:
-            raise ValueError("a redemption is recorded by redeem() only when approved")
+        spent = _taking(lots, conversion.points, response_code)
+        if isinstance(spent, Declined):
+            return spent
+        shares, available = spent
         number, account_id = card
         points = conversion.points
-        if points <= 0:
-            return Declined(Decline.NO_POINTS)
-        available = sum(lot.remaining_points for lot in lots)
-        if available < points:
-            return Declined(Decline.NOT_ENOUGH_POINTS)
-        shares = _spend(lots, points)
         amounts = (requested_amount_fen, conversion.amount_fen, conversion.discount_bp)
         figures = (rule_id, conversion.settled_fen, points, fee_bp)
         row = _Authorisation(
@@ -947,6 +939,21 @@ def _identity_row(identity: RequestIdentity) -> tuple[str, int, int, str]:
         identity.trace,
         identity.request_class.value,
     )
+
+
+def _taking(
+    lots: Sequence[Lot], points: int, response_code: str
+) -> tuple[list[tuple[Lot, int]], int] | Declined:
+    """What an approved redemption of `points` takes from each lot, and the points the lots
+    held; or why it cannot be taken."""
+    if response_code not in APPROVED_CODES:
+        raise ValueError("a redemption is written only when approved")
+    if points <= 0:
+        return Declined(Decline.NO_POINTS)
+    available = sum(lot.remaining_points for lot in lots)
+    if available < points:
+        return Declined(Decline.NOT_ENOUGH_POINTS)
+    return _spend(lots, points), available
 
 
 def _spend(lots: Sequence[Lot], points: int) -> list[tuple[Lot, int]]:
