@@ -335,14 +335,13 @@ class Transactions:
         return pin_decision(card, entry, lambda: checked is PinCheck.MATCH)
 
     def _pin_check(self, orm: OrmSession, context: Context, card: CardSnapshot) -> Decline | None:
-        """The PIN's decision, its effect on the card's tries recorded through the ORM (and
-        flushed, so the driver-level reads after it see it)."""
+        """The PIN's decision, its effect on the card's tries recorded through the ORM (the
+        next `hot_ledger(orm)`, before any driver-level read of the card, flushes it)."""
         decline, effect = self._pin_verdict(context, card)
         if effect is PinEffect.WRONG:
             ops.record_wrong_pin(orm, card.number)
         elif effect is PinEffect.RIGHT and card.wrong_pin_count:
             ops.reset_pin_tries(orm, card.number)
-        hot_ledger(orm)
         return decline
 
     def _pin_check_in_run(self, context: Context, card: CardSnapshot) -> Decline | None:
