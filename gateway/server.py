@@ -42,15 +42,18 @@ MAX_GROUP = 64  # requests answered by one commit at most
 
 
 class GroupWorker:
-    """The threads that do ledger work: each takes every request waiting (up to `MAX_GROUP`),
+    """The thread that does ledger work: it takes every request waiting (up to `MAX_GROUP`),
     prepares them (`prepare`: decoding, sessions, the checks before the ledger), decides them
     with one commit (`decide`), and hands the answers back to the reactor thread. The reactor
     never waits on the database.
 
-    With `prepare` there are two threads, so that one group is prepared while the one before
-    it is in the ledger (a commit mostly waits for the disk). Groups enter the ledger strictly
-    in the order they were taken, one at a time: the ledger sees requests in arrival order, as
-    with one thread. Without `prepare`, `decide` gets the payloads, on one thread."""
+    One thread, not a pipeline of two: while this thread waits for the disk (the commit) the
+    reactor thread has the interpreter to itself, and a second thread preparing the next group
+    would only compete with the first for the interpreter lock. That competition is what
+    counts with several processes on one SQLite file (`--workers`): the write lock is held
+    while a group is decided, so every moment the deciding thread waits for the interpreter
+    is a moment every other process waits for the lock. Groups are taken, prepared and decided
+    in arrival order. Without `prepare`, `decide` gets the payloads."""
 
     def __init__(
         self,
@@ -65,25 +68,12 @@ class GroupWorker:
         self._reactor = reactor
         self._metrics = metrics
         self._queue: queue.SimpleQueue[tuple[bytes, Deferred[Reply]] | None] = queue.SimpleQueue()
-        count = 1 if prepare is None else 2
-        self._threads = [
-            threading.Thread(target=self._loop, name=f"ledger-{n}", daemon=True)
-            for n in range(count)
-        ]
-        self._taking = threading.Lock()  # one thread takes a group (and its ticket) at a time
-        # At most one group taken and not yet in the ledger: the next group is taken when the
-        # one before it enters the ledger, so it is made of every request that arrived
-        # meanwhile, not of the one or two that came in just after the previous take.
-        self._may_take = threading.Semaphore(1)
-        self._turn = threading.Condition()
-        self._tickets = 0  # the next group's ticket
-        self._serving = 0  # the ticket whose group may enter the ledger
+        self._thread = threading.Thread(target=self._loop, name="ledger-0", daemon=True)
         self.groups = 0
         self.requests = 0
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        self._thread.start()
 
     def submit(self, payload: bytes) -> Deferred[Reply]:
         deferred: Deferred[Reply] = Deferred()
@@ -91,72 +81,46 @@ class GroupWorker:
         return deferred
 
     def stop(self) -> None:
-        """Finish what was submitted, then end the threads."""
-        for _ in self._threads:
-            self._queue.put(None)
-        for thread in self._threads:
-            if thread.ident is not None:  # started
-                thread.join()
+        """Finish what was submitted, then end the thread."""
+        self._queue.put(None)
+        if self._thread.ident is not None:  # started
+            self._thread.join()
 
-    def _take(self) -> tuple[list[tuple[bytes, Deferred[Reply]]], bool, int]:
-        with self._taking:
-            first = self._queue.get()
-            if first is None:
-                return [], True, -1
-            group = [first]
-            stopping = False
-            while len(group) < MAX_GROUP:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-            ticket = self._tickets
-            self._tickets += 1
-            return group, stopping, ticket
+    def _take(self) -> tuple[list[tuple[bytes, Deferred[Reply]]], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        group = [first]
+        while len(group) < MAX_GROUP:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return group, True
+            group.append(item)
+        return group, False
 
     def _loop(self) -> None:
         stopping = False
         while not stopping:
-            self._may_take.acquire()
-            group, stopping, ticket = self._take()
+            group, stopping = self._take()
             if not group:
-                self._may_take.release()
                 continue
             started = time.perf_counter()
-            replies = self._run(ticket, [payload for payload, _ in group])
+            replies = self._run([payload for payload, _ in group])
             if self._metrics is not None:
                 self._metrics.group_done(len(group), time.perf_counter() - started)
-            with self._turn:
-                self.groups += 1
-                self.requests += len(group)
+            self.groups += 1
+            self.requests += len(group)
             self._reactor.callFromThread(_deliver, group, replies)
 
-    def _run(self, ticket: int, payloads: list[bytes]) -> Sequence[Answer]:
-        prepared: Any = payloads
-        failed = False
-        if self._prepare is not None:
-            try:
-                prepared = self._prepare(payloads)
-            except Exception:  # a bug, not a decline: the links close, the gateway goes on
-                log.exception("group_failed", size=len(payloads))
-                failed = True
-        with self._turn:
-            while self._serving != ticket:
-                self._turn.wait()
-        self._may_take.release()  # this group is in the ledger: the next may be taken
+    def _run(self, payloads: list[bytes]) -> Sequence[Answer]:
         try:
-            if not failed:
-                return self._decide(prepared)
+            prepared = payloads if self._prepare is None else self._prepare(payloads)
+            return self._decide(prepared)
         except Exception:  # a bug, not a decline: the links close, the gateway goes on
             log.exception("group_failed", size=len(payloads))
-        finally:
-            with self._turn:
-                self._serving += 1
-                self._turn.notify_all()
         return [FAILED] * len(payloads)
 
 

@@ -1,6 +1,6 @@
-"""The ledger worker's pipeline: one group prepared while the one before it is in the ledger,
-groups entering the ledger one at a time and in the order they were taken; answers encoded on
-the reactor thread, a failure closing only the links it concerns."""
+"""The ledger worker: one thread that takes, prepares and decides groups one at a time and in
+arrival order; answers encoded on the reactor thread, a failure closing only the links it
+concerns."""
 
 from __future__ import annotations
 
@@ -58,8 +58,8 @@ def run(worker: GroupWorker, payloads: list[bytes], gap: float = 0.0) -> list[De
 
 
 def test_groups_enter_the_ledger_one_at_a_time_in_the_order_taken() -> None:
-    """Two threads, many small groups: the decide calls never overlap, and the payloads reach
-    the ledger exactly in the order they were submitted."""
+    """Many small groups: the decide calls never overlap, and the payloads reach the ledger
+    exactly in the order they were submitted."""
     recorder = Recorder(decide_time=0.002)
     reactor = ThreadReactor()
     worker = GroupWorker(recorder.decide, reactor, prepare=recorder.prepare)
@@ -74,11 +74,23 @@ def test_groups_enter_the_ledger_one_at_a_time_in_the_order_taken() -> None:
     assert worker.groups > 1
 
 
-def test_a_group_is_prepared_while_the_one_before_it_is_in_the_ledger() -> None:
-    recorder = Recorder(decide_time=0.02)
-    worker = GroupWorker(recorder.decide, ThreadReactor(), prepare=recorder.prepare)
-    run(worker, [f"{n:04d}".encode() for n in range(40)], gap=0.002)
-    assert recorder.prepared_during_ledger
+def test_one_thread_prepares_then_decides_each_group_before_taking_the_next() -> None:
+    """Preparing never overlaps deciding: with several processes on one SQLite file, the
+    thread that holds the write lock does not share its interpreter with a second worker."""
+    recorder = Recorder(decide_time=0.005)
+    names: set[str] = set()
+
+    def prepare(payloads: list[bytes]) -> list[bytes]:
+        names.add(threading.current_thread().name)
+        return recorder.prepare(payloads)
+
+    worker = GroupWorker(recorder.decide, ThreadReactor(), prepare=prepare)
+    run(worker, [f"{n:04d}".encode() for n in range(40)], gap=0.001)
+    assert not recorder.prepared_during_ledger
+    assert names == {"ledger-0"}
+    kinds = [kind for kind, _ in recorder.events]
+    assert kinds == ["prepare", "decide"] * (len(kinds) // 2)
+    assert len(kinds) > 2  # several groups
 
 
 def test_a_failed_preparation_closes_its_group_and_the_next_groups_go_on() -> None:
@@ -134,30 +146,3 @@ def test_without_prepare_one_thread_decides_the_payloads() -> None:
     run(worker, [b"x", b"y"])
     assert {name for name, _ in seen} == {"ledger-0"}
     assert [p for _, group in seen for p in group] == [b"x", b"y"]
-
-
-def test_the_next_group_is_taken_when_the_one_before_it_enters_the_ledger() -> None:
-    """While a group is being prepared, what arrives waits and then goes as one group, rather
-    than the second thread taking each request the moment it comes."""
-    entered = threading.Event()
-    release = threading.Event()
-    recorder = Recorder()
-
-    def slow_prepare(payloads: list[bytes]) -> list[bytes]:
-        if payloads == [b"first"]:
-            entered.set()
-            assert release.wait(5)
-        return recorder.prepare(payloads)
-
-    worker = GroupWorker(recorder.decide, ThreadReactor(), prepare=slow_prepare)
-    worker.start()
-    worker.submit(b"first")
-    assert entered.wait(5)
-    later = [f"{n:02d}".encode() for n in range(5)]
-    for payload in later:
-        worker.submit(payload)
-        time.sleep(0.005)  # time enough for a free thread to take each one alone
-    release.set()
-    worker.stop()
-    decided = [group for kind, group in recorder.events if kind == "decide"]
-    assert decided == [(b"first",), tuple(later)]
