@@ -30,6 +30,11 @@ class Suite(enum.Enum):
     TDES = "3des"
     SM4 = "sm4"
 
+    # Members are singletons that compare by identity, so the identity hash is as good as
+    # `Enum`'s (which hashes the name in Python) and costs nothing; a suite is part of the key
+    # of every cipher context looked up.
+    __hash__ = object.__hash__
+
     @property
     def block_size(self) -> int:
         return 8 if self is Suite.TDES else 16
@@ -156,20 +161,21 @@ def check_value(suite: Suite, key: bytes) -> bytes:
 # MAC (§5.1)
 
 
-def _fold_steps(padded_bytes: int, size: int) -> tuple[tuple[int, int], ...]:
-    """The halvings that fold `padded_bytes` down to one `size`-byte block: (shift, mask)."""
-    steps = _FOLD_STEPS.get((padded_bytes, size))
-    if steps is None:
-        bits = 8 * padded_bytes
-        halvings = []
-        while bits > 8 * size:
-            bits >>= 1
-            halvings.append((bits, (1 << bits) - 1))
-        steps = _FOLD_STEPS[(padded_bytes, size)] = tuple(halvings)  # a few per block size
-    return steps
+def _fold_plan(length: int, size: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """How `length` bytes fold down to one `size`-byte block: the zero bits that pad them on
+    the right to a power-of-two number of blocks, then the halvings (shift, mask)."""
+    padded_bytes = size << (max(1, -(-length // size)) - 1).bit_length()
+    bits = 8 * padded_bytes
+    halvings = []
+    while bits > 8 * size:
+        bits >>= 1
+        halvings.append((bits, (1 << bits) - 1))
+    plan = (8 * (padded_bytes - length), tuple(halvings))
+    _FOLD_PLANS[(length, size)] = plan  # one per length of MAC input (bounded by the frame)
+    return plan
 
 
-_FOLD_STEPS: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+_FOLD_PLANS: dict[tuple[int, int], tuple[int, tuple[tuple[int, int], ...]]] = {}
 
 
 def _xor_blocks(data: bytes, size: int) -> bytes:
@@ -178,10 +184,9 @@ def _xor_blocks(data: bytes, size: int) -> bytes:
     Zero blocks do not change an XOR, so the data is padded to a power-of-two number of blocks
     and folded in halves: log2(blocks) big-integer steps instead of one step per block.
     """
-    length = len(data)
-    padded_bytes = size << (max(1, -(-length // size)) - 1).bit_length()
-    folded = int.from_bytes(data, "big") << (8 * (padded_bytes - length))
-    for shift, mask in _FOLD_STEPS.get((padded_bytes, size)) or _fold_steps(padded_bytes, size):
+    pad_bits, halvings = _FOLD_PLANS.get((len(data), size)) or _fold_plan(len(data), size)
+    folded = int.from_bytes(data, "big") << pad_bits
+    for shift, mask in halvings:
         folded = (folded >> shift) ^ (folded & mask)
     return folded.to_bytes(size, "big")
 

@@ -36,6 +36,11 @@ from cardcodec.subfields import (
 class Kind(Enum):
     """The requests of §4."""
 
+    # Members are singletons that compare by identity, so the identity hash is as good as
+    # `Enum`'s (which hashes the name in Python) and costs nothing; kinds are looked up in
+    # sets and dicts several times for every request.
+    __hash__ = object.__hash__
+
     SIGN_ON = "sign-on"
     SIGN_OFF = "sign-off"
     ECHO = "echo"
@@ -57,24 +62,30 @@ class FieldRule:
     required: frozenset[int]
     one_of: tuple[frozenset[int], ...] = ()
     optional_one_of: tuple[frozenset[int], ...] = ()
+    # Derived once, since every request is checked against its rule: all the fields the
+    # rule allows, and all those of `optional_one_of`.
+    _allowed: frozenset[int] = field(init=False, repr=False, compare=False)
+    _optional: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        optional = frozenset().union(*self.optional_one_of)
+        object.__setattr__(self, "_optional", optional)
+        object.__setattr__(self, "_allowed", self.required.union(*self.one_of, optional))
 
     def allowed(self) -> frozenset[int]:
-        extra = frozenset().union(*self.one_of, *self.optional_one_of)
-        return self.required | extra
+        return self._allowed
 
     def problem(self, present: frozenset[int] | set[int]) -> str | None:
         """None when the fields fit; else which field is missing or not allowed."""
-        missing = self.required - present
-        if missing:
-            return f"field {min(missing)} missing"
-        extra = present - self.allowed()
-        if extra:
-            return f"field {min(extra)} not allowed here"
+        if not self.required <= present:
+            return f"field {min(self.required - present)} missing"
+        if not present <= self._allowed:
+            return f"field {min(present - self._allowed)} not allowed here"
         if self.one_of:
-            chosen = [option for option in self.one_of if option & present]
+            chosen = [option for option in self.one_of if not option.isdisjoint(present)]
             if len(chosen) != 1 or not chosen[0] <= present:
                 return "needs track 2 or card number with expiry, not both"
-        optional = present & frozenset().union(*self.optional_one_of)
+        optional = present & self._optional
         if optional and optional not in self.optional_one_of:
             candidates = [group for group in self.optional_one_of if group & optional]
             return f"field {min(min(group - optional) for group in candidates)} missing"

@@ -6,6 +6,7 @@ does not fit raises `CodecError` naming the field, never the value.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from cardcodec.cards import mask_card_number
@@ -43,12 +44,22 @@ class EntryMode:
 
     @classmethod
     def parse(cls, value: str) -> EntryMode:
+        known = _ENTRY_MODES.get(value)
+        if known is not None:
+            return known
         if len(value) != 3 or value[0] != "0" or value[1] not in "12" or value[2] not in "12":
             raise CodecError("entry mode must be 01x or 02x with x 1 or 2", field=22)
         return cls(keyed=value[1] == "1", pin_entered=value[2] == "1")
 
     def format(self) -> str:
         return "0" + ("1" if self.keyed else "2") + ("1" if self.pin_entered else "2")
+
+
+# Every valid field 22, parsed once: the value of every card request is one of these four.
+_ENTRY_MODES = {
+    mode.format(): mode
+    for mode in (EntryMode(keyed, pin) for keyed in (False, True) for pin in (False, True))
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +80,9 @@ class SecurityControl:
 
     @classmethod
     def parse(cls, value: str) -> SecurityControl:
+        known = _SECURITY_CONTROLS.get(value)
+        if known is not None:
+            return known
         _digits(value, 53, 16, "security control")
         suite = _SUITE_DIGITS.get(value[1])
         if value[0] not in "02" or suite is None or value[2] not in "01" or value[3:] != "0" * 13:
@@ -79,6 +93,18 @@ class SecurityControl:
         suite_digit = "6" if self.suite is Suite.TDES else "4"
         pin_digit = "2" if self.pin else "0"
         return pin_digit + suite_digit + ("1" if self.track_encrypted else "0") + "0" * 13
+
+
+# Every valid field 53, parsed once: the value of every card request is one of these eight.
+_SECURITY_CONTROLS = {
+    control.format(): control
+    for control in (
+        SecurityControl(pin, suite, encrypted)
+        for pin in (False, True)
+        for suite in Suite
+        for encrypted in (False, True)
+    )
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +128,12 @@ NMC_UPLOAD_END_UNBALANCED = "202"
 NMC_UPLOAD_END_BALANCED = "207"
 NMC_FINANCIAL = "000"
 
+# Field 60 values parsed, bounded (the oldest goes when it is full): a terminal sends the same
+# value with every request of a kind in a batch, and a request's 60 is read more than once.
+# Only values that parse are kept; plain dict operations are atomic, so threads share it.
+_MESSAGE_DATA_SIZE = 4096
+_MESSAGE_DATA: dict[str, MessageData] = {}
+
 
 @dataclass(frozen=True, slots=True)
 class MessageData:
@@ -121,6 +153,17 @@ class MessageData:
 
     @classmethod
     def parse(cls, value: str) -> MessageData:
+        known = _MESSAGE_DATA.get(value)
+        if known is None:
+            known = cls._parse(value)
+            if len(_MESSAGE_DATA) >= _MESSAGE_DATA_SIZE:
+                with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+                    del _MESSAGE_DATA[next(iter(_MESSAGE_DATA))]  # the oldest, unless raced
+            _MESSAGE_DATA[value] = known
+        return known
+
+    @classmethod
+    def _parse(cls, value: str) -> MessageData:
         if len(value) not in (11, 14) or not value.isdigit():
             raise CodecError("message data must be 11 or 14 digits", field=60)
         head = cls(value[0:2], value[2:8], value[8:11])
@@ -373,20 +416,32 @@ class Track2:
     @classmethod
     def parse(cls, value: str) -> Track2:
         """Parse a clear (decrypted) track; checked only now, after decryption (§5.4)."""
-        card, separator, tail = value.partition(SEPARATOR)
-        valid = (
-            separator
-            and 1 <= len(card) <= 19
-            and card.isdigit()
-            and len(tail) == TRACK_TAIL_DIGITS
-            and tail.isdigit()
-        )
-        if not valid:
-            raise CodecError("track 2 is not card number D YYMM service discretionary", field=35)
+        card, tail = _track_parts(value)
         return cls(card, tail[0:4], tail[4:7], tail[7:17])
+
+    @staticmethod
+    def check(value: str) -> None:
+        """What `parse` refuses, without building the track: for a check that only needs to
+        know that a clear track will parse later."""
+        _track_parts(value)
 
     def format(self) -> str:
         tail = self.expiry_yymm + self.service_code + self.discretionary
         if not self.card_number.isdigit() or len(tail) != TRACK_TAIL_DIGITS or not tail.isdigit():
             raise CodecError("track 2 parts have the wrong shape", field=35)
         return self.card_number + SEPARATOR + tail
+
+
+def _track_parts(value: str) -> tuple[str, str]:
+    """A clear track's card number and the 17 digits after the separator, or `CodecError`."""
+    card, separator, tail = value.partition(SEPARATOR)
+    valid = (
+        separator
+        and 1 <= len(card) <= 19
+        and card.isdigit()
+        and len(tail) == TRACK_TAIL_DIGITS
+        and tail.isdigit()
+    )
+    if not valid:
+        raise CodecError("track 2 is not card number D YYMM service discretionary", field=35)
+    return card, tail

@@ -8,6 +8,7 @@ the PIN block (§2). They return a short reason (never a value) or None.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cardcodec.crypto import Suite
@@ -33,6 +34,16 @@ REVERSAL_REASONS = frozenset({"98", "96", "A0", "06"})
 FINANCIAL_KINDS = frozenset({Kind.BALANCE, Kind.REDEMPTION, Kind.VOID, Kind.REFUND})
 CARD_KINDS = FINANCIAL_KINDS
 PIN_KINDS = frozenset({Kind.BALANCE, Kind.REDEMPTION})
+OPERATOR_KINDS = frozenset({Kind.SIGN_ON, Kind.SETTLEMENT})  # field 63: the operator code
+ORIGINAL_KINDS = frozenset({Kind.VOID, Kind.REFUND})  # field 61: the original's batch and trace
+
+# Field 48's shape by kind: each parser raises `CodecError` for a value that does not fit.
+_FIELD_48_SHAPES: dict[Kind, Callable[[str], object]] = {
+    Kind.SETTLEMENT: SettlementTotals.parse,
+    Kind.UPLOAD: parse_upload,
+    Kind.UPLOAD_END: parse_upload_end,
+}
+_PIN_BLOCK_FIELDS = {Suite.TDES: 52, Suite.SM4: 62}  # where each suite's PIN block goes (§5.3)
 
 
 @dataclass(frozen=True)
@@ -56,44 +67,41 @@ def format_problem(message: Message, kind: Kind, data: MessageData) -> str | Non
 
 
 def _value_problem(message: Message, kind: Kind, data: MessageData) -> str | None:
-    financial = kind in FINANCIAL_KINDS or kind is Kind.REVERSAL
+    # Kinds are compared through the named sets above and `reversal`: every `Kind.X` costs an
+    # attribute look-up through the enum's metaclass, and this runs for every request.
+    fields = message.fields
+    reversal = kind is Kind.REVERSAL
+    financial = reversal or kind in FINANCIAL_KINDS
     if data.financial != financial:
         return "field 60 has the wrong length for this message"
-    if financial and message.fields.get(25) != CONDITION_NORMAL:
+    if financial and fields.get(25) != CONDITION_NORMAL:
         return "field 25 must be 00"
-    if 49 in message.fields and message.fields[49] != CURRENCY_CNY:
+    if 49 in fields and fields[49] != CURRENCY_CNY:
         return "field 49 must be 156"
-    if kind in (Kind.SIGN_ON, Kind.SETTLEMENT):
+    if kind in OPERATOR_KINDS:
         parse_operator(message.text(63))
-    if kind is Kind.REVERSAL and message.fields[39] not in REVERSAL_REASONS:
+    if reversal and fields[39] not in REVERSAL_REASONS:
         return "field 39 is not a reversal reason"
-    if kind in (Kind.VOID, Kind.REFUND) or (kind is Kind.REVERSAL and 61 in message.fields):
+    if kind in ORIGINAL_KINDS or (reversal and 61 in fields):
         original = OriginalData.parse(message.text(61))
         if (original.date is not None) != (kind is Kind.REFUND):
             return "field 61 has the wrong length for this message"
-    if kind is Kind.REVERSAL:
+    if reversal:
         entry = EntryMode.parse(message.text(22))
-        if entry.keyed != (2 in message.fields):
+        if entry.keyed != (2 in fields):
             return "field 22 disagrees with the card fields"
-    _field_48_shape(message, kind, data)
+    shape = _FIELD_48_SHAPES.get(kind)
+    if shape is not None:
+        shape(message.text(48))
     if kind in CARD_KINDS:
         return card_problem(message, kind)
     return None
 
 
-def _field_48_shape(message: Message, kind: Kind, data: MessageData) -> None:
-    if kind is Kind.SETTLEMENT:
-        SettlementTotals.parse(message.text(48))
-    elif kind is Kind.UPLOAD:
-        parse_upload(message.text(48))
-    elif kind is Kind.UPLOAD_END:
-        parse_upload_end(message.text(48))
-
-
 def card_request(message: Message) -> CardRequest:
     """Fields 22, 53 and the PIN block; call after `format_problem` said None."""
     control = SecurityControl.parse(message.text(53))
-    block = message.fields.get(52 if control.suite is Suite.TDES else 62)
+    block = message.fields.get(_PIN_BLOCK_FIELDS[control.suite])
     return CardRequest(
         EntryMode.parse(message.text(22)), control, block if isinstance(block, bytes) else None
     )
@@ -117,7 +125,7 @@ def card_problem(message: Message, kind: Kind) -> str | None:
     if request.control.track_encrypted and 35 not in message.fields:
         return "field 53 says the track is encrypted but there is no track"
     if 35 in message.fields and not request.control.track_encrypted:
-        Track2.parse(message.text(35))
+        Track2.check(message.text(35))  # parsed once the request has passed every check
     return None
 
 

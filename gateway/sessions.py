@@ -41,7 +41,9 @@ _READ = select(
     TerminalSession.generation,
     TerminalSession.suite,
     TerminalSession.keys_sealed,
-    TerminalSession.expires_at,
+    # Whether the keys still live, compared by the database: reading `expires_at` itself would
+    # cost more than the rest of the row (SQLite keeps it as text, parsed in Python).
+    (TerminalSession.expires_at > bindparam("now")).label("live"),
 ).where(TerminalSession.terminal_id.in_(bindparam("terminals", expanding=True)))
 _END = delete(TerminalSession).where(TerminalSession.terminal_id == bindparam("terminal"))
 _START = insert(TerminalSession).returning(TerminalSession.generation)
@@ -49,13 +51,12 @@ _START = insert(TerminalSession).returning(TerminalSession.generation)
 
 @dataclass(frozen=True)
 class Session:
-    """A signed-on terminal's keys (a handle of the security module) and when they end."""
+    """A signed-on terminal's keys (a handle of the security module) from one sign-on."""
 
     terminal_id: str
     suite: Suite
     keys: KeyHandle
     generation: int
-    expires_at: datetime
 
     @property
     def has_tdk(self) -> bool:
@@ -79,6 +80,10 @@ class SessionView:
 
 UNAVAILABLE = SessionView({}, available=False)
 
+# What a process keeps of a terminal's sign-on: its generation and its `Session` (None when the
+# keys did not open); every group that reads the row with this generation shares the `Session`.
+_Entry = tuple[int, Session | None]
+
 
 class Sessions:
     """Sessions in the ledger, with this process's cache of the keys it has unsealed."""
@@ -91,30 +96,34 @@ class Sessions:
         self._lifetime = lifetime
         self._security = security
         self._lock = threading.Lock()
-        # terminal -> (generation, keys or None when they did not open); one entry a terminal.
-        self._cache: dict[str, tuple[int, KeyHandle | None]] = {}
+        # One entry a terminal, see `_Entry`.
+        self._cache: dict[str, _Entry] = {}
 
     def view(self, terminal_ids: Iterable[str]) -> SessionView:
         """The current sessions of these terminals, with one query; expired ones left out."""
         wanted = sorted(set(terminal_ids))
         if not wanted:
             return SessionView({})
+        parameters = {"terminals": wanted, "now": self._clock.now()}
         try:
             with reading(self._engine) as connection:
-                rows = connection.execute(_READ, {"terminals": wanted}).all()
+                rows = connection.execute(_READ, parameters).all()
         except SQLAlchemyError:
             return UNAVAILABLE
-        now = self._clock.now()
+        with self._lock:  # once for the group, not once a row
+            known = [self._cache.get(row[0]) for row in rows]
         sessions: dict[str, Session] = {}
-        for terminal_id, generation, suite, sealed, expires_at in rows:
-            keys = self._keys(terminal_id, generation, Suite(suite.value), sealed)
-            if keys is not None and now < expires_at:
-                sessions[terminal_id] = Session(
-                    terminal_id, keys.suite, keys, generation, expires_at
-                )
-        with self._lock:
-            for gone in set(wanted) - {row[0] for row in rows}:
-                self._cache.pop(gone, None)
+        for (terminal_id, generation, suite, sealed, live), cached in zip(rows, known, strict=True):
+            if cached is not None and cached[0] == generation:
+                session = cached[1]
+            else:
+                session = self._open(terminal_id, generation, Suite(suite.value), sealed)
+            if session is not None and live:
+                sessions[terminal_id] = session
+        if len(rows) < len(wanted):  # terminal_id is unique: every row is a wanted terminal
+            with self._lock:
+                for gone in set(wanted) - {row[0] for row in rows}:
+                    self._cache.pop(gone, None)
         return SessionView(sessions)
 
     def sign_on(
@@ -140,26 +149,28 @@ class Sessions:
         orm.execute(_END, {"terminal": terminal_id})
         return lambda: self._forget(terminal_id)
 
-    def _keys(
+    def _open(
         self, terminal_id: str, generation: int, suite: Suite, sealed: bytes
-    ) -> KeyHandle | None:
-        """The keys of one sign-on: from the cache when it holds this generation, else
-        unsealed once (and a row that does not open is remembered as such, and logged)."""
-        with self._lock:
-            cached = self._cache.get(terminal_id)
-        if cached is not None and cached[0] == generation:
-            return cached[1]
+    ) -> Session | None:
+        """The session of a sign-on whose keys this process has not unsealed yet: unsealed
+        once (and a row that does not open is remembered as such, and logged)."""
         try:
-            keys: KeyHandle | None = self._security.open_keys(terminal_id, suite, sealed)
+            keys = self._security.open_keys(terminal_id, suite, sealed)
         except SecurityModuleError:
             log.error("session_keys_unreadable", terminal=terminal_id, generation=generation)
-            keys = None
-        self._remember(terminal_id, generation, keys)
-        return keys
+            self._keep(terminal_id, generation, None)
+            return None
+        session = Session(terminal_id, keys.suite, keys, generation)
+        self._keep(terminal_id, generation, session)
+        return session
 
-    def _remember(self, terminal_id: str, generation: int, keys: KeyHandle | None) -> None:
+    def _remember(self, terminal_id: str, generation: int, keys: KeyHandle) -> None:
+        """A sign-on's keys once its transaction has committed, without unsealing them."""
+        self._keep(terminal_id, generation, Session(terminal_id, keys.suite, keys, generation))
+
+    def _keep(self, terminal_id: str, generation: int, session: Session | None) -> None:
         with self._lock:
-            self._cache[terminal_id] = (generation, keys)
+            self._cache[terminal_id] = (generation, session)
 
     def _forget(self, terminal_id: str) -> None:
         with self._lock:
@@ -168,4 +179,4 @@ class Sessions:
     def cached(self) -> int:
         """How many terminals' keys this process holds unsealed (for tests and metrics)."""
         with self._lock:
-            return sum(1 for _, keys in self._cache.values() if keys is not None)
+            return sum(1 for _, session in self._cache.values() if session is not None)
