@@ -73,6 +73,7 @@ def answer(
     return request.reply(kept, processing)
 
 
+@functools.lru_cache(maxsize=512)  # a few MTIs, kinds and codes: the same sets every time
 def _allowed(mti: str, kind: Kind | None, code: str) -> frozenset[int]:
     approved = code in APPROVAL_CODES
     if kind is None:
@@ -99,9 +100,12 @@ def carries_mac(kind: Kind | None, code: str) -> bool:
     return kind is not None and code in APPROVAL_CODES and kind not in UNMACED_KINDS
 
 
+_KEYS = {number: str(number) for number in FIELDS}  # field numbers as the log's keys
+
+
 def stored(message: Message) -> dict[str, str]:
     """An answer's fields in the form the request log keeps (binary fields in hex)."""
-    kept = {str(n): (v.hex() if isinstance(v, bytes) else v) for n, v in message.fields.items()}
+    kept = {_KEYS[n]: (v if isinstance(v, str) else v.hex()) for n, v in message.fields.items()}
     kept.pop("64", None)
     kept["processing"] = message.header.processing
     return kept

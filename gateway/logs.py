@@ -43,15 +43,23 @@ def _clean(value: Any) -> Any:
     return value
 
 
+_PLAIN = frozenset({int, float, bool, type(None)})  # values that cannot hold card data
+
+
 def protect_card_data(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """Mask card numbers and hide secrets in every value of a log line."""
-    for key in list(event_dict):
-        if key in SECRET_KEYS:
+    if not SECRET_KEYS.isdisjoint(event_dict):
+        for key in SECRET_KEYS.intersection(event_dict):
             event_dict[key] = "<hidden>"
-        else:
-            event_dict[key] = _clean(event_dict[key])
+    for key, value in event_dict.items():
+        kind = value.__class__
+        if kind is str:
+            if len(value) >= 13 and key not in SECRET_KEYS:  # shorter: no card number
+                event_dict[key] = _mask_text(value)
+        elif kind not in _PLAIN and key not in SECRET_KEYS:
+            event_dict[key] = _clean(value)
     return event_dict
 
 
@@ -61,9 +69,10 @@ def configure(stream: TextIO = sys.stdout, level: int = logging.INFO) -> None:
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             protect_card_data,
+            # after the masking, which it need not go through: the clock holds no card data
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -8,7 +8,6 @@ refund naming them gets `25`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import secrets
@@ -91,23 +90,38 @@ class Context:
     track: Track2 | None
     moment: Moment
 
-    @property
+    # Worked out once per request (a frozen dataclass keeps them in its own __dict__): the
+    # decision and the writes ask for them several times.
+
+    @functools.cached_property
     def swipe(self) -> ops.Swipe:
         return ops.Swipe(self.terminal.id, int(self.data.batch), self.trace, self.moment)
 
-    @property
+    @functools.cached_property
     def trace(self) -> int:
         return int(self.message.text(11))
 
-    @property
+    @functools.cached_property
     def amount_fen(self) -> int:
         return int(self.message.text(4))
 
     def presented_card(self) -> tuple[str, str]:
         """The card number and YYMM the terminal presented: track 2, or keyed 2 + 14."""
+        return self._presented
+
+    @functools.cached_property
+    def _presented(self) -> tuple[str, str]:
         if self.track is not None:
             return self.track.card_number, self.track.expiry_yymm
         return self.message.text(2), self.message.text(14)
+
+
+_PIN_ENTRIES = {
+    None: PinEntry.NONE,
+    PinCheck.BAD_BLOCK: PinEntry.INVALID_BLOCK,
+    PinCheck.MATCH: PinEntry.ENTERED,
+    PinCheck.NO_MATCH: PinEntry.ENTERED,
+}
 
 
 class RedemptionReads(Protocol):
@@ -326,13 +340,7 @@ class Transactions:
         self, context: Context, card: CardSnapshot
     ) -> tuple[Decline | None, PinEffect]:
         checked = self._pin(context, card)
-        entry = {
-            None: PinEntry.NONE,
-            PinCheck.BAD_BLOCK: PinEntry.INVALID_BLOCK,
-            PinCheck.MATCH: PinEntry.ENTERED,
-            PinCheck.NO_MATCH: PinEntry.ENTERED,
-        }[checked]
-        return pin_decision(card, entry, lambda: checked is PinCheck.MATCH)
+        return pin_decision(card, _PIN_ENTRIES[checked], lambda: checked is PinCheck.MATCH)
 
     def _pin_check(self, orm: OrmSession, context: Context, card: CardSnapshot) -> Decline | None:
         """The PIN's decision, its effect on the card's tries recorded through the ORM (the
@@ -553,13 +561,12 @@ class Transactions:
                 requested_amount_fen=context.amount_fen,
                 rule_id=approval.rule.id if approval.rule else None,
                 fee_bp=context.merchant.fee_bp,
-                auth_code="",
+                auth_code=self._auth_code,
                 response_code=PARTIAL if approval.partial else APPROVED,
             )
             if isinstance(plan, ops.Declined):
                 break
             view.claim(identity)
-            plan = dataclasses.replace(plan, auth_code=self._auth_code())
             planned.append((context, plan, approval.conversion))
         rrns = hot.write_group([plan for _, plan, _ in planned])
         outcomes = []

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple, cast
@@ -146,11 +146,12 @@ class GroupView:
         requested_amount_fen: int,
         rule_id: str | None,
         fee_bp: int,
-        auth_code: str,
+        auth_code: Callable[[], str],
         response_code: str,
     ) -> PlannedRedemption | Declined:
         """As `HotLedger.redeem`, written later: the lots, counts and sums the run's next
-        requests see change now."""
+        requests see change now. `auth_code` draws the authorisation code, only for a
+        redemption that is planned (the one-request path draws one per redemption it writes)."""
         spent = _taking(lots, conversion.points, response_code)
         if isinstance(spent, Declined):
             return spent
@@ -168,7 +169,7 @@ class GroupView:
             tuple(shares),
             (requested_amount_fen, conversion.amount_fen, conversion.discount_bp),
             (rule_id, conversion.settled_fen, points, fee_bp),
-            auth_code,
+            auth_code(),
             response_code,
             available - points,
         )
