@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -41,3 +42,17 @@ def test_listen_is_host_and_port() -> None:
     for bad in ("8583", "host:", "host:99999", ":1"):
         with pytest.raises(BadInput):
             parse_listen(bad)
+
+
+def test_serving_leaves_start_up_objects_out_of_the_collector() -> None:
+    """Before the reactor runs: start-up's objects frozen (full collections no longer walk
+    them) and the young generation collected less often than Python's default."""
+    threshold = gc.get_threshold()
+    try:
+        server._settle_garbage_collector()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[0] == server.YOUNG_OBJECTS_BEFORE_COLLECTION
+        assert gc.get_threshold()[1:] == threshold[1:]
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
