@@ -19,19 +19,21 @@ _SHOWN_FIRST = 6
 _SHOWN_LAST = 4
 
 
+# A digit's value, and its Luhn value when doubled (2d, less 9 past 9), by its character.
+_PLAIN = {str(digit): digit for digit in range(10)}
+_DOUBLED = {str(digit): 2 * digit - 9 * (digit > 4) for digit in range(10)}
+
+
 def _luhn_sum(digits: str, *, check_digit_present: bool) -> int:
-    """Luhn sum, doubling every second digit counted from the right of the whole number."""
-    total = 0
-    double = not check_digit_present
-    for char in reversed(digits):
-        value = ord(char) - ord("0")
-        if double:
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
-        double = not double
-    return total
+    """Luhn sum, doubling every second digit counted from the right of the whole number.
+
+    `digits` must be ASCII digits (the callers check). The digits kept and those doubled are
+    two slices, each summed through a table: no Python step per digit."""
+    backwards = digits[::-1]
+    first_doubled = 1 if check_digit_present else 0  # the check digit itself is never doubled
+    doubled = backwards[first_doubled::2]
+    kept = backwards[1 - first_doubled :: 2]
+    return sum(map(_PLAIN.__getitem__, kept)) + sum(map(_DOUBLED.__getitem__, doubled))
 
 
 def _is_digits(text: str) -> bool:

@@ -10,6 +10,7 @@ owner.
 from __future__ import annotations
 
 import calendar
+import functools
 import time as _time
 from collections.abc import Callable
 from datetime import date, datetime, time, timedelta, tzinfo
@@ -113,6 +114,7 @@ def lot_expired(expires_on: date, local: datetime) -> bool:
     return local.date() > expires_on
 
 
+@functools.lru_cache(maxsize=1200)  # every YYMM of 2000-2099; asked for every card request
 def expiry_last_day(expiry_yymm: str) -> date:
     """The last day of a card's expiry month, given as YYMM (years 2000-2099)."""
     if len(expiry_yymm) != 4 or not expiry_yymm.isascii() or not expiry_yymm.isdigit():

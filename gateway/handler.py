@@ -10,6 +10,7 @@ change, the request log; the answer leaves only after that commit. A ledger fail
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from collections.abc import Callable, Sequence
@@ -50,7 +51,6 @@ from gateway.clock import Clock, business_date
 from gateway.config import Config, MerchantConfig, TerminalConfig
 from gateway.ledger import Moment, next_rrn, unit_of_work
 from gateway.ledger.hotpath import hot_ledger
-from gateway.ledger.models import RequestClass
 from gateway.ledger.records import RequestIdentity
 from gateway.responses import Decline, response_code
 from gateway.security import SecurityModule
@@ -128,6 +128,11 @@ class Request:
     session: Session | None = None
     track: Track2 | None = None
     sessions: SessionView = UNAVAILABLE  # the group's sessions, read when the group began
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """The request as compared for repeats (`_digest`)."""
+        return _digest(self.payload)
 
 
 class Gateway:
@@ -212,11 +217,14 @@ class Gateway:
         request = Request(decoded, payload, None, None, sessions=sessions)
         try:
             self._first_checks(request)
-            return request, self._context(request, moment)
+            context = self._context(request, moment)
         except DeclinedEarly as rejected:
             return self._rejected(request, rejected, moment)
         except CodecError:  # a sub-field that does not fit its shape
             return self._rejected(request, DeclinedEarly(Decline.FORMAT), moment)
+        if _runs_together(context, request):
+            _work_out_early(request, context)
+        return request, context
 
     def _moment(self) -> Moment:
         now = self._clock.now().astimezone(self._config.gateway.timezone)
@@ -352,7 +360,7 @@ class Gateway:
         self, session: OrmSession, run: list[tuple[int, Request, Context]]
     ) -> list[Outcome]:
         """A run of redemptions: the outcomes of its first requests, logged together."""
-        identities = [(context, _identity(context)) for _, _, context in run]
+        identities = [(context, context.identity) for _, _, context in run]
         try:
             outcomes = self._transactions.redeem_run(session, identities)
         finally:
@@ -365,7 +373,7 @@ class Gateway:
             strict=False,  # the run's answered requests
         ):
             stored = answers.stored(outcome.answer)
-            entries.append((identity, _digest(request.payload), stored, context.moment.at))
+            entries.append((identity, request.digest, stored, context.moment.at))
         hot_ledger(session).log_requests(entries)
         return outcomes
 
@@ -392,7 +400,7 @@ class Gateway:
 
     def _run(self, session: OrmSession, request: Request, context: Context) -> Outcome:
         """One request inside the group's transaction: the request log, then the kind."""
-        identity = _identity(context) if request.message.mti in LOGGED_MTIS else None
+        identity = context.identity if request.message.mti in LOGGED_MTIS else None
         try:
             return self._logged(session, request, context, identity)
         finally:
@@ -414,7 +422,7 @@ class Gateway:
         if identity is not None:
             hot_ledger(session).log_request(
                 identity,
-                _digest(request.payload),
+                request.digest,
                 answers.stored(outcome.answer),
                 context.moment.at,
             )
@@ -430,7 +438,7 @@ class Gateway:
     ) -> Outcome:
         """The stored answer for the same request; `94` for another one with its identity
         (not recorded as an authorisation: the identity belongs to the first request)."""
-        if digest == _digest(request.payload):
+        if digest == request.digest:
             return Outcome(answers.restored(request.message, kept), repeated=True)
         extra: dict[int, FieldValue] = {}
         if request.message.mti in ANSWER_MTIS_WITH_RRN:
@@ -523,14 +531,12 @@ def _runs_together(context: Context, request: Request) -> bool:
     return context.kind is Kind.REDEMPTION and request.message.mti in LOGGED_MTIS
 
 
-def _identity(context: Context) -> RequestIdentity:
-    request_class = RequestClass.REVERSAL if context.kind is Kind.REVERSAL else RequestClass.REQUEST
-    return RequestIdentity(
-        context.terminal.id,
-        int(context.data.batch),
-        int(context.message.text(11)),
-        request_class,
-    )
+def _work_out_early(request: Request, context: Context) -> None:
+    """What a redemption's ledger work asks of its request and context, worked out before
+    the group enters the ledger: with several processes on one SQLite file, every moment the
+    group holds the write lock is a moment the others wait."""
+    context.presented_card()
+    _ = (context.swipe, context.amount_fen, context.identity, request.digest)
 
 
 def _digest(payload: bytes) -> bytes:

@@ -56,7 +56,12 @@ from gateway.decision import (
 from gateway.ledger import Moment, next_rrn, records
 from gateway.ledger import operations as ops
 from gateway.ledger.hotpath import Lot, PlannedRedemption, hot_ledger, request_done
-from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
+from gateway.ledger.models import (
+    Authorisation,
+    AuthorisationKind,
+    AuthorisationState,
+    RequestClass,
+)
 from gateway.ledger.models import Terminal as TerminalRow
 from gateway.ledger.records import RequestIdentity
 from gateway.points import Conversion
@@ -104,6 +109,14 @@ class Context:
     @functools.cached_property
     def amount_fen(self) -> int:
         return int(self.message.text(4))
+
+    @functools.cached_property
+    def identity(self) -> RequestIdentity:
+        """The request's key in the request log (§7)."""
+        request_class = (
+            RequestClass.REVERSAL if self.kind is Kind.REVERSAL else RequestClass.REQUEST
+        )
+        return RequestIdentity(self.terminal.id, int(self.data.batch), self.trace, request_class)
 
     def presented_card(self) -> tuple[str, str]:
         """The card number and YYMM the terminal presented: track 2, or keyed 2 + 14."""

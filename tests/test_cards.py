@@ -60,6 +60,28 @@ def test_appended_check_digit_is_always_valid(partial: str) -> None:
     assert luhn_valid(partial + luhn_check_digit(partial))
 
 
+def _textbook_luhn_valid(number: str) -> bool:
+    """Luhn as usually written: from the right, every second digit doubled, 9 taken off."""
+    total = 0
+    for position, char in enumerate(reversed(number)):
+        value = int(char) * (2 if position % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
+@given(st.text(alphabet="0123456789", min_size=2, max_size=30))
+def test_luhn_valid_agrees_with_the_textbook_definition(number: str) -> None:
+    assert luhn_valid(number) == _textbook_luhn_valid(number)
+
+
+def test_luhn_one_wrong_digit_anywhere_is_caught() -> None:
+    number = "6200001234567890" + luhn_check_digit("6200001234567890")
+    for index in range(len(number)):
+        for digit in "0123456789":
+            if digit != number[index]:
+                assert not luhn_valid(number[:index] + digit + number[index + 1 :])
+
+
 def test_issuer_prefix_matches_start_only() -> None:
     """A prefix matches only at the start of the number, and an empty prefix never matches."""
     assert has_issuer_prefix(PLAN_CARD, PREFIXES)
