@@ -276,11 +276,11 @@ class _GroupSql:
     def __init__(self, postgres: bool) -> None:
         lock = " FOR UPDATE" if postgres else ""
         if postgres:
-            identities = "unnest(%s::text[], %s::int[], %s::int[], %s::text[]) AS j(t, b, n, c)"
-            places = "unnest(%s::text[], %s::int[], %s::int[]) AS j(t, b, n)"
-            batches = "unnest(%s::text[], %s::int[]) AS j(t, b)"
+            identities = "unnest(%b::text[], %b::int[], %b::int[], %b::text[]) AS j(t, b, n, c)"
+            places = "unnest(%b::text[], %b::int[], %b::int[]) AS j(t, b, n)"
+            batches = "unnest(%b::text[], %b::int[]) AS j(t, b)"
             t, b, n, c = "j.t", "j.b", "j.n", "j.c"
-            numbers = "= ANY(%s::text[])"
+            numbers = "= ANY(%b::text[])"
         else:
             identities = places = batches = "json_each(?) AS j"
             t, b, n, c = (f"json_extract(j.value, '$[{i}]')" for i in range(4))
@@ -350,6 +350,45 @@ class _GroupSql:
             " VALUES (?, ?, 'redemption', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL,"
             " 'approved', 0, 0, 0, ?, NULL)"
         )
+        # PostgreSQL writes a run's rows of a table with one statement over column arrays
+        # (`unnest`), not one execution per row: the server plans and runs it once. Each takes
+        # the columns of the row-wise statement's parameters, in the same order, sent in
+        # binary (`%b`): the text form escapes every element of every array in Python.
+        self.arrays: dict[str, str] = {}
+        if postgres:
+            single = _Sql(postgres=True)
+            self.arrays = {
+                self.rrn: "INSERT INTO rrn_allocations (id, allocated_at)"
+                " SELECT * FROM unnest(%b::bigint[], %b::timestamptz[])",
+                self.transaction: "INSERT INTO journal_transactions (id, idempotency_key, kind,"
+                " created_at, business_date, card_number) SELECT u.i, u.k, 'redemption', u.c,"
+                " u.d, u.n FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[], %b::date[],"
+                " %b::text[]) AS u(i, k, c, d, n)",
+                single.entry: "INSERT INTO journal_entries (transaction_id, account_id, points)"
+                " SELECT * FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[])",
+                self.authorisation: "INSERT INTO authorisations (id, rrn, kind, terminal_id,"
+                " merchant_id, batch_number, trace, auth_code, card_number,"
+                " requested_amount_fen, amount_fen, discount_bp, rule_id, settled_fen, points,"
+                " fee_bp, response_code, local_time, business_date, original_id, state,"
+                " refunded_fen, points_returned, fen_clawed, journal_transaction_id, exception)"
+                " SELECT u.i, u.r, 'redemption', u.t, u.m, u.b, u.n, u.ac, u.cn, u.q, u.a, u.dp,"
+                " u.ru, u.s, u.p, u.f, u.rc, u.lt, u.bd, NULL, 'approved', 0, 0, 0, u.j, NULL"
+                " FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::int[],"
+                " %b::int[], %b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::int[],"
+                " %b::text[], %b::bigint[], %b::bigint[], %b::int[], %b::text[],"
+                " %b::timestamptz[], %b::date[], %b::bigint[])"
+                " AS u(i, r, t, m, b, n, ac, cn, q, a, dp, ru, s, p, f, rc, lt, bd, j)",
+                single.take: "UPDATE point_lots p SET remaining_points = p.remaining_points - u.a"
+                " FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[]) AS u(a, id, floor)"
+                " WHERE p.id = u.id AND p.remaining_points >= u.floor",
+                single.movement: "INSERT INTO lot_movements (transaction_id, lot_id, points,"
+                " redemption_id, origin_lot_id) SELECT * FROM unnest(%b::bigint[],"
+                " %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])",
+                single.log_request: "INSERT INTO request_log (terminal_id, batch_number, trace,"
+                " request_class, digest, answer, recorded_at) SELECT u.t, u.b, u.n, u.c, u.d,"
+                " u.a::json, u.r FROM unnest(%b::text[], %b::int[], %b::int[], %b::text[],"
+                " %b::bytea[], %b::text[], %b::timestamptz[]) AS u(t, b, n, c, d, a, r)",
+            }
 
 
 _GROUP_SQLITE = _GroupSql(postgres=False)
@@ -874,26 +913,35 @@ class HotLedger:
         if not self._sql.postgres:
             return [self._execute(sql, rows, many=True).rowcount for sql, rows in writes]
         cursors = []
+        arrays = self._group_sql.arrays
         with self._driver_errors("group writes"), self._driver.pipeline():
             self._send_deferred()
             for statement, rows in writes:
                 cursor = self._driver.cursor()
-                cursor.executemany(statement, rows)
-                cursors.append(cursor)
-        return [cursor.rowcount for cursor in cursors]
+                if rows:
+                    cursor.execute(arrays[statement], _columns(rows))
+                cursors.append(cursor if rows else None)
+        return [0 if cursor is None else cursor.rowcount for cursor in cursors]
 
     def log_requests(
         self, entries: Sequence[tuple[RequestIdentity, bytes, dict[str, str], datetime]]
     ) -> None:
         """`log_request` for a run's requests, in one statement (held back on PostgreSQL)."""
+        if not entries:
+            return
+        if self._sql.postgres:  # one statement over column arrays, sent with the next ones
+            rows = [
+                (*_identity_row(identity), digest, json.dumps(answer), self._instant(at))
+                for identity, digest, answer, at in entries
+            ]
+            statement = self._group_sql.arrays[self._sql.log_request]
+            self._deferred.append((statement, tuple(_columns(rows))))
+            return
         rows = [
             (*_identity_row(identity), digest, self._json(answer), self._instant(at))
             for identity, digest, answer, at in entries
         ]
-        if self._sql.postgres:
-            self._deferred += [(self._sql.log_request, row) for row in rows]
-        elif rows:
-            self._execute(self._sql.log_request, rows, many=True)
+        self._execute(self._sql.log_request, rows, many=True)
 
     # -- values in the forms SQLAlchemy's types store ------------------------------------------
 
@@ -917,6 +965,11 @@ class HotLedger:
 
             return Json(value)
         return json.dumps(value)
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column, for a statement over column arrays (`unnest`)."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _snapshot(row: Sequence[Any]) -> CardSnapshot:
