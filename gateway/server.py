@@ -30,6 +30,7 @@ from gateway.config import Config, load_config
 from gateway.errors import BadInput
 from gateway.handler import Answer, Gateway, Reply, finish
 from gateway.ledger import unit_of_work
+from gateway.ledger.checkpoints import Checkpointer
 from gateway.ledger.models import Authorisation, JournalTransaction
 from gateway.protocol import TerminalFactory, TrafficRecorder
 
@@ -307,8 +308,13 @@ def run(
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     if on_listening is not None:
         on_listening(port)
+    checkpointer = Checkpointer(wiring.engine) if wiring.engine.dialect.name == "sqlite" else None
+    if checkpointer is not None:
+        checkpointer.start()
     _settle_garbage_collector()
     reactor.run()
+    if checkpointer is not None:
+        checkpointer.stop()
     wiring.engine.dispose()
     log.info("stopped")
     return 0
