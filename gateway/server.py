@@ -31,6 +31,11 @@ from gateway.errors import BadInput
 from gateway.handler import Answer, Gateway, Reply, finish
 from gateway.ledger import unit_of_work
 from gateway.ledger.checkpoints import Checkpointer
+from gateway.ledger.db import (
+    deferring_log_syncs,
+    sync_after_release,
+    take_owed_log_syncs,
+)
 from gateway.ledger.models import Authorisation, JournalTransaction
 from gateway.protocol import TerminalFactory, TrafficRecorder
 
@@ -49,13 +54,18 @@ class GroupWorker:
     with one commit (`decide`), and hands the answers back to the reactor thread. The reactor
     never waits on the database.
 
-    One thread, not a pipeline of two: while this thread waits for the disk (the commit) the
-    reactor thread has the interpreter to itself, and a second thread preparing the next group
-    would only compete with the first for the interpreter lock. That competition is what
-    counts with several processes on one SQLite file (`--workers`): the write lock is held
-    while a group is decided, so every moment the deciding thread waits for the interpreter
-    is a moment every other process waits for the lock. Groups are taken, prepared and decided
-    in arrival order. Without `prepare`, `decide` gets the payloads."""
+    One ledger thread, not a pipeline of two: a second thread preparing the next group would
+    only compete with the first for the interpreter lock. That competition is what counts
+    with several processes on one SQLite file (`--workers`): the write lock is held while a
+    group is decided, so every moment the deciding thread waits for the interpreter is a
+    moment every other process waits for the lock. Groups are taken, prepared and decided in
+    arrival order. Without `prepare`, `decide` gets the payloads.
+
+    The log-sync thread waits for the disk instead: on SQLite (`sync_after_release`) a group's
+    commit is synced after the write lock is given back, so the ledger thread hands the group
+    over with the syncs it owes and goes on to the next group. The log-sync thread runs those
+    syncs (one for every group waiting) and only then hands the answers to the reactor, in
+    the order the groups were decided. It holds the interpreter lock only for moments."""
 
     def __init__(
         self,
@@ -70,11 +80,14 @@ class GroupWorker:
         self._reactor = reactor
         self._metrics = metrics
         self._queue: queue.SimpleQueue[tuple[bytes, Deferred[Reply]] | None] = queue.SimpleQueue()
+        self._decided: queue.SimpleQueue[_Decided | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="ledger-0", daemon=True)
+        self._syncer = threading.Thread(target=self._sync_loop, name="log-sync", daemon=True)
         self.groups = 0
         self.requests = 0
 
     def start(self) -> None:
+        self._syncer.start()
         self._thread.start()
 
     def submit(self, payload: bytes) -> Deferred[Reply]:
@@ -87,6 +100,8 @@ class GroupWorker:
         self._queue.put(None)
         if self._thread.ident is not None:  # started
             self._thread.join()
+        if self._syncer.ident is not None:
+            self._syncer.join()
 
     def _take(self) -> tuple[list[tuple[bytes, Deferred[Reply]]], bool]:
         first = self._queue.get()
@@ -105,17 +120,47 @@ class GroupWorker:
 
     def _loop(self) -> None:
         stopping = False
+        try:
+            with deferring_log_syncs():
+                while not stopping:
+                    group, stopping = self._take()
+                    if not group:
+                        continue
+                    started = time.perf_counter()
+                    replies = self._run([payload for payload, _ in group])
+                    owed = take_owed_log_syncs()
+                    self._decided.put(_Decided(group, replies, owed, started))
+        finally:
+            self._decided.put(None)
+
+    def _sync_loop(self) -> None:
+        """Every decided group in order: the log syncs it owes (with `sync_after_release`,
+        its commit is not on disk until then), then its answers to the reactor. The groups
+        waiting meanwhile share one sync, and the ledger thread is already on the next."""
+        stopping = False
         while not stopping:
-            group, stopping = self._take()
-            if not group:
-                continue
-            started = time.perf_counter()
-            replies = self._run([payload for payload, _ in group])
-            if self._metrics is not None:
-                self._metrics.group_done(len(group), time.perf_counter() - started)
-            self.groups += 1
-            self.requests += len(group)
-            self._reactor.callFromThread(_deliver, group, replies)
+            first = self._decided.get()
+            if first is None:
+                return
+            batch = [first]
+            while True:
+                try:
+                    item = self._decided.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            for log_sync in {log_sync for decided in batch for log_sync in decided.owed}:
+                log_sync()
+            for decided in batch:
+                if self._metrics is not None:
+                    elapsed = time.perf_counter() - decided.started
+                    self._metrics.group_done(len(decided.group), elapsed)
+                self.groups += 1
+                self.requests += len(decided.group)
+                self._reactor.callFromThread(_deliver, decided.group, decided.replies)
 
     def _run(self, payloads: list[bytes]) -> Sequence[Answer]:
         try:
@@ -127,6 +172,16 @@ class GroupWorker:
 
 
 FAILED = Reply(None, {"event": "closed", "reason": "internal error"})
+
+
+@dataclass(frozen=True)
+class _Decided:
+    """A group the ledger thread is done with, waiting for its log syncs."""
+
+    group: list[tuple[bytes, Deferred[Reply]]]
+    replies: Sequence[Answer]
+    owed: list[Callable[[], None]]
+    started: float
 
 
 def _deliver(group: list[tuple[bytes, Deferred[Reply]]], replies: Sequence[Answer]) -> None:
@@ -308,9 +363,7 @@ def run(
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     if on_listening is not None:
         on_listening(port)
-    checkpointer = Checkpointer(wiring.engine) if wiring.engine.dialect.name == "sqlite" else None
-    if checkpointer is not None:
-        checkpointer.start()
+    checkpointer = _serving_ledger(wiring.engine)
     _settle_garbage_collector()
     reactor.run()
     if checkpointer is not None:
@@ -318,6 +371,18 @@ def run(
     wiring.engine.dispose()
     log.info("stopped")
     return 0
+
+
+def _serving_ledger(engine: Engine) -> Checkpointer | None:
+    """On SQLite, how the ledger is served: commits give the write lock back before the log
+    is synced (`sync_after_release`; the ledger worker answers after the sync), and a thread
+    of its own checkpoints the log (`Checkpointer`, returned to be stopped)."""
+    if engine.dialect.name != "sqlite":
+        return None
+    sync_after_release(engine)
+    checkpointer = Checkpointer(engine)
+    checkpointer.start()
+    return checkpointer
 
 
 # The cyclic collector's first threshold while serving: a request makes a few hundred objects

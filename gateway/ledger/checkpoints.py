@@ -10,7 +10,9 @@ While `vipgate serve` runs, `Checkpointer` does the copying every `interval_s` o
 its own, with PASSIVE checkpoints: they copy what no reader still needs and never wait for or
 block a writer. The serving connections keep an automatic checkpoint only as a backstop
 (`BACKSTOP_PAGES`), so the log stays bounded if the thread ever stops. Durability is unchanged:
-a commit is durable when its log pages are synced (synchronous=FULL), before any checkpoint.
+a commit is durable when its log pages are synced, before any checkpoint (by SQLite inside the
+commit with synchronous=FULL, or right after it by `unit_of_work`, see `sync_after_release`),
+and a checkpoint syncs the log before it copies and the database file after.
 """
 
 from __future__ import annotations

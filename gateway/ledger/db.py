@@ -1,9 +1,10 @@
 """Engines, sessions and units of work that behave the same on SQLite and PostgreSQL.
 
 The ledger's safety rests on two things the database must give: a change is durable when its
-commit returns, and two writers to one card never interleave. SQLite gives both only when told
-(WAL with synchronous=FULL, and transactions that take the write lock at BEGIN IMMEDIATE rather
-than at their first write, which pysqlite's own transaction handling cannot do); PostgreSQL
+unit of work returns, and two writers to one card never interleave. SQLite gives both only when
+told (WAL with synchronous=FULL, or NORMAL with the log synced by `unit_of_work` itself, see
+`sync_after_release`; and transactions that take the write lock at BEGIN IMMEDIATE rather than
+at their first write, which pysqlite's own transaction handling cannot do); PostgreSQL
 gives them with row locks (`SELECT ... FOR UPDATE`, taken by the operations themselves on the
 card and its lots). Everything that opens a connection to the ledger goes through here.
 """
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+from weakref import WeakKeyDictionary
 
 from alembic import command
 from alembic.config import Config
@@ -94,9 +97,13 @@ _READ_ONLY = "vipgate_read_only"
 @contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
     """A connection for reads only: on SQLite its transaction is a snapshot that does not
-    take the write lock, so it runs while another unit of work writes or commits."""
+    take the write lock, so it runs while another unit of work writes or commits.
+
+    With `sync_after_release`, the snapshot may have seen a commit whose log is not synced
+    yet: the thread owes a sync (`settle_log_syncs`) before it answers from what it read."""
     with engine.connect() as connection:
         yield connection.execution_options(**{_READ_ONLY: True})
+    _owe_sync(engine)
 
 
 class _WriterLock:
@@ -163,6 +170,121 @@ def _queue_writers(engine: Engine, database: Path) -> None:
             lock.close()
 
 
+def sync_after_release(
+    engine: Engine, on_failure: Callable[[OSError], NoReturn] | None = None
+) -> None:
+    """Commit without syncing, give the write lock back, then sync the log: for a serving
+    SQLite engine, where the lock is what every group of every process queues for.
+
+    With synchronous=FULL, SQLite syncs the write-ahead log inside the commit, so the write
+    lock is held while the disk works, and the next group (of this process or another) waits
+    for that sync. From here on this engine's connections commit with synchronous=NORMAL, and
+    `unit_of_work` syncs the log itself (`fdatasync`) after the connection (and with it the
+    lock) is given back, and before it returns (`settle_log_syncs`). So:
+    - a unit of work still returns only when its commit is on disk, exactly as with FULL
+      (unless its thread defers the sync, `deferring_log_syncs`: the server's ledger thread
+      then hands it to a thread that syncs before any answer leaves);
+    - the next group writes while the disk syncs the last one;
+    - a group that read a commit not yet synced returns after a sync that began after that
+      read: the log is one file, written in order, so that sync covers the commit too. Nothing
+      that depends on a commit is answered before the commit is on disk;
+    - checkpoints with NORMAL sync the log before copying it and the database file after, so
+      a commit the checkpoint copied is on disk whatever happens to the log afterwards.
+
+    A failed sync leaves commits visible whose durability is unknown, and the kernel may not
+    report the failure twice; `on_failure` (by default: log it and end the process at once)
+    must not return, so that nothing more is answered from that state.
+
+    Only for a SQLite file: elsewhere (PostgreSQL, `:memory:`) this changes nothing."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        return
+    if database.startswith("file:"):
+        return
+    _LOG_SYNCS[engine] = _LogSync(Path(database), on_failure or _end_process)
+    event.listen(engine, "connect", _commit_without_sync)
+    engine.dispose()  # connections already open were told FULL
+
+
+class _LogSync:
+    """`fdatasync` of a SQLite database's write-ahead log (`PATH-wal`)."""
+
+    def __init__(self, database: Path, on_failure: Callable[[OSError], NoReturn]) -> None:
+        self.path = database.with_name(database.name + "-wal")
+        self._on_failure = on_failure
+        self.syncs = 0  # for tests and curiosity
+
+    def __call__(self) -> None:
+        try:
+            descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # No log: the last connection checkpointed it into the database file, synced
+            # that file, and removed it. Every commit is in the synced file.
+            return
+        except OSError as error:
+            self._on_failure(error)
+        try:
+            os.fdatasync(descriptor)
+        except OSError as error:
+            self._on_failure(error)
+        finally:
+            os.close(descriptor)
+        self.syncs += 1
+
+
+_LOG_SYNCS: WeakKeyDictionary[Engine, _LogSync] = WeakKeyDictionary()
+_THREAD = threading.local()
+
+
+def _owe_sync(engine: Engine) -> None:
+    log_sync = _LOG_SYNCS.get(engine)
+    if log_sync is not None:
+        _THREAD.__dict__.setdefault("owed", set()).add(log_sync)
+
+
+def settle_log_syncs() -> None:
+    """Sync every log this thread read or wrote since its last sync, now; unless the thread
+    defers its syncs (`deferring_log_syncs`), when they wait for `take_owed_log_syncs`."""
+    if getattr(_THREAD, "deferring", False):
+        return
+    for log_sync in take_owed_log_syncs():
+        log_sync()
+
+
+def take_owed_log_syncs() -> list[Callable[[], None]]:
+    """The log syncs this thread owes, which it no longer owes: the caller runs them (in
+    any thread) before anything read or written since is answered."""
+    owed = _THREAD.__dict__.pop("owed", None)
+    return list(owed) if owed else []
+
+
+@contextmanager
+def deferring_log_syncs() -> Iterator[None]:
+    """Units of work on this thread return without syncing the log (`sync_after_release`):
+    the server's ledger thread goes on to the next group while another thread syncs and
+    then answers (`take_owed_log_syncs`)."""
+    _THREAD.deferring = True
+    try:
+        yield
+    finally:
+        _THREAD.deferring = False
+
+
+def _commit_without_sync(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def _end_process(error: OSError) -> NoReturn:
+    # structlog is not imported here: the engine module stays free of the logging set-up.
+    message = f"vipgate: the ledger's log could not be synced ({error.strerror}); stopping\n"
+    os.write(2, message.encode())
+    os._exit(EXIT_LOG_SYNC_FAILED)
+
+
+# The exit status of a process stopped by a failed log sync (EX_IOERR).
+EXIT_LOG_SYNC_FAILED = 74
+
+
 def _postgres_engine(url: str) -> Engine:
     return create_engine(
         url,
@@ -193,6 +315,9 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
             yield session
     finally:
         session.close()
+    # With `sync_after_release`: the log is synced after the lock is given back.
+    _owe_sync(engine)
+    settle_log_syncs()
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
