@@ -100,7 +100,7 @@ class Metrics:
         )
         self.commit = Histogram(
             "vipgate_group_commit_seconds",
-            "Time the ledger worker spends on one group, its one database commit included",
+            "Time from taking a group to handing its answers on, commit and log sync included",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )

@@ -19,8 +19,10 @@ as a single `vipgate serve` does (stop accepting, answer what is in flight) and 
 parent exits 0 when every worker did. Workers ignore SIGINT, so a Ctrl-C typed at a terminal,
 which reaches the whole process group, is acted on once, through the parent. A worker that dies
 unexpectedly is logged and replaced (at most `MAX_RESTARTS` in `RESTART_WINDOW_S`); the parent
-then exits 1 when it stops, because a worker did not exit cleanly. On Linux a worker is told
-to stop when its parent dies, so an orphan never keeps the port.
+then exits 1 when it stops, because a worker did not exit cleanly. A worker that stopped
+because the disk failed to sync the ledger's log (exit 74) is not replaced: every worker is
+stopped and the parent exits 74. On Linux a worker is told to stop when its parent dies, so an
+orphan never keeps the port.
 
 Metrics (`--metrics HOST:PORT`): the parent binds that port too and makes a folder where every
 worker writes its series (prometheus_client's multiprocess mode); each worker adopts the port
@@ -50,6 +52,7 @@ import structlog
 
 from gateway import server
 from gateway.errors import BadInput
+from gateway.ledger.db import EXIT_LOG_SYNC_FAILED
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
     from gateway.metrics import Metrics
@@ -167,6 +170,7 @@ class Supervisor:
     deaths: int = 0
     unclean_stops: int = 0
     restarts: deque[float] = field(default_factory=deque)
+    log_sync_failed: bool = False
 
     def run(self) -> int:
         previous = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
@@ -177,6 +181,9 @@ class Supervisor:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+        return self._exit_status()
+
+    def _exit_status(self) -> int:
         clean = self.deaths == 0 and self.unclean_stops == 0
         if clean:
             log.info("workers_stopped", workers=self.count)
@@ -187,7 +194,7 @@ class Supervisor:
             died=self.deaths,
             unclean_stops=self.unclean_stops,
         )
-        return 1
+        return EXIT_LOG_SYNC_FAILED if self.log_sync_failed else 1
 
     def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
         # Only noted here; the supervising loop forwards it within POLL_S.
@@ -261,6 +268,13 @@ class Supervisor:
             return
         self.deaths += 1
         log.error("worker_died", worker=number, pid=pid, exit=how)
+        if code == EXIT_LOG_SYNC_FAILED:
+            # The disk failed to sync the ledger's log: a new worker would answer from commits
+            # of unknown durability. Every worker stops, and so does the instance.
+            log.error("ledger_log_sync_failed", worker=number, action="stopping every worker")
+            self.log_sync_failed = True
+            self.stop_signal = signal.SIGTERM
+            return
         now = time.monotonic()
         while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
             self.restarts.popleft()

@@ -16,13 +16,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from gateway.cli import main
+from gateway.ledger.db import EXIT_LOG_SYNC_FAILED
 from gateway.metrics import MULTIPROC_ENV
-from gateway.workers import MAX_WORKERS
+from gateway.workers import MAX_WORKERS, Supervisor
 from tests.gateway_harness import DEMO
 from tests.logscan import LeakWatch
 from tests.spec_terminal import Link
@@ -258,3 +259,29 @@ def test_record_with_several_workers_is_refused(
     assert main(["serve", "--workers", "2", "--record", str(record)]) == 2
     assert "--record" in capsys.readouterr().err
     assert not record.exists()
+
+
+def test_a_worker_whose_log_sync_failed_is_not_replaced_and_every_worker_stops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exit 74 (`EXIT_LOG_SYNC_FAILED`): a new worker would answer from commits of unknown
+    durability, so none is forked, the others are told to stop, and the parent exits 74."""
+    supervisor = Supervisor(cast(Any, None), cast(Any, None), 2, children={11: 1, 12: 2})
+
+    def no_fork(number: int) -> None:
+        raise AssertionError(f"worker {number} was replaced")
+
+    monkeypatch.setattr(supervisor, "_spawn", no_fork)
+    supervisor._reaped(1, 10, EXIT_LOG_SYNC_FAILED)
+    assert supervisor.stop_signal == signal.SIGTERM  # the loop forwards it to the others
+    supervisor._reaped(2, 12, 0)  # the other worker drains and exits 0
+    assert supervisor._exit_status() == EXIT_LOG_SYNC_FAILED
+
+
+def test_a_worker_that_died_otherwise_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor = Supervisor(cast(Any, None), cast(Any, None), 2)
+    forked: list[int] = []
+    monkeypatch.setattr(supervisor, "_spawn", forked.append)
+    supervisor._reaped(1, 10, 1)
+    assert forked == [1] and supervisor.stop_signal is None
+    assert supervisor._exit_status() == 1
