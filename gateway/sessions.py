@@ -16,35 +16,39 @@ so that lifetimes are tested without waiting.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import structlog
-from sqlalchemy import bindparam, delete, insert, select
+from sqlalchemy import bindparam, delete, insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session as OrmSession
 
 from cardcodec.crypto import Suite
 from gateway.clock import Clock
-from gateway.ledger.db import reading
+from gateway.ledger.db import reading_driver
 from gateway.ledger.models import KeySuite, TerminalSession
 from gateway.security import IssuedKeys, KeyHandle, SecurityModule, SecurityModuleError
 
 log = structlog.get_logger("vipgate.sessions")
 
-# Built once: per group one read, per sign-on one delete and one insert, per sign-off a delete.
-_READ = select(
-    TerminalSession.terminal_id,
-    TerminalSession.generation,
-    TerminalSession.suite,
-    TerminalSession.keys_sealed,
-    # Whether the keys still live, compared by the database: reading `expires_at` itself would
-    # cost more than the rest of the row (SQLite keeps it as text, parsed in Python).
-    (TerminalSession.expires_at > bindparam("now")).label("live"),
-).where(TerminalSession.terminal_id.in_(bindparam("terminals", expanding=True)))
+# Per group one read, on the driver's connection (SQLAlchemy's execution of a compiled
+# statement cost more than the read itself); whether the keys still live is compared by the
+# database: reading `expires_at` itself would cost more than the rest of the row (SQLite keeps
+# it as text, parsed in Python). The statement's text is the same for any number of terminals.
+_READ_SQLITE = (
+    "SELECT terminal_id, generation, suite, keys_sealed, expires_at > ? FROM terminal_sessions"
+    " WHERE terminal_id IN (SELECT value FROM json_each(?))"
+)
+_READ_POSTGRES = (
+    "SELECT terminal_id, generation, suite, keys_sealed, expires_at > %s FROM terminal_sessions"
+    " WHERE terminal_id = ANY(%s)"
+)
+# Per sign-on one delete and one insert, per sign-off a delete.
 _END = delete(TerminalSession).where(TerminalSession.terminal_id == bindparam("terminal"))
 _START = insert(TerminalSession).returning(TerminalSession.generation)
 
@@ -92,6 +96,8 @@ class Sessions:
         self, engine: Engine, clock: Clock, lifetime: timedelta, security: SecurityModule
     ) -> None:
         self._engine = engine
+        self._postgres = engine.dialect.name == "postgresql"
+        self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
         self._clock = clock
         self._lifetime = lifetime
         self._security = security
@@ -104,11 +110,18 @@ class Sessions:
         wanted = sorted(set(terminal_ids))
         if not wanted:
             return SessionView({})
-        parameters = {"terminals": wanted, "now": self._clock.now()}
+        now = self._clock.now()
+        if now.tzinfo is None or now.utcoffset() is None:
+            raise ValueError("the clock gave a naive datetime; it must carry a time zone")
         try:
-            with reading(self._engine) as connection:
-                rows = connection.execute(_READ, parameters).all()
-        except SQLAlchemyError:
+            with reading_driver(self._engine) as driver:
+                if self._postgres:
+                    rows = driver.execute(_READ_POSTGRES, (now, wanted)).fetchall()
+                else:
+                    # As SQLAlchemy stores a UtcDateTime on SQLite: UTC, as text.
+                    stored = now.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+                    rows = driver.execute(_READ_SQLITE, (stored, json.dumps(wanted))).fetchall()
+        except (SQLAlchemyError, self._driver_error):
             return UNAVAILABLE
         with self._lock:  # once for the group, not once a row
             known = [self._cache.get(row[0]) for row in rows]
@@ -117,7 +130,7 @@ class Sessions:
             if cached is not None and cached[0] == generation:
                 session = cached[1]
             else:
-                session = self._open(terminal_id, generation, Suite(suite.value), sealed)
+                session = self._open(terminal_id, generation, Suite(suite), bytes(sealed))
             if session is not None and live:
                 sessions[terminal_id] = session
         if len(rows) < len(wanted):  # terminal_id is unique: every row is a wanted terminal

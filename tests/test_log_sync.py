@@ -21,6 +21,7 @@ from gateway.ledger.db import (
     EXIT_LOG_SYNC_FAILED,
     deferring_log_syncs,
     reading,
+    reading_driver,
     settle_log_syncs,
     sync_after_release,
     take_owed_log_syncs,
@@ -118,6 +119,18 @@ def test_a_read_owes_a_sync_before_anything_is_answered_from_it(
     settle_log_syncs()
     assert journal.events == ["synced"]
     settle_log_syncs()  # owed once, synced once
+    assert journal.events == ["synced"]
+
+
+def test_a_read_on_the_drivers_connection_owes_one_too(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync_after_release(engine)
+    journal = Journal(monkeypatch)
+    with reading_driver(engine) as driver:
+        assert driver.execute("SELECT count(*) FROM notes").fetchone() == (0,)
+    assert journal.events == []
+    settle_log_syncs()
     assert journal.events == ["synced"]
 
 

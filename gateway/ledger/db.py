@@ -106,6 +106,21 @@ def reading(engine: Engine) -> Iterator[Connection]:
     _owe_sync(engine)
 
 
+@contextmanager
+def reading_driver(engine: Engine) -> Iterator[Any]:
+    """The driver's own connection, for one read statement on a path too hot for SQLAlchemy's
+    execution machinery: on SQLite the statement runs alone, outside any transaction, so it
+    reads a snapshot and takes no write lock; on PostgreSQL the pool rolls its transaction
+    back when the connection goes back. Errors are the driver's (`engine.dialect.loaded_dbapi.
+    Error`). The thread owes a sync afterwards, as after `reading`."""
+    connection = engine.raw_connection()
+    try:
+        yield connection.driver_connection
+    finally:
+        connection.close()
+    _owe_sync(engine)
+
+
 class _WriterLock:
     """A queue in front of SQLite's write lock, shared by every process on the file.
 
