@@ -16,7 +16,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from cardcodec.cards import luhn_check_digit
 from gateway.clock import SHANGHAI
@@ -144,6 +144,17 @@ MERCHANT_ID = "898310048990001"
 TERMINAL_ID = "10000001"
 START = datetime(2026, 3, 10, 12, 0, tzinfo=SHANGHAI)
 EXPIRY_YEARS = 1
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """A SQLite file with one table, `notes`, for tests of the engine's own machinery
+    (checkpoints, log syncs) rather than of the ledger."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    with unit_of_work(engine) as session:
+        session.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"))
+    yield engine
+    engine.dispose()
 
 
 def card_number(serial: int) -> str:

@@ -5,22 +5,12 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
 
 from gateway.ledger import make_engine, unit_of_work
 from gateway.ledger.checkpoints import BACKSTOP_PAGES, Checkpointer
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Any:
-    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
-    with unit_of_work(engine) as session:
-        session.execute(text("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"))
-    yield engine
-    engine.dispose()
 
 
 def write(engine: Engine, rows: int) -> None:
