@@ -207,8 +207,8 @@ def sync_after_release(
       a commit the checkpoint copied is on disk whatever happens to the log afterwards.
 
     A failed sync leaves commits visible whose durability is unknown, and the kernel may not
-    report the failure twice; `on_failure` (by default: log it and end the process at once)
-    must not return, so that nothing more is answered from that state.
+    report the failure twice; `on_failure` (by default: say so on stderr and end the process
+    at once, exit 74) must not return, so that nothing more is answered from that state.
 
     Only for a SQLite file: elsewhere (PostgreSQL, `:memory:`) this changes nothing."""
     database = engine.url.database
@@ -227,7 +227,6 @@ class _LogSync:
     def __init__(self, database: Path, on_failure: Callable[[OSError], NoReturn]) -> None:
         self.path = database.with_name(database.name + "-wal")
         self._on_failure = on_failure
-        self.syncs = 0  # for tests and curiosity
 
     def __call__(self) -> None:
         try:
@@ -244,7 +243,6 @@ class _LogSync:
             self._on_failure(error)
         finally:
             os.close(descriptor)
-        self.syncs += 1
 
 
 _LOG_SYNCS: WeakKeyDictionary[Engine, _LogSync] = WeakKeyDictionary()
