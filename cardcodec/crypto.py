@@ -15,7 +15,8 @@ import enum
 import hmac
 import os
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -58,17 +59,37 @@ _MAX_KEY_DRAWS = 8
 # serves every call with its key, and building one (key schedule and cipher context) costs more
 # than the whole MAC. cryptography's contexts are not thread-safe, hence one cache per thread.
 # Every signed-on terminal uses up to four keys (TMK, PIK, MAK, TDK); a cache only has to hold
-# the busy ones, and when it is full the oldest context is dropped. Keys are secrets: the caches
-# are never printed, and their repr says how many contexts they hold, nothing more.
+# the busy ones, and when it is full the oldest context is dropped; retired keys' contexts are
+# dropped at once (`forget_keys`). Keys are secrets: the caches are never printed, and their
+# repr says how many contexts they hold, nothing more.
 _CONTEXT_CACHE_SIZE = 2048
+
+
+class _Caches:
+    """One thread's two caches, kept in `_EVERY_THREAD` for as long as the thread lives."""
+
+    __slots__ = ("__weakref__", "decryptors", "encryptors")
+
+    def __init__(self) -> None:
+        self.encryptors: dict[tuple[Suite, bytes], CipherContext] = {}
+        self.decryptors: dict[tuple[Suite, bytes], CipherContext] = {}
+
+
+# Every thread's caches, so that `forget_keys` reaches them all; a thread's go when it ends.
+_EVERY_THREAD: weakref.WeakSet[_Caches] = weakref.WeakSet()
+_EVERY_THREAD_LOCK = threading.Lock()
 
 
 class _Contexts(threading.local):
     """One thread's ECB encryptor and decryptor contexts, by (suite, key)."""
 
     def __init__(self) -> None:
-        self.encryptors: dict[tuple[Suite, bytes], CipherContext] = {}
-        self.decryptors: dict[tuple[Suite, bytes], CipherContext] = {}
+        caches = _Caches()
+        with _EVERY_THREAD_LOCK:
+            _EVERY_THREAD.add(caches)
+        self._caches = caches  # the thread's only strong reference
+        self.encryptors = caches.encryptors
+        self.decryptors = caches.decryptors
 
     def __repr__(self) -> str:
         count = len(self.encryptors) + len(self.decryptors)
@@ -80,6 +101,19 @@ class _Contexts(threading.local):
 
 
 _CONTEXTS = _Contexts()
+
+
+def forget_keys(suite: Suite, keys: Iterable[bytes]) -> None:
+    """Drop the cipher contexts of these keys from every thread's caches: keys that are
+    retired (a terminal signed on again, or off) should not stay in memory in key schedules
+    until newer keys push them out. A thread that uses one of them again builds it anew."""
+    entries = [(suite, bytes(key)) for key in keys]
+    with _EVERY_THREAD_LOCK:
+        every = list(_EVERY_THREAD)
+    for caches in every:
+        for entry in entries:
+            caches.encryptors.pop(entry, None)
+            caches.decryptors.pop(entry, None)
 
 
 def _new_cipher(suite: Suite, key: bytes) -> Cipher[modes.ECB]:
@@ -101,7 +135,8 @@ def _remember(
     context: CipherContext,
 ) -> CipherContext:
     if len(cache) >= _CONTEXT_CACHE_SIZE:
-        del cache[next(iter(cache))]
+        # pop, not del: `forget_keys` in another thread may have dropped it meanwhile
+        cache.pop(next(iter(cache)), None)
     cache[entry] = context
     return context
 

@@ -38,6 +38,7 @@ from cardcodec.crypto import (
     WorkingKeys,
     decrypt_pin,
     decrypt_track,
+    forget_keys,
     generate_working_keys,
     mac,
     verify_mac,
@@ -122,6 +123,11 @@ class SecurityModule(Protocol):
     def open_keys(self, terminal_id: str, suite: Suite, sealed: bytes) -> KeyHandle:
         """A handle on working keys stored at a sign-on; `SecurityModuleError` if they do not
         open for this terminal and suite."""
+        ...
+
+    def retire_keys(self, keys: KeyHandle) -> None:
+        """The session is over (signed on again, or off): let go of what the module keeps
+        for these keys (a software module: its cipher contexts)."""
         ...
 
     def verify_mac(self, keys: KeyHandle, mac_input: bytes, received: bytes) -> bool:
@@ -216,6 +222,11 @@ class SoftwareSecurityModule:
         except KeyStoreError as error:
             raise SecurityModuleError(str(error)) from None
         return _SoftwareKeys(suite, _unpack(terminal_id, suite, plain))
+
+    def retire_keys(self, keys: KeyHandle) -> None:
+        held = _held(keys)
+        working = held.keys
+        forget_keys(held.suite, [key for key in (working.pik, working.mak, working.tdk) if key])
 
     def verify_mac(self, keys: KeyHandle, mac_input: bytes, received: bytes) -> bool:
         held = _held(keys)

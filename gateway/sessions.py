@@ -134,9 +134,8 @@ class Sessions:
             if session is not None and live:
                 sessions[terminal_id] = session
         if len(rows) < len(wanted):  # terminal_id is unique: every row is a wanted terminal
-            with self._lock:
-                for gone in set(wanted) - {row[0] for row in rows}:
-                    self._cache.pop(gone, None)
+            for gone in set(wanted) - {row[0] for row in rows}:
+                self._forget(gone)
         return SessionView(sessions)
 
     def sign_on(
@@ -183,11 +182,21 @@ class Sessions:
 
     def _keep(self, terminal_id: str, generation: int, session: Session | None) -> None:
         with self._lock:
+            before = self._cache.get(terminal_id)
             self._cache[terminal_id] = (generation, session)
+        if before is not None and before[0] != generation:
+            self._retire(before[1])
 
     def _forget(self, terminal_id: str) -> None:
         with self._lock:
-            self._cache.pop(terminal_id, None)
+            before = self._cache.pop(terminal_id, None)
+        if before is not None:
+            self._retire(before[1])
+
+    def _retire(self, session: Session | None) -> None:
+        """Keys no sign-on of the terminal holds any more: the module lets go of them."""
+        if session is not None:
+            self._security.retire_keys(session.keys)
 
     def cached(self) -> int:
         """How many terminals' keys this process holds unsealed (for tests and metrics)."""

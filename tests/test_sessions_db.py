@@ -5,15 +5,17 @@ group; unsealed once per sign-on per process; a cached copy never outlives its k
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import event, select
 
+from cardcodec import crypto
 from cardcodec.crypto import Suite
 from gateway import sessions as sessions_module
 from gateway.handler import Gateway
@@ -250,3 +252,59 @@ def test_an_echo_from_another_process_knows_the_terminal_is_signed_on(harness: H
     assert sign_off(harness.gateway, terminal).code == "00"
     echo = build("0820", {11: terminal.next_trace(), **terminal.ids(), 60: "00000001301"})
     assert send(harness.new_gateway(), terminal, echo).header.hex() == "603103310000"
+
+
+class RetiringModule(SoftwareSecurityModule):
+    """The software module, noting the MAKs of the keys it is told to retire."""
+
+    def __init__(self, keystore: FileKeyStore) -> None:
+        super().__init__(keystore)
+        self.retired: list[bytes] = []
+
+    def retire_keys(self, keys: KeyHandle) -> None:
+        self.retired.append(cast(Any, keys).keys.mak)
+        super().retire_keys(keys)
+
+
+def test_keys_of_an_ended_sign_on_are_retired(harness: Harness) -> None:
+    """A new sign-on retires the keys of the one before; a sign-off retires its keys; the
+    keys in use are never retired."""
+    module = RetiringModule(FileKeyStore(harness.config.issuer.master_key))
+    gateway = harness.new_gateway(module)
+    terminal = harness.terminal("10000001")
+    sign_on(gateway, terminal)
+    first = terminal.mak
+    assert send(gateway, terminal, redemption(terminal, amount_fen=100)).code == "00"
+    sign_on(gateway, terminal)
+    assert module.retired == [first]
+    assert send(gateway, terminal, redemption(terminal, amount_fen=100)).code == "00"
+    second = terminal.mak
+    assert sign_off(gateway, terminal).code == "00"
+    assert module.retired == [first, second]
+
+
+def test_a_retired_keys_cipher_contexts_are_gone_from_every_thread(harness: Harness) -> None:
+    """The software module drops the contexts its MAC work built for the retired MAK, in the
+    thread that built them too."""
+    terminal = harness.signed_on("10000001")
+    built = threading.Event()
+    retired = threading.Event()
+    held: list[bool] = []
+
+    def answer_in_another_thread() -> None:
+        mak = terminal.mak
+        assert send(harness.gateway, terminal, redemption(terminal, amount_fen=100)).code == "00"
+        held.append(any(key == mak for _, key in crypto._CONTEXTS.encryptors))
+        built.set()
+        retired.wait(10)
+        held.append(any(key == mak for _, key in crypto._CONTEXTS.encryptors))
+
+    thread = threading.Thread(target=answer_in_another_thread)
+    thread.start()
+    assert built.wait(10)
+    old = terminal.mak
+    sign_on(harness.gateway, terminal)
+    assert terminal.mak != old
+    retired.set()
+    thread.join(10)
+    assert held == [True, False]
