@@ -91,6 +91,11 @@ def _sqlite_engine(url: str) -> Engine:
 
 
 _WRITER_LOCK = "vipgate.writer_lock"
+# How long a waiting writer sleeps at most before it looks at the lock again. With two serving
+# processes the lock changes hands about 90 times a second each; at 1 ms a hand-over left the
+# lock idle for about half of that, at 0.2 ms the throughput was about 6% higher (7 runs of
+# each, alternated), for no more CPU per request.
+LOCK_LOOK_MAX_S = 0.0002
 _READ_ONLY = "vipgate_read_only"
 
 
@@ -128,7 +133,8 @@ class _WriterLock:
     so with several gateway processes on one file a waiting group could sleep long after the
     lock was free. An exclusive `flock` on a file beside the database is taken before
     `BEGIN IMMEDIATE` and given back when the connection returns to the pool: a waiter looks
-    again within a millisecond of the lock being free. The kernel drops the lock of a process
+    again within `LOCK_LOOK_MAX_S` (0.2 ms) of the lock being free. The kernel drops the lock
+    of a process
     that dies. Connections that do not take it (another program) still meet SQLite's
     own lock and busy timeout, as before."""
 
@@ -137,7 +143,7 @@ class _WriterLock:
         self._held = False
 
     def acquire(self, timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
-        """Wait for the lock, looking again every millisecond at most. After `timeout_ms`
+        """Wait for the lock, looking again every `LOCK_LOOK_MAX_S` at most. After `timeout_ms`
         the caller goes on without it and SQLite's own busy timeout decides, so a holder that
         never lets go costs what it always did (an error after the busy timeout), not a hang."""
         if self._held:
@@ -151,7 +157,7 @@ class _WriterLock:
                 if time.monotonic_ns() >= deadline:
                     return
                 time.sleep(pause)
-                pause = min(2 * pause, 0.001)
+                pause = min(2 * pause, LOCK_LOOK_MAX_S)
                 continue
             self._held = True
             return
