@@ -134,9 +134,8 @@ class _WriterLock:
     lock was free. An exclusive `flock` on a file beside the database is taken before
     `BEGIN IMMEDIATE` and given back when the connection returns to the pool: a waiter looks
     again within `LOCK_LOOK_MAX_S` (0.2 ms) of the lock being free. The kernel drops the lock
-    of a process
-    that dies. Connections that do not take it (another program) still meet SQLite's
-    own lock and busy timeout, as before."""
+    of a process that dies. Connections that do not take it (another program) still meet
+    SQLite's own lock and busy timeout, as before."""
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
