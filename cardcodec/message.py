@@ -394,10 +394,8 @@ def _walk(
         if width:
             length = _prefixed_length(payload, index, row)
             index += width
-            if not length:
-                if kind == _BINARY:
-                    fields[number] = b""
-                elif bad is None:
+            if not length:  # no field of the profile is meaningful empty (field 62 too)
+                if bad is None:
                     bad = (number, start, "empty")
                 continue
         else:
@@ -623,6 +621,8 @@ def _encode_numbers(
         if kind == _BINARY:
             if not isinstance(value, bytes):
                 raise CodecError("binary field needs bytes", field=number)
+            if width and not value:
+                raise CodecError("empty", field=number)
             data = value
             length = len(data)
         elif not (isinstance(value, str) and value and (check is None or check(value))):

@@ -184,3 +184,43 @@ def test_encoding_refuses_fields_outside_the_table_and_unlisted_mti() -> None:
         encode_message(Message("0200", {5: "1"}))
     with pytest.raises(CodecError):
         encode_message(Message("0100", {}))
+
+
+def _ending_with_empty(number: int, value: str | bytes, encoded: bytes) -> bytes:
+    """A 0200 whose last field, `number` (`encoded` on the wire: its 2-byte length prefix
+    and data), has a prefix of zero and no data."""
+    fields: dict[int, str | bytes] = {11: "000123", 41: "10000001", 42: "898310048990001"}
+    fields[number] = value
+    payload = encode_message(Message("0200", fields))
+    assert payload.endswith(encoded)
+    return payload[: -len(encoded)] + bytes(2)
+
+
+@pytest.mark.parametrize(
+    ("number", "value", "encoded"),
+    [
+        (62, bytes(16), b"\x00\x16" + bytes(16)),
+        (63, "01 ", b"\x00\x03" + b"01 "),
+        (48, "12", b"\x00\x02\x12"),
+    ],
+)
+def test_an_empty_variable_field_is_a_format_error_binary_or_not(
+    number: int, value: str | bytes, encoded: bytes
+) -> None:
+    """A zero length prefix is refused for every variable field, field 62's bytes included:
+    an answerable `30` (the identity fields come first), not an empty value."""
+    payload = _ending_with_empty(number, value, encoded)
+    with pytest.raises(CodecError) as caught:
+        decode_message(payload)
+    assert caught.value.field == number
+    assert str(caught.value).endswith(": empty")
+    assert caught.value.offset == 2 + len(payload) - 2
+    assert caught.value.partial is not None
+    assert {11, 41, 42} <= set(caught.value.partial.fields)
+
+
+def test_encoding_refuses_an_empty_field_62() -> None:
+    """The codec does not send what it refuses to read."""
+    with pytest.raises(CodecError) as caught:
+        encode_message(Message("0200", {11: "000123", 62: b""}))
+    assert caught.value.field == 62

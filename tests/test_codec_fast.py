@@ -139,9 +139,10 @@ def reference_decode_message(payload: bytes) -> Message:
     offset = MTI_BYTES + BITMAP_BYTES
     for key, value in decoded.items():
         number = int(key)
-        if FIELDS[number].format is Format.BINARY:
+        binary = FIELDS[number].format is Format.BINARY
+        if binary and encoded[key]["data"]:  # an empty field is refused, binary or not
             fields[number] = encoded[key]["data"]
-        elif _passes(number, value):
+        elif not binary and _passes(number, value):
             fields[number] = value
         else:
             envelope.fields = _echoable(fields)
@@ -167,6 +168,8 @@ def reference_encode_message(message: Message) -> bytes:
         if FIELDS[number].format is Format.BINARY:
             if not isinstance(value, bytes):
                 raise CodecError("binary field needs bytes", field=number)
+            if not value and FIELDS[number].length is not Length.FIXED:
+                raise CodecError("empty", field=number)
             document[key] = value.hex()
         elif isinstance(value, str) and _passes(number, value):
             document[key] = value

@@ -146,6 +146,20 @@ def test_card_declines(harness: Harness, card: str, code: str) -> None:
     assert answer.code == code
 
 
+def test_an_empty_sm4_pin_block_is_a_format_error_and_no_try(harness: Harness) -> None:
+    """Field 62 present with a zero length (SM4 PIN block) is `30`, three times over, and
+    the card's PIN tries are untouched: the right PIN is approved after them."""
+    terminal = harness.signed_on("10000002")
+    for _ in range(3):
+        fields = terminal.card_fields(GOLD_PIN, "2812", pin="123456")
+        fields[62] = b""
+        request = terminal.financial("0200", "000000", "22", fields, amount_fen=1000)
+        answer = harness.send(terminal, request)
+        assert answer.code == "30"
+        assert 64 not in answer.fields
+    assert harness.redeem(terminal, GOLD_PIN, 1000, pin="123456")[1].code == "00"
+
+
 def test_pin_rules(harness: Harness) -> None:
     """No PIN 55 (not counted); three wrong PINs lock; then a right PIN gets 75."""
     terminal = harness.signed_on()
