@@ -356,6 +356,7 @@ class TerminalEnabledChange(Base):
 
 
 BATCH_COUNTED = "response_code IN ('00', '10') AND state <> 'reversed'"
+HAS_ORIGINAL = "original_id IS NOT NULL"
 
 
 class Authorisation(Base):
@@ -388,7 +389,7 @@ class Authorisation(Base):
     response_code: Mapped[str] = mapped_column(String(2))
     local_time: Mapped[datetime] = mapped_column(UtcDateTime)
     business_date: Mapped[date] = mapped_column(Date, index=True)
-    original_id: Mapped[int | None] = mapped_column(ForeignKey("authorisations.id"), index=True)
+    original_id: Mapped[int | None] = mapped_column(ForeignKey("authorisations.id"))
     state: Mapped[AuthorisationState] = mapped_column(_enum(AuthorisationState))
     refunded_fen: Mapped[int] = mapped_column(BigInteger, default=0)
     points_returned: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -410,6 +411,13 @@ class Authorisation(Base):
             "kind",
             sqlite_where=text(BATCH_COUNTED),
             postgresql_where=text(BATCH_COUNTED),
+        ),
+        # Voids, refunds and reversals by what they undo; the rows without one are left out.
+        Index(
+            "ix_authorisations_original_id",
+            "original_id",
+            sqlite_where=text(HAS_ORIGINAL),
+            postgresql_where=text(HAS_ORIGINAL),
         ),
         CheckConstraint(
             "refunded_fen >= 0 AND points_returned >= 0 AND fen_clawed >= 0",
