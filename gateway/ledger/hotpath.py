@@ -326,11 +326,12 @@ class _GroupSql:
                 for table in ("rrn_allocations", "journal_transactions", "authorisations")
             }
         else:  # the unit of work holds SQLite's write lock: nobody else takes ids meanwhile
+            # Each the highest id in use, as a value; `_new_ids` reads them in one statement.
             self.next_ids = {
-                "rrn_allocations": "SELECT coalesce((SELECT seq FROM sqlite_sequence"
+                "rrn_allocations": "coalesce((SELECT seq FROM sqlite_sequence"
                 " WHERE name = 'rrn_allocations'), 0)",
-                "journal_transactions": "SELECT coalesce(max(id), 0) FROM journal_transactions",
-                "authorisations": "SELECT coalesce(max(id), 0) FROM authorisations",
+                "journal_transactions": "(SELECT coalesce(max(id), 0) FROM journal_transactions)",
+                "authorisations": "(SELECT coalesce(max(id), 0) FROM authorisations)",
             }
 
         def sql(text: str) -> str:
@@ -846,11 +847,11 @@ class HotLedger:
                 table: [int(row[0]) for row in rows]
                 for table, rows in zip(tables, self._read_all(reads), strict=True)
             }
-        fresh = {}
-        for table in tables:
-            base = int(self._execute(statements[table], ()).fetchone()[0])
-            fresh[table] = list(range(base + 1, base + 1 + counts[table]))
-        return fresh
+        highest = self._execute("SELECT " + ", ".join(statements[t] for t in tables), ()).fetchone()
+        return {
+            table: list(range(int(base) + 1, int(base) + 1 + counts[table]))
+            for table, base in zip(tables, highest, strict=True)
+        }
 
     def write_group(self, planned: Sequence[PlannedRedemption]) -> list[str]:
         """Write a run of planned redemptions, one statement per table, exactly the rows
