@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
@@ -9,8 +11,8 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway.ledger import next_rrn
 from gateway.ledger.db import make_engine, migrate, unit_of_work
@@ -136,6 +138,55 @@ def test_sqlite_transactions_take_the_write_lock_at_begin(tmp_path: Path) -> Non
         other.execute("ROLLBACK")
     finally:
         other.close()
+        engine.dispose()
+
+
+def test_a_write_lock_not_had_in_time_is_sqlalchemys_error_and_frees_the_queue(
+    tmp_path: Path,
+) -> None:
+    """BEGIN IMMEDIATE runs on the driver's connection; when another program holds SQLite's
+    write lock past the busy timeout, the caller still gets SQLAlchemy's `OperationalError`
+    (what the gateway retries or answers `96` on), and the writer queue's lock is let go."""
+    path = tmp_path / "ledger.db"
+    engine = make_engine(f"sqlite:///{path}")
+    migrate(engine)
+    engine.dispose()
+    event.listen(engine, "connect", lambda dbapi, _record: dbapi.execute("PRAGMA busy_timeout=50"))
+    other = sqlite3.connect(path, timeout=0.05, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(OperationalError, match="locked"), unit_of_work(engine) as session:
+            session.connection()  # the unit of work's BEGIN IMMEDIATE
+        queue = os.open(path.with_name(path.name + ".writer-lock"), os.O_RDWR)
+        try:
+            fcntl.flock(queue, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no BlockingIOError
+            fcntl.flock(queue, fcntl.LOCK_UN)
+        finally:
+            os.close(queue)
+        other.execute("ROLLBACK")
+        with unit_of_work(engine) as session:
+            assert session.scalar(select(func.count()).select_from(Card)) == 0
+    finally:
+        other.close()
+        engine.dispose()
+
+
+def test_only_undoing_rows_are_indexed_by_their_original(tmp_path: Path) -> None:
+    """The original-id index is partial (redemptions, inquiries and declines have none, and
+    are most rows), and the look-up by original still reads it."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    migrate(engine)
+    try:
+        with engine.connect() as connection:
+            definition = connection.exec_driver_sql(
+                "SELECT sql FROM sqlite_master WHERE name = 'ix_authorisations_original_id'"
+            ).scalar_one()
+            plan = connection.exec_driver_sql(
+                "EXPLAIN QUERY PLAN SELECT id FROM authorisations WHERE original_id = 5"
+            ).all()
+        assert definition.endswith("WHERE original_id IS NOT NULL")
+        assert "USING COVERING INDEX ix_authorisations_original_id" in plan[0][3]
+    finally:
         engine.dispose()
 
 
