@@ -55,7 +55,8 @@ def _sqlite_engine(url: str) -> Engine:
     if on_file:
         # The connection given back last is handed out first. A connection whose database
         # another connection changed since its last transaction starts the next one with an
-        # empty page cache; handing them out in turn (the default) did that to every group.
+        # empty page cache, and handing connections out in turn (the default) made that the
+        # rule for the ledger thread rather than the exception.
         options["pool_use_lifo"] = True
     engine = create_engine(
         url,
