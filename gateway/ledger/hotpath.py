@@ -227,8 +227,8 @@ class _Sql:
             " ORDER BY expires_on, earned_on, id" + lock
         )
         self.batch_count = sql(
-            "SELECT count(*) FROM authorisations WHERE terminal_id = ? AND batch_number = ?"
-            " AND kind = ? AND response_code IN ('00', '10') AND state <> 'reversed'"
+            "SELECT coalesce((SELECT items FROM batch_item_counts WHERE terminal_id = ?"
+            " AND batch_number = ? AND kind = ?), 0)"
         )
         self.redeemed_on = sql(
             "SELECT coalesce(sum(points), 0) FROM authorisations WHERE card_number = ?"
@@ -310,9 +310,9 @@ class _GroupSql:
             f"SELECT id, merchant_id, open_batch_number FROM terminals WHERE id {numbers}"
         )
         self.batch_counts = (
-            f"SELECT {t}, {b}, (SELECT count(*) FROM authorisations a WHERE a.terminal_id = {t}"
-            f" AND a.batch_number = {b} AND a.kind = 'redemption'"
-            f" AND a.response_code IN ('00', '10') AND a.state <> 'reversed') FROM {batches}"
+            f"SELECT {t}, {b}, coalesce((SELECT c.items FROM batch_item_counts c"
+            f" WHERE c.terminal_id = {t} AND c.batch_number = {b} AND c.kind = 'redemption'),"
+            f" 0) FROM {batches}"
         )
         self.redeemed_on = (
             "SELECT card_number, sum(points) FROM authorisations"

@@ -13,16 +13,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, not_, or_, select, union
+from sqlalchemy import Select, and_, case, func, not_, or_, select, text, union
 from sqlalchemy.orm import Session
 
 from gateway.ledger.journal import sum_of
 from gateway.ledger.models import (
+    BATCH_COUNTED,
     Account,
     AccountKind,
     Authorisation,
     AuthorisationKind,
     AuthorisationState,
+    BatchItemCount,
     JournalEntry,
     JournalTransaction,
     LotMovement,
@@ -246,6 +248,28 @@ def _redemptions_hold_their_points(session: Session) -> Iterator[Violation]:
             )
 
 
+def _batch_item_counts(session: Session) -> Iterator[Violation]:
+    """The counts the 999-per-batch limit reads (kept by triggers) are the batches' counted
+    authorisations, terminal by terminal, batch by batch, kind by kind."""
+    key = (Authorisation.terminal_id, Authorisation.batch_number, Authorisation.kind)
+    counted = session.execute(
+        select(*key, func.count()).where(text(BATCH_COUNTED)).group_by(*key)
+    ).all()
+    found = {(t, b, k): int(n) for t, b, k, n in counted}
+    kept = {
+        (row.terminal_id, row.batch_number, row.kind): row.items
+        for row in session.scalars(select(BatchItemCount))
+    }
+    for place in sorted(found.keys() | kept.keys(), key=lambda p: (p[0], p[1], p[2].value)):
+        if found.get(place, 0) != kept.get(place, 0):
+            terminal_id, batch_number, kind = place
+            yield Violation(
+                "batch.item_count",
+                f"terminal {terminal_id} batch {batch_number:06d} {kind.value}",
+                f"counted {kept.get(place, 0)}, authorisations {found.get(place, 0)}",
+            )
+
+
 CHECKS: tuple[Callable[[Session], Iterator[Violation]], ...] = (
     _unbalanced_transactions,
     _journal_total,
@@ -255,4 +279,5 @@ CHECKS: tuple[Callable[[Session], Iterator[Violation]], ...] = (
     _movements_match_entries,
     _applied_once,
     _redemptions_hold_their_points,
+    _batch_item_counts,
 )

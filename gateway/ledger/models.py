@@ -403,15 +403,6 @@ class Authorisation(Base):
 
     __table_args__ = (
         Index("ix_authorisations_terminal_batch_trace", "terminal_id", "batch_number", "trace"),
-        # Only the rows §4.7's 999-per-batch count counts, so the count reads the index alone.
-        Index(
-            "ix_authorisations_batch_count",
-            "terminal_id",
-            "batch_number",
-            "kind",
-            sqlite_where=text(BATCH_COUNTED),
-            postgresql_where=text(BATCH_COUNTED),
-        ),
         # Voids, refunds and reversals by what they undo; the rows without one are left out.
         Index(
             "ix_authorisations_original_id",
@@ -423,6 +414,30 @@ class Authorisation(Base):
             "refunded_fen >= 0 AND points_returned >= 0 AND fen_clawed >= 0",
             name="running_totals_not_negative",
         ),
+    )
+
+
+class BatchItemCount(Base):
+    """How many of a batch's authorisations of one kind §4.7's 999-per-batch limit counts.
+
+    Kept by the database itself: triggers on `authorisations` (migration 0006) add or take one
+    whenever a row enters or leaves `BATCH_COUNTED` (answered `00` or `10` and not reversed; a
+    voided item still counts), on insert, update and delete alike, so every path that writes
+    authorisations keeps it right. The limit's check reads one row instead of counting the
+    batch's items. Never written by the application.
+    """
+
+    __tablename__ = "batch_item_counts"
+
+    terminal_id: Mapped[str] = mapped_column(ForeignKey("terminals.id"), primary_key=True)
+    batch_number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[AuthorisationKind] = mapped_column(_enum(AuthorisationKind), primary_key=True)
+    items: Mapped[int] = mapped_column(Integer)
+
+    __table_args__ = (
+        CheckConstraint("items >= 0", name="items_not_negative"),
+        # On SQLite the rows live in the primary key's B-tree, so a count is one B-tree's write.
+        {"sqlite_with_rowid": False},
     )
 
 
