@@ -96,10 +96,12 @@ Answer = Reply | Sealing
 @dataclass(frozen=True)
 class PreparedGroup:
     """A group after `Gateway.prepare_group`: the answers already known (None where the
-    ledger decides) and the requests for the ledger transaction, by position."""
+    ledger decides) and the requests for the ledger transaction, by position; then the
+    requests that wait for this group's commit (`rest`, see `_session_cut`)."""
 
     replies: list[Answer | None]
     pending: list[tuple[int, Request, Context]]
+    rest: Sequence[bytes] = ()
 
 
 def finish(answer: Answer) -> Reply:
@@ -186,9 +188,11 @@ class Gateway:
         """Everything before the ledger transaction: decoding, the group's one read of the
         sessions (no write lock), the clock, and the checks of §6 that need no ledger (MAC
         included). The server runs it for one group while the previous group commits."""
+        decoded = [_decode(payload) for payload in payloads]
+        cut = _session_cut(decoded)
+        payloads, rest, decoded = payloads[:cut], payloads[cut:], decoded[:cut]
         replies: list[Answer | None] = [None] * len(payloads)
         pending: list[tuple[int, Request, Context]] = []
-        decoded = [_decode(payload) for payload in payloads]
         sessions = self._sessions.view(_terminal_ids(decoded))
         # One reading of the clock for the group: its requests are answered by one commit,
         # and they share the instant, the business date and the answer's time fields.
@@ -199,16 +203,20 @@ class Gateway:
                 replies[index] = prepared
             else:
                 pending.append((index, *prepared))
-        return PreparedGroup(replies, pending)
+        return PreparedGroup(replies, pending, rest)
 
     def decide_prepared(self, group: PreparedGroup) -> list[Answer]:
-        """The ledger transaction of a prepared group, and every answer."""
+        """The ledger transaction of a prepared group, and every answer; then the requests
+        that waited for its commit, as a group of their own."""
         replies = list(group.replies)
         if group.pending:
             for index, reply in self._in_ledger(group.pending):
                 replies[index] = reply
         settle_log_syncs()  # a group whose answers rest on its read of the sessions alone
-        return [reply if reply is not None else Reply(None) for reply in replies]
+        answers = [reply if reply is not None else Reply(None) for reply in replies]
+        if group.rest:
+            answers.extend(self.decide_prepared(self.prepare_group(group.rest)))
+        return answers
 
     def _prepare(
         self, payload: bytes, decoded: Message | CodecError, sessions: SessionView, moment: Moment
@@ -557,6 +565,29 @@ def _decode(payload: bytes) -> Message | CodecError:
         return decode_message(payload)
     except CodecError as error:
         return error
+
+
+SESSION_MTIS = frozenset({"0800", "0820"})
+SESSION_CHANGES = frozenset({Kind.SIGN_ON, Kind.SIGN_OFF})
+
+
+def _session_cut(decoded: Sequence[Message | CodecError]) -> int:
+    """Where a group ends: at the first request of a terminal that an earlier request of
+    the group signs on or off, so that it waits for that commit and is checked against the
+    session as the change left it. Its MAC was made with keys that change ended (or with
+    new ones the group's read of the sessions does not have yet)."""
+    changed: set[object] = set()
+    for index, item in enumerate(decoded):
+        if not isinstance(item, Message):
+            continue
+        terminal = item.fields.get(41)
+        if terminal in changed:
+            return index
+        if item.mti in SESSION_MTIS:
+            kind = classify(item.mti, _text(item, 3), _text(item, 60))
+            if kind in SESSION_CHANGES:
+                changed.add(terminal)
+    return len(decoded)
 
 
 def _terminal_ids(decoded: Sequence[Message | CodecError]) -> set[str]:

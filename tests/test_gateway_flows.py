@@ -241,6 +241,42 @@ def test_sign_off_destroys_the_keys(harness: Harness) -> None:
     assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "A0"
 
 
+def test_a_request_behind_a_sign_off_in_its_group_is_a0(harness: Harness) -> None:
+    """A sign-off and a redemption of the same terminal in one group: the sign-off ends the
+    keys, so the redemption behind it is A0 and takes no points, as it would one group later."""
+    terminal, other = harness.signed_on(), harness.signed_on("20000001")
+    sign_off = terminal.signed(
+        "0820", {11: terminal.next_trace(), **terminal.ids(), 60: "00000001002"}
+    )
+    card = terminal.card_fields(DIAMOND, "2906")
+    redemption = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    elsewhere = other.financial(
+        "0200", "000000", "22", other.card_fields(DIAMOND, "2906"), amount_fen=1000
+    )
+    off, beside, behind = harness.gateway.handle_group([sign_off, elsewhere, redemption])
+    assert off.payload and beside.payload and behind.payload
+    assert terminal.check(sign_off, off.payload).code == "00"
+    approved = other.check(elsewhere, beside.payload)  # another terminal: unaffected
+    assert approved.code == "00"
+    assert terminal.check(redemption, behind.payload).code == "A0"
+    assert harness.redeem(other, DIAMOND, 2)[1].balance == approved.balance - 1  # none taken
+
+
+def test_a_request_behind_a_sign_on_in_its_group_needs_the_new_keys(harness: Harness) -> None:
+    """A sign-on and a redemption MAC'd with the keys it replaces, in one group: the old keys
+    ended with the sign-on, so the redemption is A0; with the new keys, the next one is
+    approved."""
+    terminal = harness.signed_on()
+    sign_on = terminal.sign_on()
+    card = terminal.card_fields(DIAMOND, "2906")
+    redemption = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    on, behind = harness.gateway.handle_group([sign_on, redemption])
+    assert on.payload is not None and behind.payload is not None
+    terminal.adopt_sign_on(terminal.check(sign_on, on.payload))
+    assert terminal.check(redemption, behind.payload).code == "A0"
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].balance == 50000 - 500
+
+
 def test_void_puts_every_point_back_and_only_once(harness: Harness) -> None:
     """Void of a redemption: 00, points back; a second void 22; another amount 64."""
     terminal = harness.signed_on()
