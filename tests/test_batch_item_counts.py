@@ -154,10 +154,13 @@ def test_a_count_that_disagrees_with_the_rows_is_found(world: LedgerWorld) -> No
     """The invariant check recounts the rows and names the terminal, batch and kind."""
     write(world.engine, insert(Authorisation), [authorisation(1), authorisation(2)])
     write(world.engine, update(BatchItemCount).values(items=BatchItemCount.items + 1))
+    stray = {"terminal_id": TERMINAL_ID, "batch_number": 7, "kind": REFUND, "items": 2}
+    write(world.engine, insert(BatchItemCount), [stray])  # a count with no rows behind it
     with unit_of_work(world.engine) as session:
         found = [v for v in check_invariants(session) if v.rule == "batch.item_count"]
     assert [(v.subject, v.detail) for v in found] == [
-        (f"terminal {TERMINAL_ID} batch 000001 redemption", "counted 3, authorisations 2")
+        (f"terminal {TERMINAL_ID} batch 000001 redemption", "counted 3, authorisations 2"),
+        (f"terminal {TERMINAL_ID} batch 000007 refund", "counted 2, authorisations 0"),
     ]
 
 

@@ -250,24 +250,42 @@ def _redemptions_hold_their_points(session: Session) -> Iterator[Violation]:
 
 def _batch_item_counts(session: Session) -> Iterator[Violation]:
     """The counts the 999-per-batch limit reads (kept by triggers) are the batches' counted
-    authorisations, terminal by terminal, batch by batch, kind by kind."""
+    authorisations, terminal by terminal, batch by batch, kind by kind.
+
+    Compared in the database (a full outer join), so only the counts that disagree come back,
+    however many batches the ledger holds."""
     key = (Authorisation.terminal_id, Authorisation.batch_number, Authorisation.kind)
-    counted = session.execute(
-        select(*key, func.count()).where(text(BATCH_COUNTED)).group_by(*key)
-    ).all()
-    found = {(t, b, k): int(n) for t, b, k, n in counted}
-    kept = {
-        (row.terminal_id, row.batch_number, row.kind): row.items
-        for row in session.scalars(select(BatchItemCount))
-    }
-    for place in sorted(found.keys() | kept.keys(), key=lambda p: (p[0], p[1], p[2].value)):
-        if found.get(place, 0) != kept.get(place, 0):
-            terminal_id, batch_number, kind = place
-            yield Violation(
-                "batch.item_count",
-                f"terminal {terminal_id} batch {batch_number:06d} {kind.value}",
-                f"counted {kept.get(place, 0)}, authorisations {found.get(place, 0)}",
-            )
+    found = (
+        select(*key, func.count().label("rows"))
+        .where(text(BATCH_COUNTED))
+        .group_by(*key)
+        .subquery()
+    )
+    kept = BatchItemCount
+    same = and_(
+        found.c.terminal_id == kept.terminal_id,
+        found.c.batch_number == kept.batch_number,
+        found.c.kind == kept.kind,
+    )
+    counted, stored = func.coalesce(found.c.rows, 0), func.coalesce(kept.items, 0)
+    place = (
+        func.coalesce(found.c.terminal_id, kept.terminal_id),
+        func.coalesce(found.c.batch_number, kept.batch_number),
+        func.coalesce(found.c.kind, kept.kind),
+    )
+    query = (
+        select(*place, counted, stored)
+        .select_from(found)
+        .join(kept, same, full=True)
+        .where(counted != stored)
+        .order_by(*place)
+    )
+    for terminal_id, batch_number, kind, rows, items in session.execute(query):
+        yield Violation(
+            "batch.item_count",
+            f"terminal {terminal_id} batch {int(batch_number):06d} {kind.value}",
+            f"counted {int(items)}, authorisations {int(rows)}",
+        )
 
 
 CHECKS: tuple[Callable[[Session], Iterator[Violation]], ...] = (

@@ -420,11 +420,11 @@ class Authorisation(Base):
 class BatchItemCount(Base):
     """How many of a batch's authorisations of one kind §4.7's 999-per-batch limit counts.
 
-    Kept by the database itself: triggers on `authorisations` (migration 0006) add or take one
-    whenever a row enters or leaves `BATCH_COUNTED` (answered `00` or `10` and not reversed; a
-    voided item still counts), on insert, update and delete alike, so every path that writes
-    authorisations keeps it right. The limit's check reads one row instead of counting the
-    batch's items. Never written by the application.
+    Kept by the database itself: triggers on `authorisations` (migration 0006) add to it or
+    take from it whenever rows enter or leave `BATCH_COUNTED` (answered `00` or `10` and not
+    reversed; a voided item still counts), on insert, update and delete alike, so every path
+    that writes authorisations keeps it right. The limit's check reads one row instead of
+    counting the batch's items. Never written by the application.
     """
 
     __tablename__ = "batch_item_counts"
