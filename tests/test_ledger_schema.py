@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy import Engine, event, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway.ledger import next_rrn
 from gateway.ledger.db import make_engine, migrate, unit_of_work
+from gateway.ledger.hotpath import _GroupSql, _Sql
 from gateway.ledger.models import Account, AccountKind, Base, Card, CardStatus, RrnAllocation
 from tests.conftest import LedgerWorld
 
@@ -188,6 +189,60 @@ def test_only_undoing_rows_are_indexed_by_their_original(tmp_path: Path) -> None
         assert "USING COVERING INDEX ix_authorisations_original_id" in plan[0][3]
     finally:
         engine.dispose()
+
+
+def test_the_daily_limit_reads_one_card_and_one_date_from_the_index(tmp_path: Path) -> None:
+    """Both of the daily limit's sums (one request, a group of them) find the card's rows of
+    that business date by the (card_number, business_date) index, not by card alone: a card's
+    older history is not read."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'ledger.db'}")
+    migrate(engine)
+    single = _Sql(postgres=False).redeemed_on
+    group = _GroupSql(postgres=False).redeemed_on
+    try:
+        with engine.connect() as connection:
+            plans = [
+                " ".join(
+                    row[3]
+                    for row in connection.exec_driver_sql(
+                        f"EXPLAIN QUERY PLAN {statement}", parameters
+                    ).all()
+                )
+                for statement, parameters in (
+                    (single, ("6688000000000000011", "2026-11-18")),
+                    (group, ('["6688000000000000011"]', "2026-11-18")),
+                )
+            ]
+    finally:
+        engine.dispose()
+    for plan in plans:
+        assert "INDEX ix_authorisations_card_day (card_number=? AND business_date=?)" in plan
+
+
+def test_indexes_no_query_reads_are_gone(ledger_engine: Engine) -> None:
+    """Revision 0007 dropped the indexes that only cost every redemption's commit a page."""
+    with ledger_engine.connect() as connection:
+        indexes = {
+            index["name"]
+            for table in (
+                "authorisations",
+                "journal_transactions",
+                "journal_entries",
+                "lot_movements",
+            )
+            for index in inspect(connection).get_indexes(table)
+        }
+    assert indexes.isdisjoint(
+        {
+            "ix_journal_transactions_card_number",
+            "ix_journal_entries_account_id",
+            "ix_lot_movements_lot_id",
+            "ix_lot_movements_transaction_id",
+            "ix_authorisations_merchant_id",
+            "ix_authorisations_card_number",
+        }
+    )
+    assert "ix_authorisations_card_day" in indexes
 
 
 def test_unsupported_backend_is_refused() -> None:

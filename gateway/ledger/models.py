@@ -209,7 +209,7 @@ class JournalTransaction(Base):
     kind: Mapped[TransactionKind] = mapped_column(_enum(TransactionKind))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     business_date: Mapped[date] = mapped_column(Date)
-    card_number: Mapped[str | None] = mapped_column(ForeignKey("cards.number"), index=True)
+    card_number: Mapped[str | None] = mapped_column(ForeignKey("cards.number"))
 
 
 class JournalEntry(Base):
@@ -219,7 +219,7 @@ class JournalEntry(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     transaction_id: Mapped[int] = mapped_column(ForeignKey("journal_transactions.id"), index=True)
-    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
     points: Mapped[int] = mapped_column(BigInteger)
 
     __table_args__ = (CheckConstraint("points <> 0", name="points_nonzero"),)
@@ -262,8 +262,8 @@ class LotMovement(Base):
     __tablename__ = "lot_movements"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    transaction_id: Mapped[int] = mapped_column(ForeignKey("journal_transactions.id"), index=True)
-    lot_id: Mapped[int] = mapped_column(ForeignKey("point_lots.id"), index=True)
+    transaction_id: Mapped[int] = mapped_column(ForeignKey("journal_transactions.id"))
+    lot_id: Mapped[int] = mapped_column(ForeignKey("point_lots.id"))
     points: Mapped[int] = mapped_column(BigInteger)
     redemption_id: Mapped[int | None] = mapped_column(ForeignKey("authorisations.id"), index=True)
     origin_lot_id: Mapped[int | None] = mapped_column(ForeignKey("point_lots.id"))
@@ -374,11 +374,11 @@ class Authorisation(Base):
     rrn: Mapped[str] = mapped_column(String(12), unique=True)
     kind: Mapped[AuthorisationKind] = mapped_column(_enum(AuthorisationKind))
     terminal_id: Mapped[str] = mapped_column(ForeignKey("terminals.id"))
-    merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"), index=True)
+    merchant_id: Mapped[str] = mapped_column(ForeignKey("merchants.id"))
     batch_number: Mapped[int] = mapped_column(Integer)
     trace: Mapped[int] = mapped_column(Integer)
     auth_code: Mapped[str | None] = mapped_column(String(6))
-    card_number: Mapped[str | None] = mapped_column(String(19), index=True)
+    card_number: Mapped[str | None] = mapped_column(String(19))
     requested_amount_fen: Mapped[int | None] = mapped_column(BigInteger)
     amount_fen: Mapped[int] = mapped_column(BigInteger, default=0)
     discount_bp: Mapped[int] = mapped_column(Integer, default=0)
@@ -403,6 +403,9 @@ class Authorisation(Base):
 
     __table_args__ = (
         Index("ix_authorisations_terminal_batch_trace", "terminal_id", "batch_number", "trace"),
+        # A card's redemptions of one business date (the plan's daily limit), and by its
+        # first column a card's authorisations (migration 0007).
+        Index("ix_authorisations_card_day", "card_number", "business_date"),
         # Voids, refunds and reversals by what they undo; the rows without one are left out.
         Index(
             "ix_authorisations_original_id",
