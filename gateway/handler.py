@@ -100,7 +100,7 @@ class PreparedGroup:
     requests that wait for this group's commit (`rest`, see `_session_cut`)."""
 
     replies: list[Answer | None]
-    pending: list[tuple[int, Request, Context]]
+    pending: list[_Pending]
     rest: Sequence[bytes] = ()
 
 
@@ -136,6 +136,10 @@ class Request:
     def digest(self) -> bytes:
         """The request as compared for repeats (`_digest`)."""
         return _digest(self.payload)
+
+
+# A request for the ledger transaction: its place in the group, the request, its context.
+_Pending = tuple[int, Request, Context]
 
 
 class Gateway:
@@ -210,8 +214,15 @@ class Gateway:
         that waited for its commit, as a group of their own."""
         replies = list(group.replies)
         if group.pending:
-            for index, reply in self._in_ledger(group.pending):
+            answered, ended = self._in_ledger(group.pending)
+            for index, reply in answered:
                 replies[index] = reply
+            if ended:  # checked with keys a sign-on or sign-off elsewhere has since ended
+                again = self.decide_prepared(
+                    self.prepare_group([request.payload for _, request, _ in ended])
+                )
+                for (index, _, _), reply in zip(ended, again, strict=True):
+                    replies[index] = reply
         settle_log_syncs()  # a group whose answers rest on its read of the sessions alone
         answers = [reply if reply is not None else Reply(None) for reply in replies]
         if group.rest:
@@ -326,23 +337,66 @@ class Gateway:
             moment=moment,
         )
 
-    def _in_ledger(self, pending: list[tuple[int, Request, Context]]) -> list[tuple[int, Answer]]:
+    def _in_ledger(
+        self, pending: list[_Pending]
+    ) -> tuple[list[tuple[int, Answer]], list[_Pending]]:
+        """The group's ledger transaction: the answers of its requests, and the requests left
+        out of it because the keys they were checked with had ended (`_keys_ended`)."""
         try:
             with unit_of_work(self._engine) as session:
                 if len(pending) > 1:
                     cards = (self._transactions.card_of(context) for _, _, context in pending)
                     hot_ledger(session).lock_cards({card for card in cards if card})
-                outcomes = self._outcomes(session, pending)
+                current, ended = self._keys_ended(session, pending)
+                outcomes = self._outcomes(session, current)
         except SQLAlchemyError:
             if len(pending) > 1:
-                return [answered for item in pending for answered in self._in_ledger([item])]
-            return [(pending[0][0], self._alone(pending[0][1], pending[0][2]))]
+                alone = [self._in_ledger([item]) for item in pending]
+                return [a for answered, _ in alone for a in answered], [
+                    item for _, left in alone for item in left
+                ]
+            index, request, context = pending[0]
+            answer = self._alone(request, context)
+            return ([(index, answer)], []) if answer is not None else ([], pending)
         replies: list[tuple[int, Answer]] = []
-        for (index, request, context), outcome in zip(pending, outcomes, strict=True):
+        for (index, request, context), outcome in zip(current, outcomes, strict=True):
             if outcome.after_commit is not None:
                 outcome.after_commit()
             replies.append((index, self._send(request, outcome, context.moment)))
-        return replies
+        return replies, ended
+
+    def _keys_ended(
+        self, session: OrmSession, pending: list[_Pending]
+    ) -> tuple[list[_Pending], list[_Pending]]:
+        """The requests whose keys are still the ledger's, and those whose keys are not.
+
+        A group reads the sessions before its transaction (`prepare_group`), without the write
+        lock; another process may commit a sign-on or sign-off of one of its terminals
+        meanwhile (a terminal with links to two processes). Inside the transaction (on SQLite
+        under the write lock, after every commit of every process before it) the group reads
+        the generations again, and a request checked with keys that have ended since is left
+        out, to be prepared again after the commit: as if it had come after that sign-on or
+        sign-off, so `A0` unless it carries the new keys' MAC. One read per group."""
+        used: dict[str, int] = {}
+        for _, _, context in pending:
+            keys = _checked_with(context)
+            if keys is not None:
+                used[keys.terminal_id] = keys.generation
+        if not used:
+            return pending, []
+        held = hot_ledger(session).session_generations(sorted(used))
+        gone = {
+            terminal for terminal, generation in used.items() if held.get(terminal) != generation
+        }
+        if not gone:
+            return pending, []
+        log.info("keys_ended_meanwhile", terminals=sorted(gone))
+        current: list[_Pending] = []
+        ended: list[_Pending] = []
+        for item in pending:
+            keys = _checked_with(item[2])
+            (ended if keys is not None and keys.terminal_id in gone else current).append(item)
+        return current, ended
 
     def _outcomes(
         self, session: OrmSession, pending: list[tuple[int, Request, Context]]
@@ -387,12 +441,16 @@ class Gateway:
         hot_ledger(session).log_requests(entries)
         return outcomes
 
-    def _alone(self, request: Request, context: Context) -> Answer:
+    def _alone(self, request: Request, context: Context) -> Answer | None:
         """A request whose group failed, in a transaction of its own: once more if a twin
-        logged the same identity meanwhile, else `96` with nothing changed."""
+        logged the same identity meanwhile, else `96` with nothing changed. None when its
+        keys have ended meanwhile (`_keys_ended`): it is to be prepared again."""
         for attempt in (1, 2):
             try:
                 with unit_of_work(self._engine) as session:
+                    _, ended = self._keys_ended(session, [(0, request, context)])
+                    if ended:
+                        return None
                     outcome = self._run(session, request, context)
             except IntegrityError:
                 if attempt == 2:
@@ -534,6 +592,12 @@ def _text(message: Message, number: int) -> str | None:
 def _sign_on_suite(request: Request) -> Suite:
     code = request.data.management_code if request.data else ""
     return Suite.SM4 if code in SM4_SIGN_ONS else Suite.TDES
+
+
+def _checked_with(context: Context) -> Session | None:
+    """The session whose keys the request was checked with (MAC, PIN, track): every request
+    that has one but a sign-on or an echo."""
+    return None if context.kind in (Kind.SIGN_ON, Kind.ECHO) else context.session
 
 
 def _runs_together(context: Context, request: Request) -> bool:

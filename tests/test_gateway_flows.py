@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import insert
 from sqlalchemy.exc import OperationalError
 
-from gateway.handler import Reply
+from gateway.handler import Gateway, Reply, finish
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
 from gateway.transactions import Transactions
@@ -275,6 +275,83 @@ def test_a_request_behind_a_sign_on_in_its_group_needs_the_new_keys(harness: Har
     terminal.adopt_sign_on(terminal.check(sign_on, on.payload))
     assert terminal.check(redemption, behind.payload).code == "A0"
     assert harness.redeem(terminal, DIAMOND, 1000)[1].balance == 50000 - 500
+
+
+def _ending(terminal: SpecTerminal, how: str) -> bytes:
+    """A request that ends the terminal's keys: a sign-off, or a sign-on (new keys)."""
+    if how == "sign-off":
+        return terminal.signed(
+            "0820", {11: terminal.next_trace(), **terminal.ids(), 60: "00000001002"}
+        )
+    return terminal.sign_on()
+
+
+def _end_elsewhere(harness: Harness, terminal: SpecTerminal, request: bytes) -> None:
+    """The request answered by another process on the same ledger; the terminal takes the
+    new keys of a sign-on."""
+    answered = harness.new_gateway().handle(request).payload
+    assert answered is not None
+    checked = terminal.check(request, answered)
+    assert checked.code == "00"
+    if 62 in checked.fields:
+        terminal.adopt_sign_on(checked)
+
+
+@pytest.mark.parametrize("how", ["sign-off", "sign-on"])
+def test_keys_another_process_ended_after_the_group_read_them_are_a0(
+    harness: Harness, how: str
+) -> None:
+    """A group reads the sessions before its transaction. A sign-off or sign-on of one of its
+    terminals that another process commits meanwhile ends the keys its request was checked
+    with: read again inside the transaction, that request is left out and prepared again,
+    so A0, and it takes no points; the group's other requests go on."""
+    terminal, other = harness.signed_on(), harness.signed_on("20000001")
+    ending = _ending(terminal, how)
+    card = terminal.card_fields(DIAMOND, "2906")
+    redemption = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    beside = other.financial(
+        "0200", "000000", "22", other.card_fields(DIAMOND, "2906"), amount_fen=1000
+    )
+    group = harness.gateway.prepare_group([redemption, beside])
+    _end_elsewhere(harness, terminal, ending)
+    late, approved = (finish(a).payload for a in harness.gateway.decide_prepared(group))
+    assert late is not None and approved is not None
+    assert terminal.check(redemption, late).code == "A0"
+    beside_answer = other.check(beside, approved)
+    assert beside_answer.code == "00"
+    assert harness.redeem(other, DIAMOND, 2)[1].balance == beside_answer.balance - 1
+    if how == "sign-on":  # the new keys work
+        assert harness.redeem(terminal, DIAMOND, 2)[1].code == "00"
+
+
+def test_a_request_run_alone_after_its_group_failed_checks_its_keys_again(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group whose transaction fails runs its requests one by one; a request that fails
+    again runs alone once more, and there too its keys are read again: a sign-off another
+    process committed before that makes it A0."""
+    terminal = harness.signed_on()
+    ending = _ending(terminal, "sign-off")
+    card = terminal.card_fields(DIAMOND, "2906")
+    requests = [
+        terminal.financial("0200", "000000", "22", card, amount_fen=amount) for amount in (100, 200)
+    ]
+    verdict = Transactions._redemption_verdict
+    alone = Gateway._alone
+
+    def failing(self: Transactions, context, *args):  # type: ignore[no-untyped-def]
+        if context.amount_fen == 200:
+            raise OperationalError("insert", {}, Exception("disk I/O error"))
+        return verdict(self, context, *args)
+
+    def signed_off_first(self: Gateway, request, context):  # type: ignore[no-untyped-def]
+        _end_elsewhere(harness, terminal, ending)
+        return alone(self, request, context)
+
+    monkeypatch.setattr(Transactions, "_redemption_verdict", failing)
+    monkeypatch.setattr(Gateway, "_alone", signed_off_first)
+    answers = answered(terminal, requests, harness.gateway.handle_group(requests))
+    assert [answer.code for answer in answers] == ["00", "A0"]
 
 
 def test_void_puts_every_point_back_and_only_once(harness: Harness) -> None:

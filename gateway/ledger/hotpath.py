@@ -210,6 +210,11 @@ class _Sql:
             "SELECT 1 FROM reversal_tombstones WHERE terminal_id = ? AND batch_number = ?"
             " AND trace = ?"
         )
+        self.session_generations = "SELECT terminal_id, generation FROM terminal_sessions" + (
+            " WHERE terminal_id = ANY(%s)"
+            if postgres
+            else " WHERE terminal_id IN (SELECT value FROM json_each(?))"
+        )
         self.card = sql(
             "SELECT c.number, c.expiry_yymm, c.tier, c.status, c.enrolled, c.pin_hmac,"
             " c.wrong_pin_count, c.pin_locked, a.id FROM cards c"
@@ -550,6 +555,12 @@ class HotLedger:
         """The terminal's open batch number. Read once per unit of work: only a settlement
         changes it, and settlements go through the ORM path, which starts a new one."""
         return self._terminal(terminal_id)[1]
+
+    def session_generations(self, terminal_ids: Sequence[str]) -> dict[str, int]:
+        """The generation of the sign-on the ledger holds now for each of these terminals
+        that has one, read in this unit of work (on SQLite: under its write lock)."""
+        rows = self._rows(self._sql.session_generations, self._keys(list(terminal_ids)))
+        return {str(terminal_id): int(generation) for terminal_id, generation in rows}
 
     def request_done(self, *, terminals_changed: bool) -> None:
         """Between two requests of a group: reads sent ahead and not used are dropped, and
