@@ -196,7 +196,7 @@ class Gateway:
         cut = _session_cut(decoded)
         payloads, rest, decoded = payloads[:cut], payloads[cut:], decoded[:cut]
         replies: list[Answer | None] = [None] * len(payloads)
-        pending: list[tuple[int, Request, Context]] = []
+        pending: list[_Pending] = []
         sessions = self._sessions.view(_terminal_ids(decoded))
         # One reading of the clock for the group: its requests are answered by one commit,
         # and they share the instant, the business date and the answer's time fields.
@@ -398,9 +398,7 @@ class Gateway:
             (ended if keys is not None and keys.terminal_id in gone else current).append(item)
         return current, ended
 
-    def _outcomes(
-        self, session: OrmSession, pending: list[tuple[int, Request, Context]]
-    ) -> list[Outcome]:
+    def _outcomes(self, session: OrmSession, pending: list[_Pending]) -> list[Outcome]:
         """Every request of the group in order: runs of redemptions together
         (`Transactions.redeem_run`), the others, and whatever a run leaves, one by one."""
         outcomes: list[Outcome] = []
@@ -420,9 +418,7 @@ class Gateway:
             start += 1
         return outcomes
 
-    def _run_together(
-        self, session: OrmSession, run: list[tuple[int, Request, Context]]
-    ) -> list[Outcome]:
+    def _run_together(self, session: OrmSession, run: list[_Pending]) -> list[Outcome]:
         """A run of redemptions: the outcomes of its first requests, logged together."""
         identities = [(context, context.identity) for _, _, context in run]
         try:
