@@ -316,7 +316,9 @@ def test_keys_another_process_ended_after_the_group_read_them_are_a0(
     _end_elsewhere(harness, terminal, ending)
     late, approved = (finish(a).payload for a in harness.gateway.decide_prepared(group))
     assert late is not None and approved is not None
-    assert terminal.check(redemption, late).code == "A0"
+    refused = terminal.check(redemption, late)
+    assert refused.code == "A0"
+    assert refused.header.hex() == "603103310000"  # sign on again: processing digit 3
     beside_answer = other.check(beside, approved)
     assert beside_answer.code == "00"
     assert harness.redeem(other, DIAMOND, 2)[1].balance == beside_answer.balance - 1
@@ -352,6 +354,7 @@ def test_a_request_run_alone_after_its_group_failed_checks_its_keys_again(
     monkeypatch.setattr(Gateway, "_alone", signed_off_first)
     answers = answered(terminal, requests, harness.gateway.handle_group(requests))
     assert [answer.code for answer in answers] == ["00", "A0"]
+    assert answers[1].header.hex() == "603103310000"  # sign on again: processing digit 3
 
 
 def test_void_puts_every_point_back_and_only_once(harness: Harness) -> None:
