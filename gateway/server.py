@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
 
 from gateway import logs
 from gateway.bootstrap import bootstrap, open_database
@@ -37,6 +38,7 @@ from gateway.ledger.db import (
     take_owed_log_syncs,
 )
 from gateway.ledger.models import Authorisation, JournalTransaction
+from gateway.ledgerlink import FrontLink, LedgerEnd
 from gateway.protocol import TerminalFactory, TrafficRecorder
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
@@ -197,6 +199,37 @@ def _deliver(group: list[tuple[bytes, Deferred[Reply]]], replies: Sequence[Answe
             deferred.callback(reply)
 
 
+class Worker(Protocol):
+    """Where a server's frames go: the ledger worker of its own process (`GroupWorker`), or
+    the link to the ledger process (`LinkWorker`)."""
+
+    def start(self) -> None: ...
+
+    def submit(self, payload: bytes) -> Deferred[Reply]: ...
+
+    def stop(self) -> None: ...
+
+
+class LinkWorker:
+    """A front's worker: frames go over the link to the ledger process (gateway/ledgerlink.py).
+    Stopping closes the link once the front has nothing in flight."""
+
+    def __init__(self, link: FrontLink) -> None:
+        self.link = link
+        self.stopping = False
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, payload: bytes) -> Deferred[Reply]:
+        return self.link.submit(payload)
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.link.transport is not None:
+            cast(Any, self.link.transport).loseConnection()
+
+
 class GatewayServer:
     """Feeds frames from the reactor to the ledger worker, and drains on stop."""
 
@@ -207,10 +240,12 @@ class GatewayServer:
         config: Config,
         record: TrafficRecorder | None = None,
         metrics: Metrics | None = None,
+        *,
+        worker: Worker | None = None,
     ) -> None:
         self._reactor = reactor
         self._metrics = metrics  # None: `vipgate serve` without --metrics, nothing measured
-        self._worker = GroupWorker(
+        self._worker: Worker = worker or GroupWorker(
             gateway.decide_prepared, reactor, self._metrics, prepare=gateway.prepare_group
         )
         self._in_flight = 0
@@ -277,9 +312,12 @@ class GatewayServer:
 
     def _stop_worker(self) -> None:
         self._worker.stop()
-        log.info(
-            "ledger_worker_stopped", groups=self._worker.groups, requests=self._worker.requests
-        )
+        if isinstance(self._worker, GroupWorker):
+            log.info(
+                "ledger_worker_stopped",
+                groups=self._worker.groups,
+                requests=self._worker.requests,
+            )
 
 
 @dataclass(frozen=True)
@@ -373,6 +411,116 @@ def run(
     return 0
 
 
+def run_front(
+    wiring: Wiring,
+    reactor: Any,
+    *,
+    adopt: socket.socket,
+    ledger: socket.socket,
+    metrics: Metrics | None = None,
+) -> int:
+    """A front (`vipgate serve --workers N` on SQLite, gateway/workers.py): accept terminals on
+    `adopt` and forward their frames over `ledger`, a connected link to the ledger process.
+    Drains as `run` does. If the link closes while serving (the ledger process ended), the
+    front stops at once: its terminals' links close and the exit status is 1."""
+    lost: list[bool] = []
+
+    def on_lost() -> None:
+        if not worker.stopping:
+            log.error("ledger_link_lost")
+            lost.append(True)
+            if reactor.running:
+                reactor.stop()
+
+    link = FrontLink(reactor, on_lost)
+    worker = LinkWorker(link)
+    reactor.adoptStreamConnection(ledger.fileno(), ledger.family, _One(link))
+    ledger.close()  # the connection holds its own duplicate of the descriptor
+    server = GatewayServer(wiring.gateway, reactor, wiring.config, metrics=metrics, worker=worker)
+    port = server.adopt(adopt)
+    address = port.getHost()
+    log.info("listening", host=getattr(address, "host", ""), port=getattr(address, "port", 0))
+    reactor.addSystemEventTrigger("before", "shutdown", server.stop)
+    _settle_garbage_collector()
+    reactor.run()
+    log.info("stopped")
+    return 1 if lost else 0
+
+
+def run_ledger(
+    wiring: Wiring, reactor: Any, *, adopt: socket.socket, metrics: Metrics | None = None
+) -> int:
+    """The ledger process (`vipgate serve --workers N` on SQLite, gateway/workers.py): accept
+    the fronts' links on `adopt`, a listening Unix socket, and decide every front's frames in
+    the same groups. On SIGTERM (sent once every front has stopped): stop accepting links,
+    decide what was submitted, exit 0."""
+    worker = GroupWorker(
+        wiring.gateway.decide_prepared,
+        reactor,
+        metrics,
+        prepare=wiring.gateway.prepare_group,
+    )
+    factory = _Ends(reactor, worker.submit)
+    worker.start()
+    port = reactor.adoptStreamPort(adopt.fileno(), adopt.family, factory)
+    adopt.close()
+
+    def stop() -> None:
+        log.info("stopping", links=len(factory.ends))
+        port.stopListening()
+        for end in factory.ends:
+            cast(Any, end.transport).loseConnection()
+        worker.stop()
+        log.info("ledger_worker_stopped", groups=worker.groups, requests=worker.requests)
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop)
+    log.info("ledger_listening")
+    checkpointer = _serving_ledger(wiring.engine)
+    _settle_garbage_collector()
+    reactor.run()
+    if checkpointer is not None:
+        checkpointer.stop()
+    wiring.engine.dispose()
+    log.info("stopped")
+    return 0
+
+
+class _One(Factory):
+    """The factory of one connection whose protocol is already built (a front's link)."""
+
+    def __init__(self, protocol: FrontLink) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> FrontLink:
+        return self._protocol
+
+
+class _Ends(Factory):
+    """The ledger process's ends of the fronts' links."""
+
+    def __init__(self, reactor: Any, submit: Callable[[bytes], Deferred[Reply]]) -> None:
+        self._reactor = reactor
+        self._submit = submit
+        self.ends: set[LedgerEnd] = set()
+
+    def buildProtocol(self, addr: Any) -> LedgerEnd:
+        end = _TrackedEnd(self._reactor, self._submit, self.ends)
+        self.ends.add(end)
+        return end
+
+
+class _TrackedEnd(LedgerEnd):
+    def __init__(
+        self, reactor: Any, submit: Callable[[bytes], Deferred[Reply]], ends: set[LedgerEnd]
+    ) -> None:
+        super().__init__(reactor, submit)
+        self._ends = ends
+
+    def connectionLost(self, reason: Any = None) -> None:
+        super().connectionLost(reason)
+        self._ends.discard(self)
+
+
 def _serving_ledger(engine: Engine) -> Checkpointer | None:
     """On SQLite, how the ledger is served: commits give the write lock back before the log
     is synced (`sync_after_release`; the ledger worker answers after the sync), and a thread
@@ -400,4 +548,4 @@ def _settle_garbage_collector() -> None:
     gc.set_threshold(YOUNG_OBJECTS_BEFORE_COLLECTION, *gc.get_threshold()[1:])
 
 
-__all__ = ["GatewayServer", "Wiring", "parse_clock", "run", "wire"]
+__all__ = ["GatewayServer", "Wiring", "parse_clock", "run", "run_front", "run_ledger", "wire"]

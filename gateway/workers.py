@@ -67,6 +67,8 @@ MAX_RESTARTS: Final = 5  # replacements of dead workers within RESTART_WINDOW_S,
 RESTART_WINDOW_S: Final = 60.0
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
+LEDGER: Final = 0  # the worker number of the ledger process (SQLite, more than one worker)
+LEDGER_SOCKET: Final = "ledger.sock"
 
 
 def check_count(workers: int) -> int:
@@ -95,22 +97,77 @@ def serve(
     metrics_at: tuple[str, int] | None = None,
 ) -> int:
     """Bind, fork `workers` workers and supervise them until SIGTERM/SIGINT; the exit status.
-    With `metrics_at` (`--metrics HOST:PORT`) the workers also serve the sum of their metrics."""
+    With `metrics_at` (`--metrics HOST:PORT`) the workers also serve the sum of their metrics.
+    On SQLite one of the workers is the ledger process and the others are fronts."""
     check_count(workers)
     _whole_line_writes()
     # The workers open their own connections; none may be inherited from the parent's pool.
     wiring.engine.dispose()
     listening = bind(*listen)
     shared: SharedMetrics | None = None
+    ledger: LedgerSocket | None = None
     try:
         shared = SharedMetrics.open(*metrics_at) if metrics_at is not None else None
+        if wiring.engine.dialect.name == "sqlite" and workers > 1:
+            ledger = LedgerSocket.open()
         host, port = listening.getsockname()[:2]
-        log.info("workers_starting", workers=workers, host=host, port=port, pid=os.getpid())
-        return Supervisor(wiring, listening, workers, shared).run()
+        log.info(
+            "workers_starting",
+            workers=workers,
+            host=host,
+            port=port,
+            pid=os.getpid(),
+            ledger_process=ledger is not None,
+        )
+        return Supervisor(wiring, listening, workers, shared, ledger=ledger).run()
     finally:
         listening.close()
         if shared is not None:
             shared.close()
+        if ledger is not None:
+            ledger.close()
+
+
+@dataclass(frozen=True)
+class LedgerSocket:
+    """On SQLite: where the fronts reach the ledger process, a Unix socket the parent binds
+    in a folder of its own (mode 0700) before the first fork. The parent keeps it bound, so
+    a replaced ledger process adopts the same socket and a replaced front connects to it."""
+
+    listening: socket.socket
+    directory: Path
+
+    @classmethod
+    def open(cls) -> LedgerSocket:
+        folder = Path(tempfile.mkdtemp(prefix="vipgate-ledger-"))
+        try:
+            listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listening.bind(str(folder / LEDGER_SOCKET))
+            listening.listen(LISTEN_BACKLOG)
+        except OSError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        listening.setblocking(False)
+        return cls(listening, folder)
+
+    @property
+    def path(self) -> str:
+        return str(self.directory / LEDGER_SOCKET)
+
+    def connect(self) -> socket.socket:
+        """In a front: a link to the ledger process (queued until the ledger accepts it)."""
+        link = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            link.connect(self.path)
+        except OSError:
+            link.close()
+            raise
+        link.setblocking(False)
+        return link
+
+    def close(self) -> None:
+        self.listening.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -171,11 +228,19 @@ class Supervisor:
     unclean_stops: int = 0
     restarts: deque[float] = field(default_factory=deque)
     log_sync_failed: bool = False
+    ledger: LedgerSocket | None = None  # on SQLite: worker LEDGER owns the ledger
+    ledger_told: bool = False  # the ledger process was told to stop, after every front
+
+    def numbers(self) -> list[int]:
+        """The workers' numbers: with a ledger process, LEDGER and the fronts 1..count-1."""
+        if self.ledger is None:
+            return list(range(1, self.count + 1))
+        return [LEDGER, *range(1, self.count)]
 
     def run(self) -> int:
         previous = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
         try:
-            for number in range(1, self.count + 1):
+            for number in self.numbers():
                 self._spawn(number)
             self._supervise()
         finally:
@@ -213,16 +278,21 @@ class Supervisor:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _worker_main(self.wiring, self.listening, self.metrics, number, os.getppid())
+                _worker_main(
+                    self.wiring, self.listening, self.metrics, number, os.getppid(), self.ledger
+                )
             self.children[pid] = number
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        log.info("worker_started", worker=number, pid=pid)
+        role = _role(number, self.ledger)
+        log.info("worker_started", worker=number, pid=pid, role=role)
 
     def _supervise(self) -> None:
         while self.children:
             if self.stop_signal is not None and self.stop_deadline is None:
                 self._forward_stop()
+            if self.stop_deadline is not None and not self.ledger_told:
+                self._stop_ledger_after_fronts()
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 self._kill_late_workers()
@@ -243,6 +313,15 @@ class Supervisor:
         self.listening.close()  # the workers hold their own copies until they stop accepting
         if self.metrics is not None:
             self.metrics.stop_accepting()
+        for pid, number in self.children.items():
+            if self.ledger is None or number != LEDGER:
+                _signal(pid, signal.SIGTERM)
+
+    def _stop_ledger_after_fronts(self) -> None:
+        """The ledger process stops last: once every front has drained, nothing more comes."""
+        if any(number != LEDGER for number in self.children.values()):
+            return
+        self.ledger_told = True
         for pid in self.children:
             _signal(pid, signal.SIGTERM)
 
@@ -299,19 +378,26 @@ def _signal(pid: int, signum: int) -> None:
 # --- in the worker ------------------------------------------------------------------------------
 
 
-def _worker_main(
+def _role(number: int, ledger: LedgerSocket | None) -> str:
+    if ledger is None:
+        return "worker"
+    return "ledger" if number == LEDGER else "front"
+
+
+def _worker_main(  # noqa: PLR0917 (one call, in `Supervisor._spawn`)
     wiring: server.Wiring,
     listening: socket.socket,
     metrics: SharedMetrics | None,
     number: int,
     parent: int,
+    ledger: LedgerSocket | None = None,
 ) -> None:
     """A forked worker: serve on the shared socket until told to stop, then exit; never
     returns into the parent's code."""
     status = 1
     try:
-        _become_worker(number, parent)
-        status = _serve_worker(wiring, listening, metrics)
+        _become_worker(number, parent, _role(number, ledger))
+        status = _serve_worker(wiring, listening, metrics, number, ledger)
     except BaseException:
         log.exception("worker_failed")
     finally:
@@ -320,12 +406,12 @@ def _worker_main(
         os._exit(status)
 
 
-def _become_worker(number: int, parent: int) -> None:
+def _become_worker(number: int, parent: int, role: str) -> None:
     """Signals as a worker needs them, its number on every log line, the parent watched."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards Ctrl-C as SIGTERM
     signal.signal(signal.SIGTERM, _early_stop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    _tag_log_lines(number)
+    _tag_log_lines(number, role)
     _stop_with_parent(parent)
 
 
@@ -338,7 +424,11 @@ def _early_stop(_signum: int, _frame: FrameType | None) -> None:
 
 
 def _serve_worker(
-    wiring: server.Wiring, listening: socket.socket, metrics: SharedMetrics | None
+    wiring: server.Wiring,
+    listening: socket.socket,
+    metrics: SharedMetrics | None,
+    number: int,
+    ledger: LedgerSocket | None,
 ) -> int:
     # A fork-inherited pool must never be used: start from an empty one in this process.
     wiring.engine.dispose(close=False)
@@ -352,7 +442,14 @@ def _serve_worker(
 
     reactor.callWhenRunning(stop_if_asked)
     measured = metrics.start_worker(reactor) if metrics is not None else None
-    return server.run(wiring, ("", 0), reactor, adopt=listening, metrics=measured)
+    if ledger is None:
+        return server.run(wiring, ("", 0), reactor, adopt=listening, metrics=measured)
+    if number == LEDGER:
+        listening.close()  # terminals are the fronts' business
+        return server.run_ledger(wiring, reactor, adopt=ledger.listening, metrics=measured)
+    link = ledger.connect()
+    ledger.listening.close()  # the ledger process's business
+    return server.run_front(wiring, reactor, adopt=listening, ledger=link, metrics=measured)
 
 
 def _whole_line_writes() -> None:
@@ -361,8 +458,9 @@ def _whole_line_writes() -> None:
     structlog.configure(logger_factory=structlog.WriteLoggerFactory(sys.stdout))
 
 
-def _tag_log_lines(number: int) -> None:
-    """Every line a worker logs, from any thread, says which worker and process wrote it."""
+def _tag_log_lines(number: int, role: str) -> None:
+    """Every line a worker logs, from any thread, says which worker and process wrote it (and,
+    with a ledger process, whether the worker is the ledger or a front)."""
     pid = os.getpid()
 
     def tag(
@@ -370,6 +468,8 @@ def _tag_log_lines(number: int) -> None:
     ) -> MutableMapping[str, Any]:
         event_dict.setdefault("worker", number)
         event_dict.setdefault("pid", pid)
+        if role != "worker":
+            event_dict.setdefault("role", role)
         return event_dict
 
     processors = list(structlog.get_config()["processors"])
@@ -385,4 +485,13 @@ def _stop_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-__all__ = ["MAX_WORKERS", "SharedMetrics", "Supervisor", "bind", "check_count", "serve"]
+__all__ = [
+    "LEDGER",
+    "MAX_WORKERS",
+    "LedgerSocket",
+    "SharedMetrics",
+    "Supervisor",
+    "bind",
+    "check_count",
+    "serve",
+]

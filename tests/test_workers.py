@@ -1,8 +1,9 @@
-"""`vipgate serve --workers N` as real processes on loopback: one port shared by N workers,
-each answering terminals; SIGTERM drains them all and exits 0; a killed worker is replaced and
-reported; a bad N is refused naming --workers; with `--metrics` every scrape of the one metrics
-port answers the sum over the workers. Everything the processes write is scanned for card data
-(tests/logscan.py)."""
+"""`vipgate serve --workers N` as real processes on loopback: one port shared by the workers
+that answer terminals (on PostgreSQL all N; on SQLite N - 1 fronts, the other worker being the
+ledger process they forward to); SIGTERM drains them all and exits 0; a killed worker, front or
+ledger process, is replaced and reported; a bad N is refused naming --workers; with
+`--metrics` every scrape of the one metrics port answers the sum over the workers. Everything
+the processes write is scanned for card data (tests/logscan.py)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ SIGN_ONS = 'vipgate_requests_total{code="00",kind="sign-on",mti="0800"}'
 SCRAPES = 8  # each is a fresh race between the workers for the metrics port
 
 
+def answering(database: str, count: int) -> int:
+    """How many of `--workers count` answer terminals: on SQLite one is the ledger process."""
+    return count - 1 if database.startswith("sqlite") and count > 1 else count
+
+
+def workers_for(database: str, answering_workers: int) -> int:
+    """The `--workers` count that has `answering_workers` workers answering terminals."""
+    return answering_workers + 1 if database.startswith("sqlite") else answering_workers
+
+
 class Workers:
     """`vipgate serve --workers N` with its JSON log lines collected as they come; its
     temporary files (the metrics folder) under `tmp`."""
@@ -44,6 +55,8 @@ class Workers:
     def __init__(
         self, folder: Path, database: str, count: int, metrics_port: int | None = None
     ) -> None:
+        self.answering = answering(database, count)
+        self.ledger_process = self.answering != count
         config = folder / "demo.toml"
         shutil.copy(DEMO, config)
         self.port = free_port()
@@ -132,7 +145,13 @@ def start_workers(tmp_path: Path, leak_watch: LeakWatch) -> Iterator[StartWorker
     def start(database: str, count: int, metrics_port: int | None = None) -> Workers:
         served = Workers(tmp_path, database, count, metrics_port)
         started.append(served)
-        served.wait_for(lambda: len(served.named("listening")) >= count, START_TIMEOUT_S)
+        ledgers = 1 if served.ledger_process else 0
+
+        def listening() -> bool:
+            fronts = len(served.named("listening")) >= served.answering
+            return fronts and len(served.named("ledger_listening")) >= ledgers
+
+        served.wait_for(listening, START_TIMEOUT_S)
         return served
 
     yield start
@@ -143,7 +162,8 @@ def start_workers(tmp_path: Path, leak_watch: LeakWatch) -> Iterator[StartWorker
 
 @pytest.fixture
 def two_workers(ledger_url: str, start_workers: StartWorkers) -> Workers:
-    return start_workers(ledger_url, 2)
+    """Two workers answering terminals (on SQLite, with the ledger process: `--workers 3`)."""
+    return start_workers(ledger_url, workers_for(ledger_url, 2))
 
 
 def sign_on(link: Link, terminal_id: str = "10000001") -> None:
@@ -172,9 +192,13 @@ def test_two_workers_share_the_port_answer_terminals_and_drain_on_sigterm(
     assert two_workers.stop() == 0
     assert held.socket.recv(100) == b"", "a drained worker closes its idle links"
     held.close()
-    assert {entry["worker"] for entry in two_workers.named("stopping")} == {1, 2}
-    assert {entry["worker"] for entry in two_workers.named("worker_exited")} == {1, 2}
+    every = {0, 1, 2} if two_workers.ledger_process else {1, 2}
+    assert {entry["worker"] for entry in two_workers.named("stopping")} == every
+    assert {entry["worker"] for entry in two_workers.named("worker_exited")} == every
     assert len(two_workers.named("workers_stopped")) == 1
+    if two_workers.ledger_process:  # the ledger process stops last, after every front
+        exits = [entry["worker"] for entry in two_workers.named("worker_exited")]
+        assert exits[-1] == 0
 
 
 def test_two_workers_serve_the_sum_of_their_metrics_on_one_port(
@@ -183,7 +207,7 @@ def test_two_workers_serve_the_sum_of_their_metrics_on_one_port(
     """`--workers 2 --metrics`: sign-ons answered by both workers; every scrape of the one
     metrics port, whichever worker takes it, counts all of them, the one link still open and
     nothing in flight; SIGTERM exits 0 and removes the workers' metrics folder."""
-    served = start_workers(ledger_url, 2, metrics_port=free_port())
+    served = start_workers(ledger_url, workers_for(ledger_url, 2), metrics_port=free_port())
     folders = list(served.tmp.glob("vipgate-metrics-*"))
     assert len(folders) == 1 and any(folders[0].glob("*.db")), "the workers write their series"
     sent = 0
@@ -218,7 +242,8 @@ def test_a_killed_worker_is_replaced_and_the_parent_exits_1(
     """SIGKILL to the worker holding a terminal's link: logged as died, a new worker listens,
     terminals still get answers; the metrics keep the dead worker's counts but not its open
     link; the parent's exit status then says a worker did not exit cleanly."""
-    served = start_workers(f"sqlite:///{tmp_path / 'ledger.db'}", 2, metrics_port=free_port())
+    database = f"sqlite:///{tmp_path / 'ledger.db'}"
+    served = start_workers(database, workers_for(database, 2), metrics_port=free_port())
     held = Link("127.0.0.1", served.port)
     sign_on(held)
     served.wait_for(lambda: len(served.named("answered")) == 1)
@@ -239,6 +264,33 @@ def test_a_killed_worker_is_replaced_and_the_parent_exits_1(
     served.scrape_until({SIGN_ONS: 5, "vipgate_connections": 0})
     assert served.stop() == 1
     assert served.named("workers_stopped_unclean")[0]["died"] == 1
+
+
+def test_a_killed_ledger_process_is_replaced_and_its_fronts_start_again(
+    tmp_path: Path, start_workers: StartWorkers
+) -> None:
+    """SQLite: SIGKILL to the ledger process. Each front notices its link closed, closes its
+    terminals' links and exits 1; the parent replaces the ledger process and the fronts, and
+    terminals are answered again from the same ledger; the parent then exits 1."""
+    served = start_workers(f"sqlite:///{tmp_path / 'ledger.db'}", 3)
+    held = Link("127.0.0.1", served.port)
+    sign_on(held)
+    ledger = [e for e in served.named("worker_started") if e.get("role") == "ledger"]
+    assert [entry["worker"] for entry in ledger] == [0]
+    os.kill(ledger[0]["pid"], signal.SIGKILL)
+    served.wait_for(lambda: len(served.named("ledger_link_lost")) == 2)
+    assert held.socket.recv(100) == b"", "a front without its ledger closes its links"
+    held.close()
+    served.wait_for(
+        lambda: len(served.named("ledger_listening")) == 2 and len(served.named("listening")) == 4
+    )
+    died = {(entry["worker"], entry["exit"]) for entry in served.named("worker_died")}
+    assert died == {(0, "signal SIGKILL"), (1, "status 1"), (2, "status 1")}
+    link = Link("127.0.0.1", served.port)
+    sign_on(link, "10000002")
+    link.close()
+    assert served.stop() == 1
+    assert served.named("workers_stopped_unclean")[0]["died"] == 3
 
 
 @pytest.mark.parametrize("count", [0, -1, MAX_WORKERS + 1])
