@@ -4,9 +4,21 @@ One Python process answers terminals on about one core: the reactor, the framing
 PIN work share one interpreter lock. More throughput on one host means more processes. The
 parent does what must happen once (`server.wire`: the config checked, the database migrated,
 the config loaded into the ledger), binds the listening socket, then forks N workers. Each
-worker adopts the socket into its own reactor (`adoptStreamPort`), with its own database pool
-and its own ledger worker; the kernel hands each new connection to whichever worker accepts it
-first. A terminal keeps its connection, so it talks to one worker until the link breaks.
+worker adopts the socket into its own reactor (`adoptStreamPort`); the kernel hands each new
+connection to whichever worker accepts it first. A terminal keeps its connection, so it talks
+to one worker until the link breaks.
+
+What a worker does depends on the ledger's database:
+- PostgreSQL: every worker answers terminals with its own database pool and its own ledger
+  worker; the database serves their transactions side by side.
+- SQLite, N > 1: SQLite has one writer at a time, and processes that take turns at its lock
+  pay for each turn (docs/gateway.md, "The ledger process"). So worker 0 is the ledger
+  process: it alone opens the ledger, and decides the frames of every other worker in the same
+  groups. Workers 1..N-1 are fronts: they answer terminals' TCP (framing, bounds, logs,
+  metrics) and forward each frame over a Unix socket the parent binds in a private folder
+  (`LedgerSocket`, gateway/ledgerlink.py). A front whose link closes stops with status 1 and
+  is replaced, as a dead worker is; a replaced ledger process adopts the same socket, so the
+  new fronts reach it. On stop, the fronts drain first and the ledger process is told last.
 
 Fork rather than spawn, because the workers then inherit what the parent built once (config,
 key store, clock, gateway) instead of migrating and loading again. That is safe only while the

@@ -8,8 +8,9 @@ plenty of points), drives it with terminals written from the spec over real TCP,
   terminals, each terminal sending one at a time as a real POS does (a request due while the
   terminal waits for an answer is queued): the rate achieved, p50/p99 latency measured from
   the moment each request was due, not sent, so queueing counts (no coordinated omission);
-- both with `vipgate serve --workers N` for several N: on SQLite N = 1 and 2 (SQLITE_WORKERS
-  or --sqlite-workers may list others), on PostgreSQL N = 1, 2 and 4 (WORKERS or --workers),
+- both with `vipgate serve --workers N` for several N: on SQLite N = 1, 2 and 3 (one process;
+  then the ledger process with one or two fronts; SQLITE_WORKERS or --sqlite-workers may list
+  others), on PostgreSQL N = 1, 2 and 4 (WORKERS or --workers),
   each backend's figures then side by side in a table; on PostgreSQL with pgbench -N TPS on
   the same server (fsync on) in the same run: how far worker processes take the gateway
   towards what the database alone can commit.
@@ -277,6 +278,8 @@ def run_gateway(
 ) -> Figures:
     port = free_port()
     processes = f", {workers} worker processes" if workers > 1 else ""
+    if backend == "sqlite" and workers > 1:
+        processes += f": the ledger process and {workers - 1} front(s)"
     print(
         f"{backend}: starting the gateway ({args.terminals} terminals, {args.cards} cards"
         f"{processes})"
@@ -344,7 +347,7 @@ def main() -> None:
     parser.add_argument(
         "--sqlite-workers",
         type=worker_counts,
-        default=worker_counts(os.environ.get("SQLITE_WORKERS", "1,2")),
+        default=worker_counts(os.environ.get("SQLITE_WORKERS", "1,2,3")),
         help="worker processes to measure on SQLite, comma separated (default 1,2)",
     )
     args = parser.parse_args()
