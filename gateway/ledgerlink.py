@@ -46,6 +46,9 @@ _ITEM = struct.Struct(">IH")
 # The longest message: a full batch of the longest frames, or of answers with their events.
 MAX_MESSAGE: Final = MAX_BATCH * (_ITEM.size + MAX_FRAME_LENGTH + 1024) + _COUNT.size
 MAX_SEQUENCE: Final = 2**32 - 1
+# A front's exit status when its link to the ledger process closed while serving (EX_TEMPFAIL):
+# the ledger process's end is the failure, counted once, not each of its fronts.
+EXIT_LINK_LOST: Final = 75
 _EVENT_TYPES: Final = (str, int, float, bool, type(None))
 
 
@@ -250,6 +253,7 @@ class LedgerEnd(_Batching):
 
 
 __all__ = [
+    "EXIT_LINK_LOST",
     "MAX_BATCH",
     "FrontLink",
     "LedgerEnd",

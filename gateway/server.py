@@ -38,7 +38,7 @@ from gateway.ledger.db import (
     take_owed_log_syncs,
 )
 from gateway.ledger.models import Authorisation, JournalTransaction
-from gateway.ledgerlink import FrontLink, LedgerEnd
+from gateway.ledgerlink import EXIT_LINK_LOST, FrontLink, LedgerEnd
 from gateway.protocol import TerminalFactory, TrafficRecorder
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
@@ -422,7 +422,7 @@ def run_front(
     """A front (`vipgate serve --workers N` on SQLite, gateway/workers.py): accept terminals on
     `adopt` and forward their frames over `ledger`, a connected link to the ledger process.
     Drains as `run` does. If the link closes while serving (the ledger process ended), the
-    front stops at once: its terminals' links close and the exit status is 1."""
+    front stops at once: its terminals' links close and the exit status is `EXIT_LINK_LOST`."""
     lost: list[bool] = []
 
     def on_lost() -> None:
@@ -444,7 +444,7 @@ def run_front(
     _settle_garbage_collector()
     reactor.run()
     log.info("stopped")
-    return 1 if lost else 0
+    return EXIT_LINK_LOST if lost else 0
 
 
 def run_ledger(

@@ -16,9 +16,10 @@ What a worker does depends on the ledger's database:
   process: it alone opens the ledger, and decides the frames of every other worker in the same
   groups. Workers 1..N-1 are fronts: they answer terminals' TCP (framing, bounds, logs,
   metrics) and forward each frame over a Unix socket the parent binds in a private folder
-  (`LedgerSocket`, gateway/ledgerlink.py). A front whose link closes stops with status 1 and
-  is replaced, as a dead worker is; a replaced ledger process adopts the same socket, so the
-  new fronts reach it. On stop, the fronts drain first and the ledger process is told last.
+  (`LedgerSocket`, gateway/ledgerlink.py). A front whose link closes stops with status 75
+  (`EXIT_LINK_LOST`) and is replaced at once: the ledger process's death is what counts
+  against the restart budget. A replaced ledger process adopts the same socket, so the new
+  fronts reach it. On stop, the fronts drain first and the ledger process is told last.
 
 Fork rather than spawn, because the workers then inherit what the parent built once (config,
 key store, clock, gateway) instead of migrating and loading again. That is safe only while the
@@ -65,6 +66,7 @@ import structlog
 from gateway import server
 from gateway.errors import BadInput
 from gateway.ledger.db import EXIT_LOG_SYNC_FAILED
+from gateway.ledgerlink import EXIT_LINK_LOST
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
     from gateway.metrics import Metrics
@@ -365,6 +367,11 @@ class Supervisor:
             log.error("ledger_log_sync_failed", worker=number, action="stopping every worker")
             self.log_sync_failed = True
             self.stop_signal = signal.SIGTERM
+            return
+        if code == EXIT_LINK_LOST:
+            # A front whose ledger process ended: that death is counted against the budget
+            # (and the ledger process replaced) once, not again for each of its fronts.
+            self._spawn(number)
             return
         now = time.monotonic()
         while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:

@@ -23,6 +23,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.ledger.db import EXIT_LOG_SYNC_FAILED
+from gateway.ledgerlink import EXIT_LINK_LOST
 from gateway.metrics import MULTIPROC_ENV
 from gateway.workers import MAX_WORKERS, Supervisor
 from tests.gateway_harness import DEMO
@@ -270,8 +271,9 @@ def test_a_killed_ledger_process_is_replaced_and_its_fronts_start_again(
     tmp_path: Path, start_workers: StartWorkers
 ) -> None:
     """SQLite: SIGKILL to the ledger process. Each front notices its link closed, closes its
-    terminals' links and exits 1; the parent replaces the ledger process and the fronts, and
-    terminals are answered again from the same ledger; the parent then exits 1."""
+    terminals' links and exits 75; the parent replaces the ledger process and the fronts (only
+    the ledger's death spends the restart budget), and terminals are answered again from the
+    same ledger; the parent then exits 1."""
     served = start_workers(f"sqlite:///{tmp_path / 'ledger.db'}", 3)
     held = Link("127.0.0.1", served.port)
     sign_on(held)
@@ -285,7 +287,7 @@ def test_a_killed_ledger_process_is_replaced_and_its_fronts_start_again(
         lambda: len(served.named("ledger_listening")) == 2 and len(served.named("listening")) == 4
     )
     died = {(entry["worker"], entry["exit"]) for entry in served.named("worker_died")}
-    assert died == {(0, "signal SIGKILL"), (1, "status 1"), (2, "status 1")}
+    assert died == {(0, "signal SIGKILL"), (1, "status 75"), (2, "status 75")}
     link = Link("127.0.0.1", served.port)
     sign_on(link, "10000002")
     link.close()
@@ -328,6 +330,23 @@ def test_a_worker_whose_log_sync_failed_is_not_replaced_and_every_worker_stops(
     assert supervisor.stop_signal == signal.SIGTERM  # the loop forwards it to the others
     supervisor._reaped(2, 12, 0)  # the other worker drains and exits 0
     assert supervisor._exit_status() == EXIT_LOG_SYNC_FAILED
+
+
+def test_a_front_that_lost_its_ledger_process_is_replaced_outside_the_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Exit 75 (`EXIT_LINK_LOST`): the front is replaced at once, and only the ledger process's
+    own death spends the restart budget, so a ledger crash never stops an instance of many
+    fronts on its own; the exit status still says workers died."""
+    supervisor = Supervisor(cast(Any, None), cast(Any, None), 8)
+    forked: list[int] = []
+    monkeypatch.setattr(supervisor, "_spawn", forked.append)
+    supervisor._reaped(0, 10, -signal.SIGKILL)
+    for front in range(1, 8):
+        supervisor._reaped(front, 10 + front, EXIT_LINK_LOST)
+    assert forked == list(range(8)) and supervisor.stop_signal is None
+    assert len(supervisor.restarts) == 1
+    assert supervisor._exit_status() == 1
 
 
 def test_a_worker_that_died_otherwise_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
