@@ -138,7 +138,8 @@ def _event(event: dict[str, Any]) -> dict[str, Any]:
 
 class _Batching(Int32StringReceiver):
     """Collects what is to be sent during one reactor turn and sends it as one message at
-    the turn's end (`callLater(0)`), in batches of at most `MAX_BATCH`."""
+    the turn's end (`callLater(0)`), in batches of at most `MAX_BATCH`; hands each message
+    received, once it parses, to `_received`."""
 
     MAX_LENGTH = MAX_MESSAGE
 
@@ -163,6 +164,22 @@ class _Batching(Int32StringReceiver):
 
     def _encode(self, items: list[Any]) -> bytes:
         raise NotImplementedError
+
+    def _decode(self, string: bytes) -> list[Any]:
+        raise NotImplementedError
+
+    def _received(self, items: list[Any]) -> None:
+        raise NotImplementedError
+
+    def stringReceived(self, string: bytes) -> None:
+        """A message from the other end: its items, or the link closed if it does not parse."""
+        try:
+            items = self._decode(string)
+        except LinkError as error:
+            log.error("link_message_refused", reason=str(error))
+            cast(Any, self.transport).loseConnection()
+            return
+        self._received(items)
 
     def lengthLimitExceeded(self, length: int) -> None:
         log.error("link_message_too_long", length=length, limit=self.MAX_LENGTH)
@@ -198,13 +215,10 @@ class FrontLink(_Batching):
     def _encode(self, items: list[Any]) -> bytes:
         return encode_requests(items)
 
-    def stringReceived(self, string: bytes) -> None:
-        try:
-            answers = decode_answers(string)
-        except LinkError as error:
-            log.error("link_message_refused", reason=str(error))
-            cast(Any, self.transport).loseConnection()
-            return
+    def _decode(self, string: bytes) -> list[Any]:
+        return decode_answers(string)
+
+    def _received(self, answers: list[Any]) -> None:
         for number, reply in answers:
             deferred = self._waiting.pop(number, None)
             if deferred is None:
@@ -233,13 +247,10 @@ class LedgerEnd(_Batching):
     def _encode(self, items: list[Any]) -> bytes:
         return encode_answers(items)
 
-    def stringReceived(self, string: bytes) -> None:
-        try:
-            requests = decode_requests(string)
-        except LinkError as error:
-            log.error("link_message_refused", reason=str(error))
-            cast(Any, self.transport).loseConnection()
-            return
+    def _decode(self, string: bytes) -> list[Any]:
+        return decode_requests(string)
+
+    def _received(self, requests: list[Any]) -> None:
         for number, frame in requests:
             self.in_flight += 1
             self._submit(frame).addBoth(self._answered, number)

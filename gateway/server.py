@@ -401,6 +401,11 @@ def run(
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     if on_listening is not None:
         on_listening(port)
+    return _serve_ledger_until_stopped(wiring, reactor)
+
+
+def _serve_ledger_until_stopped(wiring: Wiring, reactor: Any) -> int:
+    """Run the reactor of a process that writes the ledger, then close the ledger; exit 0."""
     checkpointer = _serving_ledger(wiring.engine)
     _settle_garbage_collector()
     reactor.run()
@@ -475,14 +480,7 @@ def run_ledger(
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     log.info("ledger_listening")
-    checkpointer = _serving_ledger(wiring.engine)
-    _settle_garbage_collector()
-    reactor.run()
-    if checkpointer is not None:
-        checkpointer.stop()
-    wiring.engine.dispose()
-    log.info("stopped")
-    return 0
+    return _serve_ledger_until_stopped(wiring, reactor)
 
 
 class _One(Factory):
