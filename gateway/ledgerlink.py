@@ -162,11 +162,9 @@ class _Batching(Int32StringReceiver):
         for start in range(0, len(outbox), MAX_BATCH):
             self.sendString(self._encode(outbox[start : start + MAX_BATCH]))  # type: ignore[no-untyped-call]
 
-    def _encode(self, items: list[Any]) -> bytes:
-        raise NotImplementedError
-
-    def _decode(self, string: bytes) -> list[Any]:
-        raise NotImplementedError
+    # Each end's codec, by direction: what it sends, and what it reads.
+    _encode: Callable[[list[Any]], bytes]
+    _decode: Callable[[bytes], list[Any]]
 
     def _received(self, items: list[Any]) -> None:
         raise NotImplementedError
@@ -212,11 +210,8 @@ class FrontLink(_Batching):
         self._queue((self._next, payload))
         return deferred
 
-    def _encode(self, items: list[Any]) -> bytes:
-        return encode_requests(items)
-
-    def _decode(self, string: bytes) -> list[Any]:
-        return decode_answers(string)
+    _encode = staticmethod(encode_requests)
+    _decode = staticmethod(decode_answers)
 
     def _received(self, answers: list[Any]) -> None:
         for number, reply in answers:
@@ -244,11 +239,8 @@ class LedgerEnd(_Batching):
         self._submit = submit
         self.in_flight = 0
 
-    def _encode(self, items: list[Any]) -> bytes:
-        return encode_answers(items)
-
-    def _decode(self, string: bytes) -> list[Any]:
-        return decode_requests(string)
+    _encode = staticmethod(encode_answers)
+    _decode = staticmethod(decode_requests)
 
     def _received(self, requests: list[Any]) -> None:
         for number, frame in requests:
