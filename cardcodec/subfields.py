@@ -340,23 +340,24 @@ def format_upload_end(total_records: int) -> str:
 # Field 54 and field 63 of responses
 
 
+BALANCE_PREFIX = "9002156C"  # field 54's fixed head: 90, 02, currency 156, C
+
+
 @dataclass(frozen=True, slots=True)
 class Balance:
     """Field 54: `90` `02` `156` `C` + n12, the cash value of the spendable points in fen."""
 
     amount_fen: int
 
-    PREFIX = "9002156C"
-
     @classmethod
     def parse(cls, value: str) -> Balance:
-        digits = value[len(cls.PREFIX) :]
-        if not value.startswith(cls.PREFIX) or len(digits) != 12 or not digits.isdigit():
+        digits = value[len(BALANCE_PREFIX) :]
+        if not value.startswith(BALANCE_PREFIX) or len(digits) != 12 or not digits.isdigit():
             raise CodecError("balance must be 9002156C and 12 digits", field=54)
         return cls(int(digits))
 
     def format(self) -> str:
-        return self.PREFIX + _number(self.amount_fen, 12, 54, "balance")
+        return BALANCE_PREFIX + _number(self.amount_fen, 12, 54, "balance")
 
 
 @dataclass(frozen=True, slots=True)

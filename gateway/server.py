@@ -24,7 +24,7 @@ from sqlalchemy.engine import Engine
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
-from gateway import logs
+from gateway import build, logs
 from gateway.bootstrap import bootstrap, open_database
 from gateway.clock import Clock, StartedClock
 from gateway.config import Config, load_config
@@ -397,7 +397,12 @@ def run(
     server = GatewayServer(wiring.gateway, reactor, wiring.config, record, metrics)
     port = server.listen(*listen) if adopt is None else server.adopt(adopt)
     address = port.getHost()
-    log.info("listening", host=getattr(address, "host", ""), port=getattr(address, "port", 0))
+    log.info(
+        "listening",
+        host=getattr(address, "host", ""),
+        port=getattr(address, "port", 0),
+        build=build(),
+    )
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     if on_listening is not None:
         on_listening(port)
@@ -444,7 +449,12 @@ def run_front(
     server = GatewayServer(wiring.gateway, reactor, wiring.config, metrics=metrics, worker=worker)
     port = server.adopt(adopt)
     address = port.getHost()
-    log.info("listening", host=getattr(address, "host", ""), port=getattr(address, "port", 0))
+    log.info(
+        "listening",
+        host=getattr(address, "host", ""),
+        port=getattr(address, "port", 0),
+        build=build(),
+    )
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     _settle_garbage_collector()
     reactor.run()
@@ -479,7 +489,7 @@ def run_ledger(
         log.info("ledger_worker_stopped", groups=worker.groups, requests=worker.requests)
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
-    log.info("ledger_listening")
+    log.info("ledger_listening", build=build())
     return _serve_ledger_until_stopped(wiring, reactor)
 
 

@@ -27,6 +27,7 @@ Not a test: it prints figures.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -130,6 +131,17 @@ def start_gateway(
                 raise RuntimeError("the gateway did not start; see " + str(folder)) from None
             time.sleep(0.2)
     raise RuntimeError("the gateway did not start listening in time")
+
+
+def server_build(log: Path, timeout_s: float = 30.0) -> str:
+    """The build ("native" or "source", `gateway.build`) the gateway names when it listens."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if '"build"' in line:
+                return str(json.loads(line)["build"])
+        time.sleep(0.1)
+    return "unknown"
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -286,6 +298,7 @@ def run_gateway(
     )
     gateway = start_gateway(folder, database, port, workers)
     try:
+        print(f"  the gateway runs its {server_build(folder / 'gateway.log')} build")
         return measure(port, keys, args)
     finally:
         gateway.send_signal(signal.SIGTERM)

@@ -10,6 +10,7 @@ database per test would cost more than the test), which keeps the PostgreSQL sui
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
 from collections.abc import Callable, Generator, Iterator, Sequence
 from datetime import date, datetime
@@ -19,6 +20,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from cardcodec.cards import luhn_check_digit
+from gateway import build
 from gateway.clock import SHANGHAI
 from gateway.ledger import Moment, operations, records
 from gateway.ledger.db import make_engine, migrate, unit_of_work
@@ -33,6 +35,24 @@ CONFIGS = Path(__file__).resolve().parents[1] / "config"
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 FreshUrl = Callable[[], str]
+
+# `make test` runs the suite a second time on the native build (Makefile, docs/gateway.md).
+# A test that replaces a method of a class that build compiles cannot reach the compiled
+# callers, so it runs on the source only.
+NATIVE = build() == "native"
+source_only = pytest.mark.skipif(NATIVE, reason="patches a class the native build compiles")
+
+
+def pytest_report_header() -> str:
+    return f"vipgate build: {build()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With VIPGATE_EXPECT_BUILD set, the run stops unless it tests that build: a native pass
+    that found the source first would test the wrong thing and still pass."""
+    expected = os.environ.get("VIPGATE_EXPECT_BUILD")
+    if expected and build() != expected:
+        raise pytest.UsageError(f"expected the {expected} build, found the {build()} build")
 
 
 @pytest.fixture(scope="session")

@@ -14,6 +14,7 @@ from gateway.handler import Gateway, Reply, finish
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
 from gateway.transactions import Transactions
+from tests.conftest import source_only
 from tests.gateway_harness import (
     BLOCKED,
     DIAMOND,
@@ -326,6 +327,7 @@ def test_keys_another_process_ended_after_the_group_read_them_are_a0(
         assert harness.redeem(terminal, DIAMOND, 2)[1].code == "00"
 
 
+@source_only
 def test_a_request_run_alone_after_its_group_failed_checks_its_keys_again(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -548,6 +550,7 @@ def test_a_group_commits_once_and_answers_each_request(harness: Harness) -> None
     assert answers[3].balance == 50000 - 2 * 500
 
 
+@source_only
 def test_one_failing_request_does_not_cost_the_group(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
