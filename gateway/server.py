@@ -396,13 +396,7 @@ def run(
     """
     server = GatewayServer(wiring.gateway, reactor, wiring.config, record, metrics)
     port = server.listen(*listen) if adopt is None else server.adopt(adopt)
-    address = port.getHost()
-    log.info(
-        "listening",
-        host=getattr(address, "host", ""),
-        port=getattr(address, "port", 0),
-        build=build(),
-    )
+    _log_listening(port)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     if on_listening is not None:
         on_listening(port)
@@ -419,6 +413,17 @@ def _serve_ledger_until_stopped(wiring: Wiring, reactor: Any) -> int:
     wiring.engine.dispose()
     log.info("stopped")
     return 0
+
+
+def _log_listening(port: Any) -> None:
+    """The line that says where a process accepts terminals, and which build it runs."""
+    address = port.getHost()
+    log.info(
+        "listening",
+        host=getattr(address, "host", ""),
+        port=getattr(address, "port", 0),
+        build=build(),
+    )
 
 
 def run_front(
@@ -448,13 +453,7 @@ def run_front(
     ledger.close()  # the connection holds its own duplicate of the descriptor
     server = GatewayServer(wiring.gateway, reactor, wiring.config, metrics=metrics, worker=worker)
     port = server.adopt(adopt)
-    address = port.getHost()
-    log.info(
-        "listening",
-        host=getattr(address, "host", ""),
-        port=getattr(address, "port", 0),
-        build=build(),
-    )
+    _log_listening(port)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     _settle_garbage_collector()
     reactor.run()
