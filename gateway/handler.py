@@ -14,6 +14,7 @@ import functools
 import hashlib
 import secrets
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ from gateway.checks import format_problem, suite_problem
 from gateway.clock import Clock, business_date
 from gateway.config import Config, MerchantConfig, TerminalConfig
 from gateway.ledger import Moment, next_rrn, unit_of_work
-from gateway.ledger.db import settle_log_syncs
+from gateway.ledger.db import holding_connection, settle_log_syncs
 from gateway.ledger.hotpath import hot_ledger
 from gateway.ledger.records import RequestIdentity
 from gateway.responses import Decline, response_code
@@ -187,6 +188,11 @@ class Gateway:
         ledger thread goes on to the next group.
         """
         return self.decide_prepared(self.prepare_group(payloads))
+
+    def holding_connection(self) -> AbstractContextManager[None]:
+        """For the thread that decides every group: its units of work share one connection
+        (`db.holding_connection`)."""
+        return holding_connection(self._engine)
 
     def prepare_group(self, payloads: Sequence[bytes]) -> PreparedGroup:
         """Everything before the ledger transaction: decoding, the group's one read of the

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -54,7 +55,8 @@ class GroupWorker:
     """The thread that does ledger work: it takes every request waiting (up to `MAX_GROUP`),
     prepares them (`prepare`: decoding, sessions, the checks before the ledger), decides them
     with one commit (`decide`), and hands the answers back to the reactor thread. The reactor
-    never waits on the database.
+    never waits on the database. The thread runs inside `hold` (the gateway's
+    `holding_connection`): its units of work share one connection.
 
     One ledger thread, not a pipeline of two: a second thread preparing the next group would
     only compete with the first for the interpreter lock. That competition is what counts
@@ -76,9 +78,11 @@ class GroupWorker:
         metrics: Metrics | None = None,
         *,
         prepare: Callable[[list[bytes]], Any] | None = None,
+        hold: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         self._decide = decide
         self._prepare = prepare
+        self._hold = hold
         self._reactor = reactor
         self._metrics = metrics
         self._queue: queue.SimpleQueue[tuple[bytes, Deferred[Reply]] | None] = queue.SimpleQueue()
@@ -123,7 +127,7 @@ class GroupWorker:
     def _loop(self) -> None:
         stopping = False
         try:
-            with deferring_log_syncs():
+            with deferring_log_syncs(), self._hold():
                 while not stopping:
                     group, stopping = self._take()
                     if not group:
@@ -246,7 +250,11 @@ class GatewayServer:
         self._reactor = reactor
         self._metrics = metrics  # None: `vipgate serve` without --metrics, nothing measured
         self._worker: Worker = worker or GroupWorker(
-            gateway.decide_prepared, reactor, self._metrics, prepare=gateway.prepare_group
+            gateway.decide_prepared,
+            reactor,
+            self._metrics,
+            prepare=gateway.prepare_group,
+            hold=gateway.holding_connection,
         )
         self._in_flight = 0
         self._drained: list[Deferred[None]] = []
@@ -473,6 +481,7 @@ def run_ledger(
         reactor,
         metrics,
         prepare=wiring.gateway.prepare_group,
+        hold=wiring.gateway.holding_connection,
     )
     factory = _Ends(reactor, worker.submit)
     worker.start()

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -282,6 +283,7 @@ def test_server_counts_requests_in_flight_until_answered(
         decide_prepared=lambda payloads: (
             [Reply(b"ok", answered("echo", "0820", "00"))] * len(payloads)
         ),
+        holding_connection=nullcontext,
     )
     reactor = ThreadReactor()
     gatewayserver = GatewayServer(cast(Gateway, gateway), reactor, fake_config(), metrics=metrics)
@@ -302,7 +304,10 @@ def test_server_measures_only_the_metrics_it_is_given(metrics: Metrics) -> None:
     """Metrics reach the server as an argument (`server.run(metrics=...)`), nothing
     process-wide: without them the protocol measures nothing."""
     gateway = cast(
-        Gateway, SimpleNamespace(prepare_group=list, decide_prepared=lambda payloads: [])
+        Gateway,
+        SimpleNamespace(
+            prepare_group=list, decide_prepared=lambda payloads: [], holding_connection=nullcontext
+        ),
     )
     assert GatewayServer(gateway, MemoryReactorClock(), fake_config()).factory.metrics is None
     served = GatewayServer(gateway, MemoryReactorClock(), fake_config(), metrics=metrics)
