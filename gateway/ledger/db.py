@@ -28,6 +28,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 POSTGRES_POOL_SIZE = 5
@@ -426,9 +427,16 @@ def _on_held_connection(engine: Engine, held: dict[Engine, Connection | None]) -
 
 
 def _release_writer_lock(connection: Connection) -> None:
-    lock = connection.connection.info.get(_WRITER_LOCK)
+    lock = writers_queue(connection.connection)
     if lock is not None:
         lock.release()
+
+
+def writers_queue(connection: PoolProxiedConnection) -> _WriterLock | None:
+    """The queue of a pooled connection to a SQLite file that its writers wait in before
+    `BEGIN IMMEDIATE` (`_WriterLock`); None for any other database."""
+    lock: _WriterLock | None = connection.info.get(_WRITER_LOCK)
+    return lock
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
