@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from gateway.ledger import db, unit_of_work
+from gateway.ledger import db, make_engine, unit_of_work
 from gateway.ledger.db import holding_connection, reading_driver, sync_after_release
 from gateway.server import GroupWorker
+from tests.conftest import empty_postgres_ledger
 from tests.test_log_sync import Journal
 
 
@@ -174,3 +175,20 @@ def test_without_the_block_each_unit_of_work_uses_the_pool(engine: Engine) -> No
         assert engine.pool.checkedout() == 1
     assert engine.pool.checkedout() == 0
     assert getattr(db._THREAD, "held", {}) == {}
+
+
+def test_a_unit_of_work_inside_another_takes_a_connection_of_its_own(
+    postgres_ledger: str,
+) -> None:
+    """As without the block (on PostgreSQL, where two transactions of one thread can both
+    write; on SQLite the inner one would wait for the outer's write lock)."""
+    engine = make_engine(empty_postgres_ledger(postgres_ledger))
+    try:
+        with holding_connection(engine), unit_of_work(engine) as outer:
+            held = driver_of(outer)
+            with unit_of_work(engine) as inner:
+                assert driver_of(inner) is not held
+                assert inner.execute(text("SELECT 1")).scalar_one() == 1
+            assert outer.execute(text("SELECT 2")).scalar_one() == 2
+    finally:
+        engine.dispose()

@@ -145,7 +145,7 @@ def reading_driver(engine: Engine) -> Iterator[Any]:
     commit of the first, and read those pages again."""
     held: dict[Engine, Connection | None] | None = getattr(_THREAD, "held", None)
     connection = held.get(engine) if held is not None and engine.dialect.name == "sqlite" else None
-    if connection is not None and not connection.closed and not connection.in_transaction():
+    if connection is not None and not connection.closed and not _in_transaction(connection):
         yield connection.connection.driver_connection
     else:
         raw = engine.raw_connection()
@@ -359,7 +359,8 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
     (`holding_connection`), the transaction runs on that connection.
     """
     held: dict[Engine, Connection | None] | None = getattr(_THREAD, "held", None)
-    if held is not None and engine in held:
+    if held is not None and engine in held and not _in_transaction(held[engine]):
+        # (A unit of work inside another takes a connection of its own, as without the block.)
         with _on_held_connection(engine, held) as session:
             yield session
     else:
@@ -424,6 +425,10 @@ def _on_held_connection(engine: Engine, held: dict[Engine, Connection | None]) -
         else:
             held[engine] = None
             connection.close()  # rolled back on its way into the pool, the lock given back
+
+
+def _in_transaction(connection: Connection | None) -> bool:
+    return connection is not None and not connection.closed and connection.in_transaction()
 
 
 def _release_writer_lock(connection: Connection) -> None:
