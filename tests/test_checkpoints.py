@@ -12,7 +12,7 @@ from sqlalchemy import Engine, text
 
 from gateway.ledger import checkpoints, make_engine, unit_of_work
 from gateway.ledger.checkpoints import BACKSTOP_PAGES, Checkpointer
-from tests.test_held_connection import lock_file_is_free
+from tests.test_ledger_writer_lock import lock_file_is_free
 
 
 def write(engine: Engine, rows: int) -> None:

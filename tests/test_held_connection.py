@@ -4,8 +4,6 @@ rolls back, and gives SQLite's write lock back at its end, exactly as without it
 
 from __future__ import annotations
 
-import fcntl
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from gateway.ledger import db, make_engine, unit_of_work
 from gateway.ledger.db import holding_connection, reading_driver, sync_after_release
 from gateway.server import GroupWorker
 from tests.conftest import empty_postgres_ledger
+from tests.test_ledger_writer_lock import lock_file_is_free
 from tests.test_log_sync import Journal
 
 
@@ -28,17 +27,6 @@ def notes(engine: Engine) -> list[str]:
     """What another connection (another process's, say) sees as committed."""
     with engine.connect() as connection:
         return list(connection.execute(text("SELECT body FROM notes ORDER BY id")).scalars())
-
-
-def lock_file_is_free(path: Path) -> bool:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
 
 
 def test_units_of_work_share_the_connection_and_each_commits(
