@@ -14,9 +14,14 @@ Each message on it is an `Int32StringReceiver` string holding a batch:
 - front to ledger: the frames a front's reactor read in one turn, each with the front's
   sequence number for it: a count (2 bytes), then per frame its number (4 bytes), its length
   (2 bytes) and its bytes, big-endian;
-- ledger to front: the answers the ledger's reactor had in one turn, as `marshal` data: a
-  list of (number, answer payload or None, log event). The event is what the front logs for
-  the answer (the fields `Reply.event` has: strings, numbers, booleans), never key material.
+- ledger to front: the answers of one group for that front, as `marshal` data: a list of
+  (number, answer payload or None, log event). The event is what the front logs for the
+  answer (the fields `Reply.event` has: strings, numbers, booleans), never key material.
+
+A front's end (`FrontLink`) is a Twisted protocol on the front's reactor. The ledger
+process's end (`LedgerHub`) has no reactor: a thread of its own reads every link, and the
+ledger worker's log-sync thread writes the answers, so that the interpreter the ledger thread
+needs spends no turn, `Deferred` or thread hand-over on a request.
 
 Both ends are processes of one instance, forked by one parent; what crosses is what crossed
 between the threads of one process before. Each end still checks what it reads (a
@@ -25,8 +30,12 @@ between the threads of one process before. Each end still checks what it reads (
 
 from __future__ import annotations
 
+import contextlib
 import marshal
+import selectors
+import socket
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
@@ -43,9 +52,13 @@ log = structlog.get_logger("vipgate.ledgerlink")
 MAX_BATCH: Final = 256  # frames (or answers) in one message at most
 _COUNT = struct.Struct(">H")
 _ITEM = struct.Struct(">IH")
+_LENGTH = struct.Struct(">I")  # before every message, as `Int32StringReceiver` frames them
 # The longest message: a full batch of the longest frames, or of answers with their events.
 MAX_MESSAGE: Final = MAX_BATCH * (_ITEM.size + MAX_FRAME_LENGTH + 1024) + _COUNT.size
 MAX_SEQUENCE: Final = 2**32 - 1
+READ_SIZE: Final = 256 * 1024  # bytes read from a link at a time
+# A front that takes no answer for this long is stuck: its link is closed (it is replaced).
+SEND_TIMEOUT_S: Final = 10.0
 # A front's exit status when its link to the ledger process closed while serving (EX_TEMPFAIL):
 # the ledger process's end is the failure, counted once, not each of its fronts.
 EXIT_LINK_LOST: Final = 75
@@ -136,62 +149,20 @@ def _event(event: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _Batching(Int32StringReceiver):
-    """Collects what is to be sent during one reactor turn and sends it as one message at
-    the turn's end (`callLater(0)`), in batches of at most `MAX_BATCH`; hands each message
-    received, once it parses, to `_received`."""
-
-    MAX_LENGTH = MAX_MESSAGE
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self._outbox: list[Any] = []
-        self._scheduled = False
-
-    def _queue(self, item: Any) -> None:
-        self._outbox.append(item)
-        if not self._scheduled:
-            self._scheduled = True
-            self._reactor.callLater(0, self._send)
-
-    def _send(self) -> None:
-        self._scheduled = False
-        outbox, self._outbox = self._outbox, []
-        if self.transport is None or not self.connected:
-            return
-        for start in range(0, len(outbox), MAX_BATCH):
-            self.sendString(self._encode(outbox[start : start + MAX_BATCH]))  # type: ignore[no-untyped-call]
-
-    # Each end's codec, by direction: what it sends, and what it reads.
-    _encode: Callable[[list[Any]], bytes]
-    _decode: Callable[[bytes], list[Any]]
-
-    def _received(self, items: list[Any]) -> None:
-        raise NotImplementedError
-
-    def stringReceived(self, string: bytes) -> None:
-        """A message from the other end: its items, or the link closed if it does not parse."""
-        try:
-            items = self._decode(string)
-        except LinkError as error:
-            log.error("link_message_refused", reason=str(error))
-            cast(Any, self.transport).loseConnection()
-            return
-        self._received(items)
-
-    def lengthLimitExceeded(self, length: int) -> None:
-        log.error("link_message_too_long", length=length, limit=self.MAX_LENGTH)
-        cast(Any, self.transport).loseConnection()
-
-
-class FrontLink(_Batching):
-    """A front's end: `submit` is the `Processor` its terminals' protocol calls. When the
+class FrontLink(Int32StringReceiver):
+    """A front's end: `submit` is the `Processor` its terminals' protocol calls. The frames
+    submitted during one reactor turn go as one message at the turn's end (`callLater(0)`),
+    in batches of at most `MAX_BATCH`; each answer fires the request it answers. When the
     link closes, every request still waiting fails (its terminal's link closes, as when a
     worker fails) and `on_lost` is told, so that the front stops."""
 
+    MAX_LENGTH = MAX_MESSAGE
+
     def __init__(self, reactor: Any, on_lost: Callable[[], None]) -> None:
-        super().__init__(reactor)
+        self._reactor = reactor
         self._on_lost = on_lost
+        self._outbox: list[tuple[int, bytes]] = []
+        self._scheduled = False
         self._next = 0
         self._waiting: dict[int, Deferred[Reply]] = {}
         self._closed = False
@@ -207,19 +178,39 @@ class FrontLink(_Batching):
             return deferred
         self._next = self._next + 1 if self._next < MAX_SEQUENCE else 1
         self._waiting[self._next] = deferred
-        self._queue((self._next, payload))
+        self._outbox.append((self._next, payload))
+        if not self._scheduled:
+            self._scheduled = True
+            self._reactor.callLater(0, self._send)
         return deferred
 
-    _encode = staticmethod(encode_requests)
-    _decode = staticmethod(decode_answers)
+    def _send(self) -> None:
+        self._scheduled = False
+        outbox, self._outbox = self._outbox, []
+        if self.transport is None or not self.connected:
+            return
+        for start in range(0, len(outbox), MAX_BATCH):
+            self.sendString(encode_requests(outbox[start : start + MAX_BATCH]))  # type: ignore[no-untyped-call]
 
-    def _received(self, answers: list[Any]) -> None:
+    def stringReceived(self, string: bytes) -> None:
+        """A message of answers, each to the request it answers; the link closes if the
+        message does not parse."""
+        try:
+            answers = decode_answers(string)
+        except LinkError as error:
+            log.error("link_message_refused", reason=str(error))
+            cast(Any, self.transport).loseConnection()
+            return
         for number, reply in answers:
             deferred = self._waiting.pop(number, None)
             if deferred is None:
                 log.error("link_answer_unexpected", number=number)
                 continue
             deferred.callback(reply)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        log.error("link_message_too_long", length=length, limit=self.MAX_LENGTH)
+        cast(Any, self.transport).loseConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         super().connectionLost(cast(Failure, reason))
@@ -230,38 +221,177 @@ class FrontLink(_Batching):
         self._on_lost()
 
 
-class LedgerEnd(_Batching):
-    """The ledger process's end of one front's link: each frame goes to `submit` (the group
-    worker), each answer back to the front that sent the frame."""
+Route = tuple["_Link", int]  # where an answer goes: the link, and the front's number for it
 
-    def __init__(self, reactor: Any, submit: Callable[[bytes], Deferred[Reply]]) -> None:
-        super().__init__(reactor)
-        self._submit = submit
-        self.in_flight = 0
 
-    _encode = staticmethod(encode_answers)
-    _decode = staticmethod(decode_requests)
+class _Link:
+    """One front's link, as the hub holds it: what was read of a message so far, and the lock
+    that keeps a send and the link's closing apart (they happen on different threads)."""
 
-    def _received(self, requests: list[Any]) -> None:
-        for number, frame in requests:
-            self.in_flight += 1
-            self._submit(frame).addBoth(self._answered, number)
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self.sock = sock
+        self.name = name
+        self.buffer = bytearray()
+        self.lock = threading.Lock()
+        self.closed = False
 
-    def _answered(self, reply: Reply | Failure, number: int) -> None:
-        self.in_flight -= 1
-        if isinstance(reply, Failure):  # the worker answers every frame; a bug otherwise
-            log.error("link_answer_failed", error=reply.getErrorMessage())
-            reply = Reply(None, {"event": "closed", "reason": "internal error"})
-        self._queue((number, reply))
+    def messages(self, data: bytes) -> list[bytes]:
+        """The whole messages `data` completes; a `LinkError` for one over the limit."""
+        self.buffer += data
+        found: list[bytes] = []
+        offset = 0
+        while len(self.buffer) - offset >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self.buffer, offset)
+            if length > MAX_MESSAGE:
+                raise LinkError(f"a message of {length} bytes, over {MAX_MESSAGE}")
+            if len(self.buffer) - offset - _LENGTH.size < length:
+                break
+            offset += _LENGTH.size
+            found.append(bytes(self.buffer[offset : offset + length]))
+            offset += length
+        del self.buffer[:offset]
+        return found
+
+    def send(self, message: bytes) -> None:
+        """One message to the front; a link that cannot take it within `SEND_TIMEOUT_S` (or
+        at all) is closed, and its front, finding it closed, stops and is replaced."""
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                self.sock.sendall(_LENGTH.pack(len(message)) + message)
+            except OSError as error:
+                log.error("link_send_failed", link=self.name, reason=str(error) or "timed out")
+                self._close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._close()
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close()
+
+
+class LedgerHub:
+    """The ledger process's end of every front's link, without a reactor. Its thread accepts
+    the fronts' links on the listening socket and reads their frames, each handed to `put`
+    with its route (the link, and the front's number for it); `send_answers`, called on the
+    ledger worker's log-sync thread once a group's commit is on disk, writes each answer to
+    its link, one message per link. A reactor would add a turn, a `Deferred` and a thread
+    hand-over to every request in the process whose interpreter the ledger thread needs.
+
+    A link that sends what does not parse, or that closes, is closed alone: answers still due
+    to it are dropped (its front has stopped), the other links go on."""
+
+    def __init__(
+        self,
+        listening: socket.socket,
+        put: Callable[[bytes, Route], None],
+        on_failed: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._listening = listening
+        self._put = put
+        self._on_failed = on_failed
+        self._links: set[_Link] = set()
+        self._accepted = 0
+        self._stopping = False
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._selector = selectors.DefaultSelector()
+        self._thread = threading.Thread(target=self._loop, name="ledger-links", daemon=True)
+        self.failed: BaseException | None = None
+
+    @property
+    def links(self) -> int:
+        return len(self._links)
+
+    def start(self) -> None:
+        self._selector.register(self._listening, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, self._wake_read)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting and reading, and close every link: nothing more is `put`."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_write.send(b"x")
+        if self._thread.ident is not None:
+            self._thread.join()
+        for link in list(self._links):
+            link.close()
+        self._links.clear()
+        self._selector.close()
+        self._listening.close()
+        self._wake_read.close()
+        self._wake_write.close()
+
+    def send_answers(self, routes: Sequence[Route], replies: Sequence[Reply]) -> None:
+        """Each reply to the link its request came on, in batches of at most `MAX_BATCH`."""
+        by_link: dict[_Link, list[tuple[int, Reply]]] = {}
+        for (link, number), reply in zip(routes, replies, strict=True):
+            by_link.setdefault(link, []).append((number, reply))
+        for link, items in by_link.items():
+            for start in range(0, len(items), MAX_BATCH):
+                link.send(encode_answers(items[start : start + MAX_BATCH]))
+
+    def _loop(self) -> None:
+        try:
+            while not self._stopping:
+                for key, _ in self._selector.select():
+                    if key.data is None:
+                        self._accept()
+                    elif key.data is not self._wake_read:
+                        self._read(key.data)
+        except Exception as error:  # a bug: the process must not go on deaf to its fronts
+            log.exception("ledger_links_failed")
+            self.failed = error
+            self._on_failed()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listening.accept()
+        except BlockingIOError:
+            return
+        sock.settimeout(SEND_TIMEOUT_S)
+        self._accepted += 1
+        link = _Link(sock, f"front-link-{self._accepted}")
+        self._links.add(link)
+        self._selector.register(sock, selectors.EVENT_READ, link)
+
+    def _read(self, link: _Link) -> None:
+        try:
+            data = link.sock.recv(READ_SIZE)
+        except OSError as error:
+            log.error("link_read_failed", link=link.name, reason=str(error))
+            data = b""
+        if not data:  # closed by the front, or unreadable
+            self._drop(link)
+            return
+        try:
+            batches = [decode_requests(message) for message in link.messages(data)]
+        except LinkError as error:
+            log.error("link_message_refused", link=link.name, reason=str(error))
+            self._drop(link)
+            return
+        for batch in batches:
+            for number, frame in batch:
+                self._put(frame, (link, number))
+
+    def _drop(self, link: _Link) -> None:
+        self._selector.unregister(link.sock)
+        self._links.discard(link)
+        link.close()
 
 
 __all__ = [
     "EXIT_LINK_LOST",
     "MAX_BATCH",
     "FrontLink",
-    "LedgerEnd",
+    "LedgerHub",
     "LinkError",
     "LinkLostError",
+    "Route",
     "decode_answers",
     "decode_requests",
     "encode_answers",

@@ -39,7 +39,7 @@ from gateway.ledger.db import (
     take_owed_log_syncs,
 )
 from gateway.ledger.models import Authorisation, JournalTransaction
-from gateway.ledgerlink import EXIT_LINK_LOST, FrontLink, LedgerEnd
+from gateway.ledgerlink import EXIT_LINK_LOST, FrontLink, LedgerHub
 from gateway.protocol import TerminalFactory, TrafficRecorder
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
@@ -79,13 +79,15 @@ class GroupWorker:
         *,
         prepare: Callable[[list[bytes]], Any] | None = None,
         hold: Callable[[], AbstractContextManager[None]] = nullcontext,
+        deliver: Callable[[Sequence[Any], Sequence[Answer]], None] | None = None,
     ) -> None:
         self._decide = decide
         self._prepare = prepare
         self._hold = hold
         self._reactor = reactor
         self._metrics = metrics
-        self._queue: queue.SimpleQueue[tuple[bytes, Deferred[Reply]] | None] = queue.SimpleQueue()
+        self._deliver = deliver or self._to_reactor
+        self._queue: queue.SimpleQueue[tuple[bytes, Any] | None] = queue.SimpleQueue()
         self._decided: queue.SimpleQueue[_Decided | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="ledger-0", daemon=True)
         self._syncer = threading.Thread(target=self._sync_loop, name="log-sync", daemon=True)
@@ -97,9 +99,17 @@ class GroupWorker:
         self._thread.start()
 
     def submit(self, payload: bytes) -> Deferred[Reply]:
+        """A frame whose answer fires the `Deferred` returned, on the reactor thread."""
         deferred: Deferred[Reply] = Deferred()
         self._queue.put((payload, deferred))
         return deferred
+
+    def put(self, payload: bytes, sink: Any) -> None:
+        """A frame from any thread, whose answer goes with `sink` to `deliver`."""
+        self._queue.put((payload, sink))
+
+    def _to_reactor(self, sinks: Sequence[Any], replies: Sequence[Answer]) -> None:
+        self._reactor.callFromThread(_deliver, sinks, replies)
 
     def stop(self) -> None:
         """Finish what was submitted, then end the thread."""
@@ -109,7 +119,7 @@ class GroupWorker:
         if self._syncer.ident is not None:
             self._syncer.join()
 
-    def _take(self) -> tuple[list[tuple[bytes, Deferred[Reply]]], bool]:
+    def _take(self) -> tuple[list[tuple[bytes, Any]], bool]:
         first = self._queue.get()
         if first is None:
             return [], True
@@ -166,7 +176,7 @@ class GroupWorker:
                     self._metrics.group_done(len(decided.group), elapsed)
                 self.groups += 1
                 self.requests += len(decided.group)
-                self._reactor.callFromThread(_deliver, decided.group, decided.replies)
+                self._deliver([sink for _, sink in decided.group], decided.replies)
 
     def _run(self, payloads: list[bytes]) -> Sequence[Answer]:
         try:
@@ -184,23 +194,31 @@ FAILED = Reply(None, {"event": "closed", "reason": "internal error"})
 class _Decided:
     """A group the ledger thread is done with, waiting for its log syncs."""
 
-    group: list[tuple[bytes, Deferred[Reply]]]
+    group: list[tuple[bytes, Any]]  # each frame, and where its answer goes
     replies: Sequence[Answer]
     owed: list[Callable[[], None]]
     started: float
 
 
-def _deliver(group: list[tuple[bytes, Deferred[Reply]]], replies: Sequence[Answer]) -> None:
+def _deliver(deferreds: Sequence[Deferred[Reply]], replies: Sequence[Answer]) -> None:
     """On the reactor thread: each answer encoded (and MAC'd) here, so that the ledger thread
     is already deciding the next group, then handed to its connection."""
     with logs.together():  # the group's log lines in one write
-        for (_, deferred), answer in zip(group, replies, strict=True):
-            try:
-                reply = finish(answer)
-            except Exception:  # a bug, not a decline: this link closes, the others are answered
-                log.exception("answer_failed")
-                reply = FAILED
+        for deferred, reply in zip(deferreds, _finished(replies), strict=True):
             deferred.callback(reply)
+
+
+def _finished(replies: Sequence[Answer]) -> list[Reply]:
+    """Each answer encoded and MAC'd; one that cannot be is a bug, not a decline: its link
+    closes (`FAILED`) and the others are answered."""
+    finished: list[Reply] = []
+    for answer in replies:
+        try:
+            finished.append(finish(answer))
+        except Exception:
+            log.exception("answer_failed")
+            finished.append(FAILED)
+    return finished
 
 
 class Worker(Protocol):
@@ -474,31 +492,38 @@ def run_ledger(
 ) -> int:
     """The ledger process (`vipgate serve --workers N` on SQLite, gateway/workers.py): accept
     the fronts' links on `adopt`, a listening Unix socket, and decide every front's frames in
-    the same groups. On SIGTERM (sent once every front has stopped): stop accepting links,
-    decide what was submitted, exit 0."""
+    the same groups. The links are the `LedgerHub`'s, on threads of their own; the reactor
+    only waits for a stop. On SIGTERM (sent once every front has stopped): stop accepting
+    links, decide what was submitted, exit 0 (1 if the hub failed)."""
+    hub: LedgerHub
+
+    def send_answers(routes: Sequence[Any], replies: Sequence[Answer]) -> None:
+        with logs.together():
+            finished = _finished(replies)
+        hub.send_answers(routes, finished)
+
     worker = GroupWorker(
         wiring.gateway.decide_prepared,
         reactor,
         metrics,
         prepare=wiring.gateway.prepare_group,
         hold=wiring.gateway.holding_connection,
+        deliver=send_answers,
     )
-    factory = _Ends(reactor, worker.submit)
+    hub = LedgerHub(adopt, worker.put, on_failed=lambda: reactor.callFromThread(reactor.stop))
     worker.start()
-    port = reactor.adoptStreamPort(adopt.fileno(), adopt.family, factory)
-    adopt.close()
+    hub.start()
 
     def stop() -> None:
-        log.info("stopping", links=len(factory.ends))
-        port.stopListening()
-        for end in factory.ends:
-            cast(Any, end.transport).loseConnection()
+        log.info("stopping", links=hub.links)
+        hub.stop()
         worker.stop()
         log.info("ledger_worker_stopped", groups=worker.groups, requests=worker.requests)
 
     reactor.addSystemEventTrigger("before", "shutdown", stop)
     log.info("ledger_listening", build=build())
-    return _serve_ledger_until_stopped(wiring, reactor)
+    status = _serve_ledger_until_stopped(wiring, reactor)
+    return 1 if hub.failed is not None else status
 
 
 class _One(Factory):
@@ -509,32 +534,6 @@ class _One(Factory):
 
     def buildProtocol(self, addr: Any) -> FrontLink:
         return self._protocol
-
-
-class _Ends(Factory):
-    """The ledger process's ends of the fronts' links."""
-
-    def __init__(self, reactor: Any, submit: Callable[[bytes], Deferred[Reply]]) -> None:
-        self._reactor = reactor
-        self._submit = submit
-        self.ends: set[LedgerEnd] = set()
-
-    def buildProtocol(self, addr: Any) -> LedgerEnd:
-        end = _TrackedEnd(self._reactor, self._submit, self.ends)
-        self.ends.add(end)
-        return end
-
-
-class _TrackedEnd(LedgerEnd):
-    def __init__(
-        self, reactor: Any, submit: Callable[[bytes], Deferred[Reply]], ends: set[LedgerEnd]
-    ) -> None:
-        super().__init__(reactor, submit)
-        self._ends = ends
-
-    def connectionLost(self, reason: Any = None) -> None:
-        super().connectionLost(reason)
-        self._ends.discard(self)
 
 
 def _serving_ledger(engine: Engine) -> Checkpointer | None:

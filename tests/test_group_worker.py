@@ -1,6 +1,6 @@
 """The ledger worker: one thread that takes, prepares and decides groups one at a time and in
-arrival order; answers encoded on the reactor thread, a failure closing only the links it
-concerns."""
+arrival order; answers encoded on the reactor thread (or, for the ledger process's hub, handed
+over on the log-sync thread), a failure closing only the links it concerns."""
 
 from __future__ import annotations
 
@@ -126,8 +126,7 @@ def test_answers_are_encoded_on_delivery_and_one_bad_answer_closes_only_its_link
     good = Sealing(Message("0810", {11: "000001", 39: "00"}), ANSWERED, None)
     broken = Sealing(Message("0210", {11: "000002", 39: "00"}), ANSWERED, mac)
     deferreds: list[Deferred[Reply]] = [Deferred(), Deferred()]
-    group = [(b"a", deferreds[0]), (b"b", deferreds[1])]
-    _deliver(group, [good, broken])
+    _deliver(deferreds, [good, broken])
     replies: list[Reply] = []
     for deferred in deferreds:
         deferred.addCallback(replies.append)
@@ -146,3 +145,30 @@ def test_without_prepare_one_thread_decides_the_payloads() -> None:
     run(worker, [b"x", b"y"])
     assert {name for name, _ in seen} == {"ledger-0"}
     assert [p for _, group in seen for p in group] == [b"x", b"y"]
+
+
+def test_put_frames_go_to_deliver_on_the_log_sync_thread_in_order_never_the_reactor() -> None:
+    """The ledger process's hub puts frames with their routes; each decided group's routes
+    and answers go to `deliver` on the log-sync thread, in the order the frames came."""
+    reactor = ThreadReactor()
+    recorder = Recorder(decide_time=0.001)
+    delivered: list[tuple[str, list[Any], list[bytes | None]]] = []
+
+    def deliver(sinks: Any, replies: Any) -> None:
+        payloads = [reply.payload for reply in replies]
+        delivered.append((threading.current_thread().name, list(sinks), payloads))
+
+    worker = GroupWorker(recorder.decide, reactor, deliver=deliver)
+    worker.start()
+    for number in range(50):
+        worker.put(f"{number:02d}".encode(), ("link", number))
+        time.sleep(0.0002)
+    worker.stop()
+    assert not reactor.from_threads, "nothing for the reactor"
+    assert {name for name, _, _ in delivered} == {"log-sync"}
+    routes = [route for _, sinks, _ in delivered for route in sinks]
+    assert routes == [("link", number) for number in range(50)]
+    assert [p for _, _, payloads in delivered for p in payloads] == [
+        f"{number:02d}".encode() for number in range(50)
+    ]
+    assert len(delivered) > 1

@@ -1,17 +1,23 @@
 """The link between a front and the ledger process (gateway/ledgerlink.py): batches that
-round-trip, malformed batches refused with a `LinkError` naming the fault, and both ends on
-Twisted fakes: a reactor turn's frames go as one message, answers reach the request they
-answer whatever their order, and a closed link fails what waits on it."""
+round-trip, malformed batches refused with a `LinkError` naming the fault; the front on
+Twisted fakes and the ledger process's hub on real Unix sockets: a reactor turn's frames go as
+one message, answers reach the request they answer whatever their order, a link that sends
+what does not parse is closed alone, and a closed link fails what waits on it."""
 
 from __future__ import annotations
 
 import marshal
+import queue
+import socket
 import struct
+import threading
+import time
+from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -19,10 +25,12 @@ from cardcodec.frame import MAX_FRAME_LENGTH
 from gateway.handler import Reply
 from gateway.ledgerlink import (
     MAX_BATCH,
+    MAX_MESSAGE,
     FrontLink,
-    LedgerEnd,
+    LedgerHub,
     LinkError,
     LinkLostError,
+    Route,
     decode_answers,
     decode_requests,
     encode_answers,
@@ -170,52 +178,177 @@ def test_a_malformed_answer_message_closes_the_link_and_fails_what_waits() -> No
     assert late[0].check(LinkLostError), "a closed link refuses new requests at once"
 
 
-def test_the_ledger_end_submits_each_frame_and_returns_each_answer_to_its_number() -> None:
-    """A batch's frames go to the worker; answers (including a worker failure, which becomes
-    a closing reply) go back in one message numbered as the front numbered them."""
-    reactor = MemoryReactorClock()
-    pending: dict[bytes, Deferred[Reply]] = {}
-
-    def submit(frame: bytes) -> Deferred[Reply]:
-        pending[frame] = Deferred()
-        return pending[frame]
-
-    end = LedgerEnd(reactor, submit)
-    transport = StringTransport()
-    end.makeConnection(transport)
-    end.dataReceived(framed(encode_requests([(10, b"a"), (11, b"b")])))
-    assert set(pending) == {b"a", b"b"} and end.in_flight == 2
-    pending[b"b"].callback(Reply(b"B", {"event": "answered"}))
+def test_an_answer_message_over_the_limit_closes_the_front_link() -> None:
+    link, transport, _, _ = front()
     with capture_logs() as logs:
-        pending[b"a"].errback(RuntimeError("bug"))
-    assert logs[0]["event"] == "link_answer_failed"
-    reactor.advance(0)
-    [message] = messages(transport)
-    answers = decode_answers(message)
-    assert [(number, reply.payload) for number, reply in answers] == [(11, b"B"), (10, None)]
-    assert end.in_flight == 0
-
-
-def test_the_ledger_end_closes_a_link_that_sends_a_malformed_batch() -> None:
-    submitted: list[bytes] = []
-
-    def submit(frame: bytes) -> Deferred[Reply]:
-        submitted.append(frame)
-        return succeed(Reply(b"", {}))
-
-    end = LedgerEnd(MemoryReactorClock(), submit)
-    transport = StringTransport()
-    end.makeConnection(transport)
-    with capture_logs() as logs:
-        end.dataReceived(framed(b"\x00\x00"))
-    assert logs[0]["event"] == "link_message_refused"
-    assert transport.disconnecting and not submitted
-
-
-def test_a_message_over_the_limit_closes_the_link() -> None:
-    end = LedgerEnd(MemoryReactorClock(), lambda frame: fail(RuntimeError("unused")))
-    transport = StringTransport()
-    end.makeConnection(transport)
-    with capture_logs() as logs:
-        end.dataReceived(struct.pack(">I", end.MAX_LENGTH + 1))
+        link.dataReceived(struct.pack(">I", MAX_MESSAGE + 1))
     assert logs[0]["event"] == "link_message_too_long" and transport.disconnecting
+
+
+class Hub:
+    """A `LedgerHub` on a real Unix socket in a temporary folder, with the frames it puts
+    collected, and fronts connected to it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.path = str(folder / "ledger.sock")
+        self.listening.bind(self.path)
+        self.listening.listen(8)
+        self.listening.setblocking(False)
+        self.put: queue.SimpleQueue[tuple[bytes, Route]] = queue.SimpleQueue()
+        self.failed: list[bool] = []
+        self.hub = LedgerHub(
+            self.listening,
+            lambda frame, route: self.put.put((frame, route)),
+            on_failed=lambda: self.failed.append(True),
+        )
+        self.hub.start()
+
+    def front(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(WAIT_S)
+        sock.connect(self.path)
+        return sock
+
+    def taken(self, count: int) -> list[tuple[bytes, Route]]:
+        return [self.put.get(timeout=WAIT_S) for _ in range(count)]
+
+
+WAIT_S = 5.0
+
+
+def read_messages(sock: socket.socket, count: int = 1) -> list[bytes]:
+    """`count` Int32-framed messages, as a front's `Int32StringReceiver` reads them."""
+    data, found = b"", list[bytes]()
+    while len(found) < count:
+        while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+            chunk = sock.recv(65536)
+            assert chunk, "the link closed before a whole message came"
+            data += chunk
+        (length,) = struct.unpack(">I", data[:4])
+        found.append(data[4 : 4 + length])
+        data = data[4 + length :]
+    assert not data, "no more than the messages expected"
+    return found
+
+
+def closed_by_hub(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    made = Hub(tmp_path)
+    yield made
+    made.hub.stop()
+
+
+def test_the_hub_puts_every_frame_with_its_route_and_sends_answers_back_by_link(hub: Hub) -> None:
+    """Two fronts' frames, split and glued across reads, reach `put` with their routes; the
+    answers of one group go back to each front in one message, numbered as it numbered them."""
+    first, second = hub.front(), hub.front()
+    message = framed(encode_requests([(10, b"a"), (11, b"b")]))
+    first.sendall(message[:5])
+    time.sleep(0.05)
+    first.sendall(message[5:] + framed(encode_requests([(12, b"c")])))
+    second.sendall(framed(encode_requests([(7, b"z")])))
+    taken = dict(hub.taken(4))
+    assert set(taken) == {b"a", b"b", b"c", b"z"}
+    assert [taken[frame][1] for frame in (b"a", b"b", b"c", b"z")] == [10, 11, 12, 7]
+    assert taken[b"a"][0] is taken[b"c"][0] is not taken[b"z"][0]
+    assert hub.hub.links == 2
+    routes = [taken[b"z"], taken[b"b"], taken[b"a"]]
+    replies = [Reply(b"Z", {"event": "answered"}), Reply(b"B", {}), Reply(None, {"n": 1})]
+    hub.hub.send_answers(routes, replies)
+    got = decode_answers(*read_messages(first))
+    assert [(number, reply.payload) for number, reply in got] == [(11, b"B"), (10, None)]
+    [(number, reply)] = decode_answers(*read_messages(second))
+    assert (number, reply.payload, reply.event) == (7, b"Z", {"event": "answered"})
+
+
+def test_the_hub_splits_many_answers_to_one_link_into_bounded_messages(hub: Hub) -> None:
+    front = hub.front()
+    front.sendall(framed(encode_requests([(1, b"x")])))
+    [(_, route)] = hub.taken(1)
+    link = route[0]
+    routes = [(link, number) for number in range(MAX_BATCH + 3)]
+    hub.hub.send_answers(routes, [Reply(b"", {})] * len(routes))
+    sizes = [len(decode_answers(message)) for message in read_messages(front, 2)]
+    assert sizes == [MAX_BATCH, 3]
+
+
+@pytest.mark.parametrize(
+    ("data", "fault"),
+    [
+        (framed(b"\x00\x00"), "claims 0 frames"),
+        (struct.pack(">I", MAX_MESSAGE + 1), f"over {MAX_MESSAGE}"),
+    ],
+)
+def test_the_hub_closes_a_link_that_sends_what_does_not_parse(
+    hub: Hub, data: bytes, fault: str
+) -> None:
+    """That link alone closes, naming the fault; answers still due to it are dropped; the
+    other links go on."""
+    bad, good = hub.front(), hub.front()
+    good.sendall(framed(encode_requests([(1, b"g")])))
+    [(_, good_route)] = hub.taken(1)
+    bad.sendall(framed(encode_requests([(5, b"early")])))
+    [(_, bad_route)] = hub.taken(1)
+    with capture_logs() as logs:
+        bad.sendall(data)
+        assert closed_by_hub(bad)
+    refused = [line for line in logs if line["event"] == "link_message_refused"]
+    assert fault in refused[0]["reason"]
+    hub.hub.send_answers([bad_route, good_route], [Reply(b"B", {}), Reply(b"G", {})])
+    [(number, reply)] = decode_answers(*read_messages(good))
+    assert (number, reply.payload) == (1, b"G")
+    assert hub.hub.links == 1 and not hub.failed
+
+
+def test_a_front_that_closes_its_link_is_forgotten(hub: Hub) -> None:
+    front = hub.front()
+    front.sendall(framed(encode_requests([(1, b"x")])))
+    [(_, route)] = hub.taken(1)
+    front.close()
+    deadline = time.monotonic() + WAIT_S
+    while hub.hub.links and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hub.hub.links == 0
+    hub.hub.send_answers([route], [Reply(b"late", {})])  # dropped, no error
+
+
+def test_stopping_the_hub_closes_its_links_and_its_socket(tmp_path: Path) -> None:
+    made = Hub(tmp_path)
+    front = made.front()
+    front.sendall(framed(encode_requests([(1, b"x")])))
+    made.taken(1)
+    made.hub.stop()
+    assert closed_by_hub(front)
+    assert made.listening.fileno() == -1 and not made.failed
+
+
+def test_a_bug_in_the_hub_is_logged_and_reported_so_the_process_stops(tmp_path: Path) -> None:
+    """The ledger process must not go on deaf to its fronts: `on_failed` stops its reactor."""
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(tmp_path / "ledger.sock"))
+    listening.listen(1)
+    listening.setblocking(False)
+    told = threading.Event()
+
+    def put(frame: bytes, route: Route) -> None:
+        raise RuntimeError("bug")
+
+    hub = LedgerHub(listening, put, on_failed=told.set)
+    with capture_logs() as logs:
+        hub.start()
+        front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        front.connect(str(tmp_path / "ledger.sock"))
+        front.sendall(framed(encode_requests([(1, b"x")])))
+        assert told.wait(WAIT_S)
+    hub.stop()
+    front.close()
+    assert isinstance(hub.failed, RuntimeError)
+    assert [line["event"] for line in logs] == ["ledger_links_failed"]
