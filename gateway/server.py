@@ -492,18 +492,24 @@ def run_ledger(
 ) -> int:
     """The ledger process (`vipgate serve --workers N` on SQLite, gateway/workers.py): accept
     the fronts' links on `adopt`, a listening Unix socket, and decide every front's frames in
-    the same groups. The links are the `LedgerHub`'s, on threads of their own; the reactor
-    only waits for a stop. On SIGTERM (sent once every front has stopped): stop accepting
-    links, decide what was submitted, exit 0 (1 if the hub failed)."""
+    the same groups. The links are the `LedgerHub`'s, on a thread of its own, and the
+    log-sync thread writes the answers; the reactor only waits for a stop. On SIGTERM (sent
+    once every front has stopped): stop accepting links, decide what was submitted, exit 0
+    (1 if the hub failed)."""
     hub: LedgerHub
 
-    def send_answers(routes: Sequence[Any], replies: Sequence[Answer]) -> None:
+    def decide(prepared: Any) -> list[Reply]:
+        # The answers are encoded and MAC'd here, on the ledger thread, not on the log-sync
+        # thread: a group's encoding there held the interpreter lock while the ledger thread
+        # came back from SQLite, and that wait cost the ledger thread more than the encoding.
         with logs.together():
-            finished = _finished(replies)
-        hub.send_answers(routes, finished)
+            return _finished(wiring.gateway.decide_prepared(prepared))
+
+    def send_answers(routes: Sequence[Any], replies: Sequence[Answer]) -> None:
+        hub.send_answers(routes, [finish(reply) for reply in replies])  # Replies already
 
     worker = GroupWorker(
-        wiring.gateway.decide_prepared,
+        decide,
         reactor,
         metrics,
         prepare=wiring.gateway.prepare_group,

@@ -26,10 +26,10 @@ from gateway.ledger.db import EXIT_LOG_SYNC_FAILED
 from gateway.ledgerlink import EXIT_LINK_LOST
 from gateway.metrics import MULTIPROC_ENV
 from gateway.workers import MAX_WORKERS, Supervisor
-from tests.gateway_harness import DEMO
+from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN
 from tests.logscan import LeakWatch
 from tests.spec_terminal import Link
-from tests.test_gateway_e2e import VIPGATE, free_port, terminal_for
+from tests.test_gateway_e2e import VIPGATE, exchange, free_port, terminal_for
 from tests.test_metrics import scrape
 
 START_TIMEOUT_S = 60.0
@@ -200,6 +200,33 @@ def test_two_workers_share_the_port_answer_terminals_and_drain_on_sigterm(
     if two_workers.ledger_process:  # the ledger process stops last, after every front
         exits = [entry["worker"] for entry in two_workers.named("worker_exited")]
         assert exits[-1] == 0
+
+
+def test_the_ledger_process_answers_a_fronts_terminal_with_macd_answers(
+    tmp_path: Path, start_workers: StartWorkers
+) -> None:
+    """SQLite, `--workers 2`: the ledger process and one front. A terminal's balance inquiry
+    and redemption through the front come back decided, encoded and MAC'd by the ledger
+    process (the terminal checks each answer's MAC), logged by the front."""
+    served = start_workers(f"sqlite:///{tmp_path / 'ledger.db'}", 2)
+    link = Link("127.0.0.1", served.port)
+    terminal = terminal_for("10000001")
+    signed_on = exchange(link, terminal, terminal.sign_on())
+    terminal.adopt_sign_on(signed_on)
+    pin_card = terminal.card_fields(GOLD_PIN, "2812", pin="123456")
+    balance = exchange(link, terminal, terminal.financial("0200", "310000", "01", pin_card))
+    assert (balance.code, balance.balance) == ("00", 100000)
+    card = terminal.card_fields(DIAMOND, "2906")
+    request = terminal.financial("0200", "000000", "22", card, amount_fen=12800)
+    redemption = exchange(link, terminal, request)
+    assert (redemption.code, redemption.points) == ("00", 5760)
+    assert 64 in redemption.fields
+    assert link.exchange(request) == redemption.payload, "a repeat gets the stored answer"
+    link.close()
+    assert served.stop() == 0
+    answered = served.named("answered")
+    assert [entry["code"] for entry in answered] == ["00"] * 4
+    assert {entry["role"] for entry in answered} == {"front"}
 
 
 def test_two_workers_serve_the_sum_of_their_metrics_on_one_port(
