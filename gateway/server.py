@@ -176,7 +176,10 @@ class GroupWorker:
                     self._metrics.group_done(len(decided.group), elapsed)
                 self.groups += 1
                 self.requests += len(decided.group)
-                self._deliver([sink for _, sink in decided.group], decided.replies)
+                try:
+                    self._deliver([sink for _, sink in decided.group], decided.replies)
+                except Exception:  # a bug: that group's answers are lost, the next ones go on
+                    log.exception("answers_not_delivered", size=len(decided.group))
 
     def _run(self, payloads: list[bytes]) -> Sequence[Answer]:
         try:

@@ -8,6 +8,7 @@ import threading
 import time
 from typing import Any
 
+from structlog.testing import capture_logs
 from twisted.internet.defer import Deferred
 
 from cardcodec.message import Message
@@ -172,3 +173,22 @@ def test_put_frames_go_to_deliver_on_the_log_sync_thread_in_order_never_the_reac
         f"{number:02d}".encode() for number in range(50)
     ]
     assert len(delivered) > 1
+
+
+def test_a_delivery_that_fails_is_logged_and_the_next_groups_are_delivered() -> None:
+    delivered: list[bytes | None] = []
+
+    def deliver(sinks: Any, replies: Any) -> None:
+        if any(reply.payload == b"bad" for reply in replies):
+            raise RuntimeError("bug")
+        delivered.extend(reply.payload for reply in replies)
+
+    worker = GroupWorker(Recorder().decide, ThreadReactor(), deliver=deliver)
+    worker.start()
+    with capture_logs() as logs:
+        worker.put(b"bad", None)
+        time.sleep(0.2)  # a group of its own
+        worker.put(b"good", None)
+        worker.stop()
+    assert delivered == [b"good"]
+    assert [line["event"] for line in logs] == ["answers_not_delivered"]

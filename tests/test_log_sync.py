@@ -224,9 +224,9 @@ class Reactor:
     def __init__(self, events: list[str]) -> None:
         self.events = events
 
-    def callFromThread(self, function: Any, group: Any, replies: Any) -> None:
-        self.events += [f"delivered {payload.decode()}" for payload, _ in group]
-        function(group, replies)
+    def callFromThread(self, function: Any, deferreds: Any, replies: Any) -> None:
+        self.events += [f"delivered {reply.payload.decode()}" for reply in replies]
+        function(deferreds, replies)
 
 
 def deciding(engine: Engine, events: list[str]) -> Any:
