@@ -22,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from cardcodec.frame import MAX_FRAME_LENGTH
+from gateway import ledgerlink
 from gateway.handler import Reply
 from gateway.ledgerlink import (
     MAX_BATCH,
@@ -352,3 +353,28 @@ def test_a_bug_in_the_hub_is_logged_and_reported_so_the_process_stops(tmp_path: 
     front.close()
     assert isinstance(hub.failed, RuntimeError)
     assert [line["event"] for line in logs] == ["ledger_links_failed"]
+
+
+def test_a_front_that_takes_no_answers_has_its_link_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stuck front must not hold the log-sync thread for ever: once a send waits longer than
+    `SEND_TIMEOUT_S`, that link is closed and later answers to it are dropped at once."""
+    monkeypatch.setattr(ledgerlink, "SEND_TIMEOUT_S", 0.2)
+    made = Hub(tmp_path)
+    try:
+        stuck = made.front()
+        stuck.sendall(framed(encode_requests([(1, b"x")])))
+        [(_, route)] = made.taken(1)
+        big = Reply(bytes(MAX_FRAME_LENGTH), {})
+        routes = [(route[0], number) for number in range(MAX_BATCH)]
+        with capture_logs() as logs:
+            for _ in range(20):  # far more than the socket's buffers hold
+                made.hub.send_answers(routes, [big] * len(routes))
+                if route[0].closed:
+                    break
+        assert route[0].closed
+        assert [line["event"] for line in logs] == ["link_send_failed"]
+        stuck.close()
+    finally:
+        made.hub.stop()
