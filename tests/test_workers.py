@@ -16,6 +16,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,7 +35,6 @@ from tests.test_metrics import scrape
 
 START_TIMEOUT_S = 60.0
 WAIT_S = 20.0
-MAX_CONNECTIONS = 60  # to see both workers accept; each new connection is a fresh race
 SIGN_ONS = 'vipgate_requests_total{code="00",kind="sign-on",mti="0800"}'
 SCRAPES = 8  # each is a fresh race between the workers for the metrics port
 
@@ -119,6 +119,31 @@ class Workers:
         with self._lock:
             return "".join(self.raw)
 
+    def sign_on_at_each_worker(self) -> int:
+        """A sign-on on a new connection answered by each worker that answers terminals, in
+        turn: the others are stopped (SIGSTOP) meanwhile, so the connection can only be the
+        one worker's. Which idle worker the kernel wakes first is not the test's business, and
+        a worker that has logged `listening` may not be waiting on the port yet. The count of
+        sign-ons."""
+        pids = {entry["worker"]: entry["pid"] for entry in self.named("listening")}
+        assert len(pids) == self.answering, f"listening: {pids}"
+        for number in sorted(pids):
+            others = [pid for worker, pid in pids.items() if worker != number]
+            for pid in others:
+                os.kill(pid, signal.SIGSTOP)
+            try:
+                link = Link("127.0.0.1", self.port)
+                sign_on(link)
+                link.close()
+            finally:
+                for pid in others:
+                    os.kill(pid, signal.SIGCONT)
+            self.wait_for(partial(self.has_answered, number))
+        return len(pids)
+
+    def has_answered(self, worker: int) -> bool:
+        return any(entry["worker"] == worker for entry in self.named("answered"))
+
     def scrape_until(self, expected: Mapping[str, float]) -> dict[str, float]:
         """Scrape until the samples named in `expected` have those values (a closed link is
         counted when its worker notices); the last scrape."""
@@ -180,13 +205,8 @@ def test_two_workers_share_the_port_answer_terminals_and_drain_on_sigterm(
     drains (stops accepting, closes its links once nothing is in flight) and the parent exits 0."""
     pids = {entry["pid"] for entry in two_workers.named("listening")}
     assert len(pids) == 2 and os.getpid() not in pids
-    for _ in range(MAX_CONNECTIONS):
-        link = Link("127.0.0.1", two_workers.port)
-        sign_on(link)
-        link.close()
-        answering = {entry["worker"] for entry in two_workers.named("answered")}
-        if answering == {1, 2}:
-            break
+    two_workers.sign_on_at_each_worker()
+    answering = {entry["worker"] for entry in two_workers.named("answered")}
     assert answering == {1, 2}, f"only worker(s) {answering} accepted connections"
     held = Link("127.0.0.1", two_workers.port)
     sign_on(held, "10000002")
@@ -238,14 +258,7 @@ def test_two_workers_serve_the_sum_of_their_metrics_on_one_port(
     served = start_workers(ledger_url, workers_for(ledger_url, 2), metrics_port=free_port())
     folders = list(served.tmp.glob("vipgate-metrics-*"))
     assert len(folders) == 1 and any(folders[0].glob("*.db")), "the workers write their series"
-    sent = 0
-    for _ in range(MAX_CONNECTIONS):
-        link = Link("127.0.0.1", served.port)
-        sign_on(link)
-        link.close()
-        sent += 1
-        if {entry["worker"] for entry in served.named("answered")} == {1, 2}:
-            break
+    sent = served.sign_on_at_each_worker()
     held = Link("127.0.0.1", served.port)
     sign_on(held, "10000002")
     sent += 1
