@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from gateway.ledger import checkpoints, make_engine, unit_of_work
-from gateway.ledger.checkpoints import BACKSTOP_PAGES, Checkpointer
+from gateway.ledger.checkpoints import BACKSTOP_PAGES, RESTART_PAGES, Checkpointer
 from tests.test_ledger_writer_lock import lock_file_is_free
 
 
@@ -38,6 +38,12 @@ def test_serving_connections_keep_only_the_backstop(engine: Engine) -> None:
         assert pages == BACKSTOP_PAGES
     finally:
         checkpointer.stop()
+
+
+def test_the_log_is_started_over_well_before_the_backstop() -> None:
+    """The backstop's checkpoint runs inside a commit, under the write lock: the thread's
+    start-over must come first, with room for what is committed while it copies."""
+    assert RESTART_PAGES * 3 // 2 <= BACKSTOP_PAGES
 
 
 def test_the_thread_checkpoints_what_commits_leave(engine: Engine, tmp_path: Path) -> None:
