@@ -337,7 +337,12 @@ class _GroupSql:
                 " ORDER BY card_number, expires_on, earned_on, id"
             )
         self.terminals = (
-            f"SELECT id, merchant_id, open_batch_number FROM terminals WHERE id {numbers}"
+            # A join on the keys: the planner probes or hashes them, where `id = ANY(...)`
+            # compares every row of the table with every key.
+            "SELECT t.id, t.merchant_id, t.open_batch_number FROM unnest(%b::text[]) AS k(n)"
+            " JOIN terminals t ON t.id = k.n"
+            if postgres
+            else f"SELECT id, merchant_id, open_batch_number FROM terminals WHERE id {numbers}"
         )
         self.batch_counts = (
             f"SELECT {t}, {b}, coalesce((SELECT c.items FROM batch_item_counts c"
