@@ -55,8 +55,8 @@ test: lint native
 bench-codec: $(BIN)/.installed
 	$(BIN)/python -m cardcodec.bench
 
-# DURATION, RATE, TERMINALS and WORKERS (PostgreSQL worker counts, default 1,2,4) may be set:
-# make bench-gateway DURATION=30 RATE=2000 WORKERS=1,4
+# DURATION, RATE, TERMINALS, CARDS (default 20) and WORKERS (PostgreSQL worker counts, default
+# 1,2,4) may be set: make bench-gateway DURATION=30 RATE=2000 CARDS=200 WORKERS=1,4
 bench-gateway: $(BIN)/.installed native
 	PYTHONPATH=$(CURDIR)/$(NATIVE) $(BIN)/python -m tests.bench_gateway
 

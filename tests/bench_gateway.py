@@ -341,7 +341,13 @@ def main() -> None:
     )
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--terminals", type=int, default=int(os.environ.get("TERMINALS", "200")))
-    parser.add_argument("--cards", type=int, default=20)
+    parser.add_argument(
+        "--cards",
+        type=int,
+        default=int(os.environ.get("CARDS", "20")),
+        help="cards the terminals share (default 20: each card at ten terminals at once, the"
+        " contended case); with at least as many cards as terminals each has its own",
+    )
     parser.add_argument("--duration", type=float, default=float(os.environ.get("DURATION", "10")))
     parser.add_argument("--rate", type=float, default=float(os.environ.get("RATE", "2000")))
     parser.add_argument(
