@@ -367,7 +367,7 @@ def main() -> None:
         "--sqlite-workers",
         type=worker_counts,
         default=worker_counts(os.environ.get("SQLITE_WORKERS", "1,2,3")),
-        help="worker processes to measure on SQLite, comma separated (default 1,2)",
+        help="worker processes to measure on SQLite, comma separated (default 1,2,3)",
     )
     args = parser.parse_args()
     if args.terminals < 1 or args.duration <= 0 or args.rate <= 0 or args.max_rate <= 0:
