@@ -370,8 +370,8 @@ def main() -> None:
         help="worker processes to measure on SQLite, comma separated (default 1,2,3)",
     )
     args = parser.parse_args()
-    if args.terminals < 1 or args.duration <= 0 or args.rate <= 0 or args.max_rate <= 0:
-        parser.error("--terminals, --duration, --rate and --max-rate must be positive")
+    if min(args.terminals, args.cards) < 1 or min(args.duration, args.rate, args.max_rate) <= 0:
+        parser.error("--terminals, --cards, --duration, --rate and --max-rate must be positive")
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
     for backend in backends:
         if backend == "postgresql" and pg.missing_binaries():
