@@ -207,6 +207,9 @@ FINANCIAL: dict[tuple[str, str, str], Kind] = {
     ("0400", PROCESSING_VOID_REFUND, MSG_VOID): Kind.REVERSAL,
 }
 FINANCIAL_MTIS = frozenset({"0200", "0220", "0400"})
+# The MTIs a terminal sends (§4). A response MTI from a terminal is not a request: it closes
+# the link, like an MTI the profile does not list (§1).
+REQUEST_MTIS = frozenset(profile.mti for profile in REQUESTS.values())
 _VOID_REVERSAL_RULE = FieldRule(_REVERSAL | {61}, (), (_fields(2, 14),))
 
 

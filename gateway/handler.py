@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session as OrmSession
 from cardcodec.cards import mask_card_number
 from cardcodec.crypto import Suite
 from cardcodec.errors import CodecError
-from cardcodec.frame import ENVELOPE_BYTES
+from cardcodec.frame import ENVELOPE_BYTES, LENGTH_BYTES
 from cardcodec.message import (
     FieldValue,
     Message,
@@ -37,7 +37,7 @@ from cardcodec.message import (
     mac_input,
     received_mac,
 )
-from cardcodec.profile import Kind, classify
+from cardcodec.profile import REQUEST_MTIS, Kind, classify
 from cardcodec.subfields import (
     NMC_SIGN_ON_3DES_TDK,
     NMC_SIGN_ON_SM4,
@@ -92,6 +92,10 @@ class Sealing:
 
 
 Answer = Reply | Sealing
+
+# The answer to a request that met a bug rather than a decline: its link closes, and the
+# other requests of its group are answered all the same.
+FAILED = Reply(None, {"event": "closed", "reason": "internal error"})
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,11 @@ class Gateway:
         # and they share the instant, the business date and the answer's time fields.
         moment = self._moment()
         for index, payload in enumerate(payloads):
-            prepared = self._prepare(payload, decoded[index], sessions, moment)
+            try:
+                prepared = self._prepare(payload, decoded[index], sessions, moment)
+            except Exception:  # a bug: this request's link closes, the group goes on
+                log.exception("request_failed", terminal=_terminal_of(decoded[index]))
+                prepared = FAILED
             if isinstance(prepared, Reply):
                 replies[index] = prepared
             else:
@@ -232,7 +240,12 @@ class Gateway:
         settle_log_syncs()  # a group whose answers rest on its read of the sessions alone
         answers = [reply if reply is not None else Reply(None) for reply in replies]
         if group.rest:
-            answers.extend(self.decide_prepared(self.prepare_group(group.rest)))
+            # The first part is committed: a bug in the rest must not cost it its answers.
+            try:
+                answers.extend(self.decide_prepared(self.prepare_group(group.rest)))
+            except Exception:
+                log.exception("group_failed", size=len(group.rest))
+                answers.extend([FAILED] * len(group.rest))
         return answers
 
     def _prepare(
@@ -626,11 +639,23 @@ def _mac_with(security: SecurityModule, session: Session) -> Callable[[bytes], b
 
 
 def _decode(payload: bytes) -> Message | CodecError:
-    """The request, or why it does not decode (answered by `_undecodable`)."""
+    """The request, or why it does not decode (answered by `_undecodable`). A message whose
+    MTI is a response's (0210, 0810, ...) is not answered: its answer's MTI would not exist."""
     try:
-        return decode_message(payload)
+        message = decode_message(payload)
     except CodecError as error:
+        if error.partial is not None and error.partial.mti not in REQUEST_MTIS:
+            return _not_a_request(error.partial.mti)
         return error
+    if message.mti not in REQUEST_MTIS:
+        return _not_a_request(message.mti)
+    return message
+
+
+def _not_a_request(mti: str) -> CodecError:
+    return CodecError(
+        f"MTI {mti} is not a request's", part="MTI", offset=LENGTH_BYTES + ENVELOPE_BYTES
+    )
 
 
 SESSION_MTIS = frozenset({"0800", "0820"})
@@ -660,6 +685,11 @@ def _terminal_ids(decoded: Sequence[Message | CodecError]) -> set[str]:
     """The terminals a group names in field 41, for its one read of the sessions."""
     named = (item.fields.get(41) for item in decoded if isinstance(item, Message))
     return {terminal for terminal in named if isinstance(terminal, str)}
+
+
+def _terminal_of(item: Message | CodecError) -> FieldValue | None:
+    """Field 41 of a decoded request, for a log line."""
+    return item.fields.get(41) if isinstance(item, Message) else None
 
 
 def _fallback_rrn(moment: Moment) -> str:

@@ -30,7 +30,7 @@ from gateway.bootstrap import bootstrap, open_database
 from gateway.clock import Clock, StartedClock
 from gateway.config import Config, load_config
 from gateway.errors import BadInput
-from gateway.handler import Answer, Gateway, Reply, finish
+from gateway.handler import FAILED, Answer, Gateway, Reply, finish
 from gateway.ledger import unit_of_work
 from gateway.ledger.checkpoints import Checkpointer
 from gateway.ledger.db import (
@@ -188,9 +188,6 @@ class GroupWorker:
         except Exception:  # a bug, not a decline: the links close, the gateway goes on
             log.exception("group_failed", size=len(payloads))
         return [FAILED] * len(payloads)
-
-
-FAILED = Reply(None, {"event": "closed", "reason": "internal error"})
 
 
 @dataclass(frozen=True)

@@ -525,6 +525,72 @@ def test_unanswerable_frame_closes_the_link(harness: Harness) -> None:
     assert harness.raw(b"") is None
 
 
+@pytest.mark.parametrize("mti", ["0210", "0230", "0330", "0410", "0510", "0810", "0830"])
+def test_a_response_mti_closes_its_link_and_the_group_is_answered(
+    harness: Harness, mti: str
+) -> None:
+    """A terminal that sends a response's MTI gets no answer (an answer MTI + 10 would not
+    exist) and its link closes; the redemption in the same group is approved all the same,
+    and so is one behind it whose frame is cut short (its partial message has 11, 41, 42)."""
+    terminal = harness.signed_on()
+    card = terminal.card_fields(DIAMOND, "2906")
+    stranger = build(mti, {11: "000001", 41: "XXXXXXXX", 42: "000000000000000", 60: "00"})
+    cut_short = build(mti, {**terminal.ids(), 11: "000002", 60: "00000001"})[:-1]
+    group = [
+        terminal.financial("0200", "000000", "22", card, amount_fen=1000),
+        stranger,
+        cut_short,
+        terminal.financial("0200", "000000", "22", card, amount_fen=1000),
+    ]
+    replies = harness.gateway.handle_group(group)
+    assert [reply.payload is None for reply in replies] == [False, True, True, False]
+    assert [reply.event.get("reason") for reply in replies[1:3]] == ["MTI", "MTI"]
+    answers = answered(terminal, group[::3], replies[::3])
+    assert [answer.code for answer in answers] == ["00", "00"]
+    assert answers[1].balance == 50000 - 2 * 500
+
+
+@source_only
+@pytest.mark.parametrize("where", ["prepare", "ledger"])
+def test_a_bug_behind_a_sign_on_costs_the_committed_part_nothing(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A sign-on cuts its group: what follows it waits for its commit. A bug (not a decline)
+    in a request after the cut closes links (its own, or in the ledger the rest's), never
+    those of the part already committed, which are answered."""
+    first, other = harness.signed_on(), harness.terminal("20000001")
+    card = first.card_fields(DIAMOND, "2906")
+    redemption = first.financial("0200", "000000", "22", card, amount_fen=1000)
+    poisoned = first.financial("0200", "000000", "22", card, amount_fen=4242)
+    sign_on = other.sign_on()
+    echo = build("0820", {11: other.next_trace(), **other.ids(), 60: "00000001301"})
+    if where == "prepare":
+        original_prepare = Gateway._prepare
+
+        def failing_prepare(self: Gateway, payload: bytes, *args):  # type: ignore[no-untyped-def]
+            if payload == poisoned:
+                raise RuntimeError("a bug")
+            return original_prepare(self, payload, *args)
+
+        monkeypatch.setattr(Gateway, "_prepare", failing_prepare)
+        closed = [False, False, False, True]
+    else:
+        original_ledger = Gateway._in_ledger
+
+        def failing_ledger(self: Gateway, pending):  # type: ignore[no-untyped-def]
+            if any(request.payload == poisoned for _, request, _ in pending):
+                raise RuntimeError("a bug")
+            return original_ledger(self, pending)
+
+        monkeypatch.setattr(Gateway, "_in_ledger", failing_ledger)
+        closed = [False, False, True, True]
+    replies = harness.gateway.handle_group([redemption, sign_on, echo, poisoned])
+    assert [reply.payload is None for reply in replies] == closed
+    assert replies[3].event == {"event": "closed", "reason": "internal error"}
+    assert first.check(redemption, replies[0].payload).code == "00"  # type: ignore[arg-type]
+    assert other.check(sign_on, replies[1].payload).code == "00"  # type: ignore[arg-type]
+
+
 def answered(terminal: SpecTerminal, requests: list[bytes], replies: list[Reply]) -> list[Answer]:
     """Each reply checked against its request (every one must have been answered)."""
     results = []
