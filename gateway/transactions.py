@@ -393,6 +393,8 @@ class Transactions:
         number, _ = context.presented_card()
         card, _ = self._card(orm, number)
         decline = self._card_checks(context, card, needs_enrolment=False)
+        if decline is None and int(context.data.batch) != _open_batch(orm, context.terminal.id):
+            decline = Decline.NOT_ALLOWED  # §4.7, before the PIN: a wrong one is not counted
         if decline is None and card is not None:
             decline = self._pin_check(orm, context, card)
         if decline is not None or card is None:

@@ -171,6 +171,25 @@ def test_pin_rules(harness: Harness) -> None:
     assert harness.redeem(terminal, GOLD_PIN, 1000)[1].code == "55"
 
 
+@pytest.mark.parametrize(("processing", "message_type"), [("310000", "01"), ("000000", "22")])
+def test_another_batch_is_22_before_the_pin_and_counts_no_try(
+    harness: Harness, processing: str, message_type: str
+) -> None:
+    """A balance inquiry or a redemption whose 60.2 is not the open batch: 22 (§4.7), which
+    comes before 55 in §6, so three wrong PINs with it lock nothing."""
+    terminal = harness.signed_on()
+    amount = None if processing == "310000" else 1000
+    open_batch, terminal.batch = terminal.batch, "000007"
+    for pin in ("999999", "999999", "999999", "123456"):
+        fields = terminal.card_fields(GOLD_PIN, "2812", pin=pin)
+        request = terminal.financial("0200", processing, message_type, fields, amount_fen=amount)
+        assert harness.send(terminal, request).code == "22"
+    terminal.batch = open_batch
+    fields = terminal.card_fields(GOLD_PIN, "2812", pin="123456")
+    request = terminal.financial("0200", processing, message_type, fields, amount_fen=amount)
+    assert harness.send(terminal, request).code == "00"
+
+
 def test_right_pin_resets_the_run_of_wrong_ones(harness: Harness) -> None:
     """Two wrong, one right, two wrong: still not locked."""
     terminal = harness.signed_on()
