@@ -268,6 +268,16 @@ class SettlementTotals:
         return cls(Totals.parse(value[0:30]), int(value[30]), Totals.parse(value[31:61]),
                    int(value[61]))  # fmt: skip
 
+    @classmethod
+    def parse_request(cls, value: str) -> SettlementTotals:
+        """A 0500's field 48: result `0`, and the 31 digits for foreign cards all zeros."""
+        parsed = cls.parse(value)
+        if parsed.result != RESULT_REQUEST:
+            raise CodecError("the result digit of a settlement request must be 0", field=48)
+        if value[31:] != "0" * 31:
+            raise CodecError("the foreign cards' totals and result must be zeros", field=48)
+        return parsed
+
     def format(self) -> str:
         return (
             self.totals.format()

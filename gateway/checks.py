@@ -39,7 +39,7 @@ ORIGINAL_KINDS = frozenset({Kind.VOID, Kind.REFUND})  # field 61: the original's
 
 # Field 48's shape by kind: each parser raises `CodecError` for a value that does not fit.
 _FIELD_48_SHAPES: dict[Kind, Callable[[str], object]] = {
-    Kind.SETTLEMENT: SettlementTotals.parse,
+    Kind.SETTLEMENT: SettlementTotals.parse_request,
     Kind.UPLOAD: parse_upload,
     Kind.UPLOAD_END: parse_upload_end,
 }

@@ -276,9 +276,10 @@ class Gateway:
         message = request.message
         if not {11, 41, 42, 60} <= set(message.fields):
             raise DeclinedEarly(Decline.FORMAT)
-        request.kind = classify(message.mti, _text(message, 3), _text(message, 60))
+        # 11 or 14 digits, whatever the kind (§3), else `30` (`CodecError`, see `_prepare`).
+        request.data = MessageData.parse(message.text(60))
+        request.kind = classify(message.mti, _text(message, 3), message.text(60))
         if request.kind is not None:
-            request.data = MessageData.parse(message.text(60))
             problem = format_problem(message, request.kind, request.data)
             if problem is not None:
                 raise DeclinedEarly(Decline.FORMAT)

@@ -801,7 +801,11 @@ class Transactions:
         return Outcome(answer)
 
     def _settled_batch(self, orm: OrmSession, context: Context) -> int | None:
-        batch = records.latest_batch(orm, context.terminal.id, int(context.data.batch))
+        """The batch a 0320 uploads to: the one just settled (§4.7), else None (`22`)."""
+        terminal_id, number = context.terminal.id, int(context.data.batch)
+        if number != _previous_batch(_open_batch(orm, terminal_id)):
+            return None
+        batch = records.latest_batch(orm, terminal_id, number)
         if batch is None or batch.closed_at is None:
             return None
         return batch.id

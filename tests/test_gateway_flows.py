@@ -519,6 +519,61 @@ def test_settlement_unbalanced_answers_our_totals(harness: Harness) -> None:
     assert answer.text(48)[:15] == f"{12800:012d}001"
 
 
+def _settle(harness: Harness, terminal: SpecTerminal, field48: str) -> Answer:
+    fields = {11: terminal.next_trace(), **terminal.ids(), 48: field48, 49: "156"}
+    fields.update({60: f"00{terminal.batch}201", 63: "01 "})
+    return harness.send(terminal, terminal.signed("0500", fields))
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        "7" + "0" * 31,  # the result digit
+        "0" + f"{100:012d}{1:03d}{0:012d}{0:03d}0",  # foreign debits
+        "0" + "0" * 30 + "1",  # the foreign result digit
+    ],
+)
+def test_settlement_needs_result_0_and_zero_foreign_totals(harness: Harness, foreign: str) -> None:
+    """§4.7: field 48 of a 0500 carries result 0 and the foreign cards' 31 digits all zeros;
+    anything else is 30, and the batch stays open."""
+    terminal = harness.signed_on()
+    assert _settle(harness, terminal, "0" * 30 + foreign).code == "30"
+    answer = _settle(harness, terminal, "0" * 62)
+    assert (answer.code, answer.text(48)[30]) == ("00", "1")
+    assert harness.signed_on().batch == "000002"
+
+
+def test_a_batch_upload_goes_to_the_batch_just_settled(harness: Harness) -> None:
+    """0320 is for the batch just settled (§4.7): the open batch, or one settled before
+    that, gets 22."""
+    terminal = harness.signed_on()
+    for _ in range(2):
+        assert _settle(harness, terminal, "0" * 62).code == "00"
+        terminal = harness.signed_on()
+    assert terminal.batch == "000003"
+    terminal.trace = 100  # traces of their own: each sign-on above started them over
+    record = "00" + "000001" + DIAMOND.zfill(20) + f"{1000:012d}"
+    codes = []
+    for batch in ("000001", "000002", "000003"):
+        fields = {11: terminal.next_trace(), **terminal.ids(), 48: "01" + record}
+        fields[60] = f"00{batch}201"
+        codes.append(harness.send(terminal, terminal.signed("0320", fields)).code)
+    assert codes == ["22", "00", "22"]
+
+
+@pytest.mark.parametrize("field60", ["22000001", "220000010", "2200000100002"])
+def test_a_field_60_of_other_than_11_or_14_digits_is_30(harness: Harness, field60: str) -> None:
+    """§3: every request sends 60.1-60.3 (11 digits), financial ones 60.1-60.6 (14). Any
+    other length is a format error, even when the combination could not be told apart."""
+    terminal = harness.signed_on()
+    fields = terminal.card_fields(DIAMOND, "2906")
+    request = terminal.financial("0200", "000000", "22", fields, amount_fen=1000)
+    _, parsed, _, _ = parse(request)
+    parsed.pop(64)
+    parsed[60] = field60
+    assert harness.send(terminal, terminal.signed("0200", parsed)).code == "30"
+
+
 def test_missing_field_is_30_and_unknown_field_bit_is_30(harness: Harness) -> None:
     """Without 25: 30. An unknown bit after 42: 30 from what was read; before 11: closed."""
     terminal = harness.signed_on()
