@@ -23,6 +23,7 @@ from cardcodec.cards import card_number_problem, mask_card_number
 from cardcodec.crypto import Suite
 from gateway.clock import expiry_last_day
 from gateway.errors import BadInput
+from gateway.points import MAX_CARD_POINTS
 from gateway.rules import DAY_NAMES, MAX_DISCOUNT_BP, TIERS, Rule
 
 CARD_STATUSES = ("active", "lost", "stolen", "blocked", "closed")
@@ -30,7 +31,7 @@ MERCHANT_ID_LENGTH = 15
 INSTITUTION_ID_LENGTH = 15
 TERMINAL_ID_LENGTH = 8
 MAX_AMOUNT_FEN = 999_999_999_999  # field 4 is n12
-MAX_POINTS = MAX_AMOUNT_FEN
+MAX_POINTS = MAX_CARD_POINTS
 BP_WHOLE = 10000
 TMK_HEX_DIGITS = 32
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 POINT_VALUE_FEN = 2
 BP_WHOLE = 10000
 MAX_DISCOUNT_BP = BP_WHOLE - 1
+# The most points a card may hold: field 63 of an answer carries the points used and the
+# spendable balance as n10 (and field 54 their cash value, 2 fen a point, as n12).
+MAX_CARD_POINTS = 9_999_999_999
 
 
 def _check_int(name: str, value: int, low: int = 0, high: int | None = None) -> None:

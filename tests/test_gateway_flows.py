@@ -11,10 +11,11 @@ from sqlalchemy import insert
 from sqlalchemy.exc import OperationalError
 
 from gateway.handler import Gateway, Reply, finish
-from gateway.ledger import unit_of_work
+from gateway.ledger import operations, unit_of_work
 from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
+from gateway.points import MAX_CARD_POINTS
 from gateway.transactions import Transactions
-from tests.conftest import source_only
+from tests.conftest import moment, source_only
 from tests.gateway_harness import (
     BLOCKED,
     DIAMOND,
@@ -159,6 +160,21 @@ def test_an_empty_sm4_pin_block_is_a_format_error_and_no_try(harness: Harness) -
         assert answer.code == "30"
         assert 64 not in answer.fields
     assert harness.redeem(terminal, GOLD_PIN, 1000, pin="123456")[1].code == "00"
+
+
+def test_a_card_holding_the_most_points_a_card_may_hold_is_answered(harness: Harness) -> None:
+    """9,999,999,999 points (the accrual cap) fit the answer: 63's balance n10, 54's n12."""
+    terminal = harness.signed_on()
+    now = harness.clock.now()
+    with unit_of_work(harness.engine) as session:
+        held = operations.balances(session, DIAMOND, now).ledger_points
+        earned = MAX_CARD_POINTS - held
+        operations.accrue(session, DIAMOND, now.date(), earned, "test:most", when=moment(now),
+                          expiry_years=2)  # fmt: skip
+    fields = terminal.card_fields(DIAMOND, "2906")
+    answer = harness.send(terminal, terminal.financial("0200", "310000", "01", fields))
+    assert (answer.code, answer.balance) == ("00", MAX_CARD_POINTS)
+    assert answer.text(54).endswith(f"{2 * MAX_CARD_POINTS:012d}")
 
 
 def test_pin_rules(harness: Harness) -> None:

@@ -200,7 +200,7 @@ def test_bad_feed_names_every_bad_line_and_applies_nothing(
         15: (f"{GOLD},2026-06-30,100,", "source_ref is empty"),
         16: (f"{GOLD},2026-06-30,100,config:x", 'source_ref "config:x": config: is kept'),
         17: (f"{GOLD},2026-06-30,100", "3 fields, expected 4"),
-        18: (f"{GOLD},2026-06-30,1000000000000,R18", "1000000000000 is above the largest lot"),
+        18: (f"{GOLD},2026-06-30,10000000000,R18", "10000000000 is above the largest lot"),
     }
     lines = [FEED_HEADER, f"{GOLD},2026-06-30,100,R2"]
     lines += [bad_lines[number][0] for number in sorted(bad_lines)]
@@ -212,6 +212,30 @@ def test_bad_feed_names_every_bad_line_and_applies_nothing(
     for _, expected in bad_lines.values():
         assert expected in message
     assert message.endswith(f"({len(bad_lines)} bad lines; nothing from the file was applied)")
+
+
+def test_a_feed_that_would_take_a_card_past_what_an_answer_carries_applies_nothing(
+    ledger: Engine, config: Config, tmp_path: Path
+) -> None:
+    """Field 63 carries a card's points as n10: lots that would take a card past 9,999,999,999
+    points in all are refused, the accrual named, and nothing from the file is applied."""
+    with unit_of_work(ledger) as session:
+        held = operations.balances(session, GOLD, NOW).ledger_points
+    path = csv_file(
+        tmp_path,
+        "feed.csv",
+        FEED_HEADER,
+        f"{GOLD},2026-06-30,100,R1",
+        f"{GOLD},2026-06-30,{9_999_999_999 - held - 100},R2",
+        f"{GOLD},2026-06-30,1,R3",
+    )
+    message = refused(ledger, run_feed, path, config)
+    assert message == (
+        "accrual R3: the card would hold 10000000000 points, more than the 9999999999 an"
+        " answer can carry"
+    )
+    path = csv_file(tmp_path, "fits.csv", *Path(path).read_text().splitlines()[:3])
+    assert run_feed(ledger, path, config).applied_points == 9_999_999_999 - held
 
 
 def test_one_line_with_several_faults_names_each(

@@ -24,9 +24,10 @@ import enum
 from dataclasses import dataclass
 from datetime import date, datetime, time
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from cardcodec.cards import mask_card_number
 from gateway.clock import SHANGHAI, lot_expired, lot_expires_on
 from gateway.errors import BadInput
 from gateway.ledger.journal import (
@@ -60,7 +61,7 @@ from gateway.ledger.models import (
     Terminal,
     TransactionKind,
 )
-from gateway.points import Conversion, refund_share
+from gateway.points import MAX_CARD_POINTS, Conversion, refund_share
 
 APPROVED_CODES = ("00", "10")
 PIN_TRIES_TO_LOCK = 3
@@ -647,6 +648,13 @@ def accrue(
         raise BadInput(f"accrual {source_ref}: unknown card")
     if _accrual_applied(session, source_ref):
         return AccrualSkipped(source_ref)
+    held = _points_held(session, card_number)
+    if held + points > MAX_CARD_POINTS:
+        shown = source_ref.replace(card_number, mask_card_number(card_number))  # config lots
+        raise BadInput(
+            f"accrual {shown}: the card would hold {held + points} points, more than"
+            f" the {MAX_CARD_POINTS} an answer can carry"
+        )
     transaction = card_transfer(
         session,
         key=f"accrual:{source_ref}",
@@ -670,6 +678,14 @@ def accrue(
     session.flush()
     record_movement(session, transaction.id, lot.id, points)
     return Accrued(lot.id, transaction.id, lot.expires_on)
+
+
+def _points_held(session: Session, card_number: str) -> int:
+    """The card's ledger balance: what is left in its lots, expired or not."""
+    query = select(func.coalesce(func.sum(PointLot.remaining_points), 0)).where(
+        PointLot.card_number == card_number
+    )
+    return int(session.scalar(query) or 0)
 
 
 def _accrual_applied(session: Session, source_ref: str) -> bool:
