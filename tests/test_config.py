@@ -433,8 +433,9 @@ def test_bad_pins_are_refused_without_showing_them(refuse: Refuse, pin: str, pro
 @pytest.mark.parametrize(
     ("points", "problem"),
     [
-        ("0", "0 is outside 1-999999999999"),
-        ("-5", "-5 is outside 1-999999999999"),
+        ("0", "0 is outside 1-9999999999"),
+        ("-5", "-5 is outside 1-9999999999"),
+        ("10000000000", "10000000000 is outside 1-9999999999"),
         ("1.5", "must be an integer, not a float"),
         ('"100"', "must be an integer, not a string"),
         ("true", "must be an integer, not a boolean"),
