@@ -23,6 +23,7 @@ import structlog
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from twisted.internet.defer import Deferred
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 
 from gateway import build, logs
@@ -307,9 +308,14 @@ class GatewayServer:
         return result
 
     def listen(self, host: str, port: int) -> Any:
-        """Start the ledger worker and listen; returns the listening port."""
+        """Listen and start the ledger worker; returns the listening port. A port taken or a
+        host that does not resolve is `BadInput` (exit 2), as with several workers."""
+        try:
+            self._port = self._reactor.listenTCP(port, self.factory, interface=host)
+        except CannotListenError as error:
+            reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+            raise BadInput(f"--listen: cannot listen on {host}:{port}: {reason}") from None
         self._worker.start()
-        self._port = self._reactor.listenTCP(port, self.factory, interface=host)
         return self._port
 
     def adopt(self, listening: socket.socket) -> Any:

@@ -21,7 +21,7 @@ import pytest
 from simulators.recording import read_recording
 from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN, TMKS
 from tests.logscan import LeakWatch
-from tests.spec_terminal import Answer, Link, SpecTerminal
+from tests.spec_terminal import Answer, Link, SpecTerminal, build
 
 VIPGATE = Path(sys.executable).with_name("vipgate")
 FULL_CARD = re.compile(r"(?<!\d)6688\d{15}(?!\d)")
@@ -167,3 +167,48 @@ def test_many_connections_and_a_garbage_one_do_not_disturb_each_other(served: Se
     assert len(signs_on) == len(answers) == 3
     assert {r.direction for r in signs_on} == {"out"}
     assert {r.terminal for r in answers} == {"10000001", "10000002", "20000001"}
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_already_taken_is_a_one_line_error(tmp_path: Path, workers: str) -> None:
+    """`serve` on a port another program holds: exit 2 and one line naming it, with one
+    process as with several (operations.md: bad input of any kind)."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(DEMO, config)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [str(VIPGATE), "serve", "--config", str(config), "--workers", workers]
+        command += ["--db", f"sqlite:///{tmp_path / 'ledger.db'}"]
+        command += ["--listen", f"127.0.0.1:{port}"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(
+        f"vipgate: error: --listen: cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+def test_a_response_mti_from_a_stranger_closes_only_its_own_link(served: Served) -> None:
+    """A frame with a response's MTI (here 0410) on another connection is not answered and
+    its link closes; a terminal's pipelined redemptions meanwhile are all answered."""
+    link = Link("127.0.0.1", served.port)
+    terminal = terminal_for("10000001")
+    signed_on = exchange(link, terminal, terminal.sign_on())
+    terminal.adopt_sign_on(signed_on)
+    card = terminal.card_fields(DIAMOND, "2906")
+    requests = [terminal.financial("0200", "000000", "22", card, amount_fen=100) for _ in range(20)]
+    stranger = Link("127.0.0.1", served.port)
+    hostile = build("0410", {11: "000001", 41: "XXXXXXXX", 42: "0" * 15, 60: "00000001301"})
+    for request in requests[:10]:
+        link.send(request)
+    stranger.send(hostile)
+    for request in requests[10:]:
+        link.send(request)
+    answers = [terminal.check(request, link.receive()) for request in requests]
+    assert [answer.code for answer in answers] == ["00"] * 20
+    with pytest.raises(ConnectionError):
+        stranger.receive()
+    link.close()
+    stranger.close()

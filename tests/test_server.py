@@ -39,6 +39,7 @@ def test_clock_needs_an_iso_instant_with_offset(text: str) -> None:
 def test_listen_is_host_and_port() -> None:
     """--listen HOST:PORT; anything else is refused."""
     assert parse_listen("127.0.0.1:8583") == ("127.0.0.1", 8583)
+    assert parse_listen("[::1]:8583") == ("::1", 8583)  # as the config's listen
     for bad in ("8583", "host:", "host:99999", ":1"):
         with pytest.raises(BadInput):
             parse_listen(bad)

@@ -35,7 +35,10 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT, or [IPv6]:PORT as in the config's `listen`."""
     host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise BadInput(f"--listen: {text!r} is not HOST:PORT")
     return host, int(port)
