@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -95,16 +98,39 @@ def ensure_closed(
 def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime) -> Cleared:
     """Refuse an unfinished month, close it if needed, and write everything into `out`."""
     refuse_unfinished(month, now, config.gateway.timezone, config.gateway.cutoff)
-    _make_folder(out)
+    make_folder(out)
     key = signing.load_or_create(config.issuer.signing_key)
-    closed, closed_now = ensure_closed(engine, month, config, now)
+    pending = _pending(out, month)
+    try:
+        _fresh_folder(pending, out)  # before the close: an --out that cannot be written
+        closed, closed_now = ensure_closed(engine, month, config, now)  # closes nothing
+        try:
+            return _write(engine, month, (closed, closed_now), key, out)
+        except OSError as error:
+            where = error.filename or out
+            raise BadInput(
+                f"--out {out}: cannot write {where}: {error.strerror or error} (the month is"
+                " closed; a run with a writable --out writes its files, the same bytes)"
+            ) from None
+    finally:
+        shutil.rmtree(pending, ignore_errors=True)
+
+
+def _write(
+    engine: Engine,
+    month: Month,
+    close: tuple[ClosedMonth, bool],
+    key: Ed25519PrivateKey,
+    out: Path,
+) -> Cleared:
+    """The closed month's file, signature and statements, written as the module says (the
+    statements first into `_pending`, made empty by the caller)."""
+    closed, closed_now = close
+    pending = _pending(out, month)
     path = out / closed.file_name
     partial = partial_path(path)
     partial_sig = partial.with_name(signature_name(partial.name))
-    pending = partial.with_name(f".statements-{month.compact}.partial")
     try:
-        shutil.rmtree(pending, ignore_errors=True)
-        pending.mkdir()
         statements = MerchantStatements(pending, month.compact)
         with unit_of_work(engine) as session:
             written = write_settlement(session, closed, path, [statements])
@@ -120,7 +146,6 @@ def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime
     finally:
         partial.unlink(missing_ok=True)
         partial_sig.unlink(missing_ok=True)
-        shutil.rmtree(pending, ignore_errors=True)
     figures = OperatorFigures(written.totals, closed.terminal_count, closed.terminal_fee_fen)
     operator = out / operator_statement_name(month.compact)
     write_operator_statement(operator, closed, figures, written.sha256)
@@ -135,7 +160,20 @@ def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime
     )
 
 
-def _make_folder(out: Path) -> None:
+def _pending(out: Path, month: Month) -> Path:
+    return out / f".statements-{month.compact}.partial"
+
+
+def _fresh_folder(pending: Path, out: Path) -> None:
+    shutil.rmtree(pending, ignore_errors=True)
+    try:
+        pending.mkdir()
+    except OSError as error:
+        raise BadInput(f"--out {out}: cannot write in it: {error.strerror}") from None
+
+
+def make_folder(out: Path) -> None:
+    """`--out`, made if needed and writable, or `BadInput` naming it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -18,6 +18,7 @@ from gateway.errors import BadInput
 
 _MONTH_RE = re.compile(r"(\d{4})-(\d{2})")
 MIDNIGHT = time(0, 0)
+FIRST_YEAR, LAST_YEAR = 1970, 9998  # the months `--month` names
 
 
 @dataclass(frozen=True, order=True)
@@ -37,6 +38,9 @@ class Month:
         match = _MONTH_RE.fullmatch(text)
         if match is None or not 1 <= int(match[2]) <= 12 or int(match[1]) < 1:
             raise BadInput(f"{option}: {text[:20]!r} is not a month YYYY-MM")
+        if not FIRST_YEAR <= int(match[1]) <= LAST_YEAR:
+            # A month's business dates reach a day beyond it, which the calendar's ends lack.
+            raise BadInput(f"{option}: {text} is outside {FIRST_YEAR}-01 to {LAST_YEAR}-12")
         return cls(int(match[1]), int(match[2]))
 
     @property

@@ -95,13 +95,64 @@ def test_clear_refuses_an_unfinished_month_with_exit_2(
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("month", "problem"),
+    [
+        ("2026-13", "'2026-13' is not a month YYYY-MM"),
+        ("0001-01", "0001-01 is outside 1970-01 to 9998-12"),
+        ("9999-12", "9999-12 is outside 1970-01 to 9998-12"),
+    ],
+)
 def test_clear_refuses_a_malformed_month_with_exit_2(
+    config_path: Path, capsys: pytest.CaptureFixture[str], month: str, problem: str
+) -> None:
+    """A month that is not YYYY-MM, or at the calendar's ends: exit 2, nothing made."""
+    out = config_path.parent / "out"
+    arguments = ["--config", str(config_path), "--month", month, "--out", str(out)]
+    assert main(["clear", *arguments]) == 2
+    assert capsys.readouterr().err == f"vipgate: error: --month: {problem}\n"
+    assert not out.exists()
+    assert not (config_path.parent / "var" / "issuer-ed25519.pem").exists()
+
+
+def test_an_out_folder_that_cannot_be_written_closes_nothing(
     config_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """--month 2026-13: exit 2."""
-    status = main(["clear", "--config", str(config_path), "--month", "2026-13", "--out", "x"])
-    assert status == 2
-    assert "is not a month YYYY-MM" in capsys.readouterr().err
+    """Where the run cannot write its statements, exit 2 before the month is closed; where
+    the file itself cannot be written (a folder in its place), exit 2 with the month closed,
+    and a run into a good folder writes the same bytes."""
+    out = config_path.parent / "out"
+    out.mkdir()
+    (out / ".statements-202611.partial").write_text("in the way")
+    arguments = ["--config", str(config_path), "--month", "2026-11"]
+    assert main(["clear", *arguments, "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"vipgate: error: --out {out}: cannot write in it")
+    (out / ".statements-202611.partial").unlink()
+    settlement = out / "VIPSETTLE_ACQ000000000001_202611_001.txt"
+    settlement.mkdir()
+    assert main(["clear", *arguments, "--out", str(out)]) == 2
+    [error] = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"vipgate: error: --out {out}: cannot write ")
+    assert error.endswith("(the month is closed; a run with a writable --out writes its files, "
+                          "the same bytes)")  # fmt: skip
+    assert sorted(path.name for path in out.iterdir()) == [settlement.name]
+    good = config_path.parent / "good"
+    assert main(["clear", *arguments, "--out", str(good)]) == 0
+    assert "closed earlier" in capsys.readouterr().out
+    assert main(["verify", "--config", str(config_path), str(good / settlement.name)]) == 0
+
+
+def test_reconcile_into_a_file_is_bad_input(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--out naming a file, not a folder: exit 2 and one line, as for clear."""
+    arguments = ["--config", str(config_path), "--month", "2026-11"]
+    assert main(["clear", *arguments, "--out", str(config_path.parent / "out")]) == 0
+    capsys.readouterr()
+    assert main(["reconcile", *arguments, "--out", str(config_path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"vipgate: error: --out {config_path}: cannot make the folder"
+    )
 
 
 def test_clear_then_verify_from_the_command_line(

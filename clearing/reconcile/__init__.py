@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from clearing import signing
-from clearing.clear import clear, snapshot_isolation
+from clearing.clear import clear, make_folder, snapshot_isolation
 from clearing.models import ClosedMonth
 from clearing.period import Month, month_begins, month_ends
 from clearing.reconcile.batches import check_settled_batches, open_batches
@@ -47,7 +47,7 @@ def reconcile(engine: Engine, config: Config, month: Month, out: Path, now: date
             f"--month {month.key}: the month is not closed; run vipgate clear --month "
             f"{month.key} first"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     lists = {
         name: FindingList(name, title, first, second, out) for name, title, first, second in LISTS
     }
