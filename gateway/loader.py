@@ -85,7 +85,7 @@ def load_into_ledger(
     config lot differs from the lot accrued for it earlier, so a refused load changes nothing.
     """
     _refuse_unstorable(config)
-    _refuse_changed_lots(session, config)
+    _refuse_changed_lots(session, config, now.astimezone(config.gateway.timezone).date())
     changes: list[str] = []
     for merchant in config.merchants:
         changes.extend(_load_merchant(session, merchant, now))
@@ -120,22 +120,24 @@ def _refuse_unstorable(config: Config) -> None:
             )
 
 
-def _refuse_changed_lots(session: Session, config: Config) -> None:
-    """Every config lot accrued before must still say what it said then; name each that not."""
-    problems = []
+def _refuse_changed_lots(session: Session, config: Config, today: date) -> None:
+    """Every config lot accrued before must still say what it said then, and one to accrue
+    now must not be earned after today (as in the accrual feed); name each that not."""
+    problems, future = [], []
     for card_index, card in enumerate(config.cards):
         accrued = _accrued_config_lots(session, card.number)
         for index, lot in enumerate(card.lots):
+            place = f"cards[{card_index}] ({mask_card_number(card.number)}).lots[{index}]"
             before = accrued.get(config_lot_ref(card.number, index))
-            if before is None or (before.original_points, before.earned_on) == (
-                lot.points,
-                lot.earned_on,
-            ):
+            if before is None:
+                if lot.earned_on > today:
+                    future.append(f"{place}.earned_on: {lot.earned_on} is after today ({today})")
+                continue
+            if (before.original_points, before.earned_on) == (lot.points, lot.earned_on):
                 continue
             problems.append(
-                f"cards[{card_index}] ({mask_card_number(card.number)}).lots[{index}]: "
-                f"accrued as {before.original_points} points earned {before.earned_on}, now "
-                f"{lot.points} points earned {lot.earned_on}"
+                f"{place}: accrued as {before.original_points} points earned {before.earned_on},"
+                f" now {lot.points} points earned {lot.earned_on}"
             )
     if problems:
         raise BadInput(
@@ -143,6 +145,8 @@ def _refuse_changed_lots(session: Session, config: Config) -> None:
             + "; ".join(problems)
             + " (an accrued lot is never changed: correct it with an accrual)"
         )
+    if future:
+        raise BadInput(f"{config.path}: " + "; ".join(future))
 
 
 def _accrued_config_lots(session: Session, card_number: str) -> dict[str, PointLot]:

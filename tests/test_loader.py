@@ -147,6 +147,28 @@ def test_changed_lot_is_refused_and_nothing_of_the_load_applied(
         assert terminal is not None and terminal.enabled
 
 
+@pytest.mark.parametrize("earned_on", ["2026-11-23", "9999-12-31"])
+def test_a_lot_earned_after_today_is_refused_and_nothing_applied(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore, earned_on: str
+) -> None:
+    """A config lot earned after the load's local date is refused as the accrual feed refuses
+    it (the end of the calendar included), naming the masked card and the lot; an accrued
+    lot is not looked at again, whatever the clock says later."""
+    edit = ('earned_on = "2026-03-01"', f'earned_on = "{earned_on}"')
+    config = write_config(tmp_path, edit)
+    before = row_counts(ledger_engine)
+    with pytest.raises(BadInput) as raised:
+        load(ledger_engine, config, keystore)
+    assert str(raised.value) == (
+        f"{config.path}: cards[0] (668800*********0014).lots[0].earned_on: {earned_on} is after "
+        "today (2026-11-22)"
+    )
+    assert row_counts(ledger_engine) == before
+    load(ledger_engine, write_config(tmp_path / "ok"), keystore)
+    earlier = datetime(2026, 1, 1, tzinfo=SHANGHAI)  # before the demo's lots were earned
+    assert load(ledger_engine, write_config(tmp_path / "ok"), keystore, earlier).changes == ()
+
+
 def test_every_change_of_active_and_enabled_is_recorded_with_its_time(
     ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
 ) -> None:
