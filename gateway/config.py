@@ -458,6 +458,8 @@ def _path(table: _Table, key: str, default: str, folder: Path) -> Path:
     text: str = table.string(key, default)
     if not text.strip():
         table.fail(key, "is empty")
+    if not text.isprintable():
+        table.fail(key, "must be a path of printable characters")
     return folder / text
 
 

@@ -581,6 +581,11 @@ def test_missing_required_section_is_refused(refuse: Refuse) -> None:
         ),
         ("expiry_years = 1", "expiry_years = 0", "plan.expiry_years: 0 is outside 1-99"),
         (
+            'master_key = "var/master.key"',
+            'master_key = "var/ma\\u0000ster.key"',
+            "issuer.master_key: must be a path of printable characters",
+        ),
+        (
             "terminal_fee_fen_per_month = 3000",
             "terminal_fee_fen_per_month = -1",
             "-1 is outside 0-",
