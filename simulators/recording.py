@@ -30,6 +30,8 @@ DIRECTIONS: Final = ("in", "out")
 KEYS: Final = ("time", "direction", "terminal", "frame")
 MAX_TERMINAL_ID_CHARS: Final = 8
 MAX_FRAME_BYTES: Final = 2 + 2048  # LEN plus the largest payload a peer may send (§1)
+# A line of the log: the frame in hex and four short values, with room to spare.
+MAX_LINE_CHARS: Final = 2 * MAX_FRAME_BYTES + 1024
 
 
 def _utc_now() -> datetime:
@@ -113,9 +115,11 @@ def _field(place: str, data: dict[str, object], key: str) -> str:
 
 def parse_record(line: str, place: str) -> RecordedFrame:
     """One log line; a bad one is a `BadInput` naming `place` and the key, never a frame."""
+    if len(line) > MAX_LINE_CHARS:
+        raise BadInput(f"{place}: longer than a recorded frame's line can be ({MAX_LINE_CHARS})")
     try:
         data = json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested past the parser's depth
         raise BadInput(f"{place}: not a JSON object") from None
     if not isinstance(data, dict):
         raise BadInput(f"{place}: not a JSON object")

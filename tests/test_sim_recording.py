@@ -106,6 +106,8 @@ def test_repr_of_a_record_shows_no_frame_bytes() -> None:
             "unknown key",
         ),
         ('{"time": "2026-06-06T04:00:00+00:00", "direction": "in", "frame": "00"}', "terminal"),
+        ("[" * 2500 + "]" * 2500, "not a JSON object"),  # nested past the parser's depth
+        ('"' + "0" * 6000 + '"', "longer than a recorded frame's line can be"),
     ],
 )
 def test_bad_lines_are_refused_with_their_line_number(line: str, problem: str) -> None:
