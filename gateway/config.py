@@ -30,6 +30,7 @@ CARD_STATUSES = ("active", "lost", "stolen", "blocked", "closed")
 MERCHANT_ID_LENGTH = 15
 INSTITUTION_ID_LENGTH = 15
 TERMINAL_ID_LENGTH = 8
+SCHEME_TIMEZONE = "Asia/Shanghai"
 MAX_AMOUNT_FEN = 999_999_999_999  # field 4 is n12
 MAX_POINTS = MAX_CARD_POINTS
 BP_WHOLE = 10000
@@ -411,11 +412,16 @@ def _database(table: _Table, folder: Path) -> str:
 
 
 def _timezone(table: _Table) -> ZoneInfo:
-    name: str = table.string("timezone", "Asia/Shanghai")
+    """The gateway's clock, which the scheme fixes (points-and-clearing §4: lot and card
+    expiry, business dates, the settlement file's times): the key may only say so."""
+    name: str = table.string("timezone", SCHEME_TIMEZONE)
     try:
-        return ZoneInfo(name)
+        zone = ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         table.fail("timezone", f"{_show(name)} is not a known time zone")
+    if name != SCHEME_TIMEZONE:
+        table.fail("timezone", f"{_show(name)}: the scheme's clock is {SCHEME_TIMEZONE}, no other")
+    return zone
 
 
 def _gateway(root: _Table, folder: Path) -> GatewaySettings:

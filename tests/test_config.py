@@ -554,6 +554,11 @@ def test_missing_required_section_is_refused(refuse: Refuse) -> None:
             '"Mars/Olympus" is not a known time zone',
         ),
         (
+            'timezone = "Asia/Shanghai"',
+            'timezone = "Etc/GMT+12"',
+            'gateway.timezone: "Etc/GMT+12": the scheme\'s clock is Asia/Shanghai, no other',
+        ),
+        (
             'database = "sqlite:///var/vipgate.db"',
             'database = "var/vipgate.db"',
             "gateway.database: is not a database URL",
