@@ -205,6 +205,8 @@ def test_verify_names_each_fault_and_exits_1(
 def test_verify_of_a_missing_file_is_bad_input(
     config_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """No such file: exit 2."""
+    """No such file, or a folder: exit 2."""
     assert main(["verify", "--config", str(config_path), str(config_path.parent / "no.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["verify", "--config", str(config_path), str(config_path.parent)]) == 2
+    assert "a folder, not a settlement file" in capsys.readouterr().err

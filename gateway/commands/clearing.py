@@ -109,7 +109,8 @@ def reconcile_command(args: argparse.Namespace) -> int:
 
 def verify_command(args: argparse.Namespace) -> int:
     if not args.file.is_file():
-        raise BadInput(f"{args.file}: no such file")
+        what = "a folder, not a settlement file" if args.file.is_dir() else "no such file"
+        raise BadInput(f"{args.file}: {what}")
     if args.pubkey is not None:
         public_key = signing.load_public(args.pubkey)
     else:
