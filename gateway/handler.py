@@ -270,7 +270,7 @@ class Gateway:
         now = self._clock.now().astimezone(self._config.gateway.timezone)
         return Moment(now, business_date(now, self._config.gateway.cutoff))
 
-    # -- the checks before the ledger (§6 order: 30, 97, 03, 58, A7, A0, 12) -------------
+    # -- the checks before the ledger (§6 order: 30, 97, 03, 58, A7, A0) ------------------
 
     def _first_checks(self, request: Request) -> None:
         message = request.message
@@ -287,8 +287,8 @@ class Gateway:
         if request.kind is Kind.SIGN_ON or request.kind is Kind.ECHO:
             return
         self._session_checks(request)
-        if request.kind is None:
-            raise DeclinedEarly(Decline.NOT_SUPPORTED)
+        if request.kind is None and message.mti not in LOGGED_MTIS:
+            raise DeclinedEarly(Decline.NOT_SUPPORTED)  # nothing to record: answered here
 
     def _terminal_checks(self, request: Request) -> None:
         message = request.message
@@ -343,13 +343,12 @@ class Gateway:
     # -- the ledger transaction ------------------------------------------------------------
 
     def _context(self, request: Request, moment: Moment) -> Context:
-        kind = request.kind
-        assert kind is not None and request.terminal is not None  # set by the first checks
-        assert request.merchant is not None
+        assert request.terminal is not None and request.merchant is not None  # first checks
+        assert request.data is not None
         return Context(
             message=request.message,
-            kind=kind,
-            data=request.data or MessageData.parse(request.message.text(60)),
+            kind=request.kind,
+            data=request.data,
             terminal=request.terminal,
             merchant=request.merchant,
             session=request.session,

@@ -73,7 +73,8 @@ log = structlog.get_logger("vipgate.gateway")
 
 MAX_BATCH_ITEMS = 999
 TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
-RECORDED_KINDS = {
+REVERSAL_MTI = "0400"
+RECORDED_KINDS: dict[Kind | None, AuthorisationKind] = {
     Kind.BALANCE: AuthorisationKind.BALANCE,
     Kind.REDEMPTION: AuthorisationKind.REDEMPTION,
     Kind.VOID: AuthorisationKind.VOID,
@@ -84,10 +85,12 @@ RECORDED_KINDS = {
 
 @dataclass(frozen=True)
 class Context:
-    """A request that passed the first checks, with what they found."""
+    """A request that passed the first checks, with what they found. `kind` None: a
+    combination the profile does not support, in a logged MTI: its answer is `12`, but its
+    identity is looked up and recorded like any other's (§6: `94` comes first; §7, §8)."""
 
     message: Message
-    kind: Kind
+    kind: Kind | None
     data: MessageData
     terminal: TerminalConfig
     merchant: MerchantConfig
@@ -114,7 +117,7 @@ class Context:
     def identity(self) -> RequestIdentity:
         """The request's key in the request log (§7)."""
         request_class = (
-            RequestClass.REVERSAL if self.kind is Kind.REVERSAL else RequestClass.REQUEST
+            RequestClass.REVERSAL if self.message.mti == REVERSAL_MTI else RequestClass.REQUEST
         )
         return RequestIdentity(self.terminal.id, int(self.data.batch), self.trace, request_class)
 
@@ -208,7 +211,17 @@ class Transactions:
         }
 
     def run(self, orm: OrmSession, context: Context) -> Outcome:
+        if context.kind is None:
+            return self._unsupported(orm, context)
         return self._handlers[context.kind](orm, context)
+
+    def _unsupported(self, orm: OrmSession, context: Context) -> Outcome:
+        """`12` for a combination the profile does not support; a financial answer carries
+        an RRN as every financial answer does."""
+        extra: dict[int, FieldValue] = {}
+        if context.message.mti in answers.FINANCIAL_MTIS:
+            extra[37] = next_rrn(orm, context.moment.at)
+        return Outcome(self._answer(context, response_code(Decline.NOT_SUPPORTED), extra))
 
     def prefetch(self, orm: OrmSession, context: Context, identity: RequestIdentity | None) -> None:
         """A redemption's reads, its request-log look-up included, sent ahead together (one

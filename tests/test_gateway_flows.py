@@ -690,6 +690,27 @@ def answered(terminal: SpecTerminal, requests: list[bytes], replies: list[Reply]
     return results
 
 
+def test_an_unsupported_combination_is_12_after_94_and_is_recorded(harness: Harness) -> None:
+    """(0200, 000000, 60.1 23) is no combination of §3. Reusing an approved redemption's
+    identity it gets 94 (§6 puts 94 before 12); with a trace of its own, 12, recorded like
+    any 0200 (§8): sent again, the same answer; another request with its trace, 94."""
+    terminal = harness.signed_on()
+    card = terminal.card_fields(DIAMOND, "2906")
+    redemption = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    assert harness.send(terminal, redemption).code == "00"
+    terminal.trace -= 1
+    reused = terminal.financial("0200", "000000", "23", card, amount_fen=1000)
+    assert harness.send(terminal, reused).code == "94"
+    unsupported = terminal.financial("0200", "000000", "23", card, amount_fen=1000)
+    answer = harness.send(terminal, unsupported)
+    assert answer.code == "12"
+    assert 37 in answer.fields and 64 not in answer.fields
+    assert harness.send(terminal, unsupported).fields == answer.fields
+    terminal.trace -= 1
+    other = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    assert harness.send(terminal, other).code == "94"
+
+
 def test_a_group_commits_once_and_answers_each_request(harness: Harness) -> None:
     """In one group: a redemption, its exact repeat, another request reusing its trace, and a
     second redemption: approved, the stored answer, 94, approved, and the points taken twice."""
