@@ -98,20 +98,31 @@ def _decode(data: bytes) -> Point | None:
     return (x, y, 1, x * y % P)
 
 
-def _sha512_int(parts: Iterable[bytes], message: Callable[[], Iterable[bytes]]) -> int:
-    digest = hashlib.sha512()
+def _sha512_int(
+    parts: Iterable[bytes], message: Callable[[], Iterable[bytes]]
+) -> tuple[int, bytes]:
+    """SHA-512 of the parts and the message, as an integer; and the message's own SHA-512,
+    to tell whether two passes read the same bytes."""
+    digest, witness = hashlib.sha512(), hashlib.sha512()
     for part in parts:
         digest.update(part)
     for chunk in message():
         digest.update(chunk)
-    return int.from_bytes(digest.digest(), "little")
+        witness.update(chunk)
+    return int.from_bytes(digest.digest(), "little"), witness.digest()
+
+
+class MessageChangedError(ValueError):
+    """The bytes to sign were not the same in both passes: nothing was signed."""
 
 
 def sign(seed: bytes, public_key: bytes, message: Callable[[], Iterable[bytes]]) -> bytes:
     """The Ed25519 signature of the message that `message()` yields in chunks.
 
     `message` is called twice (the message is hashed twice), and must yield the same bytes
-    both times. `seed` is the 32-byte private key, `public_key` its 32-byte public key.
+    both times: if it does not, `MessageChangedError`, and no signature. (A signature over the
+    second bytes with the first bytes' nonce, beside an honest one, would give the private
+    key away.) `seed` is the 32-byte private key, `public_key` its 32-byte public key.
     """
     if len(seed) != KEY_BYTES or len(public_key) != KEY_BYTES:
         raise ValueError("Ed25519 keys are 32 bytes")
@@ -119,9 +130,13 @@ def sign(seed: bytes, public_key: bytes, message: Callable[[], Iterable[bytes]])
     scalar = int.from_bytes(expanded[:32], "little")
     scalar &= (1 << 254) - 8
     scalar |= 1 << 254
-    nonce = _sha512_int([expanded[32:]], message) % L
+    nonce, first = _sha512_int([expanded[32:]], message)
+    nonce %= L
     commitment = _encode(_multiply(nonce, BASE))
-    challenge = _sha512_int([commitment, public_key], message) % L
+    challenge, second = _sha512_int([commitment, public_key], message)
+    challenge %= L
+    if first != second:
+        raise MessageChangedError("the message changed between the two passes of its signing")
     response = (nonce + challenge * scalar) % L
     return commitment + int.to_bytes(response, 32, "little")
 

@@ -13,7 +13,7 @@ is `cryptography`'s.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from clearing import ed25519
-from gateway.errors import BadInput
+from gateway.errors import BadInput, CheckFailed
 from gateway.secret_files import create_private_file, read_private_file
 
 MAX_KEY_FILE_BYTES = 16 * 1024
@@ -96,6 +96,17 @@ def sign_file(key: Ed25519PrivateKey, path: Path) -> str:
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
     public = raw_public(key.public_key())
-    message: Callable[[], Iterable[bytes]] = lambda: file_chunks(path)  # noqa: E731
-    signature = ed25519.sign(seed, public, message)
+    # One descriptor for both passes (not the path twice); `ed25519.sign` also checks that
+    # they read the same bytes.
+    with path.open("rb") as file:
+
+        def message() -> Iterator[bytes]:
+            file.seek(0)
+            while chunk := file.read(CHUNK_BYTES):
+                yield chunk
+
+        try:
+            signature = ed25519.sign(seed, public, message)
+        except ed25519.MessageChangedError:
+            raise CheckFailed(f"{path}: changed while it was being signed; not signed") from None
     return signature.hex() + "\n"

@@ -10,12 +10,13 @@ import tempfile
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clearing import ed25519
+from clearing import ed25519, signing
 from clearing.layout import (
     ENTRY_TYPES,
     SEQUENCE,
@@ -32,6 +33,7 @@ from clearing.settlement import write_file
 from clearing.signing import sign_file
 from clearing.verify import verify_file
 from gateway.clock import SHANGHAI
+from gateway.errors import CheckFailed
 from gateway.points import convert
 
 KEY = Ed25519PrivateKey.generate()
@@ -230,6 +232,31 @@ def test_rfc8032_test_vectors() -> None:
         )
         assert made.hex() == signature
         assert ed25519.verify(bytes.fromhex(public), made, [bytes.fromhex(message)])
+
+
+def test_a_message_that_changes_between_the_two_passes_is_not_signed(tmp_path: Path) -> None:
+    """The nonce comes from the first pass, the challenge from the second: bytes that differ
+    between them would give a signature that, beside an honest one, yields the private key.
+    So nothing is signed; a file changed while `sign_file` reads it is a CheckFailed."""
+    seed, public = _raw(KEY)
+    passes = iter([[b"settlement"], [b"settlemenT"]])
+    with pytest.raises(ed25519.MessageChangedError):
+        ed25519.sign(seed, public, lambda: next(passes))
+    path = tmp_path / "file.txt"
+    path.write_bytes(b"A" * (3 * signing.CHUNK_BYTES))
+    real_sign = ed25519.sign
+
+    def sign_while_written(seed: bytes, public: bytes, message):  # type: ignore[no-untyped-def]
+        def changing():  # type: ignore[no-untyped-def]
+            yield from message()
+            path.write_bytes(b"B" * (3 * signing.CHUNK_BYTES))  # after the first pass
+
+        return real_sign(seed, public, changing)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ed25519, "sign", sign_while_written)
+        with pytest.raises(CheckFailed, match="changed while it was being signed"):
+            signing.sign_file(KEY, path)
 
 
 def test_a_signature_with_s_above_the_group_order_is_refused() -> None:
