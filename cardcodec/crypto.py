@@ -265,7 +265,7 @@ class WorkingKeys:
         return f"WorkingKeys(pik=<hidden>, mak=<hidden>, tdk={tdk})"
 
 
-def _halves_differ(key: bytes) -> bool:
+def halves_differ(key: bytes) -> bool:
     """Whether a 3DES key's halves differ beyond their parity bits (else it is single DES)."""
     half = KEY_BYTES // 2
     return any((a ^ b) & 0xFE for a, b in zip(key[:half], key[half:], strict=True))
@@ -276,7 +276,7 @@ def _fresh_key(suite: Suite, random_bytes: Callable[[int], bytes]) -> bytes:
         key = random_bytes(KEY_BYTES)
         if len(key) != KEY_BYTES:
             raise RuntimeError("random source gave the wrong number of bytes")
-        if suite is not Suite.TDES or _halves_differ(key):
+        if suite is not Suite.TDES or halves_differ(key):
             return key
     raise RuntimeError("random source keeps giving 3DES keys with equal halves")
 

@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cardcodec.cards import card_number_problem, mask_card_number
-from cardcodec.crypto import Suite
+from cardcodec.crypto import Suite, halves_differ
 from gateway.clock import expiry_last_day
 from gateway.errors import BadInput
 from gateway.points import MAX_CARD_POINTS
@@ -588,9 +588,8 @@ def _terminal(table: _Table, merchant_ids: frozenset[str]) -> TerminalConfig:
         table.fail("merchant", f"{_show(merchant)} is not a configured merchant")
     suite = Suite(_choice(table, "suite", [suite.value for suite in Suite]))
     tmk = _hex_key(table, "tmk")
-    half = len(tmk) // 2
-    if suite is Suite.TDES and tmk[:half] == tmk[half:]:
-        table.fail("tmk", "the two halves of a 3DES key are equal (that is single DES)")
+    if suite is Suite.TDES and not halves_differ(tmk):
+        table.fail("tmk", "the two halves of a 3DES key are equal but for parity (single DES)")
     return TerminalConfig(
         id=terminal_id,
         merchant=merchant,

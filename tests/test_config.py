@@ -368,6 +368,7 @@ def test_duplicate_ids_are_refused(refuse: Refuse, old: str, new: str, expected:
         ('"FD32139FDCE66744281F7C0090707DG2"', "must be 32 hex digits"),
         ("12345", "must be a string of 32 hex digits"),
         ('"0123456789ABCDEF0123456789ABCDEF"', "two halves of a 3DES key are equal"),
+        ('"0123456789ABCDEF0022446688AACCEE"', "equal but for parity (single DES)"),
     ],
 )
 def test_bad_terminal_master_keys_are_refused_without_showing_them(
