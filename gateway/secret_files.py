@@ -2,8 +2,9 @@
 
 A secret file is created through a private temporary file linked into place, so no reader
 ever sees half a key and two processes starting together agree on one; it is read only when it
-is a regular file that neither group nor others can read. Messages name the file and the
-problem, never its contents.
+is a regular file (a link is judged by the file it names), owned by this process's user or
+root, that neither group nor others can read. Messages name the file and the problem, never
+its contents.
 """
 
 from __future__ import annotations
@@ -40,7 +41,10 @@ def create_private_file(path: Path, content: bytes, what: str) -> None:
 
 
 def read_private_file(path: Path, what: str, max_bytes: int) -> bytes:
-    """At most `max_bytes` of `path`, refused unless a regular file only its owner can read."""
+    """At most `max_bytes` of `path`, refused unless a regular file that this process's user
+    (or root) owns and only its owner can read. A link is judged by the file it names (a
+    mounted secret), so a key another user planted, as a file or a link to theirs, is never
+    adopted."""
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError as error:
@@ -49,6 +53,11 @@ def read_private_file(path: Path, what: str, max_bytes: int) -> bytes:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
             raise BadInput(f"{what} {path}: not a regular file")
+        if status.st_uid not in {os.geteuid(), 0}:
+            raise BadInput(
+                f"{what} {path}: owned by user {status.st_uid}, not by this one "
+                f"({os.geteuid()}) or root"
+            )
         if status.st_mode & GROUP_OR_OTHER:
             mode = stat.S_IMODE(status.st_mode)
             raise BadInput(

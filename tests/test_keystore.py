@@ -121,6 +121,21 @@ def test_master_key_behind_a_link_is_judged_by_its_file(tmp_path: Path) -> None:
         FileKeyStore(link).pin_hmac(CARD, PIN)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_master_key_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    """A private key file another user owns (planted in a shared folder, or named by a link)
+    is never adopted: it would let that user open every sealed TMK."""
+    planted = tmp_path / "planted.key"
+    planted.write_bytes(os.urandom(MASTER_KEY_BYTES))
+    planted.chmod(0o600)
+    os.chown(planted, 65534, 65534)
+    link = tmp_path / "master.key"
+    link.symlink_to(planted)
+    for path in (planted, link):
+        with pytest.raises(BadInput, match=f"master key {path}: owned by user 65534, not by"):
+            FileKeyStore(path).pin_hmac(CARD, PIN)
+
+
 def test_pin_hmac_verifies_only_the_right_pin_for_the_right_card(store: FileKeyStore) -> None:
     """The HMAC matches the PIN it was made from, on its card, and nothing else."""
     stored = store.pin_hmac(CARD, PIN)
