@@ -58,7 +58,13 @@ CLOSED: Final = "closed"  # the code of a request answered by closing the link
 
 # Why the gateway closed a link (the terminal closing its own is not counted here).
 CloseCause = Literal[
-    "idle", "frame_too_long", "frame_rate", "too_many_pending", "too_many_connections", "request"
+    "idle",
+    "frame_too_long",
+    "frame_rate",
+    "too_many_pending",
+    "too_many_connections",
+    "request",
+    "stopping",
 ]
 
 # Seconds. Group commit puts a request's answer in the 5-300 ms range on this hardware

@@ -96,6 +96,8 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         self._factory = factory
         self._slots: deque[_Slot] = deque()
         self._closing = False
+        self._stopping = False  # the gateway is stopping: no new frames, close once answered
+        self._closed: list[Deferred[None]] = []  # fired by connectionLost
         self._address = "?"
         self._counted = False  # in the per-address count (refused connections are not)
         self._terminal: str | None = None  # the terminal the last answer named
@@ -104,6 +106,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         # TimeoutMixin schedules through `callLater`: the injected reactor's, for fake clocks.
         self.callLater = self._factory.reactor.callLater  # type: ignore[method-assign,assignment]
         self._factory.connections += 1
+        self._factory.open.add(self)
         self._address = self._peer()
         if not self._factory.admit(self._address):
             log.info("too_many_connections_closed", peer=self._address)
@@ -116,7 +119,12 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)  # type: ignore[no-untyped-call]
+        self._closing = True  # answers still owed can no longer be written
+        self._factory.open.discard(self)
         self._factory.connections -= 1
+        closed, self._closed = self._closed, []
+        for deferred in closed:
+            deferred.callback(None)
         if self._counted:
             self._counted = False
             self._factory.release(self._address)
@@ -131,8 +139,27 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         log.info("frame_too_long_closed", peer=self._peer(), length=length)
         self._close("frame_too_long")
 
+    def close_when_answered(self) -> Deferred[None]:
+        """For a stopping gateway: take no more frames, and once every answer this link owes
+        is written, close it; a Twisted `loseConnection` writes what is buffered first, where
+        the reactor's shutdown would drop it. Fires when the link is closed."""
+        closed: Deferred[None] = Deferred()
+        if self.transport is None or self not in self._factory.open:
+            closed.callback(None)
+            return closed
+        self._closed.append(closed)
+        self._stopping = True
+        if not self._slots:
+            self._close("stopping")
+        return closed
+
+    def abort(self) -> None:
+        """Cut the link now (a stopping gateway's last resort, for a peer that never reads)."""
+        if self.transport is not None:
+            cast(Any, self.transport).abortConnection()
+
     def stringReceived(self, string: bytes) -> None:
-        if self._closing:
+        if self._closing or self._stopping:
             return
         if not self._factory.take_frame(self._terminal, self._address):
             log.info("frame_rate_closed", peer=self._address, terminal=self._terminal)
@@ -171,14 +198,19 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             reply = slot.reply
             assert reply is not None  # done slots carry their reply
             latency_ms = round((time.perf_counter() - slot.started) * 1000, 3)
-            log.info(**{"event": "answered", **reply.event, "latency_ms": latency_ms})
-            self._record(slot, reply)
             written = not self._closing and reply.payload is not None
+            event: dict[str, Any] = {"event": "answered", **reply.event, "latency_ms": latency_ms}
+            if reply.payload is not None and not written:
+                event["event"] = "not_sent"  # decided, but the link had closed
+            log.info(**event)
+            self._record(slot, reply)
             if written:
                 self.sendString(reply.payload)  # type: ignore[no-untyped-call]
             self._measure(slot, reply, written)
             if not self._closing and reply.payload is None:
                 self._close("request")
+        if self._stopping and not self._slots and not self._closing:
+            self._close("stopping")
 
     def _measure(self, slot: _Slot, reply: Reply, written: bool) -> None:
         metrics = self._factory.metrics
@@ -236,6 +268,7 @@ class TerminalFactory(Factory):
         self.max_connections_per_address = max_connections_per_address
         self.max_frames_per_second = max_frames_per_second
         self.connections = 0
+        self.open: set[TerminalProtocol] = set()  # the links, for a stopping gateway to close
         self.per_address: dict[str, int] = {}
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import structlog
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 
@@ -50,6 +50,8 @@ log = structlog.get_logger("vipgate.server")
 
 
 MAX_GROUP = 64  # requests answered by one commit at most
+# Seconds a stopping gateway waits for its links to take their last answers before cutting.
+CLOSE_LINKS_S = 5.0
 
 
 class GroupWorker:
@@ -339,8 +341,32 @@ class GatewayServer:
         both: Deferred[Any] = drained
         if stopped is not None:
             both.addCallback(lambda _: stopped)
+        both.addCallback(lambda _: self._close_links())
         both.addCallback(lambda _: self._stop_worker())
         return both
+
+    def _close_links(self) -> Deferred[None]:
+        """Close every terminal's link once its answers are written, within
+        `CLOSE_LINKS_S` (then cut what is left). The reactor's shutdown would close them at
+        once, dropping answers still in their write buffers: approvals already committed,
+        which their terminals would then reverse. Starts on the next turn of the reactor, so
+        that the last answers, decided as the drain ended, are handed to their links first."""
+        done: Deferred[None] = Deferred()
+
+        def close() -> None:
+            links = list(self.factory.open)
+            waiting = DeferredList([link.close_when_answered() for link in links])
+
+            def cut_the_rest() -> None:
+                for link in links:
+                    link.abort()
+
+            cut = self._reactor.callLater(CLOSE_LINKS_S, cut_the_rest)
+            waiting.addCallback(lambda _: cut.cancel() if cut.active() else None)
+            waiting.addCallback(lambda _: done.callback(None))
+
+        self._reactor.callLater(0, close)
+        return done
 
     def _stop_worker(self) -> None:
         self._worker.stop()

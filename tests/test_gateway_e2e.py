@@ -169,6 +169,38 @@ def test_many_connections_and_a_garbage_one_do_not_disturb_each_other(served: Se
     assert {r.terminal for r in answers} == {"10000001", "10000002", "20000001"}
 
 
+def test_sigterm_answers_every_request_in_flight(served: Served) -> None:
+    """SIGTERM with 60 redemptions in flight on three links: every one is answered before its
+    link closes (an approval committed but never sent would be reversed), then exit 0."""
+    links = []
+    for terminal_id in ("10000001", "10000002", "20000001"):
+        terminal, link = terminal_for(terminal_id), Link("127.0.0.1", served.port)
+        terminal.adopt_sign_on(exchange(link, terminal, terminal.sign_on()))
+        links.append((terminal, link))
+    sent = []
+    for terminal, link in links:
+        card = terminal.card_fields(DIAMOND, "2906")
+        requests = [
+            terminal.financial("0200", "000000", "22", card, amount_fen=100) for _ in range(20)
+        ]
+        link.socket.sendall(b"".join(len(r).to_bytes(2, "big") + r for r in requests))
+        sent.append(requests)
+    served.process.send_signal(signal.SIGTERM)
+    codes = [
+        terminal.check(request, link.receive()).code
+        for (terminal, link), requests in zip(links, sent, strict=True)
+        for request in requests
+    ]
+    assert codes == ["00"] * 60
+    for _, link in links:
+        with pytest.raises(ConnectionError):
+            link.receive()  # closed by the gateway once answered
+        link.close()
+    out, _ = served.process.communicate(timeout=60)  # the one SIGTERM above, no other
+    served.lines += out.splitlines()
+    assert served.process.returncode == 0
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_port_already_taken_is_a_one_line_error(tmp_path: Path, workers: str) -> None:
     """`serve` on a port another program holds: exit 2 and one line naming it, with one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from structlog.testing import capture_logs
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -70,6 +71,37 @@ def test_answers_go_back_in_arrival_order_whatever_finishes_first() -> None:
     assert transport.value() == b""
     pending.answer(0)
     assert transport.value() == frame(b"re:first") + frame(b"re:second")
+
+
+def test_a_stopping_gateway_closes_each_link_once_its_answers_are_written() -> None:
+    """`close_when_answered`: frames after it are not taken; the answers owed are written,
+    then the link closes (gracefully: what is buffered is written first)."""
+    pending = Pending()
+    protocol, transport, _ = connect(pending)
+    protocol.dataReceived(frame(b"first") + frame(b"second"))
+    closed = protocol.close_when_answered()
+    protocol.dataReceived(frame(b"late"))
+    assert len(pending.calls) == 2 and not transport.disconnecting
+    pending.answer(0)
+    assert not transport.disconnecting
+    pending.answer(1)
+    assert transport.value() == frame(b"re:first") + frame(b"re:second")
+    assert transport.disconnecting and not closed.called
+    protocol.connectionLost(None)
+    assert closed.called
+
+
+def test_an_answer_for_a_link_already_lost_is_logged_not_sent() -> None:
+    """A terminal that closed its link before the answer: the answer is not written, and its
+    log line says `not_sent`, not `answered`."""
+    pending = Pending()
+    protocol, transport, _ = connect(pending)
+    protocol.dataReceived(frame(b"first"))
+    protocol.connectionLost(None)
+    with capture_logs() as logged:
+        pending.answer(0)
+    assert transport.value() == b""
+    assert [line["event"] for line in logged] == ["not_sent"]
 
 
 def test_frame_over_2048_bytes_closes_the_connection() -> None:
