@@ -254,7 +254,9 @@ class _Link:
 
     def send(self, message: bytes) -> None:
         """One message to the front; a link that cannot take it within `SEND_TIMEOUT_S` (or
-        at all) is closed, and its front, finding it closed, stops and is replaced."""
+        at all) is shut down both ways, and its front, finding it closed, stops and is
+        replaced. The hub's thread then reads the end of it and drops it: only that thread
+        closes a link's socket, so its descriptor is never reused while still registered."""
         with self.lock:
             if self.closed:
                 return
@@ -262,14 +264,13 @@ class _Link:
                 self.sock.sendall(_LENGTH.pack(len(message)) + message)
             except OSError as error:
                 log.error("link_send_failed", link=self.name, reason=str(error) or "timed out")
-                self._close()
+                self.closed = True  # no more sends; the socket stays open until `_drop`
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        """Close the socket (the hub's thread, or the hub once its thread has ended)."""
         with self.lock:
-            self._close()
-
-    def _close(self) -> None:
-        if not self.closed:
             self.closed = True
             self.sock.close()
 

@@ -376,5 +376,15 @@ def test_a_front_that_takes_no_answers_has_its_link_closed(
         assert route[0].closed
         assert [line["event"] for line in logs] == ["link_send_failed"]
         stuck.close()
+        # The front that replaces it (its link may get the same descriptor) is served.
+        deadline = time.monotonic() + WAIT_S
+        while made.hub.links and time.monotonic() < deadline:
+            time.sleep(0.01)  # the hub's thread drops the link it reads the end of
+        assert made.hub.links == 0
+        replacement = made.front()
+        replacement.sendall(framed(encode_requests([(1, b"y")])))
+        [(frame, _)] = made.taken(1)
+        assert frame == b"y" and not made.failed
+        replacement.close()
     finally:
         made.hub.stop()
