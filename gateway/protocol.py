@@ -101,6 +101,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         self._address = "?"
         self._counted = False  # in the per-address count (refused connections are not)
         self._terminal: str | None = None  # the terminal the last answer named
+        self._own_rate: TokenBucket | None = None  # this connection's frames, whatever named
 
     def connectionMade(self) -> None:
         # TimeoutMixin schedules through `callLater`: the injected reactor's, for fake clocks.
@@ -113,6 +114,8 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             self._close("too_many_connections")
             return
         self._counted = True
+        now: Seconds = cast(Any, self._factory.reactor).seconds()
+        self._own_rate = TokenBucket(self._factory.max_frames_per_second, now)
         if self._factory.metrics is not None:
             self._factory.metrics.connection_opened()
         self.setTimeout(self._factory.idle_timeout_s)  # type: ignore[no-untyped-call]
@@ -161,7 +164,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
     def stringReceived(self, string: bytes) -> None:
         if self._closing or self._stopping:
             return
-        if not self._factory.take_frame(self._terminal, self._address):
+        if not self._within_rate():
             log.info("frame_rate_closed", peer=self._address, terminal=self._terminal)
             self._close("frame_rate")
             return
@@ -177,6 +180,15 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         deferred = self._factory.process(string)
         deferred.addCallback(self._answered, slot)
         deferred.addErrback(self._failed, slot)
+
+    def _within_rate(self) -> bool:
+        """One frame of this connection's rate, then of its terminal's (`take_frame`): field
+        41 is the sender's to write, so naming a new terminal in every frame, each with a full
+        bucket of its own, must not lift the connection's rate."""
+        now: Seconds = cast(Any, self._factory.reactor).seconds()
+        if self._own_rate is not None and not self._own_rate.take(now):
+            return False
+        return self._factory.take_frame(self._terminal, self._address)
 
     def _answered(self, reply: Reply, slot: _Slot) -> None:
         terminal = reply.event.get("terminal")

@@ -260,6 +260,22 @@ def test_frames_over_the_rate_close_the_connection_unprocessed() -> None:
     assert [payload for payload, _ in pending.calls] == [b"1", b"2", b"3"]
 
 
+def test_naming_a_new_terminal_in_every_frame_does_not_lift_the_rate() -> None:
+    """Field 41 is the sender's to write: answers naming a new terminal each time (a full
+    bucket each) still leave the connection its own rate, and it is closed past it."""
+    names = iter(f"Z{number:07d}" for number in range(100))
+    factory, _ = hostile_factory(
+        lambda payload: succeed(Reply(b"re:" + payload, {"terminal": next(names)})), rate=3
+    )
+    protocol, transport = open_from(factory, "10.0.0.1")
+    for _ in range(3):
+        protocol.dataReceived(frame(b"x"))
+    assert not transport.disconnecting
+    protocol.dataReceived(frame(b"x"))
+    assert transport.disconnecting
+    assert transport.value() == frame(b"re:x") * 3
+
+
 def test_the_rate_refills_on_the_reactor_clock() -> None:
     """At the bound rate, frame after frame, a terminal is never cut off."""
     factory, reactor = hostile_factory(named("10000001"), rate=5)
@@ -278,8 +294,9 @@ def test_frames_count_per_terminal_across_its_connections() -> None:
     second, second_transport = open_from(factory, "10.0.0.1", 2)
     first.dataReceived(frame(b"a"))  # counted on the address, then names the terminal
     second.dataReceived(frame(b"b"))
-    first.dataReceived(frame(b"c") + frame(b"d") + frame(b"e"))
-    assert not first_transport.disconnecting
+    first.dataReceived(frame(b"c") + frame(b"d"))  # two of the terminal's three
+    second.dataReceived(frame(b"e"))  # the third (each connection is within its own three)
+    assert not first_transport.disconnecting and not second_transport.disconnecting
     second.dataReceived(frame(b"f"))
     assert second_transport.disconnecting
 
