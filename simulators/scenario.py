@@ -42,7 +42,6 @@ from simulators.terminal import (
     IDENTIFYING_FIELDS,
     MAX_AMOUNT_FEN,
     MAX_TRACE,
-    REASON_TERMINAL_FAILED,
     REVERSAL_REASONS,
     BadAnswerError,
     CardEntry,
@@ -772,7 +771,11 @@ class _Runner:
             report.problems.append("no answer to check the expectations against")
 
     def _request(self, step: Step, terminal: Terminal) -> Request:
-        original = self.saved[step.original] if step.original else None
+        original = None
+        if step.original:
+            original = self.saved.get(step.original)
+            if original is None:  # its step failed before sending it
+                raise TerminalError(f"its original {step.original!r} was never sent")
         if step.do == "sign_on":
             return terminal.sign_on(tdk=step.tdk, suite=step.suite)
         if step.do == "sign_off":
@@ -784,7 +787,12 @@ class _Runner:
         if step.do == "reverse" and original is not None:
             pending = terminal.pending_reversal
             if pending is None or not same_transaction(pending.original, original.request):
-                terminal.give_up(original.request, step.reason or REASON_TERMINAL_FAILED)
+                terminal.give_up(original.request, step.reason)
+            elif step.reason is not None and step.reason != pending.reason:
+                raise TerminalError(
+                    f"the reversal of trace {pending.original.trace} is owed with reason "
+                    f"{pending.reason} already; with {step.reason} it would be another reversal"
+                )
             return terminal.reversal()
         return self._card_request(step, terminal, original)
 

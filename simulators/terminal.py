@@ -449,6 +449,8 @@ class Terminal:
         self.asked_tdk = False  # whether the sign-on that gave the keys asked for a TDK
         self.signed_on = False
         self.pending_reversal: PendingReversal | None = None
+        # (batch, trace) of each transaction reversed, and the reason its 0400 carried.
+        self._reversal_reasons: dict[tuple[str, str], str] = {}
         self.settled: SettledBatch | None = None
         self._entries: list[_BatchEntry] = []
 
@@ -1004,12 +1006,17 @@ class Terminal:
         if request.kind in _REVERSIBLE:
             self.give_up(request, REASON_NO_ANSWER)
 
-    def give_up(self, request: Request, reason: str = REASON_TERMINAL_FAILED) -> None:
-        """Owe a reversal of a redemption or void (reason `98`, `96`, `A0` or `06`)."""
+    def give_up(self, request: Request, reason: str | None = None) -> None:
+        """Owe a reversal of a redemption or void (reason `98`, `96`, `A0` or `06`). Without
+        a reason: the one its reversal carried before, if it was reversed (so that reversing
+        it again repeats that 0400, §4.6), else `96`."""
         if request.kind not in _REVERSIBLE:
             raise TerminalError(
                 f"a {request.kind.value} is never reversed (only redemptions and voids are)"
             )
+        if reason is None:
+            key = (request.batch, request.trace)
+            reason = self._reversal_reasons.get(key, REASON_TERMINAL_FAILED)
         if reason not in REVERSAL_REASONS:
             raise ValueError(f"reversal reason must be one of {', '.join(REVERSAL_REASONS)}")
         pending = self.pending_reversal
@@ -1066,6 +1073,9 @@ class Terminal:
         pending = self.pending_reversal
         if result.code in _STILL_OWED_CODES:
             return
+        reason = request.message.fields.get(39)
+        if isinstance(reason, str):
+            self._reversal_reasons[(request.batch, request.trace)] = reason
         if pending is not None and same_transaction(pending.original, request):
             self.pending_reversal = None
         if result.code != APPROVED:

@@ -816,6 +816,52 @@ def test_a_reverse_step_of_an_answered_redemption_says_the_terminal_failed() -> 
     assert played.gateway.points[DIAMOND] == 50000
 
 
+def test_reversing_a_transaction_again_repeats_its_0400() -> None:
+    """A second `reverse` of a reversed transaction sends the same 0400, reason included
+    (§4.6: a repeat changes nothing), not another reversal with the default reason."""
+    text = (
+        SIGN_ON
+        + redeem_step(amount_fen=3000, drop_answer=True, save="lost")
+        + step(terminal="10000001", do="reverse", original="lost", expect={"code": "00"})
+        + step(terminal="10000001", do="reverse", original="lost", expect={"code": "00"})
+    )
+    played = play(text)
+    assert played.report.failed == 0, played.report.render()
+    first, again = [m for m in played.gateway.received if m.mti == "0400"]
+    assert first.fields[39] == "98"
+    assert {n: v for n, v in first.fields.items() if n != 64} == {
+        n: v for n, v in again.fields.items() if n != 64
+    }
+
+
+def test_another_reason_for_a_reversal_already_owed_fails_the_step() -> None:
+    """The reversal of a dropped answer is owed with reason 98; a `reverse` asking for 06
+    would be another reversal of it: the step fails saying so, nothing is sent for it."""
+    text = (
+        SIGN_ON
+        + redeem_step(amount_fen=3000, drop_answer=True, save="lost")
+        + step(terminal="10000001", do="reverse", original="lost", reason="06")
+    )
+    played = play(text)
+    assert played.report.steps[2].problems == [
+        "the reversal of trace 000002 is owed with reason 98 already; with 06 it would be "
+        "another reversal"
+    ]
+    assert played.gateway.sent_mtis() == ["0800", "0200"]
+
+
+def test_a_step_whose_original_was_never_sent_fails_and_the_report_goes_on() -> None:
+    """A redemption refused before sending (no sign-on) leaves nothing to void: the void
+    fails saying so, and the report lists both steps."""
+    text = redeem_step(amount_fen=3000, save="r1") + step(
+        terminal="10000001", do="void", original="r1"
+    )
+    played = play(text)
+    assert played.report.failed == 2
+    assert played.report.steps[1].problems == ["its original 'r1' was never sent"]
+    assert played.gateway.sent_mtis() == []
+
+
 def test_a_dropped_void_answer_is_reversed_with_field_61() -> None:
     """A void whose answer is lost is reversed before the next step, 61 kept, 37 dropped."""
     text = (
