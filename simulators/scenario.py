@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from cardcodec.cards import mask_card_number
-from cardcodec.crypto import Suite
+from cardcodec.crypto import Suite, halves_differ
 from cardcodec.errors import CodecError
 from cardcodec.message import decode_frame
 from gateway.config import Config, TerminalConfig, load_config
@@ -489,8 +489,8 @@ def _fixed_text(place: _Place, key: str, length: int) -> str:
     value: str | None = place.typed(key, str)
     if value is None:
         place.fail(key, "missing (required)")
-    if len(value) != length or not (value.isascii() and value.isprintable()):
-        place.fail(key, f"{value!r} is not {length} printable ASCII characters")
+    if len(value) != length or not (value.isascii() and value.isalnum()):
+        place.fail(key, f"{value!r} must be {length} letters or digits, as in the config")
     return value
 
 
@@ -502,8 +502,8 @@ def _tmk(place: _Place, suite: Suite) -> bytes:
     if len(text) != 32 or not all(char in "0123456789ABCDEFabcdef" for char in text):
         place.fail("tmk", "must be 32 hex digits (16 bytes)")
     tmk = bytes.fromhex(text)
-    if suite is Suite.TDES and tmk[:8] == tmk[8:]:
-        place.fail("tmk", "the two halves of a 3DES key are equal (that is single DES)")
+    if suite is Suite.TDES and not halves_differ(tmk):
+        place.fail("tmk", "the two halves of a 3DES key are equal but for parity (single DES)")
     return tmk
 
 

@@ -646,11 +646,15 @@ def extra_terminal(**keys: Any) -> str:
         ),
         (
             extra_terminal(**(EXTRA | {"id": "9900001"}), tmk=EXTRA_TMK),
-            "extra_terminals 1: id: '9900001' is not 8 printable ASCII characters",
+            "extra_terminals 1: id: '9900001' must be 8 letters or digits, as in the config",
+        ),
+        (
+            extra_terminal(**(EXTRA | {"id": "99-0 01!"}), tmk=EXTRA_TMK),
+            "extra_terminals 1: id: '99-0 01!' must be 8 letters or digits, as in the config",
         ),
         (
             extra_terminal(**(EXTRA | {"merchant": "89831004899000"}), tmk=EXTRA_TMK),
-            "extra_terminals 1: merchant: '89831004899000' is not 15 printable ASCII",
+            "extra_terminals 1: merchant: '89831004899000' must be 15 letters or digits",
         ),
         (
             extra_terminal(**(EXTRA | {"suite": "aes"}), tmk=EXTRA_TMK),
@@ -668,6 +672,10 @@ def extra_terminal(**keys: Any) -> str:
         (
             extra_terminal(**EXTRA, tmk="0123456789ABCDEF0123456789ABCDEF"),
             "extra_terminals 1: tmk: the two halves of a 3DES key are equal",
+        ),
+        (
+            extra_terminal(**EXTRA, tmk="0123456789ABCDEF0022446688AACCEE"),
+            "extra_terminals 1: tmk: the two halves of a 3DES key are equal but for parity",
         ),
         (
             extra_terminal(**EXTRA, tmk=EXTRA_TMK, enabled=False),
