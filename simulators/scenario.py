@@ -665,6 +665,16 @@ def _no_answer_note(exchange: Exchange) -> str:
     return f"(link broke: {exchange.problem})"
 
 
+def _second_answer(terminal: Terminal, request: Request, answers: tuple[bytes, ...]) -> str:
+    """The report's line for the answer to a repeated frame, read without applying it."""
+    if len(answers) < 2:
+        return "(no answer)"
+    try:
+        return terminal.read(request, answers[1]).describe()
+    except BadAnswerError as refused:
+        return f"(refused: {refused.reason})"
+
+
 def _repeat_problem(answers: tuple[bytes, ...]) -> str | None:
     """A repeated request must get the same answer again (§7), MAC aside."""
     if len(answers) < 2:
@@ -843,12 +853,12 @@ class _Runner:
         """Send one request and hand its answer to the terminal; the typed answer (a dropped
         one too, read but not applied), None when there was none to read. `note` names the
         faults in the report."""
-        report.wire.append((SENT, request.describe() + note))
         try:
             link = self._link(step.terminal)
         except OSError as error:
             report.problems.append(f"cannot connect to the gateway: {error}")
             return None
+        report.wire.append((SENT, request.describe() + note))
         exchange = link.exchange(request.frame, faults, terminal.terminal_id)
         self.last_used[step.terminal] = self.monotonic()
         if exchange.answer is None:
@@ -864,6 +874,8 @@ class _Runner:
             return None
         report.wire.append((RECEIVED, result.describe()))
         if faults.repeat:
+            report.wire.append((SENT, "(the same frame again)"))
+            report.wire.append((RECEIVED, _second_answer(terminal, request, exchange.answers)))
             problem = _repeat_problem(exchange.answers)
             if problem is not None:
                 report.problems.append(problem)

@@ -60,6 +60,8 @@ from gateway.errors import BadInput
 from simulators.connection import NO_FAULTS, Connection, Exchange, Faults, corrupt_mac
 from simulators.recording import Recorder, read_recording
 from simulators.scenario import (
+    RECEIVED,
+    SENT,
     Report,
     load_scenario,
     parse_scenario,
@@ -1047,7 +1049,11 @@ def test_a_disconnect_cuts_the_link_and_the_next_step_reverses_on_a_new_one() ->
 def test_a_repeated_request_must_get_the_same_answer() -> None:
     """`repeat` sends twice; the same answer twice passes, a different one fails the step."""
     text = SIGN_ON + redeem_step(repeat=True, expect={"code": "00"})
-    assert play(text).report.failed == 0
+    same = play(text)
+    assert same.report.failed == 0
+    wire = same.report.steps[1].wire  # both frames and both answers, in wire order
+    assert [direction for direction, _ in wire] == [SENT, RECEIVED, SENT, RECEIVED]
+    assert wire[2][1] == "(the same frame again)" and wire[3][1] == wire[1][1]
     gateway = FakeGateway(CONFIG, differ_on_repeat=True)
     played = play(text, gateway)
     assert played.report.steps[1].problems == ["repeat: the second answer differs from the first"]
