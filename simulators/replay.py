@@ -337,6 +337,8 @@ class _Replayer:
             return self._as_recorded(session, recorded)
         kind = _kind(message)
         if kind is None:
+            if 64 in message.fields:
+                return self._unsupported(session, recorded, message)
             return self._as_recorded(session, recorded)
         turn = _Turn(session, recorded, Request(kind, message, recorded.request))
         if 64 in message.fields and session.live.keys is None:
@@ -397,6 +399,37 @@ class _Replayer:
             session.link.close()
         return ReplayedExchange(
             recorded, "(part of a frame, then the link cut, as recorded)", NO_ANSWER, NO_ANSWER
+        )
+
+    def _unsupported(
+        self, session: _Session, recorded: RecordedExchange, message: Message
+    ) -> ReplayedExchange:
+        """A MAC'd frame that is no request of the profile (`omit_field = 3`, say): sent with
+        its fields as recorded and a MAC under this session's keys, since the gateway checks
+        the MAC before it answers `12`; a recorded MAC that was wrong is sent wrong again."""
+        notes: list[str] = []
+        if session.live.keys is None:
+            notes.append(self._sign_on_first(session))
+        try:
+            frame, mac_wrong = session.live.remac(
+                recorded.request,
+                recorded_keys=session.shadow.keys,
+                replace=self._replacements(session, message, notes),
+            )
+        except (TerminalError, CodecError) as error:
+            return ReplayedExchange(
+                recorded, f"{message.mti} (no request of the profile)", NO_ANSWER,
+                "(not sent)", [f"not sent: {error}"], notes,
+            )  # fmt: skip
+        faults = Faults(corrupt_mac=True) if mac_wrong else NO_FAULTS
+        answer = self._exchange(session, frame, faults)
+        return ReplayedExchange(
+            recorded,
+            f"{message.mti} (no request of the profile, MAC'd again)",
+            NO_ANSWER if recorded.answer is None else "(an answer)",
+            NO_ANSWER if answer is None else "(an answer)",
+            compare_answers(recorded.answer, answer, session.batches),
+            notes,
         )
 
     def _as_recorded(self, session: _Session, recorded: RecordedExchange) -> ReplayedExchange:

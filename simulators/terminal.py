@@ -853,6 +853,29 @@ class Terminal:
             _mac_wrong(self.suite, frame[LENGTH_BYTES:], recorded_keys),
         )
 
+    def remac(
+        self,
+        frame: bytes,
+        *,
+        recorded_keys: WorkingKeys | None = None,
+        replace: Mapping[int, FieldValue] | None = None,
+    ) -> tuple[bytes, bool]:
+        """A recorded frame that is no request of the profile (the gateway answers it `12`
+        after the MAC, reading nothing that needs keys), with `replace` applied and its MAC
+        computed afresh under this terminal's MAK; and whether the recorded MAC was wrong
+        under the recorded MAK. `CodecError` when it does not decode, `TerminalError` without
+        keys."""
+        recorded = decode_frame(frame)
+        fields = dict(recorded.fields)
+        fields.update(replace or {})
+        fields.pop(64, None)
+        keys = self._require_keys()
+        message = Message(recorded.mti, fields, recorded.tpdu, recorded.header)
+        payload = encode_message_with_mac(
+            message, lambda data: crypto.mac(self.suite, keys.mak, data)
+        )
+        return add_length(payload), _mac_wrong(self.suite, frame[LENGTH_BYTES:], recorded_keys)
+
     def _carry_track(
         self,
         fields: dict[int, FieldValue],

@@ -296,6 +296,47 @@ def test_a_recording_replayed_on_a_fresh_gateway_is_answered_the_same(
     assert not any(note.startswith("PIN block sent as recorded") for note in notes)
 
 
+UNSUPPORTED = """
+clock = 2026-06-06T12:00:00+08:00
+config = "config/demo.toml"
+
+[[step]]
+terminal = "10000001"
+do = "sign_on"
+expect = { code = "00" }
+
+[[step]]
+terminal = "10000001"
+do = "redeem"
+card = "6688001234567890124"
+amount_fen = 1000
+omit_field = 3
+expect = { code = "12" }
+
+[[step]]
+terminal = "10000001"
+do = "balance"
+card = "6688001234567890124"
+omit_field = 3
+corrupt_mac = true
+expect = { code = "A0" }
+"""
+
+
+def test_a_request_of_no_kind_is_mac_d_again_and_answered_the_same(tmp_path: Path) -> None:
+    """A redemption without field 3 is no request of the profile (`12`, after the MAC): the
+    replay MACs it under the new session's keys, and a recorded wrong MAC stays wrong."""
+    path = tmp_path / "unsupported.toml"
+    path.write_text(UNSUPPORTED, encoding="utf-8")
+    recording = record_scenario(tmp_path, path)
+    _, connect = gateway_links(tmp_path, "replayed")
+    report = replay(recording, CONFIG, connect)
+    assert report.differing == [], report.render()
+    assert [e.sent for e in report.exchanges][1:] == [
+        "0200 (no request of the profile, MAC'd again)"
+    ] * 2
+
+
 def test_a_gateway_with_another_batch_open_gets_requests_in_its_batch(tmp_path: Path) -> None:
     """The replay adopts the batch the gateway opened (here 000002) for 60.2 and 61."""
     recording = record_scenario(tmp_path, ROOT / "simulators" / "scenarios" / "merchant-day.toml")
