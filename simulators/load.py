@@ -249,6 +249,11 @@ class _Driver:
                 next_at += self.plan.interval_s
                 # A terminal that fell behind does not burst to catch up: at most one slot.
                 next_at = max(next_at, time.monotonic() - self.plan.interval_s)
+            # Settle when the duration has run, not at the last tick before it (at a low rate
+            # that is seconds early, and the summary's rates would be over a shorter time).
+            remaining = deadline - time.monotonic()
+            if remaining > 0 and not self.stop.is_set():
+                self.stop.wait(remaining)
             self._finish()
         except (_LinkDownError, TerminalError) as error:
             self.stats.error = str(error)

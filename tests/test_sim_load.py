@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -169,6 +170,16 @@ def test_a_day_mix_settles_balanced_on_every_terminal(tmp_path: Path) -> None:
     assert kinds["sign-on"] == {"00": 3} and kinds["settlement"] == {"00": 3}
     assert summary.sent == sum(sum(counts.values()) for counts in kinds.values())
     assert 60 <= summary.sent <= 160  # 150 planned, plus sign-ons and settlements
+
+
+def test_settlement_waits_for_the_whole_duration(tmp_path: Path) -> None:
+    """At 1.25 frames a second for 1.5 s the last tick is at 0.8 s: the terminal settles when
+    the duration has run, not then, so the summary's rates are over the time asked for."""
+    _, connect = gateway_links(tmp_path)
+    started = time.monotonic()
+    summary = run_load(CONFIG, "in-process", LoadPlan(1, 1.25, 1.5, 5.0, 7), connect)
+    assert time.monotonic() - started >= 1.5
+    assert summary.unsettled == [] and summary.failures == []
 
 
 def test_every_dropped_answer_is_followed_by_its_reversal(tmp_path: Path) -> None:
