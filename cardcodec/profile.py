@@ -87,8 +87,10 @@ class FieldRule:
                 return "needs track 2 or card number with expiry, not both"
         optional = present & self._optional
         if optional and optional not in self.optional_one_of:
-            candidates = [group for group in self.optional_one_of if group & optional]
-            return f"field {min(min(group - optional) for group in candidates)} missing"
+            wider = [group - optional for group in self.optional_one_of if optional < group]
+            if wider:
+                return f"field {min(min(missing) for missing in wider)} missing"
+            return f"fields {', '.join(map(str, sorted(optional)))} do not go together"
         return None
 
 

@@ -66,6 +66,7 @@ SM4_SIGN_ONS = frozenset({NMC_SIGN_ON_SM4, NMC_SIGN_ON_SM4_TDK})
 TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
 ANSWER_MTIS_WITH_RRN = answers.FINANCIAL_MTIS | {"0800"}
 MIN_RUN = 2  # a shorter run of redemptions goes the one-request way
+NO_TRACE = "000000"
 
 
 @dataclass
@@ -274,8 +275,8 @@ class Gateway:
 
     def _first_checks(self, request: Request) -> None:
         message = request.message
-        if not {11, 41, 42, 60} <= set(message.fields):
-            raise DeclinedEarly(Decline.FORMAT)
+        if not {11, 41, 42, 60} <= set(message.fields) or message.fields[11] == NO_TRACE:
+            raise DeclinedEarly(Decline.FORMAT)  # a trace is 000001-999999 (§2)
         # 11 or 14 digits, whatever the kind (§3), else `30` (`CodecError`, see `_prepare`).
         request.data = MessageData.parse(message.text(60))
         request.kind = classify(message.mti, _text(message, 3), message.text(60))

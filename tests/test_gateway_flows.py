@@ -590,6 +590,24 @@ def test_a_field_60_of_other_than_11_or_14_digits_is_30(harness: Harness, field6
     assert harness.send(terminal, terminal.signed("0200", parsed)).code == "30"
 
 
+def test_both_pin_fields_or_trace_000000_are_30(harness: Harness) -> None:
+    """A PIN block in 52 and in 62 at once fits neither PIN group: 30, answered (it used to
+    close the link). A trace of 000000 is outside §2's 000001-999999: 30."""
+    terminal = harness.signed_on()
+    fields = terminal.card_fields(GOLD_PIN, "2812", pin="123456")
+    block = fields[52]
+    fields[62] = block if isinstance(block, bytes) else b""
+    request = terminal.financial("0200", "000000", "22", fields, amount_fen=1000)
+    assert harness.send(terminal, request).code == "30"
+    card = terminal.card_fields(DIAMOND, "2906")
+    terminal.trace = 999999  # the next is 000001 after a wrap; 000000 is made by hand
+    request = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    _, parsed, _, _ = parse(request)
+    parsed.pop(64)
+    parsed[11] = "000000"
+    assert harness.send(terminal, terminal.signed("0200", parsed)).code == "30"
+
+
 def test_missing_field_is_30_and_unknown_field_bit_is_30(harness: Harness) -> None:
     """Without 25: 30. An unknown bit after 42: 30 from what was read; before 11: closed."""
     terminal = harness.signed_on()

@@ -67,6 +67,8 @@ def test_redemption_field_rules() -> None:
     assert rule.problem(base | {2}) is not None
     assert rule.problem(base | {35, 26}) == "field 52 missing"
     assert rule.problem(base | {35, 52}) == "field 26 missing"
+    assert rule.problem(base | {35, 26, 52, 62}) == "fields 26, 52, 62 do not go together"
+    assert rule.problem(base | {35, 52, 62}) == "fields 52, 62 do not go together"
     assert rule.problem(base | {35, 37}) == "field 37 not allowed here"
     assert rule.problem((base - {4}) | {35}) == "field 4 missing"
 
