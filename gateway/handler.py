@@ -51,7 +51,7 @@ from gateway.checks import format_problem, suite_problem
 from gateway.clock import Clock, business_date
 from gateway.config import Config, MerchantConfig, TerminalConfig
 from gateway.ledger import Moment, next_rrn, unit_of_work
-from gateway.ledger.db import holding_connection, settle_log_syncs
+from gateway.ledger.db import CommitOutcomeUnknownError, holding_connection, settle_log_syncs
 from gateway.ledger.hotpath import hot_ledger
 from gateway.ledger.records import RequestIdentity
 from gateway.responses import Decline, response_code
@@ -358,10 +358,11 @@ class Gateway:
         )
 
     def _in_ledger(
-        self, pending: list[_Pending]
+        self, pending: list[_Pending], *, unknown: bool = False
     ) -> tuple[list[tuple[int, Answer]], list[_Pending]]:
         """The group's ledger transaction: the answers of its requests, and the requests left
-        out of it because the keys they were checked with had ended (`_keys_ended`)."""
+        out of it because the keys they were checked with had ended (`_keys_ended`).
+        `unknown`: an earlier COMMIT of these requests may have gone through (`_alone`)."""
         try:
             with unit_of_work(self._engine) as session:
                 if len(pending) > 1:
@@ -369,14 +370,15 @@ class Gateway:
                     hot_ledger(session).lock_cards({card for card in cards if card})
                 current, ended = self._keys_ended(session, pending)
                 outcomes = self._outcomes(session, current)
-        except SQLAlchemyError:
+        except SQLAlchemyError as error:
+            unknown = unknown or isinstance(error, CommitOutcomeUnknownError)
             if len(pending) > 1:
-                alone = [self._in_ledger([item]) for item in pending]
+                alone = [self._in_ledger([item], unknown=unknown) for item in pending]
                 return [a for answered, _ in alone for a in answered], [
                     item for _, left in alone for item in left
                 ]
             index, request, context = pending[0]
-            answer = self._alone(request, context)
+            answer = self._alone(request, context, unknown=unknown)
             return ([(index, answer)], []) if answer is not None else ([], pending)
         replies: list[tuple[int, Answer]] = []
         for (index, request, context), outcome in zip(current, outcomes, strict=True):
@@ -457,10 +459,15 @@ class Gateway:
         hot_ledger(session).log_requests(entries)
         return outcomes
 
-    def _alone(self, request: Request, context: Context) -> Answer | None:
+    def _alone(self, request: Request, context: Context, *, unknown: bool = False) -> Answer | None:
         """A request whose group failed, in a transaction of its own: once more if a twin
         logged the same identity meanwhile, else `96` with nothing changed. None when its
-        keys have ended meanwhile (`_keys_ended`): it is to be prepared again."""
+        keys have ended meanwhile (`_keys_ended`): it is to be prepared again.
+
+        When a COMMIT of it lost its link (`unknown`), its transaction may have committed:
+        run again, the request log answers a logged request from what was committed. If the
+        ledger cannot be reached to tell, `96` ("nothing changed") could be false, so there is
+        no answer: the link closes, and the terminal reverses (§4.6) or sends it again."""
         for attempt in (1, 2):
             try:
                 with unit_of_work(self._engine) as session:
@@ -472,12 +479,19 @@ class Gateway:
                 if attempt == 2:
                     break
                 continue
-            except SQLAlchemyError:
+            except SQLAlchemyError as error:
+                unknown = unknown or isinstance(error, CommitOutcomeUnknownError)
                 break
             if outcome.after_commit is not None:
                 outcome.after_commit()
             return self._send(request, outcome, context.moment)
-        log.error("ledger_failed", terminal=request.message.fields.get(41))
+        terminal = request.message.fields.get(41)
+        if unknown:
+            log.error("ledger_outcome_unknown", terminal=terminal)
+            return Reply(
+                None, {"event": "closed", "reason": "ledger outcome unknown", "terminal": terminal}
+            )
+        log.error("ledger_failed", terminal=terminal)
         return self._rejected(
             request, DeclinedEarly(Decline.SYSTEM), context.moment, allocate=False
         )

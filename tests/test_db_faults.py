@@ -7,11 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
-from gateway.ledger import unit_of_work
+from gateway.ledger import db, unit_of_work
+from gateway.ledger.db import CommitOutcomeUnknownError
 from gateway.ledger.invariants import check_invariants
 from tests import pg
 from tests.gateway_harness import DIAMOND, Harness, demo_config
+from tests.spec_terminal import parse
 
 
 @pytest.fixture
@@ -46,6 +49,58 @@ def test_an_outage_answers_96_changes_nothing_and_the_gateway_recovers(
     _, after = harness.redeem(terminal, DIAMOND, 1000)
     assert after.code == "00"
     assert after.balance == 50000 - 2 * 500  # the 96 took nothing
+    with unit_of_work(harness.engine) as session:
+        assert check_invariants(session) == []
+    harness.engine.dispose()
+
+
+def test_a_commit_that_lost_its_link_is_told_apart_from_a_rollback() -> None:
+    """A COMMIT whose link broke (SQLAlchemy's disconnect) may have gone through: its own
+    error. Any other failure of the COMMIT is a rollback, raised as it was."""
+
+    def broken(invalidated: bool) -> None:
+        raise OperationalError("COMMIT", {}, Exception("gone"), connection_invalidated=invalidated)
+
+    with pytest.raises(CommitOutcomeUnknownError):
+        db._commit(lambda: broken(True))
+    with pytest.raises(OperationalError) as raised:
+        db._commit(lambda: broken(False))
+    assert not isinstance(raised.value, CommitOutcomeUnknownError)
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_redemption_whose_commit_lost_its_link_is_never_answered_96(
+    tmp_path: Path, ledger_url: str, monkeypatch: pytest.MonkeyPatch, reachable: bool
+) -> None:
+    """The COMMIT went through but its reply was lost: `96` ("nothing changed") would be
+    false. With the ledger reachable again, the request log answers from what was committed
+    (00, the points taken once); without it, no answer (the terminal reverses, §4.6)."""
+    harness = Harness(demo_config(tmp_path, ledger_url))
+    terminal = harness.signed_on()
+    real_commit = db._commit
+    commits = {"lost": 0}
+
+    def committed_then_lost(commit):  # type: ignore[no-untyped-def]
+        if commits["lost"] == 1 and not reachable:
+            raise OperationalError("COMMIT", {}, Exception("the server is gone"))
+        real_commit(commit)
+        if commits["lost"] == 0:
+            commits["lost"] = 1
+            raise CommitOutcomeUnknownError("the link broke during COMMIT")
+
+    card = terminal.card_fields(DIAMOND, "2906")
+    request = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    monkeypatch.setattr(db, "_commit", committed_then_lost)
+    [reply] = harness.gateway.handle_group([request])
+    monkeypatch.setattr(db, "_commit", real_commit)
+    if reachable:
+        assert reply.payload is not None
+        assert parse(reply.payload)[1][39] == "00"
+    else:
+        assert reply.payload is None
+        assert reply.event["reason"] == "ledger outcome unknown"
+    _, after = harness.redeem(terminal, DIAMOND, 1000)
+    assert (after.code, after.balance) == ("00", 50000 - 2 * 500)  # the first was taken once
     with unit_of_work(harness.engine) as session:
         assert check_invariants(session) == []
     harness.engine.dispose()

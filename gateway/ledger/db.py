@@ -26,7 +26,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import PoolProxiedConnection
 
@@ -349,6 +349,21 @@ def new_session(engine: Engine) -> Session:
     return Session(engine, expire_on_commit=False, autoflush=True)
 
 
+class CommitOutcomeUnknownError(SQLAlchemyError):
+    """The link to the database broke during COMMIT: the transaction may have committed or
+    not, and only a later read can tell. Not a rollback: whoever would answer "nothing
+    changed" must not."""
+
+
+def _commit(commit: Callable[[], None]) -> None:
+    try:
+        commit()
+    except DBAPIError as error:
+        if error.connection_invalidated:
+            raise CommitOutcomeUnknownError(f"the link broke during COMMIT: {error}") from error
+        raise
+
+
 @contextmanager
 def unit_of_work(engine: Engine) -> Iterator[Session]:
     """One database transaction: begun on entry, committed on a clean exit, else rolled back.
@@ -366,10 +381,12 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
     else:
         session = new_session(engine)
         try:
-            with session.begin():
-                yield session
+            session.begin()
+            yield session
+            session.flush()  # the statements' errors here, before the COMMIT's
+            _commit(session.commit)
         finally:
-            session.close()
+            session.close()  # rolls back what was not committed
     # With `sync_after_release`: the log is synced after the lock is given back.
     _owe_sync(engine)
     settle_log_syncs()
@@ -415,7 +432,7 @@ def _on_held_connection(engine: Engine, held: dict[Engine, Connection | None]) -
         try:
             yield session
             session.commit()
-            transaction.commit()
+            _commit(transaction.commit)
             committed = True
         finally:
             session.close()
