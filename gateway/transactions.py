@@ -721,7 +721,9 @@ class Transactions:
             orm, context.swipe, original.id, context.amount_fen, auth_code=auth_code
         )
         if isinstance(refunded, ops.Declined):
-            return self._declined(orm, context, Decline.BAD_AMOUNT, number)
+            # Checked again under the original's lock: a void or refund may have come first.
+            decline = _REFUND_DECLINES.get(refunded.reason, Decline.NOT_ALLOWED)
+            return self._declined(orm, context, decline, number)
         info = PointsInfo(
             refunded.points, refunded.spendable_points_after, original.discount_bp,
             refunded.fen_clawed,
@@ -843,6 +845,11 @@ class Transactions:
         return Outcome(self._answer(context, APPROVED, {}))
 
 
+# The ledger's own refusals of a refund, as the answer gives them (§6).
+_REFUND_DECLINES = {
+    ops.Decline.ORIGINAL_NOT_ALLOWED: Decline.NOT_ALLOWED,  # voided or reversed meanwhile
+    ops.Decline.OVER_WHAT_IS_LEFT: Decline.BAD_AMOUNT,
+}
 HOT_KINDS = frozenset({Kind.REDEMPTION, Kind.BALANCE})
 CARD_KINDS = frozenset({Kind.REDEMPTION, Kind.BALANCE, Kind.VOID, Kind.REFUND})
 DEBIT_VALUES = (AuthorisationKind.REDEMPTION.value,)

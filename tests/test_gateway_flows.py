@@ -448,6 +448,22 @@ def test_partial_refunds_add_up_to_the_original_and_no_further(harness: Harness)
     assert harness.refund(terminal, DIAMOND, original, batch_trace, 1).code == "13"
 
 
+def test_a_refund_whose_original_was_voided_meanwhile_is_22(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger checks the original again under its lock: a void (or reversal) that came
+    first makes the refund 22, as for an original voided before (§6), not 13."""
+    terminal = harness.signed_on()
+    _, original = harness.redeem(terminal, DIAMOND, 12800)
+    batch_trace = terminal.batch + original.text(11)
+
+    def voided_meanwhile(*_args, **_kwargs):  # type: ignore[no-untyped-def]
+        return operations.Declined(operations.Decline.ORIGINAL_NOT_ALLOWED)
+
+    monkeypatch.setattr(operations, "refund", voided_meanwhile)
+    assert harness.refund(terminal, DIAMOND, original, batch_trace, 5000).code == "22"
+
+
 def test_refund_outside_the_window_is_22(harness: Harness) -> None:
     """Huangpu Coffee refunds within 7 days of business date."""
     terminal = harness.signed_on("20000001")
