@@ -383,9 +383,9 @@ def test_a_request_run_alone_after_its_group_failed_checks_its_keys_again(
             raise OperationalError("insert", {}, Exception("disk I/O error"))
         return verdict(self, context, *args)
 
-    def signed_off_first(self: Gateway, request, context):  # type: ignore[no-untyped-def]
+    def signed_off_first(self: Gateway, request, context, **flags):  # type: ignore[no-untyped-def]
         _end_elsewhere(harness, terminal, ending)
-        return alone(self, request, context)
+        return alone(self, request, context, **flags)
 
     monkeypatch.setattr(Transactions, "_redemption_verdict", failing)
     monkeypatch.setattr(Gateway, "_alone", signed_off_first)
