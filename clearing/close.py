@@ -42,6 +42,8 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from clearing.layout import file_name
 from clearing.models import ClosedMonth, ClosedMonthMerchant, SettledItem
 from clearing.period import Month, month_begins, month_ends
+from gateway.config import MAX_FEE_BP
+from gateway.errors import BadInput
 from gateway.ledger.models import (
     Authorisation,
     AuthorisationKind,
@@ -77,6 +79,7 @@ def close_month(
     existing = closed_month(session, month)
     if existing is not None:
         return existing
+    _refuse_unsettleable_rates(session)
     begins = month_begins(month, settings.timezone, settings.cutoff)
     ends = month_ends(month, settings.timezone, settings.cutoff)
     closed = ClosedMonth(
@@ -113,6 +116,19 @@ def close_month(
     )
     session.flush()
     return closed
+
+
+def _refuse_unsettleable_rates(session: Session) -> None:
+    """The close records each merchant's rate for the file's merchant record, whose 4 digits
+    stop at 9999 bp. The config refuses more; a ledger loaded before it did may still hold
+    such a rate, and a close recording it could never be written: refuse it before closing."""
+    query = select(Merchant.id, Merchant.fee_bp).where(Merchant.fee_bp > MAX_FEE_BP)
+    found = session.execute(query.order_by(Merchant.id).limit(1)).first()
+    if found is not None:
+        raise BadInput(
+            f"merchant {found.id}: fee_bp {found.fee_bp} is outside 0-{MAX_FEE_BP}, which the"
+            " settlement file carries; load a config with a lower rate (the month stays open)"
+        )
 
 
 def _unaccounted() -> ColumnElement[bool]:

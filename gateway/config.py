@@ -34,6 +34,9 @@ SCHEME_TIMEZONE = "Asia/Shanghai"
 MAX_AMOUNT_FEN = 999_999_999_999  # field 4 is n12
 MAX_POINTS = MAX_CARD_POINTS
 BP_WHOLE = 10000
+# The settlement file's merchant record carries the merchant's fee rate in 4 digits
+# (points-and-clearing.md §6, positions 97-100): a rate of 100% cannot be settled.
+MAX_FEE_BP = BP_WHOLE - 1
 TMK_HEX_DIGITS = 32
 
 _HH_MM = r"([01]\d|2[0-3]):([0-5]\d)"
@@ -554,7 +557,7 @@ def _merchant(table: _Table) -> MerchantConfig:
     name: str = table.string("name")
     if not name.strip() or not name.isprintable():
         table.fail("name", "must be a non-empty line of text")
-    fee_bp: int = table.integer("fee_bp", high=BP_WHOLE)
+    fee_bp: int = table.integer("fee_bp", high=MAX_FEE_BP)
     bank_card_fee_bp: int = table.integer("bank_card_fee_bp", high=BP_WHOLE)
     if fee_bp > bank_card_fee_bp:
         table.fail("fee_bp", f"{fee_bp} is above bank_card_fee_bp {bank_card_fee_bp}")

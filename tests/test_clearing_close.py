@@ -21,7 +21,7 @@ from gateway.clock import SHANGHAI
 from gateway.config import Config, load_config
 from gateway.errors import BadInput, CheckFailed
 from gateway.ledger import operations, records, unit_of_work
-from gateway.ledger.models import Authorisation, KeySuite
+from gateway.ledger.models import Authorisation, KeySuite, Merchant
 from gateway.points import convert, partial_conversion
 from tests.conftest import LedgerWorld
 
@@ -231,6 +231,28 @@ def test_an_unfinished_month_is_refused_and_nothing_closes(
     with unit_of_work(world.engine) as session:
         assert session.get(ClosedMonth, NOVEMBER.key) is None
         assert session.scalars(select(SettledItem)).all() == []
+
+
+def test_a_merchant_rate_the_file_cannot_carry_is_refused_before_the_close(
+    world: LedgerWorld, config: Config, tmp_path: Path
+) -> None:
+    """A fee of 10,000 bp (loaded before the config refused it) has no place in the merchant
+    record's 4 digits: BadInput naming the merchant, and the month stays open, so a run after
+    a lower rate is loaded closes and writes it."""
+    card = world.add_card(lots=[(at(1).date(), 100_000)])
+    world.now = at(15)
+    world.redeem_conversion(card, convert(4000, 0))
+    with unit_of_work(world.engine) as session:
+        session.execute(update(Merchant).values(fee_bp=10000, bank_card_fee_bp=10000))
+    with pytest.raises(BadInput, match=r"merchant \d{15}: fee_bp 10000 is outside 0-9999"):
+        clear_at(world, config, NOVEMBER, tmp_path / "out", at(1, 9, month=12))
+    with unit_of_work(world.engine) as session:
+        assert session.get(ClosedMonth, NOVEMBER.key) is None
+        assert session.scalars(select(SettledItem)).all() == []
+        session.execute(update(Merchant).values(fee_bp=9999))
+    cleared = clear_at(world, config, NOVEMBER, tmp_path / "out", at(1, 9, month=12))
+    key = load_private(config.issuer.signing_key).public_key()
+    assert verify_file(cleared.settlement.path, key).good
 
 
 def test_a_month_without_entries_is_header_and_trailer(

@@ -607,6 +607,12 @@ def test_missing_required_section_is_refused(refuse: Refuse) -> None:
             f"{M0}.max_amount_fen: 0 is outside 1-999999999999",
         ),
         (
+            # a rate the settlement file's 4 digits cannot carry, even under the bank's rate
+            "fee_bp = 80\nbank_card_fee_bp = 100",
+            "fee_bp = 10000\nbank_card_fee_bp = 10000",
+            f"{M0}.fee_bp: 10000 is outside 0-9999",
+        ),
+        (
             "bank_card_fee_bp = 100",
             "bank_card_fee_bp = 10001",
             "bank_card_fee_bp: 10001 is outside 0-10000",
