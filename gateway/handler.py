@@ -366,13 +366,24 @@ class Gateway:
         try:
             with unit_of_work(self._engine) as session:
                 if len(pending) > 1:
-                    cards = (self._transactions.card_of(context) for _, _, context in pending)
-                    hot_ledger(session).lock_cards({card for card in cards if card})
+                    contexts = [context for _, _, context in pending]
+                    cards = (self._transactions.card_of(session, context) for context in contexts)
+                    hot_ledger(session).lock_group(
+                        (context.terminal.id for context in contexts),
+                        {card for card in cards if card},
+                    )
                 current, ended = self._keys_ended(session, pending)
                 outcomes = self._outcomes(session, current)
         except SQLAlchemyError as error:
             unknown = unknown or isinstance(error, CommitOutcomeUnknownError)
             if len(pending) > 1:
+                # The driver's message may name rows' keys; its class and SQLSTATE say enough.
+                log.warning(
+                    "group_ran_alone",
+                    requests=len(pending),
+                    error=type(getattr(error, "orig", None) or error).__name__,
+                    sqlstate=getattr(getattr(error, "orig", None), "sqlstate", None),
+                )
                 alone = [self._in_ledger([item], unknown=unknown) for item in pending]
                 return [a for answered, _ in alone for a in answered], [
                     item for _, left in alone for item in left

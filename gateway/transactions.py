@@ -236,11 +236,17 @@ class Transactions:
             )
 
     @staticmethod
-    def card_of(context: Context) -> str | None:
-        """The card a request presents, for the kinds that lock one (None for the others;
-        a reversal finds its card through its original)."""
+    def card_of(orm: OrmSession, context: Context) -> str | None:
+        """The card a request will lock: the one it presents, or a reversal's original's
+        (read now, unlocked: the reversal locks it again when it runs); None for the kinds
+        that lock none."""
         if context.kind in CARD_KINDS:
             return context.presented_card()[0]
+        if context.kind is Kind.REVERSAL:
+            swipe = context.swipe
+            return records.reversal_original_card(
+                orm, swipe.terminal_id, swipe.batch_number, swipe.trace
+            )
         return None
 
     @staticmethod

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 from sqlalchemy.exc import OperationalError
+from structlog.testing import capture_logs
 
 from gateway.handler import Gateway, Reply, finish
 from gateway.ledger import operations, unit_of_work
@@ -389,8 +390,19 @@ def test_a_request_run_alone_after_its_group_failed_checks_its_keys_again(
 
     monkeypatch.setattr(Transactions, "_redemption_verdict", failing)
     monkeypatch.setattr(Gateway, "_alone", signed_off_first)
-    answers = answered(terminal, requests, harness.gateway.handle_group(requests))
+    with capture_logs() as logs:
+        answers = answered(terminal, requests, harness.gateway.handle_group(requests))
     assert [answer.code for answer in answers] == ["00", "A0"]
+    reran = [line for line in logs if line["event"] == "group_ran_alone"]
+    assert reran == [
+        {
+            "event": "group_ran_alone",
+            "log_level": "warning",
+            "requests": 2,
+            "error": "Exception",
+            "sqlstate": None,
+        }
+    ]
     assert answers[1].header.hex() == "603103310000"  # sign on again: processing digit 3
 
 

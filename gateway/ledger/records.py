@@ -188,6 +188,19 @@ def find_reversal_original(
     return session.scalars(query.order_by(Authorisation.id.desc())).first()
 
 
+def reversal_original_card(
+    session: Session, terminal_id: str, batch_number: int, trace: int
+) -> str | None:
+    """The card of the original `find_reversal_original` finds, read without loading it."""
+    query = select(Authorisation.card_number).where(
+        Authorisation.terminal_id == terminal_id,
+        Authorisation.batch_number == batch_number,
+        Authorisation.trace == trace,
+        Authorisation.kind.in_([AuthorisationKind.REDEMPTION, AuthorisationKind.VOID]),
+    )
+    return session.scalars(query.order_by(Authorisation.id.desc()).limit(1)).first()
+
+
 def remember_reversal(session: Session, swipe: Swipe, amount_fen: int) -> ReversalTombstone:
     """A reversal whose original is unknown: remembered, so the original gets `94` later."""
     tombstone = ReversalTombstone(
@@ -329,8 +342,13 @@ def close_batch(
     at: datetime,
 ) -> ClosedBatch:
     """Settle the terminal's open batch (0500): keep both sides' totals and the 0510 answer,
-    close it whatever the result, and open the next (after 999999 comes 000001)."""
-    terminal = session.get(Terminal, terminal_id, with_for_update=True)
+    close it whatever the result, and open the next (after 999999 comes 000001).
+
+    The terminal's row is locked FOR NO KEY UPDATE (PostgreSQL): only a column that no key
+    holds changes. A full FOR UPDATE would conflict with the KEY SHARE lock every row naming
+    the terminal takes through its foreign key, and two groups settling each other's
+    terminals after writing for them deadlocked."""
+    terminal = session.get(Terminal, terminal_id, with_for_update={"key_share": True})
     if terminal is None:
         raise LookupError(f"terminal {terminal_id} is not known")
     batch = open_batch(session, terminal_id)
