@@ -60,20 +60,29 @@ def system_clock(timezone: tzinfo) -> Clock:
     return SystemClock(timezone)
 
 
+# A command's own checks that need the config and the clock but not the ledger: run before
+# the config is loaded into the ledger, so input they refuse changes nothing there.
+Check = Callable[[Config, Clock], None]
+
+
 def bootstrap(
     config_path: Path,
     db_override: str | None = None,
     *,
     clock: Clock | None = None,
     security: SecurityModule | None = None,
+    check: Check | None = None,
 ) -> Wiring:
-    """Read the config, open and migrate its database, and load the config into it.
+    """Read the config, run the command's `check`, open and migrate its database, and load
+    the config into it.
 
     Without a `clock`, the commands' clock (`system_clock`) in the config's time zone; without
     a `security` module, the software one on the master key file the config names.
     """
     config = load_config(config_path, db_override)
     chosen_clock = clock or system_clock(config.gateway.timezone)
+    if check is not None:
+        check(config, chosen_clock)
     chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
     engine = open_database(config.gateway.database)
     try:
@@ -86,14 +95,19 @@ def bootstrap(
 
 @contextmanager
 def wired(
-    config_path: Path, db_override: str | None = None, *, say: Callable[[str], None] = print
+    config_path: Path,
+    db_override: str | None = None,
+    *,
+    say: Callable[[str], None] = print,
+    check: Check | None = None,
 ) -> Iterator[Wiring]:
-    """`bootstrap` for the length of a command, with the database closed afterwards.
+    """`bootstrap` (with the command's `check`) for the length of a command, with the
+    database closed afterwards.
 
     When loading the config changed the ledger, `say` gets a line saying so and one line per
     change; a load that changed nothing stays quiet.
     """
-    wiring = bootstrap(config_path, db_override)
+    wiring = bootstrap(config_path, db_override, check=check)
     try:
         if wiring.loaded.changed:
             say(f"{config_path}: {wiring.loaded.summary()}")

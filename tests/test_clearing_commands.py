@@ -84,15 +84,20 @@ def test_keys_export_public_prints_the_issuer_public_key(
 def test_clear_refuses_an_unfinished_month_with_exit_2(
     config_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Ten minutes before 30 November's business date ends (23:00): exit 2, one line."""
+    """Ten minutes before 30 November's business date ends (23:00): exit 2, one line, for
+    `clear` and `reconcile`; refused before the config is loaded, so no ledger was made."""
     set_clock(monkeypatch, datetime(2026, 11, 30, 22, 50, tzinfo=SHANGHAI))
     out = config_path.parent / "out"
-    status = main(["clear", "--config", str(config_path), "--month", "2026-11", "--out", str(out)])
-    assert status == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("vipgate: error: --month 2026-11: the month is not over")
-    assert len(error.splitlines()) == 1
-    assert not out.exists()
+    for command in ("clear", "reconcile"):
+        arguments = ["--config", str(config_path), "--month", "2026-11", "--out", str(out)]
+        assert main([command, *arguments]) == 2
+        captured = capsys.readouterr()
+        error = captured.err.strip()
+        assert error.startswith("vipgate: error: --month 2026-11: the month is not over")
+        assert len(error.splitlines()) == 1
+        assert captured.out == ""  # no config load reported
+        assert not out.exists()
+        assert not (config_path.parent / "var" / "vipgate.db").exists()
 
 
 @pytest.mark.parametrize(
@@ -153,6 +158,19 @@ def test_reconcile_into_a_file_is_bad_input(
     assert capsys.readouterr().err.startswith(
         f"vipgate: error: --out {config_path}: cannot make the folder"
     )
+
+
+def test_an_out_that_cannot_be_made_is_refused_before_the_config_load(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`clear --out` naming a file: exit 2 before the config is loaded and the month closed,
+    so no ledger was made."""
+    arguments = ["--config", str(config_path), "--month", "2026-11", "--out", str(config_path)]
+    assert main(["clear", *arguments]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"vipgate: error: --out {config_path}: cannot make the folder")
+    assert captured.out == ""
+    assert not (config_path.parent / "var" / "vipgate.db").exists()
 
 
 def test_clear_then_verify_from_the_command_line(

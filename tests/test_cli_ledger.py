@@ -209,10 +209,13 @@ def test_a_malformed_card_exits_2_without_echoing_it(cli: Cli, card: str, reason
     ],
 )
 def test_a_bad_expiry_date_exits_2(cli: Cli, as_of: str, reason: str) -> None:
-    """`points expire` refuses a malformed date and one whose midnight is still to come."""
+    """`points expire` refuses a malformed date and one whose midnight is still to come,
+    before the config is loaded: the ledger was never made."""
     result = cli.run("points", "expire", "--as-of", as_of)
     assert result.code == 2
     assert one_error_line(result) == f"vipgate: error: {reason}"
+    assert result.out == ""
+    assert not Path(cli.db_url.removeprefix("sqlite:///")).exists()
 
 
 def test_a_bad_date_in_the_feed_exits_2(cli: Cli, tmp_path: Path) -> None:

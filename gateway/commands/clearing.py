@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from clearing import signing
-from clearing.clear import Cleared, clear
-from clearing.period import Month
+from clearing.clear import Cleared, clear, make_folder
+from clearing.period import Month, refuse_unfinished
 from clearing.reconcile import reconcile
 from clearing.verify import Verification, verify_file
-from gateway.bootstrap import wired
-from gateway.clock import SHANGHAI
-from gateway.config import load_config
+from gateway.bootstrap import Check, wired
+from gateway.clock import SHANGHAI, Clock
+from gateway.config import Config, load_config
 from gateway.errors import BadInput, CheckFailed
 from gateway.rotation import rotate_master
 from gateway.security import SecurityModuleError
@@ -66,10 +66,22 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def clear_command(args: argparse.Namespace) -> int:
     month = Month.parse(args.month)
-    with wired(args.config, args.db) as wiring:
+    with wired(args.config, args.db, check=_over_and_writable(month, args.out)) as wiring:
         cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
     _report_cleared(cleared)
     return 0
+
+
+def _over_and_writable(month: Month, out: Path) -> Check:
+    """The checks of `clear` and `reconcile` that need no ledger, made before the config is
+    loaded into it: the month is over, and `--out` is a folder that can be written."""
+
+    def check(config: Config, clock: Clock) -> None:
+        gateway = config.gateway
+        refuse_unfinished(month, clock.now(), gateway.timezone, gateway.cutoff)
+        make_folder(out)
+
+    return check
 
 
 def _report_cleared(cleared: Cleared) -> None:
@@ -99,7 +111,7 @@ def _report_cleared(cleared: Cleared) -> None:
 
 def reconcile_command(args: argparse.Namespace) -> int:
     month = Month.parse(args.month)
-    with wired(args.config, args.db) as wiring:
+    with wired(args.config, args.db, check=_over_and_writable(month, args.out)) as wiring:
         pack = reconcile(wiring.engine, wiring.config, month, args.out, wiring.now())
     for line in pack.summary_lines():
         print(line)

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from gateway.bootstrap import wired
+from gateway.clock import Clock
+from gateway.config import Config
 from gateway.errors import BadInput
 from gateway.imports import import_points, shown
 from gateway.ledger import operations, unit_of_work
@@ -60,7 +62,14 @@ def import_command(args: argparse.Namespace) -> int:
 
 def expire(args: argparse.Namespace) -> int:
     as_of = parse_date(args.as_of, "--as-of")
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+
+    def check(_config: Config, clock: Clock) -> None:  # before the config load: refused, no change
+        operations.refuse_unbegun(as_of, clock.now())
+
+    with (
+        wired(args.config, args.db, check=check) as wiring,
+        unit_of_work(wiring.engine) as session,
+    ):
         run = operations.expire(session, as_of, when=wiring.moment())
     print(
         f"expiry as of {as_of}: {run.lots} lots booked ({run.points} points) on {run.cards} cards"

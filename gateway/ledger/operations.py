@@ -695,13 +695,18 @@ def _accrual_applied(session: Session, source_ref: str) -> bool:
     return session.scalars(query).first() is not None
 
 
+def refuse_unbegun(as_of: date, now: datetime) -> None:
+    """`BadInput` for an expiry date whose 00:00 (local) is still to come."""
+    if datetime.combine(as_of, time(0), SHANGHAI) > now:
+        raise BadInput(f"expiry as of {as_of.isoformat()}: that date has not begun yet")
+
+
 def expire(session: Session, as_of: date, *, when: Moment) -> ExpiryRun:
     """Book every lot that expired before `as_of` 00:00 local: its remaining points go from
     the card to the expiry account, one transaction per lot (key `expiry:lot:<id>`, so a lot
     is booked once ever). Running it again for the same date changes nothing. A date whose
     00:00 is still to come is `BadInput`: its lots have not expired yet."""
-    if datetime.combine(as_of, time(0), SHANGHAI) > when.at:
-        raise BadInput(f"expiry as of {as_of.isoformat()}: that date has not begun yet")
+    refuse_unbegun(as_of, when.at)
     query = (
         select(PointLot.card_number)
         .where(PointLot.expires_on < as_of, PointLot.remaining_points > 0)
