@@ -7,6 +7,7 @@ reason for a rejected number never repeats the number itself.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 CARD_NUMBER_DIGITS = 19
@@ -17,6 +18,7 @@ _MASK_FULL_FROM = 16
 _MASK_LAST_ONLY_FROM = 11
 _SHOWN_FIRST = 6
 _SHOWN_LAST = 4
+_CARD_RUN_RES: dict[int, re.Pattern[str]] = {}
 
 
 # A digit's value, and its Luhn value when doubled (2d, less 9 past 9), by its character.
@@ -75,6 +77,18 @@ def mask_card_number(number: str) -> str:
     else:
         return "*" * length
     return number[:first] + "*" * (length - first - last) + number[length - last :]
+
+
+def mask_card_data(text: str, shortest: int = 13) -> str:
+    """`text` with every run of `shortest` or more digits masked as a card number
+    (`mask_card_number`), and what a track puts after a card number (its separator `=` or `D`,
+    then expiry, service code and discretionary data) hidden, one `*` per character."""
+    pattern = _CARD_RUN_RES.get(shortest)
+    if pattern is None:
+        pattern = _CARD_RUN_RES[shortest] = re.compile(
+            rf"(?<![0-9])([0-9]{{{shortest},}})((?:[=D][0-9]*)?)"
+        )
+    return pattern.sub(lambda match: mask_card_number(match[1]) + "*" * len(match[2]), text)
 
 
 def card_number_problem(number: str, prefixes: Iterable[str]) -> str | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cardcodec.cards import card_number_problem, mask_card_number
+from cardcodec.cards import card_number_problem, mask_card_data, mask_card_number
 from cardcodec.crypto import Suite, halves_differ
 from gateway.clock import expiry_last_day
 from gateway.errors import BadInput
@@ -192,11 +192,13 @@ class Config:
 
 
 def _show(value: object) -> str:
-    """A value as a message may show it: TOML-like, one line, cut short."""
+    """A value as a message may show it: TOML-like, one line, cut short, a card number (a
+    value put under the wrong key) masked: runs of 16 or more digits, so that a 15-digit
+    merchant or institution id stays as it is."""
     if isinstance(value, str | bool):
-        shown = json.dumps(value)
+        shown = mask_card_data(json.dumps(value), shortest=16)
     elif isinstance(value, int | date | time):
-        shown = str(value)
+        shown = mask_card_data(str(value), shortest=16)
     else:
         return _type_name(value)
     return shown if len(shown) <= _SHOWN_CHARS else shown[: _SHOWN_CHARS - 4] + '..."'
@@ -270,9 +272,9 @@ class _Table:
         if value is None:
             return value
         if high is not None and not low <= value <= high:
-            self.fail(key, f"{value} is outside {low}-{high}")
+            self.fail(key, f"{_show(value)} is outside {low}-{high}")
         if value < low:
-            self.fail(key, f"{value} is below the minimum {low}")
+            self.fail(key, f"{_show(value)} is below the minimum {low}")
         return value
 
     def strings(self, key: str) -> list[str] | None:

@@ -26,7 +26,7 @@ from typing import TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cardcodec.cards import card_number_problem, mask_card_number
+from cardcodec.cards import card_number_problem, mask_card_data, mask_card_number
 from gateway.clock import expiry_last_day
 from gateway.config import CARD_STATUSES, MAX_POINTS, Config
 from gateway.errors import BadInput
@@ -47,7 +47,6 @@ BOOLEANS = {"true": True, "false": False}
 
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _DIGITS_RE = re.compile(r"[0-9]+")
-_LONG_DIGIT_RUN_RE = re.compile(r"[0-9]{12,}")
 _SHOWN_CHARS = 40
 
 Parsed = TypeVar("Parsed")
@@ -55,7 +54,7 @@ Parsed = TypeVar("Parsed")
 
 def shown(value: str) -> str:
     """A value from a file as a message may quote it: quoted, cut short, card-like runs masked."""
-    masked = _LONG_DIGIT_RUN_RE.sub(lambda match: mask_card_number(match[0]), value)
+    masked = mask_card_data(value, shortest=12)
     if len(masked) > _SHOWN_CHARS:
         masked = masked[: _SHOWN_CHARS - 3] + "..."
     return '"' + masked.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
@@ -282,7 +281,7 @@ def _points(value: str) -> int:
         raise ValueError(f"{shown(value)} is not a positive integer")
     points = int(value)
     if points > MAX_POINTS:
-        raise ValueError(f"{points} is above the largest lot, {MAX_POINTS}")
+        raise ValueError(f"{shown(value)} is above the largest lot, {MAX_POINTS}")
     return points
 
 

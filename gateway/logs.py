@@ -8,7 +8,6 @@ on every line, so a careless `log.info(card=...)` still prints only the first 6 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import threading
 from collections.abc import Iterator, MutableMapping
@@ -17,9 +16,8 @@ from typing import Any, TextIO
 
 import structlog
 
-from cardcodec.cards import mask_card_number
+from cardcodec.cards import mask_card_data
 
-CARD_PATTERN = re.compile(r"(?<!\d)\d{13,19}(?!\d)")
 SECRET_KEYS = frozenset(
     {"track", "track2", "pin", "pin_block", "key", "keys", "tmk", "pik", "mak", "tdk", "frame"}
 )
@@ -28,7 +26,7 @@ SECRET_KEYS = frozenset(
 def _mask_text(text: str) -> str:
     if len(text) < 13:  # too short to hold a card number: most values, on every line
         return text
-    return CARD_PATTERN.sub(lambda match: mask_card_number(match.group(0)), text)
+    return mask_card_data(text)
 
 
 def _clean(value: Any) -> Any:
@@ -40,7 +38,11 @@ def _clean(value: Any) -> Any:
         return {k: ("<hidden>" if k in SECRET_KEYS else _clean(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_clean(item) for item in value]
-    return value
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    # Anything else (an exception, a date, ...) would be rendered by its repr after this step,
+    # unmasked: it goes out as its text, masked.
+    return _mask_text(str(value))
 
 
 _PLAIN = frozenset({int, float, bool, type(None)})  # values that cannot hold card data

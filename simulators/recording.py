@@ -16,6 +16,7 @@ did. `vipgate sim replay` reads the log back with `read_recording`.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -87,11 +88,15 @@ class Recorder:
 
 
 class FileRecorder(Recorder):
-    """A recorder that owns the file it appends to; close it (or use `with`) when done."""
+    """A recorder that owns the file it appends to; close it (or use `with`) when done.
+
+    The frames carry card numbers, tracks and PIN blocks: a file the recorder makes is
+    readable by its owner only (mode 0600); one that exists keeps its mode."""
 
     def __init__(self, path: Path, clock: Callable[[], datetime] = _utc_now) -> None:
         try:
-            self._file = path.open("a", encoding="utf-8")
+            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._file = os.fdopen(descriptor, "a", encoding="utf-8")
         except OSError as error:
             raise BadInput(f"{path}: cannot open for recording: {error.strerror}") from None
         super().__init__(self._file, clock)

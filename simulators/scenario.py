@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from cardcodec.cards import mask_card_number
+from cardcodec.cards import mask_card_data, mask_card_number
 from cardcodec.crypto import Suite, halves_differ
 from cardcodec.errors import CodecError
 from cardcodec.message import decode_frame
@@ -262,7 +262,7 @@ class _Place:
     def choice(self, key: str, choices: tuple[str, ...]) -> str | None:
         value: str | None = self.typed(key, str)
         if value is not None and value not in choices:
-            self.fail(key, f"{value!r} is not one of {', '.join(choices)}")
+            self.fail(key, f"{_quoted(value)} is not one of {', '.join(choices)}")
         return value
 
     def flag(self, key: str) -> bool:
@@ -288,8 +288,16 @@ def _expiry(place: _Place, number: str, config: Config) -> str:
             )
         return known.expiry_yymm
     if len(expiry) != 4 or not expiry.isdigit() or not 1 <= int(expiry[2:]) <= 12:
-        place.fail("expiry", f"{expiry!r} is not YYMM")
+        place.fail("expiry", f"{_quoted(expiry)} is not YYMM")
     return expiry
+
+
+def _quoted(value: object) -> str:
+    """A value from the scenario as an error quotes it: `repr`, with a card number put under
+    the wrong key masked (runs of 16 or more digits: a 15-digit merchant id stays)."""
+    if isinstance(value, str):
+        return repr(mask_card_data(value, shortest=16))
+    return mask_card_data(repr(value), shortest=16)
 
 
 def _card(place: _Place, config: Config) -> tuple[CardEntry | None, str | None]:
@@ -324,7 +332,7 @@ def _expectation(step: _Place, do: str) -> Expectation:
             place.fail(key, "unknown key")
     code: str | None = place.typed("code", str)
     if code is not None and not _CODE.fullmatch(code):
-        place.fail("code", f"{code!r} is not a 2-character response code")
+        place.fail("code", f"{_quoted(code)} is not a 2-character response code")
     if "result" in data and do != "settle":
         place.fail("result", "only a settle step has a settlement result")
     numbers = {
@@ -405,7 +413,8 @@ class _Parser:
             place.fail("terminal", "missing (required)")
         if terminal not in self.terminals:
             place.fail(
-                "terminal", f"{terminal!r} is not a terminal of the config or of extra_terminals"
+                "terminal",
+                f"{_quoted(terminal)} is not a terminal of the config or of extra_terminals",
             )
         card, entry = _card(place, self.config)
         name: str | None = place.typed("name", str)
@@ -445,12 +454,12 @@ class _Parser:
             return None
         original = self.saved.get(name)
         if original is None:
-            place.fail("original", f"{name!r} is not saved by an earlier step")
+            place.fail("original", f"{_quoted(name)} is not saved by an earlier step")
         if original.do not in _ORIGINALS[do]:
             wanted = " or ".join(_ORIGINALS[do])
-            place.fail("original", f"{name!r} is a {original.do}; a {do} takes a {wanted}")
+            place.fail("original", f"{_quoted(name)} is a {original.do}; a {do} takes a {wanted}")
         if do == "reverse" and original.terminal != terminal:
-            place.fail("original", f"{name!r} was sent by terminal {original.terminal}")
+            place.fail("original", f"{_quoted(name)} was sent by terminal {original.terminal}")
         return name
 
     def _save(self, place: _Place) -> str | None:
@@ -460,7 +469,9 @@ class _Parser:
         if not _SAVE_NAME.fullmatch(name):
             place.fail("save", "must be 1 to 32 letters, digits, '.', '_' or '-'")
         if name in self.saved:
-            place.fail("save", f"{name!r} is already saved by step {self.saved[name].number}")
+            place.fail(
+                "save", f"{_quoted(name)} is already saved by step {self.saved[name].number}"
+            )
         return name
 
 
@@ -490,7 +501,7 @@ def _fixed_text(place: _Place, key: str, length: int) -> str:
     if value is None:
         place.fail(key, "missing (required)")
     if len(value) != length or not (value.isascii() and value.isalnum()):
-        place.fail(key, f"{value!r} must be {length} letters or digits, as in the config")
+        place.fail(key, f"{_quoted(value)} must be {length} letters or digits, as in the config")
     return value
 
 
@@ -513,7 +524,7 @@ def _extra_terminal(place: _Place, taken: dict[str, str]) -> TerminalConfig:
             place.fail(key, "unknown key")
     terminal_id = _fixed_text(place, "id", 8)
     if terminal_id in taken:
-        place.fail("id", f"{terminal_id!r} is {taken[terminal_id]}")
+        place.fail("id", f"{_quoted(terminal_id)} is {taken[terminal_id]}")
     merchant = _fixed_text(place, "merchant", 15)
     suite_name = place.choice("suite", tuple(suite.value for suite in Suite))
     if suite_name is None:

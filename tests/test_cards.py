@@ -11,6 +11,7 @@ from cardcodec.cards import (
     has_issuer_prefix,
     luhn_check_digit,
     luhn_valid,
+    mask_card_data,
     mask_card_number,
 )
 
@@ -105,6 +106,23 @@ def test_issuer_prefix_matches_start_only() -> None:
 def test_mask_card_number_by_length(number: str, masked: str) -> None:
     """16+ characters show first 6 and last 4, 11-15 only the last 4, 10 or fewer nothing."""
     assert mask_card_number(number) == masked
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        (f"card {PLAN_CARD}.", "card 668800*********0124."),
+        (f"{PLAN_CARD}D2812101123456789012", "668800*********0124" + "*" * 20),
+        (f";{PLAN_CARD}=2812101?", ";668800*********0124********?"),
+        ("rrn 000000000042, amount 5000000", "rrn 000000000042, amount 5000000"),
+        ("DEADBEEF", "DEADBEEF"),
+    ],
+)
+def test_mask_card_data_masks_numbers_and_hides_what_a_track_adds(text: str, masked: str) -> None:
+    """Runs of 13 or more digits are masked as card numbers, and a track's separator and
+    what follows it are hidden; shorter runs (an RRN, an amount) stay as they are."""
+    assert mask_card_data(text) == masked
+    assert mask_card_data("rrn 000000000042", shortest=12) == "rrn ********0042"
 
 
 @given(st.text(alphabet="0123456789", max_size=40))

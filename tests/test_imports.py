@@ -200,7 +200,7 @@ def test_bad_feed_names_every_bad_line_and_applies_nothing(
         15: (f"{GOLD},2026-06-30,100,", "source_ref is empty"),
         16: (f"{GOLD},2026-06-30,100,config:x", 'source_ref "config:x": config: is kept'),
         17: (f"{GOLD},2026-06-30,100", "3 fields, expected 4"),
-        18: (f"{GOLD},2026-06-30,10000000000,R18", "10000000000 is above the largest lot"),
+        18: (f"{GOLD},2026-06-30,10000000000,R18", 'points "10000000000" is above the largest lot'),
     }
     lines = [FEED_HEADER, f"{GOLD},2026-06-30,100,R2"]
     lines += [bad_lines[number][0] for number in sorted(bad_lines)]
@@ -330,6 +330,17 @@ def test_card_numbers_in_other_columns_are_masked_in_messages(
     message = refused(ledger, run_feed, path, config)
     assert '"BILL-668800*********0014" repeats line 2' in message
     assert 'earned_on "668800*********0014" is not a date' in message
+
+
+def test_a_card_number_in_the_points_column_is_masked(
+    ledger: Engine, config: Config, tmp_path: Path
+) -> None:
+    """Columns swapped so a card number stands as the points: above the largest lot, and
+    the message shows it masked."""
+    path = csv_file(tmp_path, "feed.csv", FEED_HEADER, f"{GOLD},2026-06-30,{GOLD},R1")
+    message = refused(ledger, run_feed, path, config)
+    assert '"668800*********0014" is above the largest lot' in message
+    assert GOLD not in message
 
 
 def test_shown_quotes_cuts_and_masks() -> None:

@@ -36,6 +36,20 @@ def test_a_line_is_written_as_it_is_logged_with_the_card_masked(stream: io.Strin
     assert line["pin"] == "<hidden>"
 
 
+def test_tracks_and_objects_holding_card_data_go_out_masked(stream: io.StringIO) -> None:
+    """A track's tail is hidden with its number masked, and an object (an exception, whose
+    repr would be written after masking) goes out as its text, masked."""
+    track = "6688001234567890124D28121011234567890"
+    error = ValueError(f"no such card {track}")
+    structlog.get_logger("t").warning("odd", detail=f"track {track}", error=error, n=3)
+    (line,) = lines(stream)
+    hidden = "668800*********0124" + "*" * 18
+    assert line["detail"] == f"track {hidden}"
+    assert line["error"] == f"no such card {hidden}"
+    assert line["n"] == 3
+    assert "1234567890124" not in stream.getvalue()
+
+
 def test_lines_logged_together_are_written_when_the_block_ends(stream: io.StringIO) -> None:
     log = structlog.get_logger("t")
     with logs.together():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import stat
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def fixed_clock() -> datetime:
 
 
 def test_records_read_back_as_written(tmp_path: Path) -> None:
-    """A file of out and in frames reads back to the same records, in order."""
+    """A file of out and in frames reads back to the same records, in order. The file, whose
+    frames hold card data, is made readable by its owner only."""
     path = tmp_path / "traffic.jsonl"
     request, answer = CASE.frame("redemption_frame"), CASE.frame("redemption_response_frame")
     with FileRecorder(path, fixed_clock) as recorder:
@@ -42,6 +44,7 @@ def test_records_read_back_as_written(tmp_path: Path) -> None:
         ]
     assert read_recording(path) == written
     assert [r.frame for r in written] == [request, answer]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
 def test_each_record_is_one_json_line_with_the_wire_frame_in_hex() -> None:

@@ -479,6 +479,14 @@ def test_shipped_scenarios_pass_against_the_gateway_core_in_process(
             "expiry: missing, and card 668800*********0998 is not in the config",
         ),
         (redeem_step(expiry="2813"), "step 2 (redeem): expiry: '2813' is not YYMM"),
+        (
+            redeem_step(expiry="6688000000000000998"),  # the card number in the wrong key
+            "step 2 (redeem): expiry: '668800*********0998' is not YYMM",
+        ),
+        (
+            redeem_step(expect={"code": "6688000000000000998"}),
+            "expect: code: '668800*********0998' is not a 2-character",
+        ),
         (redeem_step(pin="12ab"), "step 2 (redeem): pin: must be 4 to 12 digits"),
         (
             redeem_step(terminal="99999999"),
