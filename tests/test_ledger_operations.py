@@ -9,9 +9,10 @@ from sqlalchemy.exc import IntegrityError
 
 from gateway.clock import SHANGHAI
 from gateway.errors import BadInput
-from gateway.ledger import operations
+from gateway.ledger import journal, operations
 from gateway.ledger.db import unit_of_work
-from gateway.ledger.models import Authorisation, AuthorisationState, CardStatus
+from gateway.ledger.journal import LedgerError
+from gateway.ledger.models import Authorisation, AuthorisationState, CardStatus, TransactionKind
 from gateway.ledger.operations import (
     AccrualSkipped,
     Accrued,
@@ -24,7 +25,7 @@ from gateway.ledger.operations import (
     ReversalEffect,
 )
 from gateway.points import convert
-from tests.conftest import LedgerWorld
+from tests.conftest import LedgerWorld, moment
 
 # With one expiry year: earned in points year 2026 (Dec 2025 - Nov 2026) -> 2027-11-30;
 # earned in points year 2025 -> 2026-11-30; earned in points year 2024 -> 2025-11-30.
@@ -363,6 +364,25 @@ def test_accrual_applies_a_source_ref_once_ever(world: LedgerWorld) -> None:
     assert world.balances(card).ledger_points == 100
     assert world.balances(other).ledger_points == 0
     assert world.violations() == []
+
+
+def test_a_posting_refused_masks_a_card_number_in_its_key(world: LedgerWorld) -> None:
+    """Journal keys may hold a card number (`accrual:config:<number>:0`): the error that
+    names the key shows it masked."""
+    card = world.add_card(lots=[(date(2026, 3, 1), 100)])
+    key = f"accrual:config:{card}:0"
+    with pytest.raises(LedgerError) as refused, unit_of_work(world.engine) as session:
+        journal.post(
+            session,
+            key=key,
+            kind=TransactionKind.ACCRUAL,
+            when=moment(world.now),
+            card_number=card,
+            legs=[(journal.card_account_id(session, card), 5)],
+        )
+    assert str(refused.value) == (
+        f"unbalanced or empty legs for transaction accrual:config:{card[:6]}*********{card[-4:]}:0"
+    )
 
 
 def test_accrual_refuses_bad_input(world: LedgerWorld) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Select, and_, case, func, not_, or_, select, text, union
 from sqlalchemy.orm import Session
 
+from cardcodec.cards import mask_card_data
 from gateway.ledger.journal import sum_of
 from gateway.ledger.models import (
     BATCH_COUNTED,
@@ -197,7 +198,9 @@ def _applied_once(session: Session) -> Iterator[Violation]:
         if condition is not None:
             query = query.where(condition)
         for value, count in session.execute(query.having(func.count() > 1).order_by(column)):
-            yield Violation(rule, f"{column.key} {value}", f"applied {count} times")
+            # A key or reference may hold a card number (`accrual:config:<number>:0`).
+            shown = mask_card_data(str(value), shortest=16)
+            yield Violation(rule, f"{column.key} {shown}", f"applied {count} times")
 
 
 def _redemptions_hold_their_points(session: Session) -> Iterator[Violation]:

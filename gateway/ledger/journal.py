@@ -16,6 +16,7 @@ from datetime import UTC, date, datetime
 from sqlalchemy import BigInteger, ColumnElement, cast, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
+from cardcodec.cards import mask_card_data
 from gateway.clock import SHANGHAI, current_year_expires_on, lot_expired
 from gateway.ledger.models import (
     Account,
@@ -142,7 +143,8 @@ def post(
 ) -> JournalTransaction:
     """A journal transaction with its entries (account id, signed points); they must sum to 0."""
     if sum(points for _, points in legs) != 0 or any(points == 0 for _, points in legs):
-        raise LedgerError(f"unbalanced or empty legs for transaction {key}")
+        shown = mask_card_data(key, shortest=16)  # a key may hold a card number
+        raise LedgerError(f"unbalanced or empty legs for transaction {shown}")
     transaction = JournalTransaction(
         idempotency_key=key,
         kind=kind,
