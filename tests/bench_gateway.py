@@ -335,6 +335,20 @@ def worker_counts(text: str) -> list[int]:
     return counts
 
 
+def python_step_ns(steps: int = 2_000_000, rounds: int = 3) -> float:
+    """The fastest of a few timings of one step of a plain loop, in ns: how fast this machine
+    runs the interpreter now. A shared host's speed changes from day to day, and with it
+    every figure of this bench; this one says by how much."""
+    fastest = math.inf
+    for _ in range(rounds):
+        began = time.perf_counter()
+        total = 0
+        for step in range(steps):
+            total += step
+        fastest = min(fastest, time.perf_counter() - began)
+    return fastest / steps * 1e9
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -373,11 +387,16 @@ def main() -> None:
     if min(args.terminals, args.cards) < 1 or min(args.duration, args.rate, args.max_rate) <= 0:
         parser.error("--terminals, --cards, --duration, --rate and --max-rate must be positive")
     backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    print(
+        f"machine: a pure-Python loop step takes {python_step_ns():.0f} ns (a shared host's"
+        " speed varies from day to day: compare figures taken at similar speeds)"
+    )
     for backend in backends:
         if backend == "postgresql" and pg.missing_binaries():
             print(f"postgresql: skipped ({pg.missing_binaries()})")
             continue
         run_backend(backend, args)
+    print(f"machine at the end: a pure-Python loop step takes {python_step_ns():.0f} ns")
 
 
 if __name__ == "__main__":
