@@ -365,10 +365,11 @@ class Gateway:
         `unknown`: an earlier COMMIT of these requests may have gone through (`_alone`)."""
         try:
             with unit_of_work(self._engine) as session:
-                if len(pending) > 1:
+                hot = hot_ledger(session)
+                if len(pending) > 1 and hot.locks_rows:
                     contexts = [context for _, _, context in pending]
                     cards = (self._transactions.card_of(session, context) for context in contexts)
-                    hot_ledger(session).lock_group(
+                    hot.lock_group(
                         (context.terminal.id for context in contexts),
                         {card for card in cards if card},
                     )

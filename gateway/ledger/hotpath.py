@@ -557,6 +557,12 @@ class HotLedger:
         answer = row[1] if isinstance(row[1], dict) else json.loads(row[1])
         return LoggedAnswer(bytes(row[0]), answer)
 
+    @property
+    def locks_rows(self) -> bool:
+        """Whether groups lock rows (PostgreSQL), so that `lock_group` has work to do; on
+        SQLite the unit of work holds the one write lock."""
+        return self._sql.postgres
+
     def lock_group(self, terminal_ids: Iterable[str], numbers: Iterable[str]) -> None:
         """Lock a group's terminals and cards at its start, in one order for every group
         (PostgreSQL; SQLite's unit of work holds the one write lock).
