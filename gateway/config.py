@@ -24,7 +24,7 @@ from cardcodec.crypto import Suite, halves_differ
 from gateway.clock import expiry_last_day
 from gateway.errors import BadInput
 from gateway.points import MAX_CARD_POINTS
-from gateway.rules import DAY_NAMES, MAX_DISCOUNT_BP, TIERS, Rule
+from gateway.rules import DAY_NAMES, END_OF_DAY, MAX_DISCOUNT_BP, TIERS, Rule
 
 CARD_STATUSES = ("active", "lost", "stolen", "blocked", "closed")
 MERCHANT_ID_LENGTH = 15
@@ -41,7 +41,7 @@ TMK_HEX_DIGITS = 32
 
 _HH_MM = r"([01]\d|2[0-3]):([0-5]\d)"
 _TIME_RE = re.compile(_HH_MM)
-_HOURS_RE = re.compile(f"{_HH_MM}-{_HH_MM}")
+_HOURS_RE = re.compile(f"{_HH_MM}-(?:{_HH_MM}|(24):(00))")
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _LISTEN_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})")
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -356,8 +356,9 @@ def _hours(table: _Table, key: str) -> tuple[time, time] | None:
         return None
     match = _HOURS_RE.fullmatch(text)
     if match is None:
-        table.fail(key, f"{_show(text)} is not HH:MM-HH:MM")
-    start, end = _parse_hh_mm(match, 1), _parse_hh_mm(match, 3)
+        table.fail(key, f"{_show(text)} is not HH:MM-HH:MM (an end of 24:00 is midnight)")
+    start = _parse_hh_mm(match, 1)
+    end = END_OF_DAY if match[5] else _parse_hh_mm(match, 3)
     if not start < end:
         table.fail(key, f"{_show(text)} does not start before it ends (never across midnight)")
     return start, end

@@ -33,7 +33,7 @@ from gateway.ledger.models import (
     PointLot,
     Terminal,
 )
-from gateway.rules import DAY_NAMES, Rule
+from gateway.rules import DAY_NAMES, END_OF_DAY, Rule
 from gateway.security import SecurityModule, SecurityModuleError
 
 CONFIG_REF_PREFIX = "config:"
@@ -350,7 +350,7 @@ def rule_to_json(rule: Rule) -> dict[str, Any]:
         data["days"] = [DAY_NAMES[day] for day in sorted(rule.days)]
     if rule.hours is not None:
         start, end = rule.hours
-        data["hours"] = f"{start:%H:%M}-{end:%H:%M}"
+        data["hours"] = f"{start:%H:%M}-" + ("24:00" if end == END_OF_DAY else f"{end:%H:%M}")
     if rule.valid_from is not None:
         data["valid_from"] = rule.valid_from.isoformat()
     if rule.valid_to is not None:
@@ -380,4 +380,4 @@ def rule_from_json(data: Mapping[str, Any]) -> Rule:
 
 def _hours(text: str) -> tuple[time, time]:
     start, end = text.split("-")
-    return time.fromisoformat(start), time.fromisoformat(end)
+    return time.fromisoformat(start), END_OF_DAY if end == "24:00" else time.fromisoformat(end)

@@ -14,13 +14,16 @@ from datetime import date, datetime, time
 TIERS = ("diamond", "gold", "silver", "vip", "standard")
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 MAX_DISCOUNT_BP = 9999
+# The end of a window that runs to midnight, written "24:00" in a config ("18:00-24:00").
+END_OF_DAY = time.max
 
 
 @dataclass(frozen=True)
 class Rule:
     """One discount rule; a condition that is None (or 0 for the amount) always holds.
 
-    `days` uses 0 for Monday; `hours` is (start included, end excluded), never across midnight.
+    `days` uses 0 for Monday; `hours` is (start included, end excluded), never across
+    midnight; an end of `END_OF_DAY` runs to midnight.
     """
 
     id: str
@@ -50,7 +53,7 @@ class Rule:
         return (
             (self.tiers is None or tier in self.tiers)
             and (self.days is None or local.weekday() in self.days)
-            and (self.hours is None or self.hours[0] <= wall < self.hours[1])
+            and (self.hours is None or _within(wall, *self.hours))
             and (self.valid_from is None or self.valid_from <= business_date)
             and (self.valid_to is None or business_date <= self.valid_to)
             and amount_fen >= self.min_amount_fen
@@ -69,3 +72,9 @@ def choose_rule(
     if not applying:
         return None
     return min(applying, key=lambda rule: (-rule.discount_bp, rule.id))
+
+
+def _within(wall: time, start: time, end: time) -> bool:
+    """Start included, end excluded; an end of `END_OF_DAY` ("24:00") takes in the day's
+    last minute as well."""
+    return start <= wall and (wall < end or end == END_OF_DAY)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from cardcodec.crypto import Suite
 from gateway.config import Config, load_config, resolve_database
 from gateway.errors import BadInput
-from gateway.rules import Rule
+from gateway.loader import rule_from_json, rule_to_json
+from gateway.rules import END_OF_DAY, Rule
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
 DEMO_TEXT = DEMO.read_text(encoding="utf-8")
@@ -309,12 +310,23 @@ def test_unknown_names_are_refused(refuse: Refuse, old: str, new: str, place: st
     assert "is not one of" in message
 
 
-@pytest.mark.parametrize("hours", ["10-22", "10:00-24:00", "10:0-22:00", "25:00-26:00", ""])
+@pytest.mark.parametrize(
+    "hours", ["10-22", "10:00-24:01", "24:00-24:00", "10:0-22:00", "25:00-26:00", ""]
+)
 def test_hours_not_hh_mm_range_are_refused(refuse: Refuse, hours: str) -> None:
     """hours must be HH:MM-HH:MM on a 24-hour clock."""
     message = refuse(('hours = "10:00-22:00"', f'hours = "{hours}"'))
     assert f"{M0}.rules[0] (diamond-weekend).hours: " in message
     assert "is not HH:MM-HH:MM" in message
+
+
+def test_hours_may_end_at_midnight_and_read_back_so(edit: Edit) -> None:
+    """ "18:00-24:00" runs to midnight (END_OF_DAY), and the ledger's JSON keeps "24:00"."""
+    config = edit(('hours = "10:00-22:00"', 'hours = "18:00-24:00"'))
+    stored = config.merchants[0].rules[0]
+    assert stored.hours == (time(18, 0), END_OF_DAY)
+    assert rule_to_json(stored)["hours"] == "18:00-24:00"
+    assert rule_from_json(rule_to_json(stored)) == stored
 
 
 @pytest.mark.parametrize("hours", ["22:00-10:00", "10:00-10:00"])

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.clock import SHANGHAI, business_date
-from gateway.rules import TIERS, Rule, choose_rule
+from gateway.rules import END_OF_DAY, TIERS, Rule, choose_rule
 
 CUTOFF = time(23, 0)
 SATURDAY = datetime(2026, 3, 7, 12, 0, tzinfo=SHANGHAI)
@@ -89,6 +89,15 @@ def test_hours_end_is_excluded() -> None:
     window = rule(hours=(time(10, 0), time(22, 0)))
     assert choose([window], local=at(21, 59, 59, 999999)) is window
     assert choose([window], local=at(22, 0)) is None
+
+
+def test_hours_to_midnight_take_in_the_last_minute() -> None:
+    """A window ending "24:00" (END_OF_DAY) applies to the day's last instant, and not to
+    the next day's first."""
+    window = rule(hours=(time(18, 0), END_OF_DAY))
+    assert choose([window], local=at(23, 59, 59, 999999)) is window
+    assert choose([window], local=at(17, 59, 59)) is None
+    assert choose([window], local=at(0, 0)) is None
 
 
 def test_days_and_hours_read_the_local_clock_not_the_business_date() -> None:
