@@ -161,6 +161,22 @@ def codes_of_both(world: TwoProcesses, first: list[bytes], second: list[bytes]) 
     return replies[0] + replies[1]
 
 
+def decided_without_deadlock(
+    world: TwoProcesses,
+    server: pg.PgServer,
+    gate: tuple[Kind, int],
+    first: list[bytes],
+    second: list[bytes],
+) -> list[str]:
+    """Both groups decided, each gated before the `gate[1]`-th request of kind `gate[0]`:
+    their answers' codes, once PostgreSQL has been seen to break no deadlock."""
+    before = deadlocks(server)
+    gate_both(world, *gate)
+    codes = codes_of_both(world, first, second)
+    assert deadlocks(server) == before
+    return codes
+
+
 def deadlocks(server: pg.PgServer) -> int:
     log = (server.folder / "server.log").read_text(encoding="utf-8", errors="replace")
     return log.count("deadlock detected")
@@ -174,12 +190,10 @@ def test_reversals_lock_their_originals_cards_with_the_groups_others(
     on_x, on_y = world.redemption(2, X), world.redemption(3, Y)
     world.approved_alone(on_x)
     world.approved_alone(on_y)
-    before = deadlocks(postgres_server)
-    gate_both(world, Kind.REVERSAL, 1)
     first = [world.redemption(0, Y), world.reversal(2, on_x)]
     second = [world.redemption(1, X), world.reversal(3, on_y)]
-    assert codes_of_both(world, first, second) == ["00"] * 4
-    assert deadlocks(postgres_server) == before
+    codes = decided_without_deadlock(world, postgres_server, (Kind.REVERSAL, 1), first, second)
+    assert codes == ["00"] * 4
 
 
 def test_batch_counts_of_terminals_on_both_processes(
@@ -189,12 +203,10 @@ def test_batch_counts_of_terminals_on_both_processes(
     its terminal's batch count row, which stays locked until the commit."""
     world.approved_alone(world.balance(0, X))
     world.approved_alone(world.balance(1, Y))
-    before = deadlocks(postgres_server)
-    gate_both(world, Kind.BALANCE, 2)
     first = [world.balance(0, X), world.balance(1, Y)]
     second = [world.balance(1, Z), world.balance(0, W)]
-    assert codes_of_both(world, first, second) == ["00"] * 4
-    assert deadlocks(postgres_server) == before
+    codes = decided_without_deadlock(world, postgres_server, (Kind.BALANCE, 2), first, second)
+    assert codes == ["00"] * 4
 
 
 def test_settlements_of_terminals_on_both_processes(
@@ -203,13 +215,11 @@ def test_settlements_of_terminals_on_both_processes(
     """Each group redeems at the terminal the other settles: the settlement's lock on the
     terminal's row used to conflict with the key share lock every row naming it holds.
     Serialised, the later group's redemption names the batch the earlier one closed."""
-    before = deadlocks(postgres_server)
-    gate_both(world, Kind.SETTLEMENT, 1)
     first = [world.redemption(0, X), world.settlement(1)]
     second = [world.redemption(1, Y), world.settlement(0)]
+    codes = decided_without_deadlock(world, postgres_server, (Kind.SETTLEMENT, 1), first, second)
     # One group after the other: the later one's redemption names a batch just closed.
-    assert sorted(codes_of_both(world, first, second)) == ["00", "00", "00", "22"]
-    assert deadlocks(postgres_server) == before
+    assert sorted(codes) == ["00", "00", "00", "22"]
 
 
 def test_reversals_sent_again_on_the_other_process(
@@ -219,10 +229,10 @@ def test_reversals_sent_again_on_the_other_process(
     orders: the second insert of a tombstone's key waits for the first's commit."""
     one = world.reversal(0, world.redemption(0, X))
     two = world.reversal(1, world.redemption(1, Y))
-    before = deadlocks(postgres_server)
-    gate_both(world, Kind.REVERSAL, 2)
-    assert codes_of_both(world, [one, two], [two, one]) == ["00"] * 4
-    assert deadlocks(postgres_server) == before
+    codes = decided_without_deadlock(
+        world, postgres_server, (Kind.REVERSAL, 2), [one, two], [two, one]
+    )
+    assert codes == ["00"] * 4
 
 
 def test_terminal_lock_keys_fit_a_bigint() -> None:
