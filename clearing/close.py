@@ -118,6 +118,13 @@ def close_month(
     return closed
 
 
+def refuse_unclosable(session: Session, month: Month) -> None:
+    """`BadInput` when the month is still to close and its close would be refused (a rate the
+    file cannot carry); a month closed already is not closed again, so it is never refused."""
+    if closed_month(session, month) is None:
+        _refuse_unsettleable_rates(session)
+
+
 def _refuse_unsettleable_rates(session: Session) -> None:
     """The close records each merchant's rate for the file's merchant record, whose 4 digits
     stop at 9999 bp. The config refuses more; a ledger loaded before it did may still hold

@@ -18,6 +18,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.orm import Session
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
@@ -64,6 +65,11 @@ def system_clock(timezone: tzinfo) -> Clock:
 # the config is loaded into the ledger, so input they refuse changes nothing there.
 Check = Callable[[Config, Clock], None]
 
+# A command's checks of what the ledger holds: run in the config load's unit of work, after
+# the load, so a refusal (raised) rolls the load back and the ledger is left as it was
+# (what it returns is not used).
+Refusal = Callable[[Session, Config, Clock], object]
+
 
 def bootstrap(
     config_path: Path,
@@ -72,21 +78,19 @@ def bootstrap(
     clock: Clock | None = None,
     security: SecurityModule | None = None,
     check: Check | None = None,
+    refuse: Refusal | None = None,
 ) -> Wiring:
     """Read the config, run the command's `check`, open and migrate its database, and load
-    the config into it.
+    the config into it, with the command's `refuse` in the load's transaction.
 
     Without a `clock`, the commands' clock (`system_clock`) in the config's time zone; without
     a `security` module, the software one on the master key file the config names.
     """
-    config = load_config(config_path, db_override)
-    chosen_clock = clock or system_clock(config.gateway.timezone)
-    if check is not None:
-        check(config, chosen_clock)
-    chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
-    engine = open_database(config.gateway.database)
+    config, chosen_clock, chosen_security, engine = _opened(
+        config_path, db_override, clock, security, check
+    )
     try:
-        report = _load(engine, config, chosen_security, chosen_clock)
+        report = _load(engine, config, chosen_security, chosen_clock, refuse)
     except BaseException:
         engine.dispose()
         raise
@@ -100,22 +104,65 @@ def wired(
     *,
     say: Callable[[str], None] = print,
     check: Check | None = None,
+    refuse: Refusal | None = None,
 ) -> Iterator[Wiring]:
-    """`bootstrap` (with the command's `check`) for the length of a command, with the
-    database closed afterwards.
+    """`bootstrap` (with the command's `check` and `refuse`) for the length of a command, with
+    the database closed afterwards.
 
     When loading the config changed the ledger, `say` gets a line saying so and one line per
     change; a load that changed nothing stays quiet.
     """
-    wiring = bootstrap(config_path, db_override, check=check)
+    wiring = bootstrap(config_path, db_override, check=check, refuse=refuse)
     try:
-        if wiring.loaded.changed:
-            say(f"{config_path}: {wiring.loaded.summary()}")
-            for change in wiring.loaded.changes:
-                say(f"  {change}")
+        _announce(config_path, wiring.loaded, say)
         yield wiring
     finally:
         wiring.close()
+
+
+@contextmanager
+def wired_unit(
+    config_path: Path,
+    db_override: str | None = None,
+    *,
+    say: Callable[[str], None] = print,
+    check: Check | None = None,
+) -> Iterator[tuple[Wiring, Session]]:
+    """`wired`, for a command that does its work in one unit of work: the unit that loads the
+    config, so the load commits with the command's work, or not at all. A command that
+    refuses (raises) inside it, for an unknown card say, leaves the ledger as it found it.
+    The load's lines go to `say` once the unit has committed."""
+    config, clock, security, engine = _opened(config_path, db_override, None, None, check)
+    try:
+        with _loaded(engine, config, security, clock) as (session, report):
+            yield Wiring(config, engine, security, clock, report), session
+        _announce(config_path, report, say)
+    finally:
+        engine.dispose()
+
+
+def _opened(
+    config_path: Path,
+    db_override: str | None,
+    clock: Clock | None,
+    security: SecurityModule | None,
+    check: Check | None,
+) -> tuple[Config, Clock, SecurityModule, Engine]:
+    """The config read, the command's `check` run, the security module made and the database
+    opened and migrated, in that order (`bootstrap`)."""
+    config = load_config(config_path, db_override)
+    chosen_clock = clock or system_clock(config.gateway.timezone)
+    if check is not None:
+        check(config, chosen_clock)
+    chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
+    return config, chosen_clock, chosen_security, open_database(config.gateway.database)
+
+
+def _announce(config_path: Path, report: LoadReport, say: Callable[[str], None]) -> None:
+    if report.changed:
+        say(f"{config_path}: {report.summary()}")
+        for change in report.changes:
+            say(f"  {change}")
 
 
 def open_database(url: str) -> Engine:
@@ -140,17 +187,41 @@ def open_database(url: str) -> Engine:
     return engine
 
 
-def _load(engine: Engine, config: Config, security: SecurityModule, clock: Clock) -> LoadReport:
+def _load(
+    engine: Engine,
+    config: Config,
+    security: SecurityModule,
+    clock: Clock,
+    refuse: Refusal | None = None,
+) -> LoadReport:
+    """The config loaded and committed, unless `refuse` raises after the load."""
+    with _loaded(engine, config, security, clock) as (session, report):
+        if refuse is not None:
+            refuse(session, config, clock)
+    return report
+
+
+@contextmanager
+def _loaded(
+    engine: Engine, config: Config, security: SecurityModule, clock: Clock
+) -> Iterator[tuple[Session, LoadReport]]:
+    """A unit of work that has loaded the config, for the caller to go on in; it commits when
+    the caller's block ends cleanly, else the load is rolled back with the rest."""
     attempt = 1
     while True:
+        loaded = False
         try:
             with unit_of_work(engine) as session:
-                return load_into_ledger(session, config, security, clock.now())
+                report = load_into_ledger(session, config, security, clock.now())
+                loaded = True
+                yield session, report
+            return
         except (IntegrityError, OperationalError) as error:
             # A twin process loaded the same rows first, or the load met a serving gateway's
-            # group in a deadlock (cards locked in another order): the load runs again.
+            # group in a deadlock (cards locked in another order): the load runs again. What
+            # fails after the load (the caller's work, the commit) is not the load's to retry.
             retry = isinstance(error, IntegrityError) or _deadlocked(error)
-            if not retry or attempt >= LOAD_ATTEMPTS:
+            if loaded or not retry or attempt >= LOAD_ATTEMPTS:
                 raise
             attempt += 1
 

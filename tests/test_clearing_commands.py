@@ -13,11 +13,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import func, select
 
 from clearing import signing
 from gateway.cli import main
 from gateway.clock import SHANGHAI, FixedClock
 from gateway.errors import BadInput
+from gateway.ledger import make_engine, unit_of_work
+from gateway.ledger.models import Merchant
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
 
@@ -158,6 +161,30 @@ def test_reconcile_into_a_file_is_bad_input(
     assert capsys.readouterr().err.startswith(
         f"vipgate: error: --out {config_path}: cannot make the folder"
     )
+
+
+def test_reconcile_of_a_month_not_closed_changes_nothing(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`reconcile` before `clear`: exit 2, one line, and the config load it began with rolled
+    back, so the ledger holds nothing and the first `clear` reports the load."""
+    arguments = ["--config", str(config_path), "--month", "2026-11"]
+    out = config_path.parent / "out"
+    assert main(["reconcile", *arguments, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        "vipgate: error: --month 2026-11: the month is not closed; run vipgate clear --month"
+        " 2026-11 first\n"
+    )
+    assert captured.out == ""
+    engine = make_engine(f"sqlite:///{config_path.parent / 'var' / 'vipgate.db'}")
+    try:
+        with unit_of_work(engine) as session:
+            assert session.scalar(select(func.count()).select_from(Merchant)) == 0
+    finally:
+        engine.dispose()
+    assert main(["clear", *arguments, "--out", str(out)]) == 0
+    assert f"{config_path}: 2 merchants, 3 terminals, 5 cards" in capsys.readouterr().out
 
 
 def test_an_out_that_cannot_be_made_is_refused_before_the_config_load(

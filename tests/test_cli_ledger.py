@@ -176,13 +176,17 @@ def test_bad_csv_exits_2_names_every_bad_line_and_changes_nothing(cli: Cli) -> N
     ],
 )
 def test_an_unknown_card_exits_2(cli: Cli, command: tuple[str, ...]) -> None:
-    """Every card command refuses a card the ledger does not know, in one masked line."""
+    """Every card command refuses a card the ledger does not know, in one masked line, and
+    changes nothing: the config load it began with is rolled back with it."""
     args = [part.format(card=UNKNOWN) for part in command]
     if "{card}" not in command:
         args.append(UNKNOWN)
     result = cli.run(*args)
     assert result.code == 2
     assert one_error_line(result) == "vipgate: error: card 668800*********9999: unknown card"
+    assert result.out == ""
+    counts = table_counts(cli.db_url)
+    assert [counts[table] for table in ("merchants", "terminals", "cards", "point_lots")] == [0] * 4
 
 
 @pytest.mark.parametrize(
@@ -298,8 +302,12 @@ def test_changes_the_config_would_undo_are_refused(cli: Cli) -> None:
     assert "with status = active" in block.err
     enrol = cli.run("cards", "enrol", SILVER_IN_CONFIG)
     assert "2000 spendable points; enrolment needs more than 3500" in one_error_line(enrol)
+    assert (block.out, enrol.out) == ("", "")  # each refusal rolled its config load back
     same = cli.run("cards", "status", GOLD, "active")
-    assert (same.code, same.out) == (0, "card 668800*********0014: status already active\n")
+    assert same.code == 0
+    assert same.out.splitlines()[0].endswith("2 merchants, 3 terminals, 5 cards; 6 lots accrued"
+    " (160150 points); 16 changes")  # fmt: skip
+    assert same.out.splitlines()[-1] == "card 668800*********0014: status already active"
 
 
 def test_unlock_clears_a_locked_pin(cli: Cli) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway import bootstrap as bootstrap_module
 from gateway.clock import SHANGHAI, FixedClock
@@ -369,6 +369,29 @@ def test_a_load_that_deadlocks_with_a_serving_gateway_runs_again(
         assert judged == [True]  # one deadlock, one run again
     finally:
         engine.dispose()
+
+
+def test_what_fails_after_the_load_is_not_run_again_and_rolls_the_load_back(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A command's work in the load's unit of work (`wired_unit`) that meets an integrity
+    error: the load ran once (only the load's own conflicts run it again) and is rolled
+    back with the work."""
+    runs: list[int] = []
+
+    def counted(*args: object) -> LoadReport:
+        runs.append(1)
+        return load_into_ledger(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bootstrap_module, "load_into_ledger", counted)
+    config = write_config(tmp_path)
+    security = SoftwareSecurityModule(keystore)
+    loaded = bootstrap_module._loaded(ledger_engine, config, security, FixedClock(NOW))
+    with pytest.raises(IntegrityError), loaded as (session, report):
+        assert report.cards == len(config.cards)
+        session.execute(text("INSERT INTO merchants SELECT * FROM merchants"))
+    assert runs == [1]
+    assert row_counts(ledger_engine)["merchants"] == 0
 
 
 def _wait_for_lock_wait(engine: Engine) -> None:

@@ -38,15 +38,21 @@ from gateway.errors import BadInput, CheckFailed
 from gateway.ledger import unit_of_work
 
 
-def reconcile(engine: Engine, config: Config, month: Month, out: Path, now: datetime) -> Pack:
-    """Build the month's pack in `out`; the month must have been closed by `clear`."""
-    with unit_of_work(engine) as session:
-        closed = session.get(ClosedMonth, month.key)
+def refuse_unclosed(session: Session, month: Month) -> ClosedMonth:
+    """The month's close, or `BadInput`: a pack is made of a closed month only."""
+    closed = session.get(ClosedMonth, month.key)
     if closed is None:
         raise BadInput(
             f"--month {month.key}: the month is not closed; run vipgate clear --month "
             f"{month.key} first"
         )
+    return closed
+
+
+def reconcile(engine: Engine, config: Config, month: Month, out: Path, now: datetime) -> Pack:
+    """Build the month's pack in `out`; the month must have been closed by `clear`."""
+    with unit_of_work(engine) as session:
+        closed = refuse_unclosed(session, month)
     make_folder(out)
     lists = {
         name: FindingList(name, title, first, second, out) for name, title, first, second in LISTS

@@ -1,7 +1,8 @@
 """`vipgate cards import|show|enrol|block|unlock|status`: card management from the command line.
 
-Each sub-command opens the ledger through `gateway.bootstrap` (config loaded first), does one
-thing in one unit of work and prints it in plain lines; card numbers are masked in everything
+Each sub-command opens the ledger through `gateway.bootstrap` and does one thing in the unit
+of work that loads the config (`wired_unit`: a refused command leaves the ledger as it was),
+then prints it in plain lines; card numbers are masked in everything
 it prints. An unknown or malformed card is bad input (exit 2), as is a change to a card the
 config lists that the config would undo at its next load.
 """
@@ -16,12 +17,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from cardcodec.cards import card_number_problem, mask_card_number
-from gateway.bootstrap import Wiring, wired
+from gateway.bootstrap import Wiring, wired_unit
 from gateway.clock import card_expired, expiry_last_day, lot_expired
 from gateway.config import CARD_STATUSES, CardConfig, Config
 from gateway.errors import BadInput
 from gateway.imports import import_cards
-from gateway.ledger import operations, unit_of_work
+from gateway.ledger import operations
 from gateway.ledger.models import Card, CardStatus, LotOrigin, PointLot
 
 
@@ -51,7 +52,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+    with wired_unit(args.config, args.db) as (wiring, session):
         report = import_cards(session, args.file, wiring.config, wiring.now())
     total = report.new_cards + report.updated_cards
     print(
@@ -62,7 +63,7 @@ def import_command(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+    with wired_unit(args.config, args.db) as (wiring, session):
         card = known_card(session, wiring.config, args.card)
         lines = describe_card(session, card, wiring)
     for line in lines:
@@ -71,7 +72,7 @@ def show(args: argparse.Namespace) -> int:
 
 
 def enrol(args: argparse.Namespace) -> int:
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+    with wired_unit(args.config, args.db) as (wiring, session):
         card = known_card(session, wiring.config, args.card)
         qualify = wiring.config.plan.qualify_points
         outcome = operations.enrol(session, card.number, wiring.now(), qualify_points=qualify)
@@ -99,7 +100,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _set_status(args: argparse.Namespace, new: CardStatus) -> int:
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+    with wired_unit(args.config, args.db) as (wiring, session):
         card = known_card(session, wiring.config, args.card)
         _refuse_config_override(wiring.config, card.number, "status", new.value)
         before = operations.set_status(session, card.number, new)
@@ -111,7 +112,7 @@ def _set_status(args: argparse.Namespace, new: CardStatus) -> int:
 
 
 def unlock(args: argparse.Namespace) -> int:
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+    with wired_unit(args.config, args.db) as (wiring, session):
         card = known_card(session, wiring.config, args.card)
         was_locked, wrong_tries = card.pin_locked, card.wrong_pin_count
         operations.unlock_pin(session, card.number)

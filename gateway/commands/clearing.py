@@ -16,8 +16,9 @@ from typing import Any
 
 from clearing import signing
 from clearing.clear import Cleared, clear, make_folder
+from clearing.close import refuse_unclosable
 from clearing.period import Month, refuse_unfinished
-from clearing.reconcile import reconcile
+from clearing.reconcile import reconcile, refuse_unclosed
 from clearing.verify import Verification, verify_file
 from gateway.bootstrap import Check, wired
 from gateway.clock import SHANGHAI, Clock
@@ -66,7 +67,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def clear_command(args: argparse.Namespace) -> int:
     month = Month.parse(args.month)
-    with wired(args.config, args.db, check=_over_and_writable(month, args.out)) as wiring:
+    with wired(
+        args.config,
+        args.db,
+        check=_over_and_writable(month, args.out),
+        refuse=lambda session, _config, _clock: refuse_unclosable(session, month),
+    ) as wiring:
         cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
     _report_cleared(cleared)
     return 0
@@ -111,7 +117,12 @@ def _report_cleared(cleared: Cleared) -> None:
 
 def reconcile_command(args: argparse.Namespace) -> int:
     month = Month.parse(args.month)
-    with wired(args.config, args.db, check=_over_and_writable(month, args.out)) as wiring:
+    with wired(
+        args.config,
+        args.db,
+        check=_over_and_writable(month, args.out),
+        refuse=lambda session, _config, _clock: refuse_unclosed(session, month),
+    ) as wiring:
         pack = reconcile(wiring.engine, wiring.config, month, args.out, wiring.now())
     for line in pack.summary_lines():
         print(line)

@@ -12,9 +12,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from gateway.bootstrap import wired
+from gateway.bootstrap import wired_unit
 from gateway.errors import CheckFailed
-from gateway.ledger import unit_of_work
 from gateway.ledger.invariants import CHECKS, check_invariants
 from gateway.ledger.models import Card, JournalTransaction, PointLot
 
@@ -29,7 +28,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> int:
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+    with wired_unit(args.config, args.db) as (_, session):
         violations = check_invariants(session)
         counts = [
             session.scalar(select(func.count()).select_from(model)) or 0

@@ -13,12 +13,12 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from gateway.bootstrap import wired
+from gateway.bootstrap import wired_unit
 from gateway.clock import Clock
 from gateway.config import Config
 from gateway.errors import BadInput
 from gateway.imports import import_points, shown
-from gateway.ledger import operations, unit_of_work
+from gateway.ledger import operations
 
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -47,7 +47,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+    with wired_unit(args.config, args.db) as (wiring, session):
         report = import_points(session, args.file, wiring.config, wiring.now())
     print(f"{report.file}: {report.applied_lots} lots applied ({report.applied_points} points)")
     if report.skipped:
@@ -66,10 +66,7 @@ def expire(args: argparse.Namespace) -> int:
     def check(_config: Config, clock: Clock) -> None:  # before the config load: refused, no change
         operations.refuse_unbegun(as_of, clock.now())
 
-    with (
-        wired(args.config, args.db, check=check) as wiring,
-        unit_of_work(wiring.engine) as session,
-    ):
+    with wired_unit(args.config, args.db, check=check) as (wiring, session):
         run = operations.expire(session, as_of, when=wiring.moment())
     print(
         f"expiry as of {as_of}: {run.lots} lots booked ({run.points} points) on {run.cards} cards"
