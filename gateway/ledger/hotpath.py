@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -394,45 +395,70 @@ class _GroupSql:
             " VALUES (?, ?, 'redemption', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL,"
             " 'approved', 0, 0, 0, ?, NULL)"
         )
-        # PostgreSQL writes a run's rows of a table with one statement over column arrays
-        # (`unnest`), not one execution per row: the server plans and runs it once. Each takes
-        # the columns of the row-wise statement's parameters, in the same order, sent in
-        # binary (`%b`): the text form escapes every element of every array in Python.
-        self.arrays: dict[str, str] = {}
+        # PostgreSQL writes a run's rows of a table with one statement over one JSON array of
+        # rows (`jsonb_array_elements`), not one execution per row: the server plans and runs
+        # it once. Each takes the rows of the row-wise statement's parameters, columns in the
+        # same order, as one text parameter made by `_rows_json`: the json module writes it
+        # in C, where arrays as parameters cost psycopg a Python call per element.
+        self.rows: dict[str, str] = {}
         if postgres:
             single = _Sql(postgres=True)
-            self.arrays = {
-                self.rrn: "INSERT INTO rrn_allocations (id, allocated_at)"
-                " SELECT * FROM unnest(%b::bigint[], %b::timestamptz[])",
+            rrn = _json_columns("bigint", "timestamptz")
+            transaction = _json_columns("bigint", "text", "timestamptz", "date", "text")
+            authorisation = _json_columns(
+                "bigint", "text", "text", "text", "int", "int", "text", "text", "bigint",
+                "bigint", "int", "text", "bigint", "bigint", "int", "text", "timestamptz",
+                "date", "bigint",
+            )  # fmt: skip
+            request = _json_columns("text", "int", "int", "text", "bytea", "json", "timestamptz")
+            self.rows = {
+                self.rrn: f"INSERT INTO rrn_allocations (id, allocated_at) SELECT {rrn}"
+                f"{_JSON_ROWS}",
                 self.transaction: "INSERT INTO journal_transactions (id, idempotency_key, kind,"
-                " created_at, business_date, card_number) SELECT u.i, u.k, 'redemption', u.c,"
-                " u.d, u.n FROM unnest(%b::bigint[], %b::text[], %b::timestamptz[], %b::date[],"
-                " %b::text[]) AS u(i, k, c, d, n)",
+                " created_at, business_date, card_number) SELECT {}, {}, 'redemption', {}, {},"
+                " {}".format(*transaction.split(", "))
+                + _JSON_ROWS,
                 single.entry: "INSERT INTO journal_entries (transaction_id, account_id, points)"
-                " SELECT * FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[])",
+                f" SELECT {_json_columns('bigint', 'bigint', 'bigint')}{_JSON_ROWS}",
                 self.authorisation: "INSERT INTO authorisations (id, rrn, kind, terminal_id,"
                 " merchant_id, batch_number, trace, auth_code, card_number,"
                 " requested_amount_fen, amount_fen, discount_bp, rule_id, settled_fen, points,"
                 " fee_bp, response_code, local_time, business_date, original_id, state,"
                 " refunded_fen, points_returned, fen_clawed, journal_transaction_id, exception)"
-                " SELECT u.i, u.r, 'redemption', u.t, u.m, u.b, u.n, u.ac, u.cn, u.q, u.a, u.dp,"
-                " u.ru, u.s, u.p, u.f, u.rc, u.lt, u.bd, NULL, 'approved', 0, 0, 0, u.j, NULL"
-                " FROM unnest(%b::bigint[], %b::text[], %b::text[], %b::text[], %b::int[],"
-                " %b::int[], %b::text[], %b::text[], %b::bigint[], %b::bigint[], %b::int[],"
-                " %b::text[], %b::bigint[], %b::bigint[], %b::int[], %b::text[],"
-                " %b::timestamptz[], %b::date[], %b::bigint[])"
-                " AS u(i, r, t, m, b, n, ac, cn, q, a, dp, ru, s, p, f, rc, lt, bd, j)",
+                " SELECT {}, 'redemption', {}, NULL, 'approved', 0, 0, 0, {}, NULL".format(
+                    *_split_columns(authorisation, 2, 18)
+                )
+                + _JSON_ROWS,
                 single.take: "UPDATE point_lots p SET remaining_points = p.remaining_points - u.a"
-                " FROM unnest(%b::bigint[], %b::bigint[], %b::bigint[]) AS u(a, id, floor)"
+                " FROM (SELECT (r->>0)::bigint AS a, (r->>1)::bigint AS id,"
+                f" (r->>2)::bigint AS floor{_JSON_ROWS}) AS u"
                 " WHERE p.id = u.id AND p.remaining_points >= u.floor",
                 single.movement: "INSERT INTO lot_movements (transaction_id, lot_id, points,"
-                " redemption_id, origin_lot_id) SELECT * FROM unnest(%b::bigint[],"
-                " %b::bigint[], %b::bigint[], %b::bigint[], %b::bigint[])",
+                " redemption_id, origin_lot_id)"
+                f" SELECT {_json_columns(*['bigint'] * 5)}{_JSON_ROWS}",
                 single.log_request: "INSERT INTO request_log (terminal_id, batch_number, trace,"
-                " request_class, digest, answer, recorded_at) SELECT u.t, u.b, u.n, u.c, u.d,"
-                " u.a::json, u.r FROM unnest(%b::text[], %b::int[], %b::int[], %b::text[],"
-                " %b::bytea[], %b::text[], %b::timestamptz[]) AS u(t, b, n, c, d, a, r)",
+                f" request_class, digest, answer, recorded_at) SELECT {request}{_JSON_ROWS}",
             }
+
+
+_JSON_ROWS = " FROM jsonb_array_elements(%s::jsonb) AS r"
+
+
+def _json_columns(*types: str) -> str:
+    """The columns of a row `r` of `_JSON_ROWS`, each cast to its type (bytea from hex, json
+    from the text it was stored as)."""
+    return ", ".join(
+        f"decode(r->>{index}, 'hex')" if kind == "bytea" else f"(r->>{index})::{kind}"
+        for index, kind in enumerate(types)
+    )
+
+
+def _split_columns(columns: str, *cuts: int) -> list[str]:
+    """`_json_columns`'s text in runs, cut before each index of `cuts`, to put constants of
+    the statement between them."""
+    parts = columns.split(", ")
+    bounds = [0, *cuts, len(parts)]
+    return [", ".join(parts[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 _GROUP_SQLITE = _GroupSql(postgres=False)
@@ -974,13 +1000,13 @@ class HotLedger:
         if not self._sql.postgres:
             return [self._execute(sql, rows, many=True).rowcount for sql, rows in writes]
         cursors = []
-        arrays = self._group_sql.arrays
+        statements = self._group_sql.rows
         with self._driver_errors("group writes"), self._driver.pipeline():
             self._send_deferred()
             for statement, rows in writes:
                 cursor = self._driver.cursor()
                 if rows:
-                    cursor.execute(arrays[statement], _columns(rows))
+                    cursor.execute(statements[statement], (_rows_json(rows),))
                 cursors.append(cursor if rows else None)
         return [0 if cursor is None else cursor.rowcount for cursor in cursors]
 
@@ -990,13 +1016,13 @@ class HotLedger:
         """`log_request` for a run's requests, in one statement (held back on PostgreSQL)."""
         if not entries:
             return
-        if self._sql.postgres:  # one statement over column arrays, sent with the next ones
+        if self._sql.postgres:  # one statement over a JSON array of rows, sent with the next
             rows = [
                 (*_identity_row(identity), digest, json.dumps(answer), self._instant(at))
                 for identity, digest, answer, at in entries
             ]
-            statement = self._group_sql.arrays[self._sql.log_request]
-            self._deferred.append((statement, tuple(_columns(rows))))
+            statement = self._group_sql.rows[self._sql.log_request]
+            self._deferred.append((statement, (_rows_json(rows),)))
             return
         rows = [
             (*_identity_row(identity), digest, self._json(answer), self._instant(at))
@@ -1036,9 +1062,18 @@ def terminal_lock_key(terminal_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
-    """Rows as one list per column, for a statement over column arrays (`unnest`)."""
-    return [list(column) for column in zip(*rows, strict=True)]
+def _rows_json(rows: Sequence[tuple[Any, ...]]) -> str:
+    """Rows as one JSON array of arrays, for a statement over `_JSON_ROWS`."""
+    return json.dumps(rows, separators=(",", ":"), default=_json_value)
+
+
+def _json_value(value: object) -> str:
+    """An instant or a date in ISO 8601 (an instant with its offset), bytes in hex."""
+    if isinstance(value, date):  # a datetime is a date too
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    raise TypeError(f"no JSON form for {type(value).__name__}")
 
 
 def _snapshot(row: Sequence[Any]) -> CardSnapshot:
