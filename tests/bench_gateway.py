@@ -13,7 +13,9 @@ plenty of points), drives it with terminals written from the spec over real TCP,
   others), on PostgreSQL N = 1, 2 and 4 (WORKERS or --workers),
   each backend's figures then side by side in a table; on PostgreSQL with pgbench -N TPS on
   the same server (fsync on) in the same run: how far worker processes take the gateway
-  towards what the database alone can commit.
+  towards what the database alone can commit;
+- then a line for each of the gateway's targets on this backend, the best run against it,
+  met or not.
 Client and server share the machine, as the targets say, so the client is lean, as wrk is
 (tests/bench_client.py): every terminal signs on and builds all its redemptions (each with its
 own STAN and MAC) before the clock runs, and while it runs one process drives every connection
@@ -273,6 +275,8 @@ def run_backend(backend: str, args: argparse.Namespace) -> None:
             tps = pgbench_tps(server, int(args.duration))
             print(f"  pgbench -N on the same server: {tps} TPS")
         print_table(backend, figures, tps)
+        for line in verdicts(backend, figures, tps, args.rate):
+            print(line)
     finally:
         if server is not None:
             pg.stop(server)
@@ -326,6 +330,45 @@ def print_table(backend: str, figures: dict[int, Figures], tps: str | None) -> N
         print(
             f"  {'pgbench':>7}  {pgbench:>11} TPS (-N, 8 clients, fsync and synchronous_commit on)"
         )
+
+
+# The gateway's targets on this 2-core machine, client and server together (the issue's "Done
+# when"): SQLite approvals/s in the closed loop, SQLite p99 at the offered rate, and on
+# PostgreSQL at least what pgbench -N commits on the same server.
+SQLITE_PER_S = 5000
+SQLITE_P99_MS = 10.0
+SQLITE_OFFERED_PER_S = 2000
+KEEPS_UP = 0.99  # an open loop that achieves less than this share of its rate fell behind
+
+
+def verdicts(
+    backend: str, figures: dict[int, Figures], tps: str | None, offered_per_s: float
+) -> list[str]:
+    """Each target of the backend against the best run, met or not: what the figures above
+    mean, in one line per target."""
+    if not figures:
+        return []
+    best = max(figures, key=lambda workers: figures[workers].closed_per_s)
+    closed = f"best {figures[best].closed_per_s:,.0f}/s (`--workers {best}`)"
+    if backend == "postgresql":
+        try:
+            target = float(tps or "")
+        except ValueError:
+            return [f"  target at least pgbench -N's TPS: {closed}; pgbench gave no figure"]
+        met = "met" if figures[best].closed_per_s >= target else "not met"
+        return [f"  target at least pgbench -N's TPS ({target:,.0f}): {closed}: {met}"]
+    met = "met" if figures[best].closed_per_s >= SQLITE_PER_S else "not met"
+    lines = [f"  target {SQLITE_PER_S:,} approved redemptions/s: {closed}: {met}"]
+    target = f"target p99 under {SQLITE_P99_MS:.0f} ms at {SQLITE_OFFERED_PER_S:,}/s offered"
+    if offered_per_s != SQLITE_OFFERED_PER_S:
+        return [*lines, f"  {target}: not measured (the open loop offered {offered_per_s:,.0f}/s)"]
+    kept_up = {w: f for w, f in figures.items() if f.open_per_s >= KEEPS_UP * offered_per_s}
+    if not kept_up:
+        return [*lines, f"  {target}: not met (no run kept up with the rate)"]
+    low = min(kept_up, key=lambda workers: kept_up[workers].open_p99_ms)
+    p99 = kept_up[low].open_p99_ms
+    met = "met" if p99 < SQLITE_P99_MS else "not met"
+    return [*lines, f"  {target}: best p99 {p99:.1f} ms (`--workers {low}`): {met}"]
 
 
 def worker_counts(text: str) -> list[int]:
