@@ -6,6 +6,7 @@ import io
 import json
 import threading
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 import structlog
@@ -34,6 +35,25 @@ def test_a_line_is_written_as_it_is_logged_with_the_card_masked(stream: io.Strin
     assert line["event"] == "answered"
     assert line["card"] == "668800*********0124"
     assert line["pin"] == "<hidden>"
+
+
+def test_a_line_carries_its_level_and_the_instant_in_utc_to_the_microsecond(
+    stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The date and time of day are formatted once a second; the microseconds every line,
+    with their zeros, and the next second formats anew."""
+    at = 1_795_426_200_000_000_000  # 2026-11-23T09:30:00Z in ns
+    instants = iter([at + 999, at + 123_456_000, at + 1_000_005_000])
+    monkeypatch.setattr(logs, "_now_ns", lambda: next(instants))
+    monkeypatch.setattr(logs, "_second", logs._Second())
+    for _ in range(3):
+        structlog.get_logger("t").warning("late", seconds=0.5)
+    assert [(line["timestamp"], line["level"]) for line in lines(stream)] == [
+        ("2026-11-23T09:30:00.000000Z", "warning"),
+        ("2026-11-23T09:30:00.123456Z", "warning"),
+        ("2026-11-23T09:30:01.000005Z", "warning"),
+    ]
+    assert datetime.fromisoformat("2026-11-23T09:30:00.123456Z").timestamp() == 1_795_426_200.123456
 
 
 def test_tracks_and_objects_holding_card_data_go_out_masked(stream: io.StringIO) -> None:
