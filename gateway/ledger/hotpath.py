@@ -480,6 +480,7 @@ class HotLedger:
         self._prefetched: dict[tuple[str, tuple[Any, ...]], Any] = {}
         self._deferred: list[tuple[str, tuple[Any, ...]]] = []
         self._last_instant: tuple[datetime | None, Any] = (None, None)
+        self._last_row_instant: tuple[datetime | None, Any] = (None, None)
         self._dbapi_error: type[Exception] = connection.dialect.loaded_dbapi.Error
         if self._sql.postgres:
             event.listen(session, "before_commit", self._before_commit)
@@ -961,8 +962,8 @@ class HotLedger:
             strict=True,
         ):
             swipe = plan.swipe
-            at = self._instant(swipe.when.at)
-            day = self._date(swipe.when.business_date)
+            at = self._row_instant(swipe.when.at)
+            day = swipe.when.business_date.isoformat()  # both backends take the text
             number, account_id = plan.card
             points = plan.figures[2]
             rrn = f"{rrn_id:0{RRN_DIGITS}d}"
@@ -1017,12 +1018,12 @@ class HotLedger:
         if not entries:
             return
         if self._sql.postgres:  # one statement over a JSON array of rows, sent with the next
-            rows = [
-                (*_identity_row(identity), digest, json.dumps(answer), self._instant(at))
+            texts = [
+                (*_identity_row(identity), digest.hex(), json.dumps(answer), self._row_instant(at))
                 for identity, digest, answer, at in entries
             ]
             statement = self._group_sql.rows[self._sql.log_request]
-            self._deferred.append((statement, (_rows_json(rows),)))
+            self._deferred.append((statement, (_rows_json(texts),)))
             return
         rows = [
             (*_identity_row(identity), digest, self._json(answer), self._instant(at))
@@ -1035,13 +1036,24 @@ class HotLedger:
     def _instant(self, at: datetime) -> Any:
         if self._last_instant[0] is at:  # one request stores its instant several times
             return self._last_instant[1]
-        if at.tzinfo is None or at.utcoffset() is None:
-            raise ValueError("a naive datetime cannot be stored; give it a time zone")
+        _aware(at)
         stored: Any = at
         if not self._sql.postgres:
             stored = at.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
         self._last_instant = (at, stored)
         return stored
+
+    def _row_instant(self, at: datetime) -> Any:
+        """An instant as a group's rows carry it: `_instant`'s form on SQLite; on PostgreSQL
+        ISO 8601 text with its offset, for `_rows_json`, which would otherwise call back into
+        Python for every instant of every row."""
+        if not self._sql.postgres:
+            return self._instant(at)
+        if self._last_row_instant[0] is at:
+            return self._last_row_instant[1]
+        text = _aware(at).isoformat()
+        self._last_row_instant = (at, text)
+        return text
 
     def _date(self, day: date) -> Any:
         return day if self._sql.postgres else day.isoformat()
@@ -1062,8 +1074,16 @@ def terminal_lock_key(terminal_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+def _aware(at: datetime) -> datetime:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError("a naive datetime cannot be stored; give it a time zone")
+    return at
+
+
 def _rows_json(rows: Sequence[tuple[Any, ...]]) -> str:
-    """Rows as one JSON array of arrays, for a statement over `_JSON_ROWS`."""
+    """Rows as one JSON array of arrays, for a statement over `_JSON_ROWS`. The hot rows come
+    with their instants, dates and bytes already as text (`_row_instant`); `_json_value`
+    converts any other, at the cost of a call back into Python for each."""
     return json.dumps(rows, separators=(",", ":"), default=_json_value)
 
 
