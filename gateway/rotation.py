@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Terminal, TerminalSession
-from gateway.security import SecurityModule
+from gateway.security import MasterKeyRotation, SecurityModule
 
 
 @dataclass(frozen=True)
@@ -35,17 +36,25 @@ def rotate_master(engine: Engine, security: SecurityModule) -> Rotation:
     does not open raises `SecurityModuleError` with the ledger unchanged."""
     rotation = security.begin_rotation()
     with unit_of_work(engine) as session:
-        terminals = session.scalars(select(Terminal).with_for_update().order_by(Terminal.id))
-        count = 0
-        for terminal in terminals:
-            terminal.tmk_encrypted = rotation.reseal_tmk(terminal.id, terminal.tmk_encrypted)
-            count += 1
-        signed_on = session.scalars(
-            select(TerminalSession).with_for_update().order_by(TerminalSession.terminal_id)
-        )
-        sessions = 0
-        for row in signed_on:
-            row.keys_sealed = rotation.reseal_session_keys(row.terminal_id, row.keys_sealed)
-            sessions += 1
+        done = reseal(session, rotation)
     rotation.finish()
+    return done
+
+
+def reseal(session: Session, rotation: MasterKeyRotation) -> Rotation:
+    """Every terminal's TMK and every stored session's working keys sealed again under the
+    rotation's next key, in `session`'s unit of work; the caller commits, then finishes the
+    rotation. A stored key that does not open raises `SecurityModuleError`."""
+    terminals = session.scalars(select(Terminal).with_for_update().order_by(Terminal.id))
+    count = 0
+    for terminal in terminals:
+        terminal.tmk_encrypted = rotation.reseal_tmk(terminal.id, terminal.tmk_encrypted)
+        count += 1
+    signed_on = session.scalars(
+        select(TerminalSession).with_for_update().order_by(TerminalSession.terminal_id)
+    )
+    sessions = 0
+    for row in signed_on:
+        row.keys_sealed = rotation.reseal_session_keys(row.terminal_id, row.keys_sealed)
+        sessions += 1
     return Rotation(count, sessions)

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
 from gateway import cli
+from gateway.bootstrap import open_database
 from gateway.keystore import FileKeyStore, KeyStoreError
 from gateway.ledger import unit_of_work
-from gateway.ledger.models import Card, Terminal, TerminalSession
+from gateway.ledger.models import Card, KeySuite, Merchant, Terminal, TerminalSession
 from gateway.rotation import rotate_master
 from gateway.security import SecurityModuleError, SoftwareSecurityModule
 from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN, TMKS, Harness, demo_config
@@ -147,3 +149,43 @@ def test_a_session_that_does_not_open_stops_the_rotation_with_the_ledger_unchang
     assert stored(harness)[0] == blobs_before
     assert master.read_bytes() == old_key
     assert_everything_opens(harness)
+
+
+def test_a_refused_rotation_leaves_the_config_load_undone_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command loads the config and seals again in one unit of work: a stored session key
+    that does not open is exit 2, and the merchant the config renamed keeps its old name."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(DEMO, config)
+    database = f"sqlite:///{tmp_path / 'ledger.db'}"
+    command = ["keys", "rotate-master", "--config", str(config), "--db", database]
+    assert cli.main(command) == 0
+    engine = open_database(database)
+    try:
+        with unit_of_work(engine) as session:
+            # a stored session whose keys do not open (the config's load cannot repair it)
+            at = datetime(2026, 11, 23, 9, 0, tzinfo=UTC)
+            session.add(
+                TerminalSession(
+                    generation=1,
+                    terminal_id="10000001",
+                    suite=KeySuite.TDES,
+                    keys_sealed=bytes(64),
+                    signed_on_at=at,
+                    expires_at=at + timedelta(hours=12),
+                )
+            )
+        config.write_text(
+            config.read_text().replace("Huangpu Coffee", "Huangpu Coffee and Tea"),
+            encoding="utf-8",
+        )
+        capsys.readouterr()
+        assert cli.main(command) == 2
+        assert "nothing was sealed again" in capsys.readouterr().err
+        with unit_of_work(engine) as session:
+            names = set(session.scalars(select(Merchant.name)))
+        assert "Huangpu Coffee" in names
+        assert "Huangpu Coffee and Tea" not in names
+    finally:
+        engine.dispose()

@@ -20,11 +20,11 @@ from clearing.close import refuse_unclosable
 from clearing.period import Month, refuse_unfinished
 from clearing.reconcile import reconcile, refuse_unclosed
 from clearing.verify import Verification, verify_file
-from gateway.bootstrap import Check, wired
+from gateway.bootstrap import Check, wired, wired_unit
 from gateway.clock import SHANGHAI, Clock
 from gateway.config import Config, load_config
 from gateway.errors import BadInput, CheckFailed
-from gateway.rotation import rotate_master
+from gateway.rotation import reseal
 from gateway.security import SecurityModuleError
 
 
@@ -167,14 +167,18 @@ def _report_verification(verification: Verification) -> None:
 
 
 def rotate_master_command(args: argparse.Namespace) -> int:
-    with wired(args.config, args.db) as wiring:
+    # The config's load and the sealing again are one unit of work: a stored key that does
+    # not open leaves the ledger as it was, the load included.
+    with wired_unit(args.config, args.db) as (wiring, session):
+        next_key = wiring.security.begin_rotation()
         try:
-            rotation = rotate_master(wiring.engine, wiring.security)
+            rotation = reseal(session, next_key)
         except SecurityModuleError as error:
-            # The ledger is unchanged and the next key kept: once the key is repaired, running
-            # the command again finishes the rotation.
+            # The next key is kept: once the key is repaired, running the command again
+            # finishes the rotation.
             raise BadInput(f"keys rotate-master: {error}; nothing was sealed again") from None
         master_key = wiring.config.issuer.master_key
+    next_key.finish()  # only once the ledger holds the keys sealed under it
     print(
         f"master key {master_key} rotated: {rotation.terminals} terminal master keys and the "
         "PIN key sealed under the new key; the old key is gone"
