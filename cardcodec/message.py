@@ -68,7 +68,7 @@ _MTI_BY_BYTES = {raw: mti for mti, raw in _MTI_TO_BYTES.items()}
 _RESPONSE_MTI = {mti: f"{int(mti) + 10:04d}" for mti in MESSAGE_TYPE_INDICATORS}
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Message:
     """One ISO 8583 message of the profile with its envelope."""
 
@@ -76,6 +76,19 @@ class Message:
     fields: dict[int, FieldValue] = field(default_factory=dict)
     tpdu: Tpdu = field(default_factory=Tpdu)
     header: Header = field(default_factory=Header)
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(
+        self,
+        mti: str,
+        fields: dict[int, FieldValue] | None = None,
+        tpdu: Tpdu | None = None,
+        header: Header | None = None,
+    ) -> None:
+        self.mti = mti
+        self.fields = {} if fields is None else fields
+        self.tpdu = Tpdu() if tpdu is None else tpdu
+        self.header = Header() if header is None else header
 
     def __repr__(self) -> str:
         shown = {n: ("<hidden>" if n in SENSITIVE_FIELDS else v) for n, v in self.fields.items()}

@@ -353,11 +353,15 @@ def format_upload_end(total_records: int) -> str:
 BALANCE_PREFIX = "9002156C"  # field 54's fixed head: 90, 02, currency 156, C
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Balance:
     """Field 54: `90` `02` `156` `C` + n12, the cash value of the spendable points in fen."""
 
     amount_fen: int
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(self, amount_fen: int) -> None:
+        object.__setattr__(self, "amount_fen", amount_fen)
 
     @classmethod
     def parse(cls, value: str) -> Balance:
@@ -370,7 +374,7 @@ class Balance:
         return BALANCE_PREFIX + _number(self.amount_fen, 12, 54, "balance")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class PointsInfo:
     """Field 63 of a response: `VIP` + points used or returned n10 + spendable balance after
     n10 + discount bp n4 + cash value in fen n12 (39 characters)."""
@@ -379,6 +383,13 @@ class PointsInfo:
     balance_points: int
     discount_bp: int
     cash_fen: int
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(self, points: int, balance_points: int, discount_bp: int, cash_fen: int) -> None:
+        object.__setattr__(self, "points", points)
+        object.__setattr__(self, "balance_points", balance_points)
+        object.__setattr__(self, "discount_bp", discount_bp)
+        object.__setattr__(self, "cash_fen", cash_fen)
 
     @classmethod
     def parse(cls, value: str) -> PointsInfo:
@@ -412,7 +423,7 @@ SEPARATOR = "D"
 TRACK_TAIL_DIGITS = 4 + 3 + 10  # expiry, service code, discretionary data
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Track2:
     """Track 2 in clear: card number, `D`, expiry YYMM, service code (3), discretionary (10)."""
 
@@ -420,6 +431,19 @@ class Track2:
     expiry_yymm: str
     service_code: str
     discretionary: str
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(
+        self,
+        card_number: str,
+        expiry_yymm: str,
+        service_code: str,
+        discretionary: str,
+    ) -> None:
+        object.__setattr__(self, "card_number", card_number)
+        object.__setattr__(self, "expiry_yymm", expiry_yymm)
+        object.__setattr__(self, "service_code", service_code)
+        object.__setattr__(self, "discretionary", discretionary)
 
     def __repr__(self) -> str:
         return f"Track2(card_number={mask_card_number(self.card_number)!r}, ...)"

@@ -26,7 +26,7 @@ UNMACED_KINDS = frozenset({Kind.SIGN_ON, Kind.ECHO})
 MANAGEMENT_DECLINE = frozenset({11, 12, 13, 15, 32, 37, 39, 41, 42, 60})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Stamp:
     """The gateway's clock as an answer shows it: local time (12), date (13), business date
     (15), and the acquirer institution (32)."""
@@ -34,6 +34,12 @@ class Stamp:
     local: datetime
     business_date: date
     acquirer: str
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(self, local: datetime, business_date: date, acquirer: str) -> None:
+        object.__setattr__(self, "local", local)
+        object.__setattr__(self, "business_date", business_date)
+        object.__setattr__(self, "acquirer", acquirer)
 
     def fields(self) -> Mapping[int, FieldValue]:
         """12, 13, 15 and 32 (read-only: every answer of a group shares them)."""

@@ -46,13 +46,24 @@ _FIELD_48_SHAPES: dict[Kind, Callable[[str], object]] = {
 _PIN_BLOCK_FIELDS = {Suite.TDES: 52, Suite.SM4: 62}  # where each suite's PIN block goes (§5.3)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class CardRequest:
     """The card-related parts of a balance, redemption, void or refund request."""
 
     entry: EntryMode
     control: SecurityControl
     pin_block: bytes | None
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(
+        self,
+        entry: EntryMode,
+        control: SecurityControl,
+        pin_block: bytes | None,
+    ) -> None:
+        object.__setattr__(self, "entry", entry)
+        object.__setattr__(self, "control", control)
+        object.__setattr__(self, "pin_block", pin_block)
 
 
 def format_problem(message: Message, kind: Kind, data: MessageData) -> str | None:

@@ -69,15 +69,20 @@ MIN_RUN = 2  # a shorter run of redemptions goes the one-request way
 NO_TRACE = "000000"
 
 
-@dataclass
+@dataclass(init=False)
 class Reply:
     """What goes back: the answer payload (None closes the link) and what the log line says."""
 
     payload: bytes | None
     event: dict[str, Any] = field(default_factory=dict)
 
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(self, payload: bytes | None, event: dict[str, Any] | None = None) -> None:
+        self.payload = payload
+        self.event = {} if event is None else event
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, init=False)
 class Sealing:
     """A decided answer not encoded yet: `mac` computes field 64 (None: an answer without
     one). Encoding needs neither the ledger nor the group, so it can run on another thread."""
@@ -85,6 +90,17 @@ class Sealing:
     answer: Message
     event: dict[str, Any]
     mac: Callable[[bytes], bytes] | None
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(
+        self,
+        answer: Message,
+        event: dict[str, Any],
+        mac: Callable[[bytes], bytes] | None,
+    ) -> None:
+        object.__setattr__(self, "answer", answer)
+        object.__setattr__(self, "event", event)
+        object.__setattr__(self, "mac", mac)
 
     def reply(self) -> Reply:
         if self.mac is None:
@@ -124,7 +140,7 @@ class DeclinedEarly(Exception):  # noqa: N818 (a decline, not a program error)
         self.sign_on_again = sign_on_again
 
 
-@dataclass
+@dataclass(init=False)
 class Request:
     """A decoded request and what the first checks learnt about it."""
 
@@ -137,6 +153,29 @@ class Request:
     session: Session | None = None
     track: Track2 | None = None
     sessions: SessionView = UNAVAILABLE  # the group's sessions, read when the group began
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(  # noqa: PLR0917 (the fields, in order, as the dataclass's own)
+        self,
+        message: Message,
+        payload: bytes,
+        kind: Kind | None,
+        data: MessageData | None,
+        terminal: TerminalConfig | None = None,
+        merchant: MerchantConfig | None = None,
+        session: Session | None = None,
+        track: Track2 | None = None,
+        sessions: SessionView = UNAVAILABLE,
+    ) -> None:
+        self.message = message
+        self.payload = payload
+        self.kind = kind
+        self.data = data
+        self.terminal = terminal
+        self.merchant = merchant
+        self.session = session
+        self.track = track
+        self.sessions = sessions
 
     @functools.cached_property
     def digest(self) -> bytes:

@@ -83,7 +83,7 @@ RECORDED_KINDS: dict[Kind | None, AuthorisationKind] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Context:
     """A request that passed the first checks, with what they found. `kind` None: a
     combination the profile does not support, in a logged MTI: its answer is `12`, but its
@@ -97,6 +97,27 @@ class Context:
     session: Session | None
     track: Track2 | None
     moment: Moment
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(  # noqa: PLR0917 (the fields, in order, as the dataclass's own)
+        self,
+        message: Message,
+        kind: Kind | None,
+        data: MessageData,
+        terminal: TerminalConfig,
+        merchant: MerchantConfig,
+        session: Session | None,
+        track: Track2 | None,
+        moment: Moment,
+    ) -> None:
+        object.__setattr__(self, "message", message)
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "terminal", terminal)
+        object.__setattr__(self, "merchant", merchant)
+        object.__setattr__(self, "session", session)
+        object.__setattr__(self, "track", track)
+        object.__setattr__(self, "moment", moment)
 
     # Worked out once per request (a frozen dataclass keeps them in its own __dict__): the
     # decision and the writes ask for them several times.
@@ -157,7 +178,7 @@ class RedemptionReads(Protocol):
     def spendable_lots(self, number: str, local: datetime) -> list[Lot]: ...
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class _Verdict:
     """An approved redemption before it is written: the card (number, account), the lots
     it takes from, and the approval."""
@@ -166,12 +187,18 @@ class _Verdict:
     lots: list[Lot]
     approval: Approval
 
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(self, card: tuple[str, int], lots: list[Lot], approval: Approval) -> None:
+        object.__setattr__(self, "card", card)
+        object.__setattr__(self, "lots", lots)
+        object.__setattr__(self, "approval", approval)
+
 
 class _OwnTransaction(Exception):  # noqa: N818 (a signal, not an error)
     """A request of a run that must go the one-request way."""
 
 
-@dataclass
+@dataclass(init=False)
 class Outcome:
     """The answer, and what the caller does with it."""
 
@@ -180,6 +207,21 @@ class Outcome:
     repeated: bool = False
     mac_session: Session | None = None  # the keys to MAC with when they end with this request
     after_commit: Callable[[], None] | None = None
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(
+        self,
+        answer: Message,
+        card_number: str | None = None,
+        repeated: bool = False,
+        mac_session: Session | None = None,
+        after_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.answer = answer
+        self.card_number = card_number
+        self.repeated = repeated
+        self.mac_session = mac_session
+        self.after_commit = after_commit
 
 
 class Transactions:

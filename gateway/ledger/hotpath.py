@@ -43,13 +43,19 @@ from gateway.points import Conversion
 _INFO_KEY = "vipgate.hotpath"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Lot:
     """A lot that still holds points, as spending needs it."""
 
     id: int
     expires_on: date
     remaining_points: int
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(self, id: int, expires_on: date, remaining_points: int) -> None:
+        object.__setattr__(self, "id", id)
+        object.__setattr__(self, "expires_on", expires_on)
+        object.__setattr__(self, "remaining_points", remaining_points)
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,7 @@ class LoggedAnswer:
     answer: dict[str, str]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PlannedRedemption:
     """An approved redemption decided on a `GroupView`, written later with the rest of its
     run by `HotLedger.write_group`: the same rows `HotLedger.redeem` writes."""
@@ -73,6 +79,27 @@ class PlannedRedemption:
     auth_code: str
     response_code: str
     spendable_points_after: int
+
+    # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
+    def __init__(  # noqa: PLR0917 (the fields, in order, as the dataclass's own)
+        self,
+        swipe: Swipe,
+        card: tuple[str, int],
+        shares: tuple[tuple[Lot, int], ...],
+        amounts: tuple[int, int, int],
+        figures: tuple[str | None, int, int, int],
+        auth_code: str,
+        response_code: str,
+        spendable_points_after: int,
+    ) -> None:
+        object.__setattr__(self, "swipe", swipe)
+        object.__setattr__(self, "card", card)
+        object.__setattr__(self, "shares", shares)
+        object.__setattr__(self, "amounts", amounts)
+        object.__setattr__(self, "figures", figures)
+        object.__setattr__(self, "auth_code", auth_code)
+        object.__setattr__(self, "response_code", response_code)
+        object.__setattr__(self, "spendable_points_after", spendable_points_after)
 
 
 class GroupView:
