@@ -45,6 +45,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from cardcodec.frame import MAX_FRAME_LENGTH
+from gateway import logs
 from gateway.handler import Reply
 
 log = structlog.get_logger("vipgate.ledgerlink")
@@ -201,12 +202,13 @@ class FrontLink(Int32StringReceiver):
             log.error("link_message_refused", reason=str(error))
             cast(Any, self.transport).loseConnection()
             return
-        for number, reply in answers:
-            deferred = self._waiting.pop(number, None)
-            if deferred is None:
-                log.error("link_answer_unexpected", number=number)
-                continue
-            deferred.callback(reply)
+        with logs.together():  # the message's answers log their lines, several to a write
+            for number, reply in answers:
+                deferred = self._waiting.pop(number, None)
+                if deferred is None:
+                    log.error("link_answer_unexpected", number=number)
+                    continue
+                deferred.callback(reply)
 
     def lengthLimitExceeded(self, length: int) -> None:
         log.error("link_message_too_long", length=length, limit=self.MAX_LENGTH)

@@ -12,7 +12,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -117,9 +117,14 @@ def configure(stream: TextIO = sys.stdout, level: int = logging.INFO) -> None:
             render_json,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=lambda *_args: Lines(stream),
+        logger_factory=lines_to(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def lines_to(stream: TextIO) -> Callable[..., Lines]:
+    """structlog's logger factory for `Lines` on `stream`."""
+    return lambda *_args: Lines(stream)
 
 
 class _Held(threading.local):
@@ -128,11 +133,20 @@ class _Held(threading.local):
 
 _held = _Held()
 _writing = threading.Lock()
+# Bytes a pipe writes in one piece (POSIX's PIPE_BUF, 4,096 on Linux); a chunk of lines is
+# at most this, and well within the 8 KiB buffer of a text stream, which writes it at once.
+PIPE_BUF = 4096
 
 
 class Lines:
     """structlog's logger: each line written and flushed as it comes, except the lines a
-    thread logs inside `together()`, which are written at its end in one write."""
+    thread logs inside `together()`, which are written at its end, several to a write.
+
+    Several processes may share one stdout (`vipgate serve --workers N`, whose lines go to
+    one file, pipe or journal), so every write is whole lines, and at most `PIPE_BUF` bytes
+    unless one line alone is longer: a pipe takes a write of that size in one piece, so two
+    processes' lines never interleave within a line. (A line longer than that goes in a write
+    of its own, as any logger would write it.)"""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -171,5 +185,21 @@ def _write(lines: list[tuple[TextIO, str]]) -> None:
         streams.setdefault(id(stream), (stream, []))[1].append(line)
     with _writing:
         for stream, texts in streams.values():
-            stream.write("\n".join(texts) + "\n")
-            stream.flush()
+            for chunk in _chunks(texts):
+                stream.write(chunk)
+                stream.flush()  # one write: the chunk fits the stream's buffer
+
+
+def _chunks(texts: list[str]) -> Iterator[str]:
+    """The lines, each with its newline, in as few pieces as `PIPE_BUF` allows (see `Lines`)."""
+    piece: list[str] = []
+    size = 0
+    for text in texts:
+        length = (len(text) if text.isascii() else len(text.encode())) + 1
+        if piece and size + length > PIPE_BUF:
+            yield "".join(piece)
+            piece, size = [], 0
+        piece.append(text + "\n")
+        size += length
+    if piece:
+        yield "".join(piece)

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
-from gateway import server
+from gateway import logs, server
 from gateway.errors import BadInput
 from gateway.ledger.db import EXIT_LOG_SYNC_FAILED
 from gateway.ledgerlink import EXIT_LINK_LOST
@@ -472,9 +472,11 @@ def _serve_worker(
 
 
 def _whole_line_writes() -> None:
-    """Several processes share one stdout: each log line must reach it in one write, or two
-    workers' lines can interleave (`print` writes the line and its newline apart)."""
-    structlog.configure(logger_factory=structlog.WriteLoggerFactory(sys.stdout))
+    """Several processes share one stdout: each log line must reach it whole, or two workers'
+    lines can interleave (`print` writes the line and its newline apart). `logs.Lines`
+    writes whole lines, a pipe's worth at most to a write, and writes the lines a group
+    holds (`logs.together`) several to a write."""
+    structlog.configure(logger_factory=logs.lines_to(sys.stdout))
 
 
 def _tag_log_lines(number: int, role: str) -> None:

@@ -11,7 +11,7 @@ from datetime import datetime
 import pytest
 import structlog
 
-from gateway import logs
+from gateway import logs, workers
 
 
 @pytest.fixture
@@ -99,3 +99,65 @@ def test_lines_held_when_the_block_fails_are_still_written(stream: io.StringIO) 
         structlog.get_logger("t").error("before_the_failure")
         raise RuntimeError
     assert [line["event"] for line in lines(stream)] == ["before_the_failure"]
+
+
+class _Writes(io.StringIO):
+    """A stream that keeps what each flush sent on, as a file descriptor would see writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.writes.append(self._pending)
+            self._pending = ""
+
+
+def test_lines_held_together_go_out_whole_and_a_pipes_worth_to_a_write() -> None:
+    """Several processes share one stdout: a write that a pipe might split, or that ends
+    inside a line, would let another process's line into the middle of one of ours."""
+    saved = structlog.get_config()
+    written = _Writes()
+    logs.configure(written)
+    try:
+        log = structlog.get_logger("t")
+        with logs.together():
+            for n in range(60):
+                log.info("answered", terminal=f"T{n:07d}", note="x" * 90)
+            log.info("long", note="y" * (logs.PIPE_BUF + 100))
+            log.info("after")
+    finally:
+        structlog.configure(**saved)
+    # about 16 KB of short lines: a few writes, neither one a line nor one for them all
+    assert 4 <= len(written.writes) <= 8
+    for text in written.writes:
+        assert text.endswith("\n")
+        if text.count("\n") > 1:
+            assert len(text.encode()) <= logs.PIPE_BUF
+    (long_write,) = [text for text in written.writes if len(text) > logs.PIPE_BUF]
+    assert json.loads(long_write)["event"] == "long"  # alone, whole
+    events = [json.loads(line)["event"] for line in "".join(written.writes).splitlines()]
+    assert events == ["answered"] * 60 + ["long", "after"]
+
+
+def test_a_line_with_text_beyond_ascii_is_measured_in_bytes() -> None:
+    wide = "\u4e2d" * 1000  # three bytes each in UTF-8
+    chunks = list(logs._chunks([wide, wide]))  # 3,001 bytes each with its newline
+    assert chunks == [wide + "\n", wide + "\n"]
+    narrow = "a" * 2000  # two of them, with their newlines, fit one write
+    assert list(logs._chunks([narrow, narrow])) == [f"{narrow}\n{narrow}\n"]
+
+
+def test_worker_processes_log_through_lines_that_hold_a_groups_lines() -> None:
+    saved = structlog.get_config()
+    try:
+        workers._whole_line_writes()
+        assert isinstance(structlog.get_config()["logger_factory"](), logs.Lines)
+    finally:
+        structlog.configure(**saved)
