@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from gateway.ledger import db, make_engine, unit_of_work
 from gateway.ledger.db import holding_connection, reading_driver, sync_after_release
@@ -74,6 +75,27 @@ def test_a_flush_that_fails_rolls_the_whole_unit_back(engine: Engine) -> None:
             session.execute(text("INSERT INTO notes (body) VALUES ('first')"))
             session.execute(text("INSERT INTO notes (body) VALUES ('once')"))
     assert notes(engine) == ["once"]
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Note(_Base):
+    __tablename__ = "notes"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    body: Mapped[str]
+
+
+def test_objects_only_added_are_written(engine: Engine) -> None:
+    """The unit of work commits the ORM session only when it was used: an object added and
+    never flushed (nothing read through the session) counts as use."""
+    with holding_connection(engine):
+        with unit_of_work(engine) as session:
+            session.add(_Note(body="added"))
+        with unit_of_work(engine) as session:
+            session.execute(text("INSERT INTO notes (body) VALUES ('executed')"))
+    assert notes(engine) == ["added", "executed"]
 
 
 def test_other_threads_are_not_affected(engine: Engine) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
+import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from gateway.ledger import operations, records
-from gateway.ledger.db import unit_of_work
+from gateway.ledger.db import holding_connection, unit_of_work
 from gateway.ledger.hotpath import hot_ledger
 from gateway.ledger.models import (
     Account,
@@ -32,27 +34,33 @@ LOTS = [(GONE, 500), (LATE, 100), (EARLY, 50)]
 
 
 def hot_redeem(world: LedgerWorld, number: str, points: int) -> Redeemed | Declined:
+    with unit_of_work(world.engine) as session:
+        return hot_redeem_in(session, world, number, points)
+
+
+def hot_redeem_in(
+    session: Session, world: LedgerWorld, number: str, points: int
+) -> Redeemed | Declined:
     conversion = convert(2 * points, 0)
     swipe = world.swipe()
-    with unit_of_work(world.engine) as session:
-        hot = hot_ledger(session)
-        hot.prefetch_redemption(swipe, number, daily_limit=True)
-        assert not hot.tombstone_exists(swipe.terminal_id, swipe.batch_number, swipe.trace)
-        card = hot.lock_card(number)
-        assert card is not None
-        assert hot.points_redeemed_on(number, swipe.when.business_date) >= 0
-        lots = hot.spendable_lots(number, swipe.when.local)
-        return hot.redeem(
-            swipe,
-            (number, card[1]),
-            lots,
-            conversion,
-            requested_amount_fen=conversion.amount_fen,
-            rule_id=None,
-            fee_bp=80,
-            auth_code="000001",
-            response_code="00",
-        )
+    hot = hot_ledger(session)
+    hot.prefetch_redemption(swipe, number, daily_limit=True)
+    assert not hot.tombstone_exists(swipe.terminal_id, swipe.batch_number, swipe.trace)
+    card = hot.lock_card(number)
+    assert card is not None
+    assert hot.points_redeemed_on(number, swipe.when.business_date) >= 0
+    lots = hot.spendable_lots(number, swipe.when.local)
+    return hot.redeem(
+        swipe,
+        (number, card[1]),
+        lots,
+        conversion,
+        requested_amount_fen=conversion.amount_fen,
+        rule_id=None,
+        fee_bp=80,
+        auth_code="000001",
+        response_code="00",
+    )
 
 
 def written_for(world: LedgerWorld, number: str) -> dict[str, Any]:
@@ -126,6 +134,56 @@ def test_hot_redemption_writes_what_the_orm_redemption_writes(world: LedgerWorld
     assert hot_rows == orm_rows
     assert hot_rows["lots"][-2:] == [(date(2027, 11, 30), 30), (date(2026, 11, 30), 0)]
     assert world.violations() == []
+
+
+def test_on_a_held_connection_the_hot_path_writes_without_the_orms_transaction(
+    world: LedgerWorld, ledger_backend: str
+) -> None:
+    """The ledger thread holds its connection (`db.holding_connection`). There the hot path
+    works on the unit of work's connection without beginning the ORM session's transaction
+    (on PostgreSQL it does, for the before_commit hook that sends its held-back writes), and
+    the unit of work still commits what it wrote, or rolls it back."""
+    by_orm = world.add_card(1, LOTS)
+    by_hot = world.add_card(2, LOTS)
+    lost = world.add_card(3, LOTS)
+    before = written_for(world, lost)
+    assert isinstance(world.redeem(by_orm, 120), Redeemed)
+    swipe = world.swipe()
+    identity = RequestIdentity(
+        swipe.terminal_id, swipe.batch_number, swipe.trace, RequestClass.REQUEST
+    )
+    with holding_connection(world.engine):
+        with unit_of_work(world.engine) as session:
+            outcome = hot_redeem_in(session, world, by_hot, 120)
+            # The last write, as a group's: on PostgreSQL held back until the commit.
+            hot_ledger(session).log_request(identity, b"\x02" * 32, {"39": "00"}, swipe.when.at)
+            assert session.in_transaction() is (ledger_backend == "postgresql")
+        with pytest.raises(RuntimeError), unit_of_work(world.engine) as session:
+            assert isinstance(hot_redeem_in(session, world, lost, 120), Redeemed)
+            raise RuntimeError("the group failed after the redemption was written")
+    assert isinstance(outcome, Redeemed)
+    assert written_for(world, by_hot) == written_for(world, by_orm)
+    assert written_for(world, lost) == before
+    with unit_of_work(world.engine) as session:
+        logged = records.find_request(session, identity)
+        assert logged is not None and logged.answer == {"39": "00"}
+    assert world.violations() == []
+
+
+def test_orm_work_after_the_hot_path_commits_with_it(world: LedgerWorld) -> None:
+    """A group whose hot redemption is followed by ORM work (a void, say) on a held
+    connection: one transaction, both committed."""
+    number = world.add_card(1, LOTS)
+    with holding_connection(world.engine), unit_of_work(world.engine) as session:
+        outcome = hot_redeem_in(session, world, number, 120)
+        assert isinstance(outcome, Redeemed)
+        original = session.get(Authorisation, outcome.authorisation_id)
+        assert original is not None
+        original.exception = "checked"  # a change only the ORM's flush writes
+    with unit_of_work(world.engine) as session:
+        again = session.get(Authorisation, outcome.authorisation_id)
+        assert again is not None and again.exception == "checked"
+    assert world.balances(number).spendable_points == 30
 
 
 def test_hot_redemption_is_undone_by_the_orm_void(world: LedgerWorld) -> None:

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from gateway.clock import lot_expired
 from gateway.decision import CardSnapshot
+from gateway.ledger.db import joined_connection
 from gateway.ledger.journal import RRN_DIGITS, LedgerError, LotChange, Moment
 from gateway.ledger.models import AuthorisationKind, RequestClass
 from gateway.ledger.operations import APPROVED_CODES, Decline, Declined, Redeemed, Swipe
@@ -496,7 +497,11 @@ class HotLedger:
     """The driver-level ledger of one unit of work (get it with `hot_ledger(session)`)."""
 
     def __init__(self, session: Session) -> None:
-        connection = session.connection()
+        connection = joined_connection(session)
+        # On PostgreSQL the held-back writes go out in the ORM's before_commit hook, so the
+        # session's own transaction is begun (and later committed) there.
+        if connection is None or connection.dialect.name == "postgresql":
+            connection = session.connection()
         postgres = connection.dialect.name == "postgresql"
         self._sql = _POSTGRES if postgres else _SQLITE
         self._group_sql = _GROUP_POSTGRES if postgres else _GROUP_SQLITE
