@@ -53,9 +53,14 @@ def average_fee_above(
 ) -> bool:
     """Whether fees / settled is above limit_bp / 10000, in integers.
 
-    With nothing settled (or a negative month, all refunds) any fee at all is above the limit.
+    A month of net refunds has both sums negative, and their ratio is the rate as in any
+    other month: fees given back at more than the limit are above it. A positive fee with
+    nothing settled, or with less than nothing, is above it too: the ratio is not defined, or
+    negative, yet the network kept fees on money that went back (docs/clearing.md).
     """
-    if settled_fen <= 0:
+    if settled_fen < 0:  # dividing by a negative sum turns the inequality round
+        return fees_fen > 0 or fees_fen * BP_WHOLE < settled_fen * limit_bp
+    if settled_fen == 0:
         return fees_fen > 0
     return fees_fen * BP_WHOLE > settled_fen * limit_bp
 

@@ -90,6 +90,17 @@ def test_average_fee_limit_is_compared_in_integers() -> None:
     assert average_fee_above(101, 10000)
     assert average_fee_above(1, 0)
     assert not average_fee_above(0, 0)
+    assert not average_fee_above(-1, 0)
+
+
+def test_a_month_of_net_refunds_is_held_to_the_same_rate() -> None:
+    """Both sums negative: fees / settled is the rate given back, against the same 1%."""
+    assert not average_fee_above(-100, -10000)  # exactly 1%
+    assert average_fee_above(-101, -10000)  # one fen more given back than 1% allows
+    assert not average_fee_above(0, -10000)
+    assert average_fee_above(1, -10000)  # a fee kept on a month of net refunds
+    assert basis_points_text(-200, -10000) == "200.00 bp"
+    assert basis_points_text(200, -10000) == "-200.00 bp"
 
 
 def test_partial_approval_and_discount_conversions_by_hand() -> None:
@@ -293,3 +304,4 @@ def test_average_fee_is_shown_in_basis_points_computed_in_integers() -> None:
     assert basis_points_text(-5, 10000) == "-5.00 bp"
     assert basis_points_text(100, 10000) == "100.00 bp"
     assert basis_points_text(1, 0) == "n/a"
+    assert basis_points_text(0, -10000) == "0.00 bp"

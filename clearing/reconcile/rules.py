@@ -35,11 +35,12 @@ EXCEPTION_NAMES = {
 
 
 def basis_points_text(part: int, whole: int) -> str:
-    """part / whole in basis points with two decimals, computed in integers ("80.00 bp")."""
-    if whole <= 0:
+    """part / whole in basis points with two decimals, computed in integers ("80.00 bp");
+    two negative sums (a month of net refunds) give a positive rate."""
+    if whole == 0:
         return "n/a"
-    hundredths = abs(part) * 1_000_000 // whole
-    sign = "-" if part < 0 else ""
+    hundredths = abs(part) * 1_000_000 // abs(whole)
+    sign = "-" if part != 0 and (part < 0) != (whole < 0) else ""
     return f"{sign}{hundredths // 100}.{hundredths % 100:02d} bp"
 
 
