@@ -62,6 +62,7 @@ from gateway.transactions import Context, Outcome, Transactions
 log = structlog.get_logger("vipgate.gateway")
 
 LOGGED_MTIS = frozenset({"0200", "0220", "0320", "0400", "0500"})
+SIGN_ON_MTI = "0800"
 SM4_SIGN_ONS = frozenset({NMC_SIGN_ON_SM4, NMC_SIGN_ON_SM4_TDK})
 TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
 ANSWER_MTIS_WITH_RRN = answers.FINANCIAL_MTIS | {"0800"}
@@ -326,6 +327,12 @@ class Gateway:
         self._terminal_checks(request)
         if request.kind is Kind.SIGN_ON or request.kind is Kind.ECHO:
             return
+        if request.kind is None and message.mti == SIGN_ON_MTI:
+            # An 0800 carries no MAC (§5.1) and one that is no sign-on needs no keys: `12`,
+            # not `A0`, which would send a signed-on terminal to sign on again for nothing.
+            # Header digit `3` as for an echo: only when the terminal is not signed on (§1).
+            not_signed_on = request.session is None and request.sessions.available
+            raise DeclinedEarly(Decline.NOT_SUPPORTED, sign_on_again=not_signed_on)
         self._session_checks(request)
         if request.kind is None and message.mti not in LOGGED_MTIS:
             raise DeclinedEarly(Decline.NOT_SUPPORTED)  # nothing to record: answered here

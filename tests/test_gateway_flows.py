@@ -266,6 +266,23 @@ def test_echo_needs_no_sign_on_but_says_sign_on_again(harness: Harness) -> None:
     assert answer.header.hex() == "603103310000"  # processing digit: low nibble of byte 3
 
 
+@pytest.mark.parametrize("signed_on", [True, False])
+@pytest.mark.parametrize("sixty", ["00000001007", "01000001003"])
+def test_an_0800_that_is_no_sign_on_is_12_without_a_mac(
+    harness: Harness, signed_on: bool, sixty: str
+) -> None:
+    """An 0800 carries no MAC (§5.1); one whose 60 names no sign-on (60.3 `007`, or 60.1
+    `01`) needs no keys, so it is `12`, signed on or not, and the keys stay as they were."""
+    terminal = harness.signed_on() if signed_on else harness.terminal()
+    request = build("0800", {11: terminal.next_trace(), **terminal.ids(), 60: sixty, 63: "01 "})
+    answer = harness.send(terminal, request)
+    assert (answer.mti, answer.code) == ("0810", "12")
+    assert answer.header.hex() == ("603100310000" if signed_on else "603103310000")
+    assert 64 not in answer.fields and 62 not in answer.fields
+    if signed_on:
+        assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
+
+
 def test_sign_off_destroys_the_keys(harness: Harness) -> None:
     """0820/002 with a MAC: 00 with a MAC, then the terminal is no longer signed on."""
     terminal = harness.signed_on()
