@@ -119,7 +119,7 @@ def mac(suite: str, mak: bytes, data: bytes) -> bytes:
 
 def pin_block(suite: str, pik: bytes, pin: str, card: str) -> bytes:
     """§5.3: ISO 9564 format 0, encrypted under the PIK (SM4: 8 zero bytes appended)."""
-    pin_field = bytes.fromhex(f"0{len(pin)}{pin}".ljust(16, "F"))
+    pin_field = bytes.fromhex(f"0{len(pin):X}{pin}".ljust(16, "F"))  # the length: one nibble
     pan_field = bytes.fromhex("0000" + card[:-1][-12:])
     clear = bytes(a ^ b for a, b in zip(pin_field, pan_field, strict=True))
     return encrypt(suite, pik, clear if suite == "3des" else clear + bytes(8))

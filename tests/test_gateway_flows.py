@@ -11,6 +11,7 @@ from sqlalchemy import insert
 from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
+from cardcodec.crypto import Suite, decrypt_pin
 from gateway.handler import Gateway, Reply, finish
 from gateway.ledger import operations, unit_of_work
 from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
@@ -27,6 +28,18 @@ from tests.gateway_harness import (
     demo_config,
 )
 from tests.spec_terminal import Answer, SpecTerminal, build, parse
+from tests.spec_terminal import pin_block as spec_pin_block
+
+
+@pytest.mark.parametrize("suite", [Suite.TDES, Suite.SM4])
+def test_the_test_terminals_pin_blocks_hold_pins_of_every_length(suite: Suite) -> None:
+    """§5.3's length is one nibble (`A`-`C` for 10-12 digits): the blocks the test terminal
+    builds read back through the gateway's own decryption for every PIN length allowed."""
+    pik = bytes(range(1, 17))
+    for length in range(4, 13):
+        pin = "123456789012"[:length]
+        block = spec_pin_block(suite.value, pik, pin, GOLD_PIN)
+        assert decrypt_pin(suite, pik, block, GOLD_PIN) == pin
 
 
 @pytest.fixture
