@@ -412,7 +412,11 @@ class Gateway:
         try:
             with unit_of_work(self._engine) as session:
                 hot = hot_ledger(session)
-                if len(pending) > 1 and hot.locks_rows:
+                # A group of one too: a terminal that reconnected to another process may send
+                # a reversal there while its original is still in this transaction; it must
+                # wait for the commit, or it would find no original, answer 00 and leave the
+                # points taken (§4.6).
+                if hot.locks_rows:
                     contexts = [context for _, _, context in pending]
                     cards = (self._transactions.card_of(session, context) for context in contexts)
                     hot.lock_group(

@@ -235,6 +235,49 @@ def test_reversals_sent_again_on_the_other_process(
     assert codes == ["00"] * 4
 
 
+def test_a_reversal_waits_for_its_original_still_in_the_other_process(
+    world: TwoProcesses,
+) -> None:
+    """The terminal reconnected to the other process and sent the reversal there while its
+    redemption's transaction was still open: alone in its group, the reversal waits for the
+    terminal's lock, then finds the original committed and undoes it. Without the wait it
+    found no original, answered 00 and left the points taken (§4.6)."""
+    redemption = world.redemption(0, X)
+    reversal = world.reversal(0, redemption)
+    before = world.harness.send(world.terminals[0], world.balance(0, X)).balance
+    handlers = world.first._transactions._handlers
+    decide = handlers[Kind.REDEMPTION]
+    decided, go = threading.Event(), threading.Event()
+
+    def held_open(orm: object, context: object) -> object:
+        outcome = decide(orm, context)  # type: ignore[arg-type]
+        decided.set()
+        go.wait(30)  # the transaction stays open: a slow commit, a stalled process
+        return outcome
+
+    handlers[Kind.REDEMPTION] = held_open  # type: ignore[assignment]
+    answers: dict[str, bytes | None] = {}
+    first = threading.Thread(
+        target=lambda: answers.__setitem__("redemption", world.first.handle(redemption).payload)
+    )
+    second = threading.Thread(
+        target=lambda: answers.__setitem__("reversal", world.second.handle(reversal).payload)
+    )
+    first.start()
+    assert decided.wait(30)
+    second.start()
+    second.join(1.0)
+    waited = second.is_alive()
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert waited  # the reversal was not decided while its original's transaction was open
+    codes = [parse(answers[name] or b"")[1][39] for name in ("redemption", "reversal")]
+    assert codes == ["00", "00"]
+    after = world.harness.send(world.terminals[0], world.balance(0, X)).balance
+    assert after == before  # the points came back
+
+
 def test_terminal_lock_keys_fit_a_bigint() -> None:
     """PostgreSQL's bigint range, and a key of its own for each of a thousand terminals."""
     keys = {terminal_lock_key(f"3{index:07d}") for index in range(1000)}

@@ -633,7 +633,11 @@ class HotLedger:
         `deadlock_timeout` (1 s). Taking them all first, in sorted order, makes every group
         queue in the same order instead: the terminals as transaction-scoped advisory locks
         (`terminal_lock_key`; no row is written), then the cards' rows. A terminal is in
-        two groups at once only when it has links to two processes."""
+        two groups at once only when it has links to two processes.
+
+        Groups of one request take them too: the terminal's lock is what makes a reversal on
+        one process wait for its original still uncommitted on another (which it would not
+        see, under READ COMMITTED, and would take for one never received)."""
         keys = sorted({terminal_lock_key(terminal_id) for terminal_id in terminal_ids})
         ordered = sorted(numbers)
         if self._sql.postgres and (keys or ordered):
