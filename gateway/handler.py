@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from gateway.config import Config, MerchantConfig, TerminalConfig
 from gateway.ledger import Moment, next_rrn, unit_of_work
 from gateway.ledger.db import CommitOutcomeUnknownError, holding_connection, settle_log_syncs
 from gateway.ledger.hotpath import hot_ledger
+from gateway.ledger.journal import RRN_DIGITS
 from gateway.ledger.records import RequestIdentity
 from gateway.responses import Decline, response_code
 from gateway.security import SecurityModule
@@ -769,9 +771,28 @@ def _terminal_of(item: Message | CodecError) -> FieldValue | None:
     return item.fields.get(41) if isinstance(item, Message) else None
 
 
+class _FallbackRrns:
+    """RRNs when the ledger cannot allocate one (answer `96`): 9, then the milliseconds since
+    the year began, a range the ledger's sequence does not reach for decades. Each is above
+    the last this process gave, so the requests of one group (one instant) and those of one
+    millisecond get RRNs of their own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the reactor's thread and the ledger's both ask
+        self._last = -1
+
+    def next(self, moment: Moment) -> str:
+        start = moment.at.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+        elapsed = moment.at - start
+        wanted = (elapsed.days * 86_400 + elapsed.seconds) * 1000 + elapsed.microseconds // 1000
+        with self._lock:
+            self._last = max(wanted, self._last + 1) % _FALLBACK_SPAN
+            return f"9{self._last:0{RRN_DIGITS - 1}d}"
+
+
+_FALLBACK_SPAN = 10 ** (RRN_DIGITS - 1)
+_fallback_rrns = _FallbackRrns()
+
+
 def _fallback_rrn(moment: Moment) -> str:
-    """An RRN when the ledger cannot allocate one (answer `96`): 9 + seconds of the year +
-    sub-second digits, a range the ledger's sequence does not reach for decades."""
-    start = moment.at.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
-    seconds = int((moment.at - start).total_seconds())
-    return f"9{seconds:08d}{moment.at.microsecond // 1000:03d}"
+    return _fallback_rrns.next(moment)

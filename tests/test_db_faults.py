@@ -36,7 +36,7 @@ def test_an_outage_answers_96_changes_nothing_and_the_gateway_recovers(
     """Ledger down: 96 with an RRN and no MAC, nothing taken; ledger back: approvals again."""
     url = outage_server.create_database("outage")
     harness = Harness(demo_config(tmp_path, url))
-    terminal = harness.signed_on()
+    terminal, second = harness.signed_on(), harness.signed_on("20000001")
     assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
 
     pg.pause(outage_server)
@@ -44,6 +44,17 @@ def test_an_outage_answers_96_changes_nothing_and_the_gateway_recovers(
     assert during.code == "96"
     assert 64 not in during.fields
     assert len(during.text(37)) == 12
+
+    # A group's requests share one instant: each 96 still gets an RRN of its own.
+    group = [
+        sender.financial("0200", "000000", "22", sender.card_fields(DIAMOND, "2906"), amount_fen=1)
+        for sender in (terminal, second, terminal)
+    ]
+    replies = harness.gateway.handle_group(group)
+    answers = [parse(reply.payload or b"") for reply in replies]
+    assert [fields[39] for _, fields, _, _ in answers] == ["96"] * 3
+    rrns = [str(fields[37]) for _, fields, _, _ in answers] + [during.text(37)]
+    assert len(set(rrns)) == 4 and all(len(r) == 12 and r[0] == "9" for r in rrns)
 
     pg.resume(outage_server)
     _, after = harness.redeem(terminal, DIAMOND, 1000)
