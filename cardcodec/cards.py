@@ -91,6 +91,21 @@ def mask_card_data(text: str, shortest: int = 13) -> str:
     return pattern.sub(lambda match: mask_card_number(match[1]) + "*" * len(match[2]), text)
 
 
+# Key material as a config or scenario holds it: 16 or more hex characters with a letter among
+# them, or more digits than any card number has (a key may happen to be all digits).
+_KEY_RUN_RE = re.compile(
+    r"(?<![0-9A-Fa-f])(?=[0-9]*[A-Fa-f])[0-9A-Fa-f]{16,}(?![0-9A-Fa-f])|(?<![0-9])[0-9]{20,}(?![0-9])"
+)
+
+
+def mask_quoted_value(text: str, shortest: int = 13) -> str:
+    """A value an error message quotes: whatever looks like key material hidden whole (a
+    terminal's TMK put under the wrong key, say), then card numbers masked (`mask_card_data`).
+    A run hidden shows only its length."""
+    hidden = _KEY_RUN_RE.sub(lambda match: f"<{len(match[0])} hex characters>", text)
+    return mask_card_data(hidden, shortest)
+
+
 def card_number_problem(number: str, prefixes: Iterable[str]) -> str | None:
     """None for a plan card number, else a short reason that never contains the number.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from cardcodec.cards import card_number_problem, mask_card_data, mask_card_number
+from cardcodec.cards import card_number_problem, mask_card_number, mask_quoted_value
 from cardcodec.crypto import Suite, halves_differ
 from gateway.clock import expiry_last_day
 from gateway.errors import BadInput
@@ -194,11 +194,11 @@ class Config:
 def _show(value: object) -> str:
     """A value as a message may show it: TOML-like, one line, cut short, a card number (a
     value put under the wrong key) masked: runs of 16 or more digits, so that a 15-digit
-    merchant or institution id stays as it is."""
+    merchant or institution id stays as it is; anything that looks like a key hidden."""
     if isinstance(value, str | bool):
-        shown = mask_card_data(json.dumps(value), shortest=16)
+        shown = mask_quoted_value(json.dumps(value), shortest=16)
     elif isinstance(value, int | date | time):
-        shown = mask_card_data(str(value), shortest=16)
+        shown = mask_quoted_value(str(value), shortest=16)
     else:
         return _type_name(value)
     return shown if len(shown) <= _SHOWN_CHARS else shown[: _SHOWN_CHARS - 4] + '..."'

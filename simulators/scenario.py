@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from cardcodec.cards import mask_card_data, mask_card_number
+from cardcodec.cards import mask_card_number, mask_quoted_value
 from cardcodec.crypto import Suite, halves_differ
 from cardcodec.errors import CodecError
 from cardcodec.message import decode_frame
@@ -294,10 +294,11 @@ def _expiry(place: _Place, number: str, config: Config) -> str:
 
 def _quoted(value: object) -> str:
     """A value from the scenario as an error quotes it: `repr`, with a card number put under
-    the wrong key masked (runs of 16 or more digits: a 15-digit merchant id stays)."""
+    the wrong key masked (runs of 16 or more digits: a 15-digit merchant id stays) and
+    anything that looks like a key hidden."""
     if isinstance(value, str):
-        return repr(mask_card_data(value, shortest=16))
-    return mask_card_data(repr(value), shortest=16)
+        return repr(mask_quoted_value(value, shortest=16))
+    return mask_quoted_value(repr(value), shortest=16)
 
 
 def _card(place: _Place, config: Config) -> tuple[CardEntry | None, str | None]:

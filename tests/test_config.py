@@ -395,6 +395,24 @@ def test_bad_terminal_master_keys_are_refused_without_showing_them(
 
 
 @pytest.mark.parametrize(
+    ("place", "key"),
+    [
+        ('suite = "3des"', "FD32139FDCE66744281F7C0090707DF2"),
+        ('merchant = "898310048990001"', "FD32139FDCE66744281F7C0090707DF2"),
+        ('suite = "3des"', "12345678901234567890123456789012"),  # a key of digits only
+    ],
+)
+def test_a_key_put_under_another_key_is_not_repeated(refuse: Refuse, place: str, key: str) -> None:
+    """A TMK written one line off (as the terminal's suite or merchant) is refused for that
+    key, and the message shows only how long it was: never the key, nor part of it."""
+    field = place.split(" = ")[0]
+    message = refuse((place, f'{field} = "{key}"'))
+    assert f".{field}: " in message
+    assert "<32 hex characters>" in message
+    assert key not in message and key[:6] not in message and key[-4:] not in message
+
+
+@pytest.mark.parametrize(
     ("number", "problem"),
     [
         ("6688000000000000015", "Luhn check digit wrong"),

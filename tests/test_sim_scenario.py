@@ -670,6 +670,10 @@ def extra_terminal(**keys: Any) -> str:
             extra_terminal(**(EXTRA | {"suite": "aes"}), tmk=EXTRA_TMK),
             "extra_terminals 1: suite: 'aes' is not one of 3des, sm4",
         ),
+        (  # the master key one line off: refused, only its length shown
+            extra_terminal(**(EXTRA | {"merchant": EXTRA_TMK}), tmk=EXTRA_TMK),
+            "extra_terminals 1: merchant: '<32 hex characters>' must be 15 letters or digits",
+        ),
         (
             extra_terminal(id="99000001", merchant="898310048990001", tmk=EXTRA_TMK),
             "extra_terminals 1: suite: missing (required)",
