@@ -405,7 +405,7 @@ def test_bad_terminal_master_keys_are_refused_without_showing_them(
 def test_a_key_put_under_another_key_is_not_repeated(refuse: Refuse, place: str, key: str) -> None:
     """A TMK written one line off (as the terminal's suite or merchant) is refused for that
     key, and the message shows only how long it was: never the key, nor part of it."""
-    field = place.split(" = ")[0]
+    field = place.split(" = ", maxsplit=1)[0]
     message = refuse((place, f'{field} = "{key}"'))
     assert f".{field}: " in message
     assert "<32 hex characters>" in message
