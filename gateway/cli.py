@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from gateway.errors import BadInput, CheckFailed
@@ -28,13 +29,22 @@ COMMAND_MODULES = (
 Handler = Callable[[argparse.Namespace], int]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are one line (operations.md: a one-line error
+    naming what and where, exit 2) rather than the usage block and then the error.
+    `--help` still prints the usage. Sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def common_options(*, defaults: bool = True) -> argparse.ArgumentParser:
     """The options every command takes (operations.md): --config and --db.
 
     They may stand before or after the sub-command; the sub-commands' copies carry no
     defaults, so a value given before the sub-command is not overwritten by one.
     """
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--config",
         type=Path,
@@ -50,7 +60,7 @@ def common_options(*, defaults: bool = True) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vipgate",
         description="Points-redemption gateway for VIP cards on UnionPay-style POS terminals.",
         parents=[common_options()],

@@ -232,11 +232,33 @@ def test_a_bad_date_in_the_feed_exits_2(cli: Cli, tmp_path: Path) -> None:
     assert 'line 2: earned_on "2026-02-29" is not a date YYYY-MM-DD' in one_error_line(result)
 
 
-def test_an_unknown_status_is_a_usage_error(cli: Cli) -> None:
-    """`cards status` takes only the five card states (argparse exits 2)."""
+def test_an_unknown_status_is_a_usage_error(cli: Cli, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cards status` takes only the five card states: exit 2 with one line naming the
+    argument, not the usage block."""
     with pytest.raises(SystemExit) as raised:
         cli.run("cards", "status", NEW_GOLD, "frozen")
     assert raised.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("vipgate cards status: error: argument status: invalid choice: ")
+    assert NEW_GOLD not in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "start"),
+    [
+        (["bogus"], "vipgate: error: argument COMMAND: invalid choice: 'bogus'"),
+        (["clear", "--month", "2026-06"], "vipgate clear: error: the following arguments"),
+        (["sim", "load", "--terminals", "x"], "vipgate sim load: error: argument --terminals"),
+    ],
+)
+def test_usage_errors_are_one_line(
+    argv: list[str], start: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(start)
 
 
 # --- what each command does ----------------------------------------------------------------
