@@ -12,6 +12,7 @@ whose bytes differ from the first (the ledger changed under a closed month) is a
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -170,6 +171,21 @@ def _fresh_folder(pending: Path, out: Path) -> None:
         pending.mkdir()
     except OSError as error:
         raise BadInput(f"--out {out}: cannot write in it: {error.strerror}") from None
+
+
+def folder_can_be_made(out: Path) -> None:
+    """`BadInput` naming `--out` unless `make_folder` would succeed, checked without making
+    anything: a refusal that comes later (a month not closed) must leave no folder behind."""
+    there = out
+    while not there.exists() and there.parent != there:
+        there = there.parent  # the nearest folder that exists, where the first one is made
+    if not there.is_dir():
+        code = errno.EEXIST if there == out else errno.ENOTDIR
+        raise BadInput(f"--out {out}: cannot make the folder: {os.strerror(code)}")
+    if not os.access(there, os.W_OK | os.X_OK):
+        if there == out:
+            raise BadInput(f"--out {out}: cannot write in it")
+        raise BadInput(f"--out {out}: cannot make the folder: {os.strerror(errno.EACCES)}")
 
 
 def make_folder(out: Path) -> None:

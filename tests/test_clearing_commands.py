@@ -169,8 +169,9 @@ def test_reconcile_of_a_month_not_closed_changes_nothing(
     """`reconcile` before `clear`: exit 2, one line, and the config load it began with rolled
     back, so the ledger holds nothing and the first `clear` reports the load."""
     arguments = ["--config", str(config_path), "--month", "2026-11"]
-    out = config_path.parent / "out"
+    out = config_path.parent / "out" / "deep"
     assert main(["reconcile", *arguments, "--out", str(out)]) == 2
+    assert not out.parent.exists()  # nor a folder made for it
     captured = capsys.readouterr()
     assert captured.err == (
         "vipgate: error: --month 2026-11: the month is not closed; run vipgate clear --month"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clearing import signing
-from clearing.clear import Cleared, clear, make_folder
+from clearing.clear import Cleared, clear, folder_can_be_made
 from clearing.close import refuse_unclosable
 from clearing.period import Month, refuse_unfinished
 from clearing.reconcile import reconcile, refuse_unclosed
@@ -85,7 +85,7 @@ def _over_and_writable(month: Month, out: Path) -> Check:
     def check(config: Config, clock: Clock) -> None:
         gateway = config.gateway
         refuse_unfinished(month, clock.now(), gateway.timezone, gateway.cutoff)
-        make_folder(out)
+        folder_can_be_made(out)  # made by the command's work, once nothing refuses it
 
     return check
 
