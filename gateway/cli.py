@@ -9,8 +9,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 from gateway.errors import BadInput, CheckFailed
 
