@@ -106,18 +106,18 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve(
     wiring: server.Wiring,
-    listen: tuple[str, int],
+    listening: socket.socket,
     workers: int,
     metrics_at: tuple[str, int] | None = None,
 ) -> int:
-    """Bind, fork `workers` workers and supervise them until SIGTERM/SIGINT; the exit status.
-    With `metrics_at` (`--metrics HOST:PORT`) the workers also serve the sum of their metrics.
-    On SQLite one of the workers is the ledger process and the others are fronts."""
+    """Fork `workers` workers on `listening` (from `bind`) and supervise them until
+    SIGTERM/SIGINT; the exit status. With `metrics_at` (`--metrics HOST:PORT`) the workers
+    also serve the sum of their metrics. On SQLite one of the workers is the ledger process
+    and the others are fronts."""
     check_count(workers)
     _whole_line_writes()
     # The workers open their own connections; none may be inherited from the parent's pool.
     wiring.engine.dispose()
-    listening = bind(*listen)
     shared: SharedMetrics | None = None
     ledger: LedgerSocket | None = None
     try:

@@ -220,6 +220,45 @@ def test_a_port_already_taken_is_a_one_line_error(tmp_path: Path, workers: str) 
     assert line.startswith(
         f"vipgate: error: --listen: cannot listen on 127.0.0.1:{port}: Address already in use"
     )
+    assert not (tmp_path / "ledger.db").exists()  # refused before the ledger was touched
+
+
+def test_a_traffic_log_that_cannot_be_opened_leaves_the_ledger_as_it_was(
+    tmp_path: Path,
+) -> None:
+    """`serve --record` into a folder that is not there: exit 2, one line, and neither a
+    ledger made nor the config loaded into it (a later `--clock` start would be refused
+    by the load's time); a log the command made before it was refused is removed."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(DEMO, config)
+    command = [str(VIPGATE), "serve", "--config", str(config), "--listen", "127.0.0.1:0"]
+    command += ["--db", f"sqlite:///{tmp_path / 'ledger.db'}"]
+    missing = tmp_path / "missing" / "traffic.jsonl"
+    result = subprocess.run(
+        [*command, "--record", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"vipgate: error: {missing}: cannot open for recording")
+    assert not (tmp_path / "ledger.db").exists()
+    # Refused later, by the ledger (a --clock before what it holds): the log made goes again.
+    check = [str(VIPGATE), "ledger", "check", "--config", str(config), "--db", command[-1]]
+    subprocess.run(check, capture_output=True, timeout=120, check=True)  # loads the config now
+    made = tmp_path / "traffic.jsonl"
+    result = subprocess.run(
+        [*command, "--clock", "2026-01-01T00:00:00+08:00", "--record", str(made)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "--clock: the database holds transactions up to" in result.stderr
+    assert not made.exists()
 
 
 def test_a_response_mti_from_a_stranger_closes_only_its_own_link(served: Served) -> None:

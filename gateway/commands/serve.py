@@ -12,6 +12,8 @@ recording made at the gateway reads like one made at a terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,14 +62,42 @@ def serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.db)
     listen = parse_listen(args.listen) if args.listen else config.gateway.listen
     clock_start = server.parse_clock(args.clock) if args.clock else None
-    logs.configure()
-    wiring = server.wire(args.config, args.db, clock_start)
-    if args.workers > 1:
-        return workers.serve(wiring, listen, args.workers, metrics_at)
-    # The reactor is imported when it is needed, never at module level (Twisted's standard).
-    from twisted.internet import reactor  # noqa: PLC0415
+    # The port and the traffic log are had before the ledger is touched: a port taken or a
+    # log that cannot be opened is refused (exit 2) with the ledger as it was.
+    listening = workers.bind(*listen)
+    try:
+        with _recording(args.record) as recorder:
+            logs.configure()
+            wiring = server.wire(args.config, args.db, clock_start)
+            if args.workers > 1:
+                return workers.serve(wiring, listening, args.workers, metrics_at)
+            # The reactor is imported when it is needed, never at module level (Twisted's
+            # standard).
+            from twisted.internet import reactor  # noqa: PLC0415
 
-    if args.record is None:
-        return server.run(wiring, listen, reactor, metrics=measured)
-    with FileRecorder(Path(args.record)) as recorder:
-        return server.run(wiring, listen, reactor, record=recorder.record, metrics=measured)
+            record = recorder.record if recorder is not None else None
+            return server.run(
+                wiring, listen, reactor, record=record, adopt=listening, metrics=measured
+            )
+    finally:
+        listening.close()  # (the reactor or the workers hold their own descriptors)
+
+
+@contextlib.contextmanager
+def _recording(path: str | None) -> Iterator[FileRecorder | None]:
+    """`--record`'s traffic log, open for the command; a file made for it is removed again
+    when the command is refused before serving."""
+    if path is None:
+        yield None
+        return
+    target = Path(path)
+    existed = target.exists()
+    recorder = FileRecorder(target)
+    served = False
+    try:
+        with recorder:
+            yield recorder
+            served = True
+    finally:
+        if not served and not existed and target.exists() and target.stat().st_size == 0:
+            target.unlink()
