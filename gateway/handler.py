@@ -413,18 +413,7 @@ class Gateway:
         `unknown`: an earlier COMMIT of these requests may have gone through (`_alone`)."""
         try:
             with unit_of_work(self._engine) as session:
-                hot = hot_ledger(session)
-                # A group of one too: a terminal that reconnected to another process may send
-                # a reversal there while its original is still in this transaction; it must
-                # wait for the commit, or it would find no original, answer 00 and leave the
-                # points taken (§4.6).
-                if hot.locks_rows:
-                    contexts = [context for _, _, context in pending]
-                    cards = (self._transactions.card_of(session, context) for context in contexts)
-                    hot.lock_group(
-                        (context.terminal.id for context in contexts),
-                        {card for card in cards if card},
-                    )
+                self._lock_rows(session, [context for _, _, context in pending])
                 current, ended = self._keys_ended(session, pending)
                 outcomes = self._outcomes(session, current)
         except SQLAlchemyError as error:
@@ -450,6 +439,20 @@ class Gateway:
                 outcome.after_commit()
             replies.append((index, self._send(request, outcome, context.moment)))
         return replies, ended
+
+    def _lock_rows(self, session: OrmSession, contexts: list[Context]) -> None:
+        """On PostgreSQL, the terminals' and cards' locks before anything is read
+        (`HotLedger.lock_group`), for every transaction of requests, a group of one and a
+        request run alone after its group failed included: a terminal that reconnected to
+        another process may send a reversal there while its original is still uncommitted
+        here. Without the wait the reversal would find no original, answer 00 and leave the
+        points taken (§4.6)."""
+        hot = hot_ledger(session)
+        if hot.locks_rows:
+            cards = (self._transactions.card_of(session, context) for context in contexts)
+            hot.lock_group(
+                (context.terminal.id for context in contexts), {card for card in cards if card}
+            )
 
     def _keys_ended(
         self, session: OrmSession, pending: list[_Pending]
@@ -535,6 +538,7 @@ class Gateway:
         for attempt in (1, 2):
             try:
                 with unit_of_work(self._engine) as session:
+                    self._lock_rows(session, [context])
                     _, ended = self._keys_ended(session, [(0, request, context)])
                     if ended:
                         return None

@@ -278,6 +278,51 @@ def test_a_reversal_waits_for_its_original_still_in_the_other_process(
     assert after == before  # the points came back
 
 
+def test_a_reversal_run_alone_after_its_group_failed_waits_too(
+    world: TwoProcesses, postgres_server: pg.PgServer
+) -> None:
+    """With a `lock_timeout` on the database, the reversal's wait for the terminal's lock
+    fails its transaction, and it is run again alone (`Gateway._alone`). That run waits for
+    the lock too, so while its original is uncommitted the answer is `96`, nothing changed,
+    never `00` with the points kept; sent again once the original committed, it undoes it."""
+    database = world.harness.engine.url.database
+    with postgres_server.admin() as admin:
+        admin.execute(f"ALTER DATABASE {database} SET lock_timeout = '300ms'")
+    world.harness.engine.dispose()
+    world.second._engine.dispose()
+    redemption = world.redemption(0, X)
+    reversal = world.reversal(0, redemption)
+    before = world.harness.send(world.terminals[0], world.balance(0, X)).balance
+    handlers = world.first._transactions._handlers
+    decide = handlers[Kind.REDEMPTION]
+    decided, go = threading.Event(), threading.Event()
+
+    def held_open(orm: object, context: object) -> object:
+        outcome = decide(orm, context)  # type: ignore[arg-type]
+        decided.set()
+        go.wait(30)
+        return outcome
+
+    handlers[Kind.REDEMPTION] = held_open  # type: ignore[assignment]
+    answers: dict[str, bytes | None] = {}
+    first = threading.Thread(
+        target=lambda: answers.__setitem__("redemption", world.first.handle(redemption).payload)
+    )
+    first.start()
+    assert decided.wait(30)
+    answers["reversal"] = world.second.handle(reversal).payload  # both tries time out
+    go.set()
+    first.join(30)
+    handlers[Kind.REDEMPTION] = decide
+    codes = [parse(answers[name] or b"")[1][39] for name in ("redemption", "reversal")]
+    assert codes == ["00", "96"]
+    spent = world.harness.send(world.terminals[0], world.balance(0, X)).balance
+    assert spent == before - 500  # the redemption stands, nothing was reversed
+    again = world.second.handle(reversal).payload  # the terminal sends it again (§4.6)
+    assert parse(again or b"")[1][39] == "00"
+    assert world.harness.send(world.terminals[0], world.balance(0, X)).balance == before
+
+
 def test_terminal_lock_keys_fit_a_bigint() -> None:
     """PostgreSQL's bigint range, and a key of its own for each of a thousand terminals."""
     keys = {terminal_lock_key(f"3{index:07d}") for index in range(1000)}
