@@ -413,6 +413,35 @@ def test_expiry_books_expired_lots_once(world: LedgerWorld) -> None:
     assert world.violations() == []
 
 
+def test_points_given_back_to_a_lot_after_its_expiry_was_booked_expire_at_the_next_run(
+    world: LedgerWorld,
+) -> None:
+    """A void decided at 23:59:59 on the lot's last day (its instant read before it waited
+    for the card, which the expiry job held) commits after the job booked the lot: its
+    points go back into the lot, spendable at that instant. The next run books them under
+    the lot's second key instead of failing on its first for every card; runs after it
+    change nothing."""
+    card = world.add_card(lots=[(EARLY, 50), (LATE, 100)])
+    other = world.add_card(2, lots=[(EARLY, 20)])
+    world.now = local(2026, 11, 30, 12, 0)
+    outcome = redeemed(world.redeem(card, 30))
+    world.now = local(2026, 12, 1, 0, 0, 1)
+    assert world.expire(date(2026, 12, 1)).points == 20 + 20  # each card's early lot
+    world.now = local(2026, 11, 30, 23, 59, 59)  # the void's instant, read before its wait
+    voided = world.void(outcome.authorisation_id)
+    assert isinstance(voided, Restored) and voided.returned.new_lot is None
+    world.now = local(2026, 12, 1, 0, 5)
+    again = world.expire(date(2026, 12, 1))
+    assert (again.lots, again.points, again.cards) == (1, 30, 1)
+    assert world.expire(date(2026, 12, 1)).points == 0
+    world.now = local(2026, 12, 2, 0, 5)
+    assert world.expire(date(2026, 12, 2)).points == 0
+    assert world.lots(card)[0] == (date(2026, 11, 30), 50, 0)
+    assert world.balances(card) == operations.Balances(100, 100)
+    assert world.lots(other) == [(date(2026, 11, 30), 20, 0)]
+    assert world.violations() == []
+
+
 def test_expiry_as_of_the_last_day_books_nothing_of_that_day(world: LedgerWorld) -> None:
     """A lot expiring on 30 November is not booked by a run as of 30 November."""
     card = world.add_card(lots=[(EARLY, 50)])

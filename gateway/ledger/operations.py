@@ -703,9 +703,15 @@ def refuse_unbegun(as_of: date, now: datetime) -> None:
 
 def expire(session: Session, as_of: date, *, when: Moment) -> ExpiryRun:
     """Book every lot that expired before `as_of` 00:00 local: its remaining points go from
-    the card to the expiry account, one transaction per lot (key `expiry:lot:<id>`, so a lot
-    is booked once ever). Running it again for the same date changes nothing. A date whose
-    00:00 is still to come is `BadInput`: its lots have not expired yet."""
+    the card to the expiry account, one transaction per lot (key `expiry:lot:<id>`). Running
+    it again for the same date changes nothing. A date whose 00:00 is still to come is
+    `BadInput`: its lots have not expired yet.
+
+    A lot can hold points again after its expiry was booked: a void or refund decided at an
+    instant before the expiry (read before it waited for the card's lock, which this job
+    held) gives its points back to it. The next run books those too, under the key
+    `expiry:lot:<id>:<n>` for the lot's n-th booking, rather than failing on the first's key
+    for every card."""
     refuse_unbegun(as_of, when.at)
     query = (
         select(PointLot.card_number)
@@ -728,7 +734,7 @@ def _book_expiry(session: Session, lot: PointLot, when: Moment) -> int:
     amount = lot.remaining_points
     transaction = card_transfer(
         session,
-        key=f"expiry:lot:{lot.id}",
+        key=_expiry_key(session, lot),
         kind=TransactionKind.EXPIRY,
         when=when,
         card_number=lot.card_number,
@@ -738,6 +744,19 @@ def _book_expiry(session: Session, lot: PointLot, when: Moment) -> int:
     lot.remaining_points = 0
     record_movement(session, transaction.id, lot.id, -amount)
     return amount
+
+
+def _expiry_key(session: Session, lot: PointLot) -> str:
+    """`expiry:lot:<id>` for a lot's first booking, `expiry:lot:<id>:<n>` for its n-th (the
+    card is locked, so n is the same for any run that could race this one)."""
+    first = f"expiry:lot:{lot.id}"
+    keys = JournalTransaction.idempotency_key
+    booked = session.scalar(
+        select(func.count())
+        .select_from(JournalTransaction)
+        .where((keys == first) | keys.startswith(f"{first}:", autoescape=True))
+    )
+    return first if not booked else f"{first}:{booked + 1}"
 
 
 # --- cards --------------------------------------------------------------------------------
