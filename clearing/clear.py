@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from sqlalchemy import Engine, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from clearing import ed25519, signing
@@ -44,7 +44,7 @@ from gateway.config import Config
 from gateway.errors import BadInput, CheckFailed
 from gateway.ledger import unit_of_work
 
-CLOSE_ATTEMPTS = 2
+CLOSE_ATTEMPTS = 3
 
 
 @dataclass
@@ -93,7 +93,23 @@ def ensure_closed(
             # Another run closed the month (or accounted an item) first: read its close.
             if attempt == CLOSE_ATTEMPTS:
                 raise
+        except OperationalError as error:
+            # PostgreSQL: a gateway's void, refund or reversal updated an item this close
+            # accounts for after the close's snapshot (the item's row lock, taken for the
+            # foreign key, finds it changed). Closing again, on a snapshot that has it, is
+            # what the database asks for.
+            if _sqlstate(error) not in _TRY_AGAIN or attempt == CLOSE_ATTEMPTS:
+                raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+# Serialisation failure and deadlock: the transaction is to be run again.
+_TRY_AGAIN = frozenset({"40001", "40P01"})
+
+
+def _sqlstate(error: OperationalError) -> str | None:
+    sqlstate: str | None = getattr(error.orig, "sqlstate", None)
+    return sqlstate
 
 
 def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime) -> Cleared:

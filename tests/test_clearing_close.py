@@ -4,13 +4,16 @@ and the same bytes on every run whatever happens to the ledger afterwards."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 from datetime import datetime, time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
+from clearing import close as close_module
 from clearing.clear import Cleared, clear
 from clearing.layout import Detail, parse_detail, parse_merchant, parse_trailer
 from clearing.models import ClosedMonth, SettledItem
@@ -149,6 +152,50 @@ def test_voids_before_and_after_the_close(
         -5952,
     )
     assert void.original_rrn == rrn_of(world, late)
+
+
+def test_a_void_committed_while_the_close_runs_is_accounted_once(
+    world: LedgerWorld, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The close has read its rows when a void of one of them commits. On PostgreSQL the
+    close's insert then finds the original changed since its snapshot (a serialisation
+    failure) and closes again, seeing the void: no entry in either month. On SQLite the void
+    waits for the close's write lock: `22` now and `23` in December. Either way the two
+    months net to nothing and `clear` succeeds."""
+    card = world.add_card(lots=[(at(1).date(), 100_000)])
+    world.now = at(30, 20)
+    original = redemption_id(world.redeem_conversion(card, convert(4000, 0)))
+    world.now = at(1, 0, 10, month=12)
+    read, go = threading.Event(), threading.Event()
+    month_rows = close_module._month_rows
+
+    def pausing(session: Session, month: Month) -> object:
+        rows = month_rows(session, month)
+        if not read.is_set():  # the first try only
+            read.set()
+            go.wait(30)
+        return rows
+
+    monkeypatch.setattr(close_module, "_month_rows", pausing)
+    cleared: dict[str, Cleared] = {}
+    closing = threading.Thread(
+        target=lambda: cleared.__setitem__(
+            "nov", clear_at(world, config, NOVEMBER, tmp_path / "nov", at(1, 0, 30, month=12))
+        )
+    )
+    closing.start()
+    assert read.wait(30)
+    voiding = threading.Thread(target=lambda: world.void(original))
+    voiding.start()
+    voiding.join(2.0)
+    go.set()
+    closing.join(60)
+    voiding.join(60)
+    december = clear_at(world, config, DECEMBER, tmp_path / "dec", at(1, 9, month=13))
+    entries = details_of(cleared["nov"]) + details_of(december)
+    assert sum(entry.settled_fen for entry in entries) == 0
+    assert [entry.entry_type for entry in entries] in ([], ["22", "23"])
+    assert world.balances(card).spendable_points == 100_000
 
 
 def test_reversals_after_the_close(world: LedgerWorld, config: Config, tmp_path: Path) -> None:
