@@ -13,9 +13,12 @@ whose bytes differ from the first (the ledger changed under a closed month) is a
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -118,6 +121,34 @@ def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime
     make_folder(out)
     key = signing.load_or_create(config.issuer.signing_key)
     pending = _pending(out, month)
+    with _writing_in(out):
+        return _clear_into(engine, config, month, (out, pending), now=now, key=key)
+
+
+@contextmanager
+def _writing_in(out: Path) -> Iterator[None]:
+    """One run at a time writes into `out`: the runs share its working names (`_pending`,
+    the file's partial name), so a second run waits for the first (a lock on the folder
+    itself, which leaves nothing in it), then writes the same bytes again."""
+    descriptor = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # and with it the lock
+
+
+def _clear_into(
+    engine: Engine,
+    config: Config,
+    month: Month,
+    folders: tuple[Path, Path],
+    *,
+    now: datetime,
+    key: Ed25519PrivateKey,
+) -> Cleared:
+    """`clear`'s work once it has `out` to itself: `folders` are `out` and its `_pending`."""
+    out, pending = folders
     try:
         _fresh_folder(pending, out)  # before the close: an --out that cannot be written
         closed, closed_now = ensure_closed(engine, month, config, now)  # closes nothing

@@ -198,6 +198,44 @@ def test_a_void_committed_while_the_close_runs_is_accounted_once(
     assert world.balances(card).spendable_points == 100_000
 
 
+def test_two_runs_into_one_folder_take_turns(
+    world: LedgerWorld, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `clear` runs of one month into one --out at once share its working names; the
+    second waits for the first, then writes the same bytes (and leaves nothing else)."""
+    card = world.add_card(lots=[(at(1).date(), 100_000)])
+    world.now = at(30, 20)
+    redemption_id(world.redeem_conversion(card, convert(4000, 0)))
+    inside, go = threading.Event(), threading.Event()
+    month_rows = close_module._month_rows
+
+    def pausing(session: Session, month: Month) -> object:
+        inside.set()
+        go.wait(30)
+        return month_rows(session, month)
+
+    monkeypatch.setattr(close_module, "_month_rows", pausing)
+    out = tmp_path / "out"
+    runs: list[Cleared] = []
+
+    def run() -> None:
+        runs.append(clear_at(world, config, NOVEMBER, out, at(1, 9, month=12)))
+
+    first, second = threading.Thread(target=run), threading.Thread(target=run)
+    first.start()
+    assert inside.wait(30)
+    second.start()
+    second.join(1.0)  # (it waits, for the folder here, or for the close on the database)
+    go.set()
+    first.join(60)
+    second.join(60)
+    assert [cleared.closed_now for cleared in runs] == [True, False]
+    assert runs[0].settlement.sha256 == runs[1].settlement.sha256
+    assert sorted(path.name for path in out.iterdir() if path.name.startswith(".")) == []
+    key = load_private(config.issuer.signing_key).public_key()
+    assert verify_file(runs[0].settlement.path, key).good
+
+
 def test_reversals_after_the_close(world: LedgerWorld, config: Config, tmp_path: Path) -> None:
     """A reversal of a closed month's redemption is -D (`04`); one that undoes a void puts
     the redemption back, +D; a void and its reversal in one later month net to nothing."""
