@@ -235,6 +235,36 @@ def test_reversals_sent_again_on_the_other_process(
     assert codes == ["00"] * 4
 
 
+@contextlib.contextmanager
+def redemption_held_open(
+    world: TwoProcesses, redemption: bytes, answers: dict[str, bytes | None]
+) -> Iterator[None]:
+    """The first gateway decides `redemption` and keeps its transaction open (a slow commit,
+    a stalled process) for the length of the block; its answer lands in `answers`."""
+    handlers = world.first._transactions._handlers
+    decide = handlers[Kind.REDEMPTION]
+    decided, go = threading.Event(), threading.Event()
+
+    def held_open(orm: object, context: object) -> object:
+        outcome = decide(orm, context)  # type: ignore[arg-type]
+        decided.set()
+        go.wait(30)
+        return outcome
+
+    handlers[Kind.REDEMPTION] = held_open  # type: ignore[assignment]
+    first = threading.Thread(
+        target=lambda: answers.__setitem__("redemption", world.first.handle(redemption).payload)
+    )
+    first.start()
+    try:
+        assert decided.wait(30)
+        yield
+    finally:
+        go.set()
+        first.join(30)
+        handlers[Kind.REDEMPTION] = decide
+
+
 def test_a_reversal_waits_for_its_original_still_in_the_other_process(
     world: TwoProcesses,
 ) -> None:
@@ -245,31 +275,14 @@ def test_a_reversal_waits_for_its_original_still_in_the_other_process(
     redemption = world.redemption(0, X)
     reversal = world.reversal(0, redemption)
     before = world.harness.send(world.terminals[0], world.balance(0, X)).balance
-    handlers = world.first._transactions._handlers
-    decide = handlers[Kind.REDEMPTION]
-    decided, go = threading.Event(), threading.Event()
-
-    def held_open(orm: object, context: object) -> object:
-        outcome = decide(orm, context)  # type: ignore[arg-type]
-        decided.set()
-        go.wait(30)  # the transaction stays open: a slow commit, a stalled process
-        return outcome
-
-    handlers[Kind.REDEMPTION] = held_open  # type: ignore[assignment]
     answers: dict[str, bytes | None] = {}
-    first = threading.Thread(
-        target=lambda: answers.__setitem__("redemption", world.first.handle(redemption).payload)
-    )
     second = threading.Thread(
         target=lambda: answers.__setitem__("reversal", world.second.handle(reversal).payload)
     )
-    first.start()
-    assert decided.wait(30)
-    second.start()
-    second.join(1.0)
-    waited = second.is_alive()
-    go.set()
-    first.join(30)
+    with redemption_held_open(world, redemption, answers):
+        second.start()
+        second.join(1.0)
+        waited = second.is_alive()
     second.join(30)
     assert waited  # the reversal was not decided while its original's transaction was open
     codes = [parse(answers[name] or b"")[1][39] for name in ("redemption", "reversal")]
@@ -293,27 +306,9 @@ def test_a_reversal_run_alone_after_its_group_failed_waits_too(
     redemption = world.redemption(0, X)
     reversal = world.reversal(0, redemption)
     before = world.harness.send(world.terminals[0], world.balance(0, X)).balance
-    handlers = world.first._transactions._handlers
-    decide = handlers[Kind.REDEMPTION]
-    decided, go = threading.Event(), threading.Event()
-
-    def held_open(orm: object, context: object) -> object:
-        outcome = decide(orm, context)  # type: ignore[arg-type]
-        decided.set()
-        go.wait(30)
-        return outcome
-
-    handlers[Kind.REDEMPTION] = held_open  # type: ignore[assignment]
     answers: dict[str, bytes | None] = {}
-    first = threading.Thread(
-        target=lambda: answers.__setitem__("redemption", world.first.handle(redemption).payload)
-    )
-    first.start()
-    assert decided.wait(30)
-    answers["reversal"] = world.second.handle(reversal).payload  # both tries time out
-    go.set()
-    first.join(30)
-    handlers[Kind.REDEMPTION] = decide
+    with redemption_held_open(world, redemption, answers):
+        answers["reversal"] = world.second.handle(reversal).payload  # both tries time out
     codes = [parse(answers[name] or b"")[1][39] for name in ("redemption", "reversal")]
     assert codes == ["00", "96"]
     spent = world.harness.send(world.terminals[0], world.balance(0, X)).balance
