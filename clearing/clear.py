@@ -46,6 +46,7 @@ from clearing.statements import (
 from gateway.config import Config
 from gateway.errors import BadInput, CheckFailed
 from gateway.ledger import unit_of_work
+from gateway.ledger.hotpath import CLOSE_LOCK_KEY
 
 CLOSE_ATTEMPTS = 3
 
@@ -84,6 +85,35 @@ def ensure_closed(
     engine: Engine, month: Month, config: Config, now: datetime
 ) -> tuple[ClosedMonth, bool]:
     """The month's close, made now if there is none; True when this call closed it."""
+    with _gateways_held_off(engine):
+        return _ensure_closed(engine, month, config, now)
+
+
+@contextmanager
+def _gateways_held_off(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, the close's lock (`CLOSE_LOCK_KEY`) held exclusively, on a connection of
+    its own, before the close's snapshot is taken and until it has committed. Every gateway
+    transaction holds it shared: the close waits for those under way, so its snapshot has
+    them, and those that come later wait, then find the month closed (`96`, nothing
+    changed). On SQLite the close's write lock does the same."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        driver = connection.connection.driver_connection
+        assert driver is not None
+        driver.autocommit = True
+        driver.execute("SELECT pg_advisory_lock(%s)", (CLOSE_LOCK_KEY,))
+        try:
+            yield
+        finally:
+            driver.execute("SELECT pg_advisory_unlock(%s)", (CLOSE_LOCK_KEY,))
+            driver.autocommit = False
+
+
+def _ensure_closed(
+    engine: Engine, month: Month, config: Config, now: datetime
+) -> tuple[ClosedMonth, bool]:
     for attempt in range(1, CLOSE_ATTEMPTS + 1):
         try:
             with unit_of_work(engine) as session:

@@ -414,8 +414,14 @@ class Gateway:
         try:
             with unit_of_work(self._engine) as session:
                 self._lock_rows(session, [context for _, _, context in pending])
-                current, ended = self._keys_ended(session, pending)
-                outcomes = self._outcomes(session, current)
+                closed = self._month_closed_meanwhile(session, pending[0][2].moment)
+                if not closed:
+                    current, ended = self._keys_ended(session, pending)
+                    outcomes = self._outcomes(session, current)
+            if closed:
+                return [
+                    (index, self._too_late(request, context)) for index, request, context in pending
+                ], []
         except SQLAlchemyError as error:
             unknown = unknown or isinstance(error, CommitOutcomeUnknownError)
             if len(pending) > 1:
@@ -453,6 +459,26 @@ class Gateway:
             hot.lock_group(
                 (context.terminal.id for context in contexts), {card for card in cards if card}
             )
+
+    def _month_closed_meanwhile(self, session: OrmSession, moment: Moment) -> bool:
+        """Whether clearing has closed the month of this group's business date since the
+        group read its instant (just before the cut-off of the month's last day, say, then
+        waited for a lock). Its requests must then change nothing: the close has accounted
+        for the month without them, and no later close takes that month's items. Asked of
+        the ledger only once the month is over by the clock, in the seconds after the
+        cut-off that a group can straddle."""
+        day = moment.business_date
+        now = self._clock.now().astimezone(self._config.gateway.timezone)
+        today = business_date(now, self._config.gateway.cutoff)
+        if (today.year, today.month) == (day.year, day.month):
+            return False
+        return hot_ledger(session).month_closed(f"{day.year:04d}-{day.month:02d}")
+
+    def _too_late(self, request: Request, context: Context) -> Answer:
+        """`96` for a request whose month closed meanwhile: nothing changed, and the terminal
+        sends it again (a reversal) or the sale is swiped again, under a new instant."""
+        log.warning("month_closed_meanwhile", terminal=context.terminal.id)
+        return self._rejected(request, DeclinedEarly(Decline.SYSTEM), context.moment)
 
     def _keys_ended(
         self, session: OrmSession, pending: list[_Pending]
@@ -539,10 +565,16 @@ class Gateway:
             try:
                 with unit_of_work(self._engine) as session:
                     self._lock_rows(session, [context])
-                    _, ended = self._keys_ended(session, [(0, request, context)])
-                    if ended:
-                        return None
-                    outcome = self._run(session, request, context)
+                    if self._month_closed_meanwhile(session, context.moment):
+                        closed = True
+                    else:
+                        closed = False
+                        _, ended = self._keys_ended(session, [(0, request, context)])
+                        if ended:
+                            return None
+                        outcome = self._run(session, request, context)
+                if closed:
+                    return self._too_late(request, context)
             except IntegrityError:
                 if attempt == 2:
                     break

@@ -262,6 +262,9 @@ class _Sql:
             if postgres
             else "SELECT number FROM cards WHERE number IN (SELECT value FROM json_each(?))"
         )
+        # The close's lock (`CLOSE_LOCK_KEY`), shared by every gateway transaction.
+        self.lock_close_shared = "SELECT pg_advisory_xact_lock_shared(%s)" if postgres else ""
+        self.month_closed = sql("SELECT 1 FROM clearing_months WHERE month = ?")
         # One lock after another, in the array's order (no sort: the keys come sorted).
         self.lock_terminals = (
             "SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k" if postgres else ""
@@ -640,9 +643,18 @@ class HotLedger:
         see, under READ COMMITTED, and would take for one never received)."""
         keys = sorted({terminal_lock_key(terminal_id) for terminal_id in terminal_ids})
         ordered = sorted(numbers)
-        if self._sql.postgres and (keys or ordered):
-            reads = [(self._sql.lock_terminals, (keys,)), (self._sql.lock_cards, (ordered,))]
+        if self._sql.postgres:
+            reads = [
+                # Shared: gateways never wait for each other on it, only for a month's close.
+                (self._sql.lock_close_shared, (CLOSE_LOCK_KEY,)),
+                (self._sql.lock_terminals, (keys,)),
+                (self._sql.lock_cards, (ordered,)),
+            ]
             self._read_all(reads)
+
+    def month_closed(self, month: str) -> bool:
+        """Whether clearing has closed the month ("YYYY-MM") whose business dates it settles."""
+        return self._one(self._sql.month_closed, (month,)) is not None
 
     def tombstone_exists(self, terminal_id: str, batch_number: int, trace: int) -> bool:
         return self._one(self._sql.tombstone, (terminal_id, batch_number, trace)) is not None
@@ -1102,6 +1114,12 @@ class HotLedger:
         return json.dumps(value)
 
 
+# The advisory lock of a month's close on PostgreSQL: every gateway transaction holds it shared
+# (`HotLedger.lock_group`), and `clear` takes it exclusively before its snapshot, so the close
+# sees every transaction that began before it, and none begins during it.
+CLOSE_LOCK_KEY = 0x76697063_6C6F7365  # "vipclose"
+
+
 def terminal_lock_key(terminal_id: str) -> int:
     """The advisory lock key of a terminal (`HotLedger.lock_group`): 64 bits of its id's
     BLAKE2b digest, signed as PostgreSQL's bigint is. Two ids sharing a key only queue
@@ -1235,6 +1253,7 @@ def request_done(session: Session, *, terminals_changed: bool) -> None:
 
 
 __all__ = [
+    "CLOSE_LOCK_KEY",
     "GroupView",
     "HotLedger",
     "LoggedAnswer",
