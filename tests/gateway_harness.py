@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+from cardcodec.profile import Kind
 from gateway.clock import SHANGHAI, FixedClock
 from gateway.config import Config, load_config
 from gateway.handler import Gateway
@@ -132,3 +136,34 @@ class Harness:
         }
         request = terminal.financial("0220", "200000", "25", fields, amount_fen=amount, extra=extra)
         return self.send(terminal, request)
+
+
+@contextlib.contextmanager
+def decided_and_held_open(
+    gateway: Gateway, payload: bytes, answers: dict[str, bytes | None], name: str
+) -> Iterator[None]:
+    """`gateway` decides `payload` (a redemption) on a thread of its own and keeps its
+    transaction open (a slow commit, a stalled process) for the length of the block; its
+    answer lands in `answers[name]` once the block has ended."""
+    handlers = gateway._transactions._handlers
+    decide = handlers[Kind.REDEMPTION]
+    decided, go = threading.Event(), threading.Event()
+
+    def held_open(orm: object, context: object) -> object:
+        outcome = decide(orm, context)  # type: ignore[arg-type]
+        decided.set()
+        go.wait(30)
+        return outcome
+
+    handlers[Kind.REDEMPTION] = held_open  # type: ignore[assignment]
+    deciding = threading.Thread(
+        target=lambda: answers.__setitem__(name, gateway.handle(payload).payload)
+    )
+    deciding.start()
+    try:
+        assert decided.wait(30)
+        yield
+    finally:
+        go.set()
+        deciding.join(30)
+        handlers[Kind.REDEMPTION] = decide

@@ -11,7 +11,6 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from cardcodec.profile import Kind
 from clearing.clear import Cleared, clear
 from clearing.layout import parse_detail
 from clearing.period import Month
@@ -19,7 +18,7 @@ from gateway.clock import SHANGHAI
 from gateway.ledger import unit_of_work
 from gateway.ledger.invariants import check_invariants
 from gateway.ledger.models import Authorisation
-from tests.gateway_harness import DIAMOND, Harness, demo_config
+from tests.gateway_harness import DIAMOND, Harness, decided_and_held_open, demo_config
 from tests.spec_terminal import parse
 
 NOVEMBER = Month(2026, 11)
@@ -78,42 +77,23 @@ def test_the_close_waits_for_a_transaction_under_way(tmp_path: Path, ledger_url:
     harness = Harness(demo_config(tmp_path, ledger_url), start=shanghai(30, 22, 0, 0))
     terminal = harness.signed_on()
     harness.clock.advance(shanghai(30, 22, 59, 59) - harness.clock.now())
-    handlers = harness.gateway._transactions._handlers
-    decide = handlers[Kind.REDEMPTION]
-    decided, go = threading.Event(), threading.Event()
-
-    def held_open(orm: object, context: object) -> object:
-        outcome = decide(orm, context)  # type: ignore[arg-type]
-        decided.set()
-        go.wait(30)
-        return outcome
-
-    handlers[Kind.REDEMPTION] = held_open  # type: ignore[assignment]
     answers: dict[str, bytes | None] = {}
     request = terminal.financial(
         "0200", "000000", "22", terminal.card_fields(DIAMOND, "2906"), amount_fen=1000
     )
-    redeeming = threading.Thread(
-        target=lambda: answers.__setitem__("redemption", harness.gateway.handle(request).payload)
-    )
-    redeeming.start()
-    assert decided.wait(30)
     results: dict[str, Cleared] = {}
+    at = shanghai(30, 23, 0, 5)
+    out = tmp_path / "nov"
     closing = threading.Thread(
         target=lambda: results.__setitem__(
-            "nov",
-            clear(
-                harness.engine, harness.config, NOVEMBER, tmp_path / "nov", shanghai(30, 23, 0, 5)
-            ),
+            "nov", clear(harness.engine, harness.config, NOVEMBER, out, at)
         )
     )
-    closing.start()
-    closing.join(1.0)
-    assert closing.is_alive()  # waiting for the redemption's transaction
-    go.set()
-    redeeming.join(30)
+    with decided_and_held_open(harness.gateway, request, answers, "redemption"):
+        closing.start()
+        closing.join(1.0)
+        assert closing.is_alive()  # waiting for the redemption's transaction
     closing.join(60)
-    handlers[Kind.REDEMPTION] = decide
     answer = parse(answers["redemption"] or b"")[1]
     assert answer[39] == "00"
     assert settled_rrns(results["nov"]) == [answer[37]]

@@ -37,7 +37,7 @@ from gateway.ledger.hotpath import terminal_lock_key
 from gateway.security import SoftwareSecurityModule
 from tests import pg
 from tests.bench_gateway import MERCHANT, card, write_config
-from tests.gateway_harness import Harness
+from tests.gateway_harness import Harness, decided_and_held_open
 from tests.spec_terminal import SpecTerminal, parse
 
 START = datetime(2026, 11, 18, 10, 0, tzinfo=SHANGHAI)
@@ -235,36 +235,6 @@ def test_reversals_sent_again_on_the_other_process(
     assert codes == ["00"] * 4
 
 
-@contextlib.contextmanager
-def redemption_held_open(
-    world: TwoProcesses, redemption: bytes, answers: dict[str, bytes | None]
-) -> Iterator[None]:
-    """The first gateway decides `redemption` and keeps its transaction open (a slow commit,
-    a stalled process) for the length of the block; its answer lands in `answers`."""
-    handlers = world.first._transactions._handlers
-    decide = handlers[Kind.REDEMPTION]
-    decided, go = threading.Event(), threading.Event()
-
-    def held_open(orm: object, context: object) -> object:
-        outcome = decide(orm, context)  # type: ignore[arg-type]
-        decided.set()
-        go.wait(30)
-        return outcome
-
-    handlers[Kind.REDEMPTION] = held_open  # type: ignore[assignment]
-    first = threading.Thread(
-        target=lambda: answers.__setitem__("redemption", world.first.handle(redemption).payload)
-    )
-    first.start()
-    try:
-        assert decided.wait(30)
-        yield
-    finally:
-        go.set()
-        first.join(30)
-        handlers[Kind.REDEMPTION] = decide
-
-
 def test_a_reversal_waits_for_its_original_still_in_the_other_process(
     world: TwoProcesses,
 ) -> None:
@@ -279,7 +249,7 @@ def test_a_reversal_waits_for_its_original_still_in_the_other_process(
     second = threading.Thread(
         target=lambda: answers.__setitem__("reversal", world.second.handle(reversal).payload)
     )
-    with redemption_held_open(world, redemption, answers):
+    with decided_and_held_open(world.first, redemption, answers, "redemption"):
         second.start()
         second.join(1.0)
         waited = second.is_alive()
@@ -307,7 +277,7 @@ def test_a_reversal_run_alone_after_its_group_failed_waits_too(
     reversal = world.reversal(0, redemption)
     before = world.harness.send(world.terminals[0], world.balance(0, X)).balance
     answers: dict[str, bytes | None] = {}
-    with redemption_held_open(world, redemption, answers):
+    with decided_and_held_open(world.first, redemption, answers, "redemption"):
         answers["reversal"] = world.second.handle(reversal).payload  # both tries time out
     codes = [parse(answers[name] or b"")[1][39] for name in ("redemption", "reversal")]
     assert codes == ["00", "96"]
