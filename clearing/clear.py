@@ -127,10 +127,10 @@ def _ensure_closed(
             if attempt == CLOSE_ATTEMPTS:
                 raise
         except OperationalError as error:
-            # PostgreSQL: a gateway's void, refund or reversal updated an item this close
-            # accounts for after the close's snapshot (the item's row lock, taken for the
-            # foreign key, finds it changed). Closing again, on a snapshot that has it, is
-            # what the database asks for.
+            # PostgreSQL: a write made outside the gateway (whose transactions the close's
+            # lock holds off) updated an item this close accounts for after its snapshot (the
+            # item's row lock, taken for the foreign key, finds it changed). Closing again,
+            # on a snapshot that has it, is what the database asks for.
             if _sqlstate(error) not in _TRY_AGAIN or attempt == CLOSE_ATTEMPTS:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
