@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
 from cardcodec.crypto import Suite, decrypt_pin
+from gateway.errors import BadInput
 from gateway.handler import Gateway, Reply, finish
 from gateway.ledger import operations, unit_of_work
 from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
@@ -189,6 +190,29 @@ def test_a_card_holding_the_most_points_a_card_may_hold_is_answered(harness: Har
     answer = harness.send(terminal, terminal.financial("0200", "310000", "01", fields))
     assert (answer.code, answer.balance) == ("00", MAX_CARD_POINTS)
     assert answer.text(54).endswith(f"{2 * MAX_CARD_POINTS:012d}")
+
+
+def test_an_accrual_counts_the_points_a_sale_could_still_give_back(harness: Harness) -> None:
+    """A card at the cap spends 500 points; an accrual of 500 would fill it again, and the
+    sale's void would then take it past what field 63 can carry. So the accrual is refused
+    and changes nothing, and the void is answered with the cap as its balance."""
+    terminal = harness.signed_on()
+    now = harness.clock.now()
+    with unit_of_work(harness.engine) as session:
+        held = operations.balances(session, DIAMOND, now).ledger_points
+        operations.accrue(session, DIAMOND, now.date(), MAX_CARD_POINTS - held, "test:most",
+                          when=moment(now), expiry_years=2)  # fmt: skip
+    _, sale = harness.redeem(terminal, DIAMOND, 1000)
+    trace = f"{terminal.trace:06d}"
+    assert (sale.code, sale.balance) == ("00", MAX_CARD_POINTS - 500)
+    with unit_of_work(harness.engine) as session, pytest.raises(BadInput) as refused:
+        operations.accrue(session, DIAMOND, now.date(), 500, "test:back", when=moment(now),
+                          expiry_years=2)  # fmt: skip
+    assert "given back included" in str(refused.value)
+    with unit_of_work(harness.engine) as session:
+        assert operations.balances(session, DIAMOND, now).ledger_points == MAX_CARD_POINTS - 500
+    voided = harness.void(terminal, DIAMOND, sale, trace, 1000)
+    assert (voided.code, voided.balance) == ("00", MAX_CARD_POINTS)
 
 
 def test_pin_rules(harness: Harness) -> None:

@@ -648,12 +648,13 @@ def accrue(
         raise BadInput(f"accrual {source_ref}: unknown card")
     if _accrual_applied(session, source_ref):
         return AccrualSkipped(source_ref)
-    held = _points_held(session, card_number)
+    held = _points_held(session, card_number) + _points_to_come_back(session, card_number)
     if held + points > MAX_CARD_POINTS:
         shown = source_ref.replace(card_number, mask_card_number(card_number))  # config lots
         raise BadInput(
-            f"accrual {shown}: the card would hold {held + points} points, more than"
-            f" the {MAX_CARD_POINTS} an answer can carry"
+            f"accrual {shown}: the card would hold {held + points} points (its approved"
+            f" redemptions given back included), more than the {MAX_CARD_POINTS} an answer"
+            " can carry"
         )
     transaction = card_transfer(
         session,
@@ -684,6 +685,20 @@ def _points_held(session: Session, card_number: str) -> int:
     """The card's ledger balance: what is left in its lots, expired or not."""
     query = select(func.coalesce(func.sum(PointLot.remaining_points), 0)).where(
         PointLot.card_number == card_number
+    )
+    return int(session.scalar(query) or 0)
+
+
+def _points_to_come_back(session: Session, card_number: str) -> int:
+    """What the card's approved redemptions could still give back (void, reversal or
+    refunds): their points less what refunds already returned. An accrual counts them, so
+    that no later give-back takes the balance past what field 63 can carry."""
+    query = select(
+        func.coalesce(func.sum(Authorisation.points - Authorisation.points_returned), 0)
+    ).where(
+        Authorisation.card_number == card_number,
+        Authorisation.kind == AuthorisationKind.REDEMPTION,
+        Authorisation.state == AuthorisationState.APPROVED,
     )
     return int(session.scalar(query) or 0)
 
