@@ -92,18 +92,28 @@ def mask_card_data(text: str, shortest: int = 13) -> str:
 
 
 # Key material as a config or scenario holds it: 16 or more hex characters with a letter among
-# them, or more digits than any card number has (a key may happen to be all digits).
-_KEY_RUN_RE = re.compile(
-    r"(?<![0-9A-Fa-f])(?=[0-9]*[A-Fa-f])[0-9A-Fa-f]{16,}(?![0-9A-Fa-f])|(?<![0-9])[0-9]{20,}(?![0-9])"
+# them, or more digits than any card number has (a key may happen to be all digits). A key may
+# be written in groups ("FD32 139F ..." or "FD:32:13:..."): groups of two or more hex
+# characters joined by single spaces, colons or dashes count together.
+_HEX_GROUPS_RE = re.compile(
+    r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{2,}(?:[ :-][0-9A-Fa-f]{2,})*(?![0-9A-Fa-f])"
 )
+_SEPARATORS = str.maketrans("", "", " :-")
+
+
+def _hidden_if_key(match: re.Match[str]) -> str:
+    run = match[0]
+    digits = run.translate(_SEPARATORS)
+    if len(digits) >= 20 or (len(digits) >= 16 and not digits.isdigit()):
+        return f"<{len(digits)} hex characters>"
+    return run
 
 
 def mask_quoted_value(text: str, shortest: int = 13) -> str:
     """A value an error message quotes: whatever looks like key material hidden whole (a
-    terminal's TMK put under the wrong key, say), then card numbers masked (`mask_card_data`).
-    A run hidden shows only its length."""
-    hidden = _KEY_RUN_RE.sub(lambda match: f"<{len(match[0])} hex characters>", text)
-    return mask_card_data(hidden, shortest)
+    terminal's TMK put under the wrong key, say, even written in groups), then card numbers
+    masked (`mask_card_data`). A run hidden shows only how many hex characters it had."""
+    return mask_card_data(_HEX_GROUPS_RE.sub(_hidden_if_key, text), shortest)
 
 
 def card_number_problem(number: str, prefixes: Iterable[str]) -> str | None:

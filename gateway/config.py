@@ -317,7 +317,9 @@ def _label(value: Any, label_key: str) -> str | None:
         return None
     if not 0 < len(value) <= _SHOWN_CHARS:
         return None
-    return mask_card_number(value) if label_key == "number" else value
+    if label_key == "number":
+        return mask_card_number(value)
+    return mask_quoted_value(value, shortest=16)  # a card number or key put in the id
 
 
 # --- single values -------------------------------------------------------------------------

@@ -256,7 +256,7 @@ class _Place:
     def integer(self, key: str, low: int, high: int) -> int | None:
         value: int | None = self.typed(key, int)
         if value is not None and not low <= value <= high:
-            self.fail(key, f"{value} is outside {low}-{high}")
+            self.fail(key, f"{_quoted(value)} is outside {low}-{high}")
         return value
 
     def choice(self, key: str, choices: tuple[str, ...]) -> str | None:

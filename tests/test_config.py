@@ -398,6 +398,8 @@ def test_bad_terminal_master_keys_are_refused_without_showing_them(
     ("place", "key"),
     [
         ('suite = "3des"', "FD32139FDCE66744281F7C0090707DF2"),
+        ('suite = "3des"', "FD32 139F DCE6 6744 281F 7C00 9070 7DF2"),  # written in groups
+        ('suite = "3des"', "FD:32:13:9F:DC:E6:67:44:28:1F:7C:00:90:70:7D:F2"),
         ('merchant = "898310048990001"', "FD32139FDCE66744281F7C0090707DF2"),
         ('suite = "3des"', "12345678901234567890123456789012"),  # a key of digits only
     ],
@@ -410,6 +412,23 @@ def test_a_key_put_under_another_key_is_not_repeated(refuse: Refuse, place: str,
     assert f".{field}: " in message
     assert "<32 hex characters>" in message
     assert key not in message and key[:6] not in message and key[-4:] not in message
+
+
+@pytest.mark.parametrize(
+    ("secret", "shown"),
+    [
+        ("FD32139FDCE66744281F7C0090707DF2", "<32 hex characters>"),
+        ("6688000000000000014", "668800*********0014"),
+    ],
+)
+def test_an_id_that_is_a_key_or_card_is_not_repeated_in_the_place(
+    refuse: Refuse, secret: str, shown: str
+) -> None:
+    """A TMK or a card number pasted as a terminal's id is hidden in the place that names
+    the entry as well as in the value."""
+    message = refuse(('id = "20000001"', f'id = "{secret}"'))
+    assert message.startswith(f"{FILE}: terminals[2] ({shown}).id: ")
+    assert secret not in message and secret[:7] not in message
 
 
 @pytest.mark.parametrize(

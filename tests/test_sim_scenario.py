@@ -739,11 +739,17 @@ def test_new_keys_parse_into_the_step_and_the_scenario() -> None:
 
 def test_refusals_never_show_a_pin_or_a_whole_card_number() -> None:
     """A bad PIN is not repeated and a bad card number is masked."""
-    for text in (redeem_step(pin="12x456"), redeem_step(card="66880000000000009981")):
+    for text in (
+        redeem_step(pin="12x456"),
+        redeem_step(card="66880000000000009981"),
+        redeem_step(amount_fen=6688000000000000014),  # a card number one key off
+        redeem_step(expect={"balance_fen": 6688000000000000014}),
+    ):
         with pytest.raises(BadInput) as refused:
             parse_scenario(tomllib.loads(text), CONFIG, "test.toml")
         assert "12x456" not in str(refused.value)
         assert "66880000000000009981" not in str(refused.value)
+        assert "6688000000000000014" not in str(refused.value)
 
 
 def test_card_expiry_comes_from_the_config_unless_the_step_gives_one() -> None:
