@@ -461,17 +461,14 @@ class Gateway:
             )
 
     def _month_closed_meanwhile(self, session: OrmSession, moment: Moment) -> bool:
-        """Whether clearing has closed the month of this group's business date since the
+        """Whether clearing has closed the month of this group's business date: since the
         group read its instant (just before the cut-off of the month's last day, say, then
-        waited for a lock). Its requests must then change nothing: the close has accounted
-        for the month without them, and no later close takes that month's items. Asked of
-        the ledger only once the month is over by the clock, in the seconds after the
-        cut-off that a group can straddle."""
+        waited for a lock), or while this gateway's clock is behind the one `clear` ran by
+        (another host's, or a rehearsal's `--clock`). Its requests must then change nothing:
+        the close has accounted for the month without them, and no later close takes that
+        month's items. Asked of the ledger for every transaction, whatever this gateway's
+        clock says, inside the transaction (on PostgreSQL after the close's lock)."""
         day = moment.business_date
-        now = self._clock.now().astimezone(self._config.gateway.timezone)
-        today = business_date(now, self._config.gateway.cutoff)
-        if (today.year, today.month) == (day.year, day.month):
-            return False
         return hot_ledger(session).month_closed(f"{day.year:04d}-{day.month:02d}")
 
     def _too_late(self, request: Request, context: Context) -> Answer:

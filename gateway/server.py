@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
@@ -28,7 +28,7 @@ from twisted.internet.protocol import Factory
 
 from gateway import build, logs
 from gateway.bootstrap import bootstrap, open_database
-from gateway.clock import Clock, StartedClock
+from gateway.clock import Clock, StartedClock, business_date
 from gateway.config import Config, load_config
 from gateway.errors import BadInput
 from gateway.handler import FAILED, Answer, Gateway, Reply, finish
@@ -407,16 +407,34 @@ def latest_transaction(engine: Engine) -> datetime | None:
     return max(instants) if instants else None
 
 
+def latest_closed_month(engine: Engine) -> str | None:
+    """The latest month ("YYYY-MM") clearing has closed, if any."""
+    with unit_of_work(engine) as session:
+        month = session.scalar(text("SELECT max(month) FROM clearing_months"))
+    return str(month) if month is not None else None
+
+
 def _refuse_clock_before_ledger(config: Config, clock_start: datetime) -> None:
+    """`--clock` may not start before what the ledger holds: a transaction later than the
+    start, or a month closed by clearing that the clock's business date has not left (its
+    requests would all be `96`, the month being settled without them)."""
     engine = open_database(config.gateway.database)
     try:
         latest = latest_transaction(engine)
+        closed = latest_closed_month(engine)
     finally:
         engine.dispose()
     if latest is not None and latest > clock_start:
         raise BadInput(
             f"--clock: the database holds transactions up to {latest.isoformat()}, "
             "later than the clock's start"
+        )
+    local = clock_start.astimezone(config.gateway.timezone)
+    day = business_date(local, config.gateway.cutoff)
+    if closed is not None and f"{day.year:04d}-{day.month:02d}" <= closed:
+        raise BadInput(
+            f"--clock: clearing has closed {closed}; the clock's start is in business date"
+            f" {day.isoformat()}, which may no longer be added to"
         )
 
 

@@ -11,13 +11,17 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
+import pytest
+
 from clearing.clear import Cleared, clear
 from clearing.layout import parse_detail
 from clearing.period import Month
 from gateway.clock import SHANGHAI
+from gateway.errors import BadInput
 from gateway.ledger import unit_of_work
 from gateway.ledger.invariants import check_invariants
 from gateway.ledger.models import Authorisation
+from gateway.server import _refuse_clock_before_ledger
 from tests.gateway_harness import DIAMOND, Harness, decided_and_held_open, demo_config
 from tests.spec_terminal import parse
 
@@ -98,6 +102,41 @@ def test_the_close_waits_for_a_transaction_under_way(tmp_path: Path, ledger_url:
     assert answer[39] == "00"
     assert settled_rrns(results["nov"]) == [answer[37]]
     harness.engine.dispose()
+
+
+def test_a_gateway_whose_clock_is_behind_the_close_adds_nothing_to_the_month(
+    tmp_path: Path, ledger_url: str
+) -> None:
+    """`clear` closed November by its own clock (another host's, ahead of this gateway's),
+    while this gateway's clock still reads 30 November 22:00: its redemption is `96` and
+    writes nothing, since no file would ever carry it. Both backends."""
+    harness = Harness(demo_config(tmp_path, ledger_url), start=shanghai(30, 22, 0, 0))
+    terminal = harness.signed_on()
+    cleared = clear(harness.engine, harness.config, NOVEMBER, tmp_path / "nov",
+                    shanghai(1, 9, 0, 0, month=12))  # fmt: skip
+    before = authorisations(harness)
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "96"
+    assert authorisations(harness) == before
+    assert settled_rrns(cleared) == []
+    with unit_of_work(harness.engine) as session:
+        assert check_invariants(session) == []
+    harness.engine.dispose()
+
+
+def test_a_clock_start_in_a_closed_month_is_refused(tmp_path: Path, ledger_url: str) -> None:
+    """`serve --clock` into November, or before it, once November is closed: refused, since
+    every request would be `96`; the first business date of December is accepted."""
+    harness = Harness(demo_config(tmp_path, ledger_url), start=shanghai(29, 10, 0, 0))
+    clear(harness.engine, harness.config, NOVEMBER, tmp_path / "nov", shanghai(1, 9, 0, 0, 12))
+    harness.engine.dispose()
+    for start in (shanghai(30, 22, 0, 0), shanghai(30, 22, 59, 59)):
+        with pytest.raises(BadInput) as refused:
+            _refuse_clock_before_ledger(harness.config, start)
+        assert str(refused.value) == (
+            "--clock: clearing has closed 2026-11; the clock's start is in business date"
+            " 2026-11-30, which may no longer be added to"
+        )
+    _refuse_clock_before_ledger(harness.config, shanghai(30, 23, 0, 0))  # 1 December's
 
 
 def finish_payload(reply: object) -> bytes:
