@@ -201,6 +201,25 @@ def test_an_out_that_cannot_be_made_is_refused_before_the_config_load(
     assert not (config_path.parent / "var" / "vipgate.db").exists()
 
 
+def test_a_signing_key_that_is_not_one_is_refused_before_the_config_load(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`clear` with a signing key file that holds no key: exit 2 before the config is
+    loaded (a fee changed in it is not taken into the ledger) and the month closed."""
+    key = config_path.parent / "var" / "issuer-ed25519.pem"
+    key.parent.mkdir()
+    key.write_text("not a key\n")
+    key.chmod(0o600)
+    arguments = ["--config", str(config_path), "--month", "2026-11"]
+    assert main(["clear", *arguments, "--out", str(config_path.parent / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (
+        f"vipgate: error: signing key {key}: not an unencrypted PKCS#8 PEM private key\n"
+    )
+    assert not (config_path.parent / "var" / "vipgate.db").exists()
+    assert not (config_path.parent / "out").exists()
+
+
 def test_clear_then_verify_from_the_command_line(
     config_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

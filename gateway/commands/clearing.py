@@ -67,10 +67,18 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 def clear_command(args: argparse.Namespace) -> int:
     month = Month.parse(args.month)
+    over_and_writable = _over_and_writable(month, args.out)
+
+    def check(config: Config, clock: Clock) -> None:
+        over_and_writable(config, clock)
+        key = config.issuer.signing_key
+        if key.exists() or key.is_symlink():  # else made by the run, once nothing refuses it
+            signing.load_private(key)
+
     with wired(
         args.config,
         args.db,
-        check=_over_and_writable(month, args.out),
+        check=check,
         refuse=lambda session, _config, _clock: refuse_unclosable(session, month),
     ) as wiring:
         cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
