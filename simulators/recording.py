@@ -15,8 +15,10 @@ did. `vipgate sim replay` reads the log back with `read_recording`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -90,15 +92,29 @@ class Recorder:
 class FileRecorder(Recorder):
     """A recorder that owns the file it appends to; close it (or use `with`) when done.
 
-    The frames carry card numbers, tracks and PIN blocks: a file the recorder makes is
-    readable by its owner only (mode 0600); one that exists keeps its mode."""
+    The frames carry card numbers, tracks, PIN blocks and the working keys' cryptograms: the
+    file is readable by its owner only (mode 0600), one that existed with a wider mode
+    included. It must be a regular file, and not a symbolic link (one planted where the log
+    is to go would send the frames elsewhere)."""
 
     def __init__(self, path: Path, clock: Callable[[], datetime] = _utc_now) -> None:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
         try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            descriptor = os.open(path, flags, 0o600)
+        except OSError as error:
+            reason = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
+            raise BadInput(f"{path}: cannot open for recording: {reason}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise BadInput(f"{path}: cannot open for recording: not a regular file")
+            os.fchmod(descriptor, 0o600)
             self._file = os.fdopen(descriptor, "a", encoding="utf-8")
         except OSError as error:
+            os.close(descriptor)
             raise BadInput(f"{path}: cannot open for recording: {error.strerror}") from None
+        except BaseException:
+            os.close(descriptor)
+            raise
         super().__init__(self._file, clock)
 
     def close(self) -> None:

@@ -47,6 +47,32 @@ def test_records_read_back_as_written(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_a_log_that_existed_with_a_wider_mode_is_made_owner_only(tmp_path: Path) -> None:
+    """A file made beforehand readable by others (0644) is appended to and made 0600."""
+    path = tmp_path / "traffic.jsonl"
+    path.write_text("")
+    path.chmod(0o644)
+    with FileRecorder(path, fixed_clock) as recorder:
+        recorder.record("out", "10000001", CASE.frame("redemption_frame"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(read_recording(path)) == 1
+
+
+def test_a_symbolic_link_or_a_folder_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    """A link planted where the log is to go is not followed; a folder is not a log."""
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("")
+    link = tmp_path / "traffic.jsonl"
+    link.symlink_to(elsewhere)
+    with pytest.raises(BadInput) as refused:
+        FileRecorder(link, fixed_clock)
+    assert str(refused.value) == f"{link}: cannot open for recording: a symbolic link"
+    assert elsewhere.read_text() == ""
+    with pytest.raises(BadInput) as refused:
+        FileRecorder(tmp_path, fixed_clock)
+    assert str(refused.value).startswith(f"{tmp_path}: cannot open for recording: ")
+
+
 def test_each_record_is_one_json_line_with_the_wire_frame_in_hex() -> None:
     """One line per frame: time with offset, direction, terminal, upper-case hex of the frame."""
     stream = io.StringIO()
