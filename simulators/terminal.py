@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from cardcodec import crypto
-from cardcodec.cards import mask_card_number
+from cardcodec.cards import mask_card_data, mask_card_number
 from cardcodec.crypto import Suite, WorkingKeys
 from cardcodec.errors import CodecError
 from cardcodec.frame import (
@@ -238,8 +238,19 @@ class Request:
         return f"Request({self.describe()!r})"
 
     def describe(self) -> str:
-        """One line for a report: no PIN, no key, no track, the card masked."""
-        return " ".join([self.mti, self.kind.value, *_request_details(self)])
+        """One line for a report: no PIN, no key, no track, the card masked. A request whose
+        fields do not read (a hostile frame in a gateway's recording, say) is described by
+        its trace and what is wrong with it, never by its bytes."""
+        try:
+            details = _request_details(self)
+        except (CodecError, KeyError, ValueError) as error:
+            reason = (
+                mask_card_data(str(error))
+                if isinstance(error, CodecError)
+                else "a field missing or malformed"
+            )
+            details = [f"trace {self.trace}", f"(fields do not read: {reason})"]
+        return " ".join([self.mti, self.kind.value, *details])
 
 
 def _request_details(request: Request) -> list[str]:

@@ -3,6 +3,7 @@ of §4.6, local batch totals, settlement and the trace counter."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -205,6 +206,22 @@ def test_redemption_builders_give_the_vector_frames(
         encrypt_track=options.get("encrypt_track") is True,
     )
     assert request.frame == case.frame(name)
+
+
+def test_a_request_whose_fields_do_not_read_is_still_described() -> None:
+    """A recorded request with 60.6 = 9 (a hostile terminal's, in a gateway's recording):
+    described by its trace and what is wrong, for the replay's report, never by a crash."""
+    case = CASES[0]
+    terminal = vector_signed_on(case)
+    request = terminal.redemption(CardEntry(case.card_number, "2812"), 12800)
+    fields = dict(request.message.fields)
+    fields[60] = str(fields[60])[:-1] + "9"
+    hostile = dataclasses.replace(request, message=dataclasses.replace(request.message,
+                                                                        fields=fields))  # fmt: skip
+    described = hostile.describe()
+    assert described.startswith(f"0200 redemption trace {request.trace} (fields do not read: ")
+    assert "60.6" in described
+    assert case.card_number not in described
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
