@@ -723,10 +723,11 @@ class _Runner:
         self.saved: dict[str, Completed] = {}
 
     def run(self) -> Report:
-        reports = []
+        reports: list[StepReport] = []
         try:
             for step in self.scenario.steps:
                 reports.append(self.play(step))
+            self._reverse_what_is_owed(reports)
         finally:
             for link in self.links.values():
                 link.close()
@@ -747,6 +748,30 @@ class _Runner:
         except (TerminalError, ValueError, CodecError) as error:
             report.problems.append(str(error))
         return report
+
+    def _reverse_what_is_owed(self, reports: list[StepReport]) -> None:
+        """A terminal whose last answer never came (`drop_answer`, `disconnect` on its last
+        step) reverses it before anything else (§4.6); with no step left, it does so now,
+        shown under its last step. A reversal still owed after that fails that step: the
+        points may still be taken for a sale the terminal took as failed."""
+        for terminal_id, terminal in self.terminals.items():
+            pending = terminal.pending_reversal
+            if pending is None:
+                continue
+            report = next(r for r in reversed(reports) if r.step.terminal == terminal_id)
+            note = " (owed at the end of the scenario)"
+            try:
+                reversal = terminal.reversal()
+                result = self._send(report.step, terminal, reversal, report, NO_FAULTS, note=note)
+            except (TerminalError, ValueError, CodecError) as error:
+                report.problems.append(str(error))
+                result = None
+            if terminal.pending_reversal is not None:
+                answered = f" (answered {result.code})" if result else ""
+                report.problems.append(
+                    f"the reversal of trace {pending.original.trace} is still owed at the end"
+                    f" of the scenario{answered}"
+                )
 
     def _link(self, terminal: str) -> Link:
         link = self.links.get(terminal)

@@ -816,6 +816,17 @@ def test_a_dropped_answer_makes_the_next_frame_a_reversal_98() -> None:
     assert "(a reversal is owed, reason 98)" in played.report.steps[1].received
 
 
+def test_a_dropped_answer_on_the_last_step_is_reversed_before_the_run_ends() -> None:
+    """With no step after it, the owed 0400 (reason 98) goes at the end, shown under the
+    last step, and the points come back."""
+    played = play(SIGN_ON + redeem_step(amount_fen=3000, drop_answer=True))
+    assert played.report.failed == 0, played.report.render()
+    assert played.gateway.sent_mtis() == ["0800", "0200", "0400"]
+    assert played.gateway.received[2].fields[39] == "98"
+    assert played.gateway.points[DIAMOND] == 50000
+    assert "(owed at the end of the scenario)" in played.report.render()
+
+
 def test_a_reverse_step_sends_the_owed_reversal_itself() -> None:
     """`do = reverse` of the transaction whose answer was lost sends exactly one 0400."""
     text = (
@@ -864,7 +875,8 @@ def test_reversing_a_transaction_again_repeats_its_0400() -> None:
 
 def test_another_reason_for_a_reversal_already_owed_fails_the_step() -> None:
     """The reversal of a dropped answer is owed with reason 98; a `reverse` asking for 06
-    would be another reversal of it: the step fails saying so, nothing is sent for it."""
+    would be another reversal of it: the step fails saying so, nothing is sent for it. The
+    reversal owed (98) goes at the end of the run."""
     text = (
         SIGN_ON
         + redeem_step(amount_fen=3000, drop_answer=True, save="lost")
@@ -875,7 +887,8 @@ def test_another_reason_for_a_reversal_already_owed_fails_the_step() -> None:
         "the reversal of trace 000002 is owed with reason 98 already; with 06 it would be "
         "another reversal"
     ]
-    assert played.gateway.sent_mtis() == ["0800", "0200"]
+    assert played.gateway.sent_mtis() == ["0800", "0200", "0400"]
+    assert played.gateway.received[2].fields[39] == "98"
 
 
 def test_a_step_whose_original_was_never_sent_fails_and_the_report_goes_on() -> None:
