@@ -687,17 +687,37 @@ def _second_answer(terminal: Terminal, request: Request, answers: tuple[bytes, .
         return f"(refused: {refused.reason})"
 
 
-def _repeat_problem(answers: tuple[bytes, ...]) -> str | None:
-    """A repeated request must get the same answer again (§7), MAC aside."""
+# §7: the requests the gateway records (their repeats get the stored answer), and the codes
+# of the checks made before a request is recorded (format, terminal, MAC: §6's order up to
+# `A0`, the suite's `A7`, and `12`, which §7 gives with `30`). `96` records nothing either.
+RECORDED_MTIS: Final = frozenset({"0200", "0220", "0320", "0400", "0500"})
+UNRECORDED_CODES: Final = frozenset({"30", "12", "97", "03", "58", "A0", "A7"})
+
+
+def _repeat_problem(request: Request, answers: tuple[bytes, ...]) -> str | None:
+    """What is wrong with the answer to a repeated request (§7). A recorded request gets
+    the same answer again, MAC aside. One refused before it was recorded is checked afresh:
+    the same code again, with a new RRN and time. A request the gateway never records
+    (sign-on, sign-off, echo) is handled afresh: any answer will do (a sign-off's repeat is
+    `A0`, its keys being gone), and so will any answer after a `96`."""
     if len(answers) < 2:
         return "repeat: no answer to the second copy"
     try:
         first, second = (decode_frame(answer) for answer in answers[:2])
     except CodecError as error:
         return f"repeat: an answer does not decode ({error})"
-    without_mac = [{n: v for n, v in m.fields.items() if n != 64} for m in (first, second)]
-    if first.mti != second.mti or without_mac[0] != without_mac[1]:
-        return "repeat: the second answer differs from the first"
+    code, again = (m.text(39) if 39 in m.fields else None for m in (first, second))
+    if request.mti not in RECORDED_MTIS or code == "96":
+        return None
+    if code in UNRECORDED_CODES:
+        return None if again == code else f"repeat: the second answer's code is {again}, not {code}"
+    numbers = sorted((set(first.fields) | set(second.fields)) - {64})
+    differ = [n for n in numbers if first.fields.get(n) != second.fields.get(n)]
+    if first.mti != second.mti:
+        return "repeat: the second answer's MTI differs from the first's"
+    if differ:
+        shown = ", ".join(str(n) for n in differ)
+        return f"repeat: the second answer differs from the first in field(s) {shown}"
     return None
 
 
@@ -913,7 +933,7 @@ class _Runner:
         if faults.repeat:
             report.wire.append((SENT, "(the same frame again)"))
             report.wire.append((RECEIVED, _second_answer(terminal, request, exchange.answers)))
-            problem = _repeat_problem(exchange.answers)
+            problem = _repeat_problem(request, exchange.answers)
             if problem is not None:
                 report.problems.append(problem)
         return result

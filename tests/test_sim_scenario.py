@@ -1087,8 +1087,24 @@ def test_a_repeated_request_must_get_the_same_answer() -> None:
     assert wire[2][1] == "(the same frame again)" and wire[3][1] == wire[1][1]
     gateway = FakeGateway(CONFIG, differ_on_repeat=True)
     played = play(text, gateway)
-    assert played.report.steps[1].problems == ["repeat: the second answer differs from the first"]
+    assert played.report.steps[1].problems == [
+        "repeat: the second answer differs from the first in field(s) 37, 54, 63"
+    ]
     assert played.gateway.sent_mtis() == ["0800", "0200", "0200"]
+
+
+def test_a_repeat_of_what_the_gateway_does_not_record_is_checked_afresh() -> None:
+    """§7 records only requests past the format, terminal and MAC checks: a repeated `A0`
+    must be `A0` again, whatever its RRN; a repeated sign-off (never recorded, its keys
+    gone) may get another answer."""
+    text = (
+        SIGN_ON
+        + redeem_step(corrupt_mac=True, repeat=True, expect={"code": "A0"})
+        + step(terminal="10000001", do="sign_off", repeat=True)
+    )
+    played = play(text, FakeGateway(CONFIG, differ_on_repeat=True))
+    assert played.report.failed == 0, played.report.render()
+    assert played.gateway.sent_mtis() == ["0800", "0200", "0200", "0820", "0820"]
 
 
 def test_a_step_that_cannot_be_built_fails_and_the_run_goes_on() -> None:
