@@ -84,6 +84,7 @@ class RecordedExchange:
     terminal: str
     request: bytes
     answer: bytes | None = None
+    frame_number: int = 0  # the request's place among the file's frames, 1-based
 
     @property
     def cut(self) -> bool:
@@ -95,6 +96,7 @@ class Recording:
     source: str
     exchanges: list[RecordedExchange]
     stray_answers: int = 0  # answers that matched no request
+    unattributed: int = 0  # frames the gateway could not tie to a terminal (no 41 read)
 
     @property
     def terminals(self) -> list[str]:
@@ -109,12 +111,16 @@ def pair_recording(records: Sequence[RecordedFrame], source: str) -> Recording:
     one got none, and an answer that belongs to none is counted as stray. A new request that
     is not a copy of the one waiting (a repeat) means the waiting ones got none; so does a
     cut frame. A frame sent that decodes as an answer means the file is not a simulator's
-    recording.
+    recording. A frame of no terminal (a gateway's recording of a frame whose field 41 it
+    could not read, terminal "") is counted and left out: it names no terminal to replay it.
     """
     exchanges: list[RecordedExchange] = []
     waiting: dict[str, list[RecordedExchange]] = {}
-    stray = 0
+    stray = unattributed = 0
     for index, record in enumerate(records, start=1):
+        if not record.terminal:
+            unattributed += 1
+            continue
         queue = waiting.setdefault(record.terminal, [])
         if record.direction == "out":
             mti = _mti(record.frame)
@@ -125,7 +131,9 @@ def pair_recording(records: Sequence[RecordedFrame], source: str) -> Recording:
                 )
             if queue and record.frame != queue[-1].request:
                 queue.clear()
-            exchange = RecordedExchange(len(exchanges) + 1, record.terminal, record.frame)
+            exchange = RecordedExchange(
+                len(exchanges) + 1, record.terminal, record.frame, frame_number=index
+            )
             exchanges.append(exchange)
             queue.append(exchange)
             if exchange.cut:
@@ -139,7 +147,7 @@ def pair_recording(records: Sequence[RecordedFrame], source: str) -> Recording:
             continue
         queue[position].answer = record.frame
         del queue[: position + 1]
-    return Recording(source, exchanges, stray)
+    return Recording(source, exchanges, stray, unattributed)
 
 
 def load_recording(path: Path, config: Config) -> Recording:
@@ -148,9 +156,12 @@ def load_recording(path: Path, config: Config) -> Recording:
     if not recording.exchanges:
         raise BadInput(f"{path}: no request to replay")
     known = {terminal.id for terminal in config.terminals}
-    for terminal in recording.terminals:
-        if terminal not in known:
-            raise BadInput(f"{path}: terminal {terminal!r} is not a terminal of the config")
+    for exchange in recording.exchanges:
+        if exchange.terminal not in known:
+            raise BadInput(
+                f"{path}: frame {exchange.frame_number}: terminal {exchange.terminal!r} is not a"
+                " terminal of the config"
+            )
     return recording
 
 
@@ -234,6 +245,7 @@ class ReplayReport:
     source: str
     exchanges: list[ReplayedExchange]
     stray_answers: int = 0
+    unattributed: int = 0
 
     @property
     def differing(self) -> list[ReplayedExchange]:
@@ -252,6 +264,11 @@ class ReplayReport:
         lines += [f"note ({count}x): {note}" for note, count in sorted(notes.items())]
         if self.stray_answers:
             lines.append(f"note: {self.stray_answers} recorded answers matched no request")
+        if self.unattributed:
+            lines.append(
+                f"note: {self.unattributed} recorded frames named no terminal (the gateway"
+                " could not read their field 41) and were not replayed"
+            )
         same = len(self.exchanges) - len(self.differing)
         lines.append(
             f"{len(self.exchanges)} requests replayed: {same} answered as recorded, "
@@ -325,7 +342,10 @@ class _Replayer:
         finally:
             for session in self.sessions.values():
                 session.close()
-        return ReplayReport(self.recording.source, replayed, self.recording.stray_answers)
+        recording = self.recording
+        return ReplayReport(
+            recording.source, replayed, recording.stray_answers, recording.unattributed
+        )
 
     def one(self, recorded: RecordedExchange) -> ReplayedExchange:
         session = self.sessions[recorded.terminal]

@@ -21,6 +21,7 @@ from simulators.connection import corrupt_mac
 from simulators.recording import Direction, RecordedFrame, Recorder, iter_recording
 from simulators.replay import (
     Recording,
+    ReplayReport,
     compare_answers,
     load_recording,
     pair_recording,
@@ -230,11 +231,32 @@ def test_recordings_of_unknown_terminals_or_without_requests_are_refused(tmp_pat
     log = tmp_path / "log.jsonl"
     line = RecordedFrame(datetime.now(UTC), "out", "99999999", frame("0820", "000001"))
     log.write_text(line.to_json())
-    with pytest.raises(BadInput, match="terminal '99999999' is not a terminal of the config"):
+    with pytest.raises(BadInput) as refused:
         load_recording(log, CONFIG)
+    assert str(refused.value) == (
+        f"{log}: frame 1: terminal '99999999' is not a terminal of the config"
+    )
     log.write_text("\n")
     with pytest.raises(BadInput, match="no request to replay"):
         load_recording(log, CONFIG)
+
+
+def test_frames_of_no_terminal_in_a_gateways_recording_are_left_out_and_counted(
+    tmp_path: Path,
+) -> None:
+    """`serve --record` writes terminal "" for a frame whose field 41 it could not read
+    (a hostile one); the rest of the recording replays, and the frames left out are noted."""
+    log = tmp_path / "log.jsonl"
+    lines = [
+        RecordedFrame(datetime.now(UTC), "out", "", bytes.fromhex("0006600000000002")),
+        RecordedFrame(datetime.now(UTC), "out", "10000001", frame("0820", "000001")),
+    ]
+    log.write_text("\n".join(line.to_json() for line in lines) + "\n")
+    recording = load_recording(log, CONFIG)
+    assert [e.terminal for e in recording.exchanges] == ["10000001"]
+    assert recording.unattributed == 1
+    report = ReplayReport(str(log), [], recording.stray_answers, recording.unattributed)
+    assert "note: 1 recorded frames named no terminal" in report.render()
 
 
 # --- comparing answers ----------------------------------------------------------------------
