@@ -238,6 +238,11 @@ def test_replay_refuses_a_log_it_cannot_replay_before_any_traffic(
         (["--terminals", "1", "--rate", "0", "--duration", "1"], "--rate: 0 is outside"),
         (["--terminals", "1", "--rate", "10", "--duration", "nan"], "--duration: nan"),
         (["--terminals", "1", "--rate", "1", "--duration", "1", "--timeout", "-1"], "--timeout"),
+        (  # more than the gateway lets a terminal send: its links would be closed
+            ["--terminals", "2", "--rate", "120", "--duration", "1"],
+            "--rate 120: 60 requests/s for each of 2 terminals, above the 50 frames/s a terminal"
+            " may send (max_frames_per_second_per_terminal in ",
+        ),
     ],
 )
 def test_sim_load_refuses_nonsense_with_exit_2(

@@ -149,6 +149,7 @@ def load_command(args: argparse.Namespace) -> int:
     if args.seed is not None:
         plan = dataclasses.replace(plan, seed=args.seed)
     choose_terminals(config, plan.terminals)
+    _refuse_a_rate_the_gateway_closes(args.config, config, plan)
     if not usable_cards(config):
         raise BadInput(f"{args.config}: no card that is active and enrolled to redeem with")
     target = reachable_target(args, config)
@@ -178,6 +179,21 @@ def load_command(args: argparse.Namespace) -> int:
             + "".join(f"; {failure}" for failure in summary.failures)
         )
     return 0
+
+
+def _refuse_a_rate_the_gateway_closes(path: Path, config: Config, plan: LoadPlan) -> None:
+    """Each terminal's share of the rate must be within what the gateway lets a terminal send
+    (`max_frames_per_second_per_terminal`): above it the gateway closes the terminal's link,
+    and the load would measure that rather than the gateway."""
+    limit = config.gateway.max_frames_per_second_per_terminal
+    share = plan.rate_per_s / plan.terminals
+    if share > limit:
+        raise BadInput(
+            f"--rate {plan.rate_per_s:g}: {share:g} requests/s for each of {plan.terminals}"
+            f" terminals, above the {limit} frames/s a terminal may send"
+            f" (max_frames_per_second_per_terminal in {path}); give more --terminals or a"
+            " lower --rate"
+        )
 
 
 class PlainProgress:
