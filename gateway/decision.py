@@ -20,8 +20,6 @@ from gateway.points import Conversion, convert, partial_conversion
 from gateway.responses import Decline
 from gateway.rules import Rule, choose_rule
 
-PIN_TRIES_TO_LOCK = 3
-
 
 @dataclass(frozen=True, init=False)
 class CardSnapshot:

@@ -1,13 +1,13 @@
 """Declines as values, in the precedence order of pos-8583.md §6, and the one table to field 39.
 
-When several declines apply, the first in `Decline`'s order answers; `first_of` picks it. The
-decision code returns these values; only `RESPONSE_CODES` knows what goes on the wire.
+`Decline` lists them in §6's order, the order the checks are made in (`gateway/checks.py`,
+`gateway/decision.py`), so the first that applies answers. The decision code returns these
+values; only `RESPONSE_CODES` knows what goes on the wire.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 
 
 class Decline(enum.Enum):
@@ -69,13 +69,6 @@ RESPONSE_CODES: dict[Decline, str] = {
 APPROVED = "00"
 PARTIAL = "10"
 APPROVAL_CODES = frozenset({APPROVED, PARTIAL})
-
-_ORDER = {decline: index for index, decline in enumerate(Decline)}
-
-
-def first_of(declines: Iterable[Decline]) -> Decline | None:
-    """The decline that answers when several apply; None when there are none."""
-    return min(declines, key=_ORDER.__getitem__, default=None)
 
 
 def response_code(decline: Decline) -> str:

@@ -15,7 +15,13 @@ from cardcodec.crypto import Suite, decrypt_pin
 from gateway.errors import BadInput
 from gateway.handler import Gateway, Reply, finish
 from gateway.ledger import operations, unit_of_work
-from gateway.ledger.models import Authorisation, AuthorisationKind, AuthorisationState
+from gateway.ledger.models import (
+    Authorisation,
+    AuthorisationKind,
+    AuthorisationState,
+    Card,
+    CardStatus,
+)
 from gateway.points import MAX_CARD_POINTS
 from gateway.transactions import Transactions
 from tests.conftest import moment, source_only
@@ -163,6 +169,34 @@ def test_card_declines(harness: Harness, card: str, code: str) -> None:
     assert answer.code == code
 
 
+@pytest.mark.parametrize(
+    ("status", "expiry", "presented", "code"),
+    [
+        ("lost", "2601", "2512", "14"),  # an expiry that disagrees with the record first
+        ("closed", "2601", "2601", "14"),
+        ("lost", "2601", "2601", "41"),
+        ("stolen", "2601", "2601", "43"),
+        ("blocked", "2601", "2601", "62"),
+        ("active", "2601", "2601", "54"),
+        ("active", "2906", "2906", "57"),
+    ],
+)
+def test_when_several_card_declines_apply_the_first_in_section_6_order_answers(
+    harness: Harness, status: str, expiry: str, presented: str, code: str
+) -> None:
+    """§6's order `14`, `41`, `43`, `62`, `54`, `57`: a card that is also expired (January
+    2026, the clock in November) and not enrolled gets the first that applies."""
+    with unit_of_work(harness.engine) as session:
+        card = session.get(Card, DIAMOND)
+        assert card is not None
+        card.status, card.expiry_yymm, card.enrolled = CardStatus(status), expiry, False
+    terminal = harness.signed_on()
+    fields = terminal.card_fields(DIAMOND, presented)
+    answer = harness.send(terminal, terminal.financial("0200", "000000", "22", fields,
+                                                       amount_fen=1000))  # fmt: skip
+    assert answer.code == code
+
+
 def test_an_empty_sm4_pin_block_is_a_format_error_and_no_try(harness: Harness) -> None:
     """Field 62 present with a zero length (SM4 PIN block) is `30`, three times over, and
     the card's PIN tries are untouched: the right PIN is approved after them."""
@@ -275,6 +309,63 @@ def test_wrong_mac_is_a0_with_sign_on_again_and_changes_nothing(harness: Harness
     assert 64 not in answer.fields
     _, approved = harness.redeem(terminal, DIAMOND, 1000)
     assert approved.balance == 50000 - 500
+
+
+def _tampered(payload: bytes) -> bytes:
+    return payload[:-1] + bytes([payload[-1] ^ 1])
+
+
+@pytest.mark.parametrize("kind", ["void", "refund", "reversal", "settlement", "upload", "sign_off"])
+def test_a_wrong_mac_on_any_request_that_carries_one_is_a0_and_changes_nothing(
+    harness: Harness, kind: str
+) -> None:
+    """§5.1: every request but 0800 and echo carries a MAC, checked before anything is done
+    (§6): a void, refund, reversal, settlement, upload or sign-off whose MAC is wrong gets
+    `A0` with header digit 3, no MAC, and changes nothing; sent again with a right MAC it is
+    done."""
+    terminal = harness.signed_on()
+    sale_request, sale = harness.redeem(terminal, DIAMOND, 12800)
+    sale_trace = f"{terminal.trace:06d}"
+    card = terminal.card_fields(DIAMOND, "2906")
+    extra: dict[int, str | bytes]
+    if kind == "void":
+        extra = {37: sale.text(37), 61: terminal.batch + sale_trace}
+        request = terminal.financial("0200", "200000", "23", card, amount_fen=12800, extra=extra)
+    elif kind == "refund":
+        extra = {37: sale.text(37), 61: terminal.batch + sale_trace + sale.text(13)}
+        request = terminal.financial("0220", "200000", "25", card, amount_fen=12800, extra=extra)
+    elif kind == "reversal":
+        request = _reversal(harness, terminal, sale_request)
+    elif kind == "settlement":
+        totals = f"{12800:012d}{1:03d}{0:012d}{0:03d}0" + "0" * 31
+        fields = {11: terminal.next_trace(), **terminal.ids(), 48: totals, 49: "156"}
+        request = terminal.signed("0500", {**fields, 60: f"00{terminal.batch}201", 63: "01 "})
+    elif kind == "upload":
+        assert _settle(harness, terminal, "0" * 62).text(48)[30] == "2"  # unbalanced
+        record = "00" + sale_trace + DIAMOND.zfill(20) + f"{12800:012d}"
+        fields = {11: terminal.next_trace(), **terminal.ids(), 48: "01" + record}
+        request = terminal.signed("0320", {**fields, 60: f"00{terminal.batch}201"})
+    else:
+        fields = {11: terminal.next_trace(), **terminal.ids(), 60: "00000001002"}
+        request = terminal.signed("0820", fields)
+    with unit_of_work(harness.engine) as session:
+        before = operations.balances(session, DIAMOND, harness.clock.now()).ledger_points
+        rows = session.query(Authorisation).count()
+    answer = harness.send(terminal, _tampered(request))
+    assert answer.code == "A0"
+    assert answer.header.hex() == "603103310000"
+    assert 64 not in answer.fields
+    with unit_of_work(harness.engine) as session:
+        assert operations.balances(session, DIAMOND, harness.clock.now()).ledger_points == before
+        assert session.query(Authorisation).count() == rows
+    done = harness.send(terminal, request)  # not recorded: the right MAC is answered afresh
+    assert done.code == "00"
+    if kind == "sign_off":
+        assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "A0"
+    elif kind in ("settlement", "upload"):
+        assert harness.signed_on().batch == "000002"
+    else:
+        assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
 
 
 def test_not_signed_on_is_a0(harness: Harness) -> None:
@@ -576,6 +667,23 @@ def test_reversal_undoes_a_redemption_and_repeats_change_nothing(harness: Harnes
     assert harness.send(terminal, reversal).code == "00"
     _, balance = harness.redeem(terminal, DIAMOND, 1000)
     assert balance.balance == 50000 - 500
+
+
+def test_a_reversal_whose_amount_differs_is_64_and_changes_nothing(harness: Harness) -> None:
+    """§4.6: a reversal carries its original's amount (the one requested); another amount is
+    `64`, and the points stay taken."""
+    terminal = harness.signed_on()
+    request, sale = harness.redeem(terminal, DIAMOND, 12800)
+    assert sale.code == "00"
+    _, fields, _, _ = parse(request)
+    for number in (26, 35, 52, 53, 62, 37, 64):
+        fields.pop(number, None)
+    fields[39] = "98"
+    wrong = terminal.signed("0400", {**fields, 4: f"{12700:012d}"})
+    assert harness.send(terminal, wrong).code == "64"
+    with unit_of_work(harness.engine) as session:
+        held = operations.balances(session, DIAMOND, harness.clock.now()).ledger_points
+    assert held == sale.balance
 
 
 def test_reversal_before_its_original_makes_the_original_94(harness: Harness) -> None:

@@ -70,6 +70,24 @@ def test_tracks_and_objects_holding_card_data_go_out_masked(stream: io.StringIO)
     assert "1234567890124" not in stream.getvalue()
 
 
+def test_card_numbers_and_secrets_inside_lists_and_dicts_go_out_masked(
+    stream: io.StringIO,
+) -> None:
+    """A value that is a list, tuple or dict is masked through: card numbers at any depth,
+    bytes by their length, and a secret's key hidden wherever it is."""
+    card = "6688001234567890124"
+    structlog.get_logger("t").info(
+        "many",
+        cards=[card, (card, b"\x01\x02")],
+        nested={"card": card, "pin": "1234", "inner": [{"tmk": "00" * 16}]},
+    )
+    (line,) = lines(stream)
+    masked = "668800*********0124"
+    assert line["cards"] == [masked, [masked, "<2 bytes>"]]
+    assert line["nested"] == {"card": masked, "pin": "<hidden>", "inner": [{"tmk": "<hidden>"}]}
+    assert "1234567890124" not in stream.getvalue() and "00" * 16 not in stream.getvalue()
+
+
 def test_lines_logged_together_are_written_when_the_block_ends(stream: io.StringIO) -> None:
     log = structlog.get_logger("t")
     with logs.together():

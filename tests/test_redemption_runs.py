@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
+from datetime import date
 from typing import Any
 
 import pytest
@@ -19,9 +20,10 @@ from sqlalchemy import MetaData, select
 
 from gateway.config import Config
 from gateway.handler import Gateway
+from gateway.ledger import operations, unit_of_work
 from gateway.ledger.hotpath import HotLedger
 from tests import pg
-from tests.conftest import NATIVE, FreshUrl
+from tests.conftest import NATIVE, FreshUrl, moment
 from tests.gateway_harness import (
     BLOCKED,
     DIAMOND,
@@ -127,6 +129,7 @@ def play(
     """The answers' fields (64 aside) and the ledger's rows after the scenario."""
     harness = Harness(config)
     try:
+        later_lots(harness)
         terminals = {tid: harness.signed_on(tid) for tid in ("10000001", "10000002", "20000001")}
         gateway = gateway_of(harness)
         answers = []
@@ -143,6 +146,16 @@ def play(
         return answers, rows(harness)
     finally:
         harness.engine.dispose()
+
+
+def later_lots(harness: Harness) -> None:
+    """A lot expiring a year after the demo's on each card the scenarios spend most, so
+    that the order lots are spent in (earliest expiry first) shows in the rows."""
+    now = harness.clock.now()
+    with unit_of_work(harness.engine) as session:
+        for card in (DIAMOND, GOLD_PIN):
+            operations.accrue(session, card, date(2026, 6, 1), 5000, f"test:later:{card}",
+                              when=moment(now), expiry_years=2)  # fmt: skip
 
 
 def rows(harness: Harness) -> dict[str, list[tuple[Any, ...]]]:
@@ -175,10 +188,12 @@ def new_ledger(ledger_backend: str, request: pytest.FixtureRequest) -> FreshUrl:
 
 
 @pytest.fixture
-def write_groups(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The size of every run written together."""
+def write_groups(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int] | None]:
+    """The size of every run written together; None on the native build, whose compiled
+    callers do not see a patched `HotLedger` (the runs are compared all the same)."""
     if NATIVE:
-        pytest.skip("counts runs by patching HotLedger, which the native build compiles")
+        yield None
+        return
     sizes: list[int] = []
     original = HotLedger.write_group
 
@@ -195,7 +210,7 @@ def write_groups(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 def test_runs_answer_and_write_what_one_by_one_does(
     tmp_path: Any,
     new_ledger: FreshUrl,
-    write_groups: list[int],
+    write_groups: list[int] | None,
     scenario: Scenario,
     daily_limit: int,
 ) -> None:
@@ -203,10 +218,10 @@ def test_runs_answer_and_write_what_one_by_one_does(
     plan = dataclasses.replace(config.plan, max_points_per_card_day=daily_limit)
     config = dataclasses.replace(config, plan=plan)
     one_by_one = play(config, scenario, together=False)
-    assert write_groups == []  # one request at a time never makes a run
+    assert write_groups in ([], None)  # one request at a time never makes a run
     config = demo_config_on(config, new_ledger())
     together = play(config, scenario, together=True)
-    assert max(write_groups) >= 3  # runs were made and written together
+    assert write_groups is None or max(write_groups) >= 3  # runs were written together
     if scenario is mixed:  # every way a run ends was met
         assert {"00", "10", "13", "51", "55", "57", "94"} <= {a[39] for a in together[0]}
     assert together[0] == one_by_one[0]
@@ -222,7 +237,7 @@ def demo_config_on(config: Config, database: str) -> Config:
 
 
 def test_a_run_ends_at_the_first_request_it_cannot_answer(
-    tmp_path: Any, fresh_ledger_url: FreshUrl, write_groups: list[int]
+    tmp_path: Any, fresh_ledger_url: FreshUrl, write_groups: list[int] | None
 ) -> None:
     """Approvals before a decline go together; the decline and the run after it follow."""
     harness = Harness(demo_config(tmp_path, fresh_ledger_url()))
@@ -233,6 +248,6 @@ def test_a_run_ends_at_the_first_request_it_cannot_answer(
         group += [redemption(terminal, DIAMOND, 1000) for _ in range(2)]
         codes = [parse(r.payload or b"")[1][39] for r in harness.gateway.handle_group(group)]
         assert codes == ["00", "00", "00", "57", "00", "00"]
-        assert write_groups == [3, 2]
+        assert write_groups in ([3, 2], None)  # None: the native build, not counted
     finally:
         harness.engine.dispose()
