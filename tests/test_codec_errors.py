@@ -7,6 +7,7 @@ import pytest
 from cardcodec.errors import CodecError
 from cardcodec.frame import FrameSplitter, add_length
 from cardcodec.message import Message, decode_frame, decode_message, encode_message
+from tests.spec_terminal import build
 from tests.vectors import suite_cases
 
 REDEMPTION = suite_cases()[0].frame("redemption_frame")
@@ -118,6 +119,21 @@ def test_length_over_the_field_maximum_is_refused() -> None:
         decode_frame(bytes(frame))
     assert caught.value.field == 35
     assert caught.value.offset == TRACK_OFFSET
+
+
+def test_field_48_holds_eight_upload_records_and_no_more() -> None:
+    """§4.7's longest field 48: a count and eight 40-digit records, 322 digits (n...322 LLL),
+    built by the test terminal's own encoder; one digit more is refused at field 48."""
+    record = "00" + "000001" + "6688001234567890124".zfill(20) + f"{1000:012d}"
+    fields: dict[int, str | bytes] = {11: "000009", 41: "10000001", 42: "898310048990001"}
+    fields[60] = "00000001201"
+    longest = "08" + record * 8
+    assert len(longest) == 322
+    message = decode_frame(add_length(build("0320", {**fields, 48: longest})))
+    assert message.fields[48] == longest
+    with pytest.raises(CodecError) as caught:
+        decode_frame(add_length(build("0320", {**fields, 48: longest + "0"})))
+    assert caught.value.field == 48
 
 
 def test_extra_bytes_after_the_last_field_are_refused() -> None:
