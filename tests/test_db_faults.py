@@ -13,6 +13,7 @@ from gateway.ledger import db, unit_of_work
 from gateway.ledger.db import CommitOutcomeUnknownError
 from gateway.ledger.invariants import check_invariants
 from tests import pg
+from tests.conftest import skip_without
 from tests.gateway_harness import DIAMOND, Harness, demo_config
 from tests.spec_terminal import parse
 
@@ -20,9 +21,7 @@ from tests.spec_terminal import parse
 @pytest.fixture
 def outage_server() -> Iterator[pg.PgServer]:
     """A PostgreSQL of this test's own, since the test stops it."""
-    reason = pg.missing_binaries()
-    if reason is not None:
-        pytest.skip(reason)
+    skip_without(pg.missing_binaries())
     server = pg.start()
     try:
         yield server

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.config import load_config
 from tests import pg
+from tests.conftest import skip_without
 from tests.deploy_campaign import missing_haproxy, run_deployment
 
 DURATION_S = 6.0
@@ -25,9 +26,7 @@ def test_one_gateway_killed_behind_haproxy_the_other_carries_on(
 ) -> None:
     """SIGKILL to one gateway (with its two workers) under load: approvals continue through
     the other, `vipgate ledger check` is clean, every approval read is in the journal."""
-    missing = missing_haproxy()
-    if missing:
-        pytest.skip(missing)
+    skip_without(missing_haproxy())
     figures = run_deployment(
         postgres_server, tmp_path, duration_s=DURATION_S, rate_per_s=RATE_PER_S, kills=1
     )
@@ -53,9 +52,7 @@ def test_the_example_gateway_config_loads_and_fits_behind_haproxy() -> None:
 
 def test_the_example_haproxy_config_is_valid() -> None:
     """`haproxy -c` accepts config/deploy/haproxy.cfg as shipped."""
-    missing = missing_haproxy()
-    if missing:
-        pytest.skip(missing)
+    skip_without(missing_haproxy())
     checked = subprocess.run(
         ["haproxy", "-c", "-f", str(DEPLOY / "haproxy.cfg")],
         capture_output=True,
