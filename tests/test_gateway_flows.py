@@ -14,13 +14,14 @@ from structlog.testing import capture_logs
 from cardcodec.crypto import Suite, decrypt_pin
 from gateway.errors import BadInput
 from gateway.handler import Gateway, Reply, finish
-from gateway.ledger import operations, unit_of_work
+from gateway.ledger import operations, records, unit_of_work
 from gateway.ledger.models import (
     Authorisation,
     AuthorisationKind,
     AuthorisationState,
     Card,
     CardStatus,
+    Terminal,
 )
 from gateway.points import MAX_CARD_POINTS
 from gateway.transactions import Transactions
@@ -765,6 +766,34 @@ def test_a_batch_upload_goes_to_the_batch_just_settled(harness: Harness) -> None
         fields[60] = f"00{batch}201"
         codes.append(harness.send(terminal, terminal.signed("0320", fields)).code)
     assert codes == ["22", "00", "22"]
+
+
+def test_after_batch_999999_the_upload_and_a_repeated_settlement_find_it(
+    harness: Harness,
+) -> None:
+    """Batch 999999 settled, the next is 000001 (§2's wrap): the settlement sent again gets
+    its stored answer, and the upload for 999999 (the batch just settled) is taken."""
+    with unit_of_work(harness.engine) as session:
+        terminal_row = session.get(Terminal, "10000001")
+        assert terminal_row is not None
+        terminal_row.open_batch_number = 999999
+        records.open_batch(session, "10000001").batch_number = 999999
+    terminal = harness.signed_on()
+    assert terminal.batch == "999999"
+    _, sale = harness.redeem(terminal, DIAMOND, 1000)
+    sale_trace = f"{terminal.trace:06d}"
+    fields = {11: terminal.next_trace(), **terminal.ids(), 48: "0" * 62, 49: "156"}
+    settlement = terminal.signed("0500", {**fields, 60: "00999999201", 63: "01 "})
+    first = harness.send(terminal, settlement)
+    assert (first.code, first.text(48)[30]) == ("00", "2")  # unbalanced: the sale is ours
+    assert harness.send(terminal, settlement).fields == first.fields
+    record = "00" + sale_trace + DIAMOND.zfill(20) + f"{1000:012d}"
+    fields = {11: terminal.next_trace(), **terminal.ids(), 48: "01" + record}
+    assert harness.send(terminal, terminal.signed("0320", {**fields, 60: "00999999201"})).code == (
+        "00"
+    )
+    assert harness.signed_on().batch == "000001"
+    assert sale.code == "00"
 
 
 @pytest.mark.parametrize("field60", ["22000001", "220000010", "2200000100002"])
