@@ -97,6 +97,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         self._slots: deque[_Slot] = deque()
         self._closing = False
         self._stopping = False  # the gateway is stopping: no new frames, close once answered
+        self._told_stopping = False  # `frame_after_stop` logged for this link
         self._closed: list[Deferred[None]] = []  # fired by connectionLost
         self._address = "?"
         self._counted = False  # in the per-address count (refused connections are not)
@@ -142,6 +143,14 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         log.info("frame_too_long_closed", peer=self._peer(), length=length)
         self._close("frame_too_long")
 
+    def take_no_more_frames(self) -> None:
+        """For a stopping gateway, at once: frames that arrive from now on are read and not
+        taken (logged once a link as `frame_after_stop`), so the requests in flight can drain
+        even while a terminal keeps sending. Such a request changes nothing; its terminal
+        sends it again or reverses it after the restart (§7). Reading goes on, so the link
+        closes with its answers delivered rather than reset over unread bytes."""
+        self._stopping = True
+
     def close_when_answered(self) -> Deferred[None]:
         """For a stopping gateway: take no more frames, and once every answer this link owes
         is written, close it; a Twisted `loseConnection` writes what is buffered first, where
@@ -162,7 +171,12 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             cast(Any, self.transport).abortConnection()
 
     def stringReceived(self, string: bytes) -> None:
-        if self._closing or self._stopping:
+        if self._closing:
+            return
+        if self._stopping:
+            if not self._told_stopping:  # once a link: a busy terminal may send thousands
+                self._told_stopping = True
+                log.info("frame_after_stop", peer=self._peer(), terminal=self._terminal)
             return
         if not self._within_rate():
             log.info("frame_rate_closed", peer=self._address, terminal=self._terminal)

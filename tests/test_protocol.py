@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import cast
+
 import pytest
 from structlog.testing import capture_logs
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from gateway.handler import Reply
+from gateway.config import Config
+from gateway.handler import Gateway, Reply
 from gateway.protocol import MAX_BUCKETS, TerminalFactory, TerminalProtocol
+from gateway.server import GatewayServer
 
 
 def frame(payload: bytes) -> bytes:
@@ -89,6 +94,60 @@ def test_a_stopping_gateway_closes_each_link_once_its_answers_are_written() -> N
     assert transport.disconnecting and not closed.called
     protocol.connectionLost(None)
     assert closed.called
+
+
+class HeldWorker:
+    """A server's worker whose answers the test releases (`Pending`)."""
+
+    def __init__(self) -> None:
+        self.pending = Pending()
+        self.stopped = False
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, payload: bytes) -> Deferred[Reply]:
+        return self.pending(payload)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def test_a_stopping_server_drains_while_a_terminal_keeps_sending() -> None:
+    """SIGTERM with requests in flight on a link that goes on sending: the frames after the
+    stop are not taken (logged once), so the drain ends when the ones in flight are
+    answered, and the worker stops; it does not wait for a moment with nothing in flight."""
+    limits = SimpleNamespace(
+        idle_timeout_s=300,
+        max_pending_per_connection=32,
+        max_connections_per_address=64,
+        max_frames_per_second_per_terminal=1000,
+    )
+    worker = HeldWorker()
+    reactor = MemoryReactorClock()
+    server = GatewayServer(
+        cast(Gateway, SimpleNamespace()),
+        reactor,
+        cast(Config, SimpleNamespace(gateway=limits)),
+        worker=worker,
+    )
+    protocol = server.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(frame(b"first") + frame(b"second"))
+    stopped = server.stop()
+    with capture_logs() as logged:
+        for _ in range(3):
+            protocol.dataReceived(frame(b"after the stop"))
+    assert [line["event"] for line in logged] == ["frame_after_stop"]
+    assert len(worker.pending.calls) == 2
+    worker.pending.answer(0)
+    worker.pending.answer(1)
+    reactor.advance(0)  # the links close on the next turn, once their answers are handed over
+    assert transport.value() == frame(b"re:first") + frame(b"re:second")
+    assert transport.disconnecting
+    protocol.connectionLost(None)
+    assert worker.stopped and stopped.called
 
 
 def test_an_answer_for_a_link_already_lost_is_logged_not_sent() -> None:
