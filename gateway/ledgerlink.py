@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import marshal
+import queue
 import selectors
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
@@ -60,6 +62,10 @@ MAX_SEQUENCE: Final = 2**32 - 1
 READ_SIZE: Final = 256 * 1024  # bytes read from a link at a time
 # A front that takes no answer for this long is stuck: its link is closed (it is replaced).
 SEND_TIMEOUT_S: Final = 10.0
+# Answers queued for one front at most; past it the front is stuck (a few seconds of answers
+# at full load is a few megabytes).
+MAX_QUEUED_BYTES: Final = 64 * 1024 * 1024
+WRITING_LOOK_S: Final = 0.5  # how often the hub looks for stuck links while any has a queue
 # A front's exit status when its link to the ledger process closed while serving (EX_TEMPFAIL):
 # the ledger process's end is the failure, counted once, not each of its fronts.
 EXIT_LINK_LOST: Final = 75
@@ -227,15 +233,21 @@ Route = tuple["_Link", int]  # where an answer goes: the link, and the front's n
 
 
 class _Link:
-    """One front's link, as the hub holds it: what was read of a message so far, and the lock
-    that keeps a send and the link's closing apart (they happen on different threads)."""
+    """One front's link, as the hub holds it: what was read of a message so far, the answers
+    queued for it, and the lock that keeps a send, a flush and the link's closing apart (they
+    happen on different threads)."""
 
-    def __init__(self, sock: socket.socket, name: str) -> None:
+    def __init__(
+        self, sock: socket.socket, name: str, watch: Callable[[_Link], None] = lambda _: None
+    ) -> None:
         self.sock = sock
         self.name = name
         self.buffer = bytearray()
         self.lock = threading.Lock()
         self.closed = False
+        self.outgoing = bytearray()  # answers the socket has not taken yet, in order
+        self.progress_at = 0.0  # monotonic: when the socket last took some of `outgoing`
+        self._watch = watch  # asks the hub's thread to write the rest when the socket can
 
     def messages(self, data: bytes) -> list[bytes]:
         """The whole messages `data` completes; a `LinkError` for one over the limit."""
@@ -255,20 +267,68 @@ class _Link:
         return found
 
     def send(self, message: bytes) -> None:
-        """One message to the front; a link that cannot take it within `SEND_TIMEOUT_S` (or
-        at all) is shut down both ways, and its front, finding it closed, stops and is
-        replaced. The hub's thread then reads the end of it and drops it: only that thread
-        closes a link's socket, so its descriptor is never reused while still registered."""
+        """One message to the front, without waiting: what the socket takes now is written,
+        the rest is queued and written by the hub's thread as the socket drains (`flush`).
+        So a front slow to read delays its own answers only, never another front's: the
+        log-sync thread that sends every front's answers never blocks on one.
+
+        A link whose queue has not moved for `SEND_TIMEOUT_S` (`overdue`), or holds more than
+        `MAX_QUEUED_BYTES`, is stuck: it is shut down both ways, and its front, finding it
+        closed, stops and is replaced. The hub's thread then reads the end of it and drops it:
+        only that thread closes a link's socket, so its descriptor is never reused while still
+        registered."""
         with self.lock:
             if self.closed:
                 return
-            try:
-                self.sock.sendall(_LENGTH.pack(len(message)) + message)
-            except OSError as error:
-                log.error("link_send_failed", link=self.name, reason=str(error) or "timed out")
-                self.closed = True  # no more sends; the socket stays open until `_drop`
-                with contextlib.suppress(OSError):
-                    self.sock.shutdown(socket.SHUT_RDWR)
+            waiting = bool(self.outgoing)  # the hub's thread is writing the queue: keep order
+            self.outgoing += _LENGTH.pack(len(message)) + message
+            if len(self.outgoing) > MAX_QUEUED_BYTES:
+                self._fail(f"over {MAX_QUEUED_BYTES} bytes of answers waiting")
+                return
+            if waiting:
+                return
+            self.progress_at = time.monotonic()
+            self._write()
+            if not self.outgoing or self.closed:
+                return
+        self._watch(self)
+
+    def flush(self) -> bool:
+        """On the hub's thread, when the socket can take more: write what is queued; whether
+        the queue is empty (or the link closed) now."""
+        with self.lock:
+            if not self.closed:
+                self._write()
+            return self.closed or not self.outgoing
+
+    def overdue(self, now: float) -> bool:
+        """On the hub's thread: whether the queue has not moved for `SEND_TIMEOUT_S`; such a
+        link is failed (shut down) here."""
+        with self.lock:
+            if self.closed or not self.outgoing or now - self.progress_at <= SEND_TIMEOUT_S:
+                return False
+            self._fail("timed out")
+            return True
+
+    def _write(self) -> None:
+        """As much of the queue as the socket takes now (the lock held)."""
+        try:
+            while self.outgoing:
+                sent = self.sock.send(self.outgoing)
+                del self.outgoing[:sent]
+                self.progress_at = time.monotonic()
+        except BlockingIOError:
+            pass
+        except OSError as error:
+            self._fail(str(error))
+
+    def _fail(self, reason: str) -> None:
+        """No more sends (the lock held); the socket stays open until the hub drops it."""
+        log.error("link_send_failed", link=self.name, reason=reason)
+        self.closed = True
+        self.outgoing.clear()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close the socket (the hub's thread, or the hub once its thread has ended)."""
@@ -301,6 +361,10 @@ class LedgerHub:
         self._accepted = 0
         self._stopping = False
         self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._to_watch: queue.SimpleQueue[_Link] = queue.SimpleQueue()  # links with a queue
+        self._writing: set[_Link] = set()  # links registered for writing too
         self._selector = selectors.DefaultSelector()
         self._thread = threading.Thread(target=self._loop, name="ledger-links", daemon=True)
         self.failed: BaseException | None = None
@@ -338,33 +402,78 @@ class LedgerHub:
             for start in range(0, len(items), MAX_BATCH):
                 link.send(encode_answers(items[start : start + MAX_BATCH]))
 
+    def _watch(self, link: _Link) -> None:
+        """From the log-sync thread: `link` has answers queued; the hub's thread writes them."""
+        self._to_watch.put(link)
+        with contextlib.suppress(OSError):  # a full wake socket: a wake is pending anyway
+            self._wake_write.send(b"w")
+
     def _loop(self) -> None:
         try:
             while not self._stopping:
-                for key, _ in self._selector.select():
+                timeout = WRITING_LOOK_S if self._writing else None
+                for key, events in self._selector.select(timeout):
                     if key.data is None:
                         self._accept()
-                    elif key.data is not self._wake_read:
-                        self._read(key.data)
+                    elif key.data is self._wake_read:
+                        self._woken()
+                    else:
+                        self._ready(key.data, events)
+                self._fail_overdue()
         except Exception as error:  # a bug: the process must not go on deaf to its fronts
             log.exception("ledger_links_failed")
             self.failed = error
             self._on_failed()
+
+    def _woken(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._wake_read.recv(4096):
+                pass
+        while not self._to_watch.empty():
+            link = self._to_watch.get()
+            if link in self._links and link not in self._writing:
+                self._writing.add(link)
+                self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+
+    def _ready(self, link: _Link, events: int) -> None:
+        if events & selectors.EVENT_READ:
+            self._read(link)
+        if events & selectors.EVENT_WRITE and link in self._writing and link.flush():
+            self._not_writing(link)
+
+    def _not_writing(self, link: _Link) -> None:
+        self._writing.discard(link)
+        if link in self._links:
+            self._selector.modify(link.sock, selectors.EVENT_READ, link)
+
+    def _fail_overdue(self) -> None:
+        """Links whose answers have not moved for `SEND_TIMEOUT_S` are shut down (their fronts
+        are stuck); each is dropped when the hub reads the end of it."""
+        if not self._writing:
+            return
+        now = time.monotonic()
+        for link in list(self._writing):
+            if link.overdue(now):
+                self._not_writing(link)
 
     def _accept(self) -> None:
         try:
             sock, _ = self._listening.accept()
         except BlockingIOError:
             return
-        sock.settimeout(SEND_TIMEOUT_S)
+        sock.setblocking(False)  # reads when readable; sends queue what the socket leaves
         self._accepted += 1
-        link = _Link(sock, f"front-link-{self._accepted}")
+        link = _Link(sock, f"front-link-{self._accepted}", self._watch)
         self._links.add(link)
         self._selector.register(sock, selectors.EVENT_READ, link)
 
     def _read(self, link: _Link) -> None:
+        if link not in self._links:
+            return
         try:
             data = link.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
         except OSError as error:
             log.error("link_read_failed", link=link.name, reason=str(error))
             data = b""
@@ -384,6 +493,7 @@ class LedgerHub:
     def _drop(self, link: _Link) -> None:
         self._selector.unregister(link.sock)
         self._links.discard(link)
+        self._writing.discard(link)
         link.close()
 
 

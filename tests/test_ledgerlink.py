@@ -7,6 +7,7 @@ what does not parse is closed alone, and a closed link fails what waits on it.""
 from __future__ import annotations
 
 import marshal
+import os
 import queue
 import socket
 import struct
@@ -355,26 +356,59 @@ def test_a_bug_in_the_hub_is_logged_and_reported_so_the_process_stops(tmp_path: 
     assert [line["event"] for line in logs] == ["ledger_links_failed"]
 
 
+def big_answers(count: int) -> list[Reply]:
+    """Answers of the longest frame, each its own bytes (identical ones would be written once,
+    as a reference, by the link's encoding)."""
+    return [Reply(os.urandom(MAX_FRAME_LENGTH), {}) for _ in range(count)]
+
+
+def test_a_front_slow_to_read_delays_no_other_fronts_answers(hub: Hub) -> None:
+    """Answers queue for a front that does not read (its socket full); another front's
+    answers, sent after them on the same thread, arrive at once, and the slow front gets all
+    of its own, in order, when it reads again."""
+    slow, quick = hub.front(), hub.front()
+    slow.sendall(framed(encode_requests([(1, b"s")])))
+    quick.sendall(framed(encode_requests([(2, b"q")])))
+    routes = dict(hub.taken(2))
+    many = [(routes[b"s"][0], number) for number in range(MAX_BATCH)]
+    for _ in range(8):  # about 4 MB: more than the socket's buffers hold
+        hub.hub.send_answers(many, big_answers(len(many)))
+    assert routes[b"s"][0].outgoing  # queued for the hub's thread to write
+    started = time.monotonic()
+    hub.hub.send_answers([routes[b"q"]], [Reply(b"answer", {})])
+    [message] = read_messages(quick)
+    assert time.monotonic() - started < 1.0
+    assert decode_answers(message)[0][1].payload == b"answer"
+    got = read_messages(slow, 8)
+    assert [len(decode_answers(m)) for m in got] == [MAX_BATCH] * 8
+    assert not hub.failed
+
+
 def test_a_front_that_takes_no_answers_has_its_link_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A stuck front must not hold the log-sync thread for ever: once a send waits longer than
-    `SEND_TIMEOUT_S`, that link is closed and later answers to it are dropped at once."""
+    """A stuck front must not hold its answers for ever: once its queue of answers has not
+    moved for `SEND_TIMEOUT_S`, that link is closed and later answers to it are dropped at
+    once. The sends themselves never wait."""
     monkeypatch.setattr(ledgerlink, "SEND_TIMEOUT_S", 0.2)
     made = Hub(tmp_path)
     try:
         stuck = made.front()
         stuck.sendall(framed(encode_requests([(1, b"x")])))
         [(_, route)] = made.taken(1)
-        big = Reply(bytes(MAX_FRAME_LENGTH), {})
         routes = [(route[0], number) for number in range(MAX_BATCH)]
         with capture_logs() as logs:
+            started = time.monotonic()
             for _ in range(20):  # far more than the socket's buffers hold
-                made.hub.send_answers(routes, [big] * len(routes))
-                if route[0].closed:
-                    break
-        assert route[0].closed
+                made.hub.send_answers(routes, big_answers(len(routes)))
+            assert time.monotonic() - started < ledgerlink.SEND_TIMEOUT_S  # queued, not waited
+            deadline = time.monotonic() + WAIT_S
+            while not route[0].closed and time.monotonic() < deadline:
+                time.sleep(0.01)
+            made.hub.send_answers(routes[:1], big_answers(1))  # dropped: the link is closed
+        assert route[0].closed and not route[0].outgoing
         assert [line["event"] for line in logs] == ["link_send_failed"]
+        assert logs[0]["reason"] == "timed out"
         stuck.close()
         # The front that replaces it (its link may get the same descriptor) is served.
         deadline = time.monotonic() + WAIT_S
