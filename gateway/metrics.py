@@ -60,6 +60,7 @@ CLOSED: Final = "closed"  # the code of a request answered by closing the link
 CloseCause = Literal[
     "idle",
     "frame_too_long",
+    "frame_empty",
     "frame_rate",
     "too_many_pending",
     "too_many_connections",

@@ -178,6 +178,10 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
                 self._told_stopping = True
                 log.info("frame_after_stop", peer=self._peer(), terminal=self._terminal)
             return
+        if not string:  # §1: a LEN of 0 closes the link, before any frame behind it is taken
+            log.info("frame_empty_closed", peer=self._peer())
+            self._close("frame_empty")
+            return
         if not self._within_rate():
             log.info("frame_rate_closed", peer=self._address, terminal=self._terminal)
             self._close("frame_rate")

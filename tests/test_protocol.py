@@ -163,6 +163,16 @@ def test_an_answer_for_a_link_already_lost_is_logged_not_sent() -> None:
     assert [line["event"] for line in logged] == ["not_sent"]
 
 
+def test_a_len_of_0_closes_the_connection_before_the_frames_behind_it() -> None:
+    """§1: LEN 0 closes the link; a request glued behind it in the same read is not taken
+    (it would be decided, its points taken, with no link left to answer it on)."""
+    pending = Pending()
+    protocol, transport, _ = connect(pending)
+    protocol.dataReceived(b"\x00\x00" + frame(b"redemption"))
+    assert transport.disconnecting
+    assert pending.calls == []
+
+
 def test_frame_over_2048_bytes_closes_the_connection() -> None:
     """A LEN above the limit is not read: the link closes."""
     protocol, transport, _ = connect(echo)
