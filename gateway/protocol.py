@@ -233,7 +233,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             if reply.payload is not None and not written:
                 event["event"] = "not_sent"  # decided, but the link had closed
             log.info(**event)
-            self._record(slot, reply)
+            self._record(slot, reply, written)
             if written:
                 self.sendString(reply.payload)  # type: ignore[no-untyped-call]
             self._measure(slot, reply, written)
@@ -248,13 +248,16 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             now: Seconds = cast(Any, self._factory.reactor).seconds()
             metrics.answered(reply.event, now - slot.received if written else None)
 
-    def _record(self, slot: _Slot, reply: Reply) -> None:
+    def _record(self, slot: _Slot, reply: Reply, written: bool) -> None:
+        """The request as the terminal sent it, then its answer as the terminal received
+        it: only an answer written to the link (one decided after the link closed never
+        reached the terminal, which reverses that request)."""
         record = self._factory.record
         if record is None:
             return
         terminal = str(reply.event.get("terminal") or "")
         record("out", terminal, len(slot.request).to_bytes(2, "big") + slot.request)
-        if reply.payload is not None:
+        if written and reply.payload is not None:
             record("in", terminal, len(reply.payload).to_bytes(2, "big") + reply.payload)
 
     def _close(self, cause: CloseCause) -> None:

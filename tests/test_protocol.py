@@ -261,6 +261,26 @@ def test_recording_keeps_each_request_and_answer_in_order() -> None:
     ]
 
 
+def test_an_answer_that_never_left_is_not_recorded_as_received() -> None:
+    """The link closed before the answer was decided: the request is recorded, its answer
+    not, since the terminal never received it (it reverses that request)."""
+    records: list[tuple[str, str, bytes]] = []
+    pending = Pending()
+    factory = TerminalFactory(
+        pending,
+        MemoryReactorClock(),
+        idle_timeout_s=300,
+        max_pending=32,
+        record=lambda direction, terminal, data: records.append((direction, terminal, data)),
+    )
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(StringTransport())
+    protocol.dataReceived(frame(b"a"))
+    protocol.connectionLost(None)
+    pending.answer(0)
+    assert [direction for direction, _, _ in records] == ["out"]
+
+
 def hostile_factory(
     process: object = None, *, per_address: int = 64, rate: float = 50
 ) -> tuple[TerminalFactory, MemoryReactorClock]:
