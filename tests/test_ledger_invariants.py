@@ -111,6 +111,33 @@ def test_refund_totals_beyond_the_original_are_found(world: LedgerWorld) -> None
     assert "redemption.refunds" in rules(world.violations())
 
 
+def test_a_redemptions_settled_amount_changed_by_hand_is_found(world: LedgerWorld) -> None:
+    """D no longer what A and d give (clearing would settle it): `redemption.figures`."""
+    _, redemption = busy_card(world)
+    with unit_of_work(world.engine) as session:
+        session.execute(
+            update(Authorisation)
+            .where(Authorisation.id == redemption)
+            .values(settled_fen=Authorisation.settled_fen + 1)
+        )
+    found = [v for v in world.violations() if v.rule == "redemption.figures"]
+    assert [v.subject for v in found] == [f"authorisation {redemption}"]
+
+
+def test_a_refunds_points_changed_by_hand_are_found(world: LedgerWorld) -> None:
+    """A refund's points no longer what its original's running total says:
+    `redemption.refund_totals`, naming the original."""
+    _, redemption = busy_card(world)
+    with unit_of_work(world.engine) as session:
+        session.execute(
+            update(Authorisation)
+            .where(Authorisation.original_id == redemption)
+            .values(points=Authorisation.points + 1)
+        )
+    found = [v for v in world.violations() if v.rule == "redemption.refund_totals"]
+    assert [v.subject for v in found] == [f"authorisation {redemption}"]
+
+
 def test_check_reports_every_violation_not_just_the_first(world: LedgerWorld) -> None:
     """Two corrupted lots on two cards give violations for both."""
     busy_card(world)

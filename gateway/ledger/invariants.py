@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, and_, case, func, not_, or_, select, text, union
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from cardcodec.cards import mask_card_data
 from gateway.ledger.journal import sum_of
@@ -251,6 +251,80 @@ def _redemptions_hold_their_points(session: Session) -> Iterator[Violation]:
             )
 
 
+def _redemption_figures(session: Session) -> Iterator[Violation]:
+    """A redemption's figures follow from its amount and discount (points-and-clearing.md
+    §1): D = A x (10000 - d) / 10000 rounded half up, P = D / 2 rounded up. Clearing settles
+    D, so a D changed by hand would move money no points account for.
+
+    Compared in the database, in integers (every figure is at least 0)."""
+    settled = (Authorisation.amount_fen * (10000 - Authorisation.discount_bp) * 2 + 10000) // 20000
+    points = (Authorisation.settled_fen + 1) // 2
+    query = (
+        select(Authorisation.id, Authorisation.settled_fen, settled, Authorisation.points, points)
+        .where(
+            Authorisation.kind == AuthorisationKind.REDEMPTION,
+            Authorisation.state != AuthorisationState.DECLINED,
+            or_(Authorisation.settled_fen != settled, Authorisation.points != points),
+        )
+        .order_by(Authorisation.id)
+    )
+    for authorisation_id, stored_fen, fen, stored_points, owed in session.execute(query):
+        yield Violation(
+            "redemption.figures",
+            f"authorisation {authorisation_id}",
+            f"D {int(stored_fen)} and P {int(stored_points)}, expected {int(fen)} and {int(owed)}",
+        )
+
+
+def _refunds_add_up(session: Session) -> Iterator[Violation]:
+    """A redemption's running refund totals (refunded fen, points returned, fen clawed back)
+    are the sums of its approved refunds' figures: clearing reads the refunds, the next
+    refund's share reads the totals."""
+    refund = aliased(Authorisation)
+    sums = (
+        select(
+            refund.original_id.label("id"),
+            sum_of(refund.amount_fen).label("fen"),
+            sum_of(refund.points).label("points"),
+            sum_of(refund.settled_fen).label("clawed"),
+        )
+        .where(refund.kind == AuthorisationKind.REFUND, refund.response_code == "00")
+        .group_by(refund.original_id)
+        .subquery()
+    )
+    fen, points, clawed = (func.coalesce(c, 0) for c in (sums.c.fen, sums.c.points, sums.c.clawed))
+    query = (
+        select(
+            Authorisation.id,
+            Authorisation.refunded_fen,
+            fen,
+            Authorisation.points_returned,
+            points,
+            Authorisation.fen_clawed,
+            clawed,
+        )
+        .outerjoin(sums, sums.c.id == Authorisation.id)
+        .where(
+            Authorisation.kind == AuthorisationKind.REDEMPTION,
+            or_(
+                Authorisation.refunded_fen != fen,
+                Authorisation.points_returned != points,
+                Authorisation.fen_clawed != clawed,
+            ),
+        )
+        .order_by(Authorisation.id)
+    )
+    for row in session.execute(query):
+        authorisation_id, *figures = (int(value) for value in row)
+        kept_fen, summed_fen, kept_points, summed_points, kept_clawed, summed_clawed = figures
+        yield Violation(
+            "redemption.refund_totals",
+            f"authorisation {authorisation_id}",
+            f"refunded {kept_fen} fen, {kept_points} points, {kept_clawed} fen clawed; its"
+            f" refunds sum to {summed_fen}, {summed_points}, {summed_clawed}",
+        )
+
+
 def _batch_item_counts(session: Session) -> Iterator[Violation]:
     """The counts the 999-per-batch limit reads (kept by triggers) are the batches' counted
     authorisations, terminal by terminal, batch by batch, kind by kind.
@@ -300,5 +374,7 @@ CHECKS: tuple[Callable[[Session], Iterator[Violation]], ...] = (
     _movements_match_entries,
     _applied_once,
     _redemptions_hold_their_points,
+    _redemption_figures,
+    _refunds_add_up,
     _batch_item_counts,
 )
