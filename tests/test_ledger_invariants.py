@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 
+import pytest
 from sqlalchemy import select, update
 
 from gateway.ledger.db import unit_of_work
@@ -111,30 +112,28 @@ def test_refund_totals_beyond_the_original_are_found(world: LedgerWorld) -> None
     assert "redemption.refunds" in rules(world.violations())
 
 
-def test_a_redemptions_settled_amount_changed_by_hand_is_found(world: LedgerWorld) -> None:
-    """D no longer what A and d give (clearing would settle it): `redemption.figures`."""
+@pytest.mark.parametrize(
+    ("edited", "rule"),
+    [
+        ("settled_fen", "redemption.figures"),  # D no longer what A and d give
+        ("refund points", "redemption.refund_totals"),  # a refund's points not its total's
+    ],
+)
+def test_a_redemptions_figures_changed_by_hand_are_found(
+    world: LedgerWorld, edited: str, rule: str
+) -> None:
+    """A redemption's D edited (clearing would settle it), or one of its refunds' points
+    edited (the running totals no longer add up): each is reported, naming the redemption."""
     _, redemption = busy_card(world)
+    if edited == "settled_fen":
+        change = update(Authorisation).where(Authorisation.id == redemption)
+        change = change.values(settled_fen=Authorisation.settled_fen + 1)
+    else:
+        change = update(Authorisation).where(Authorisation.original_id == redemption)
+        change = change.values(points=Authorisation.points + 1)
     with unit_of_work(world.engine) as session:
-        session.execute(
-            update(Authorisation)
-            .where(Authorisation.id == redemption)
-            .values(settled_fen=Authorisation.settled_fen + 1)
-        )
-    found = [v for v in world.violations() if v.rule == "redemption.figures"]
-    assert [v.subject for v in found] == [f"authorisation {redemption}"]
-
-
-def test_a_refunds_points_changed_by_hand_are_found(world: LedgerWorld) -> None:
-    """A refund's points no longer what its original's running total says:
-    `redemption.refund_totals`, naming the original."""
-    _, redemption = busy_card(world)
-    with unit_of_work(world.engine) as session:
-        session.execute(
-            update(Authorisation)
-            .where(Authorisation.original_id == redemption)
-            .values(points=Authorisation.points + 1)
-        )
-    found = [v for v in world.violations() if v.rule == "redemption.refund_totals"]
+        session.execute(change)
+    found = [v for v in world.violations() if v.rule == rule]
     assert [v.subject for v in found] == [f"authorisation {redemption}"]
 
 
