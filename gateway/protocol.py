@@ -98,6 +98,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         self._closing = False
         self._stopping = False  # the gateway is stopping: no new frames, close once answered
         self._told_stopping = False  # `frame_after_stop` logged for this link
+        self._budget: int | None = None  # frames still taken while the gateway drains
         self._closed: list[Deferred[None]] = []  # fired by connectionLost
         self._address = "?"
         self._counted = False  # in the per-address count (refused connections are not)
@@ -143,13 +144,16 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         log.info("frame_too_long_closed", peer=self._peer(), length=length)
         self._close("frame_too_long")
 
-    def take_no_more_frames(self) -> None:
-        """For a stopping gateway, at once: frames that arrive from now on are read and not
-        taken (logged once a link as `frame_after_stop`), so the requests in flight can drain
-        even while a terminal keeps sending. Such a request changes nothing; its terminal
-        sends it again or reverses it after the restart (§7). Reading goes on, so the link
-        closes with its answers delivered rather than reset over unread bytes."""
-        self._stopping = True
+    def drain_from_now(self) -> None:
+        """For a stopping gateway, at once: the link takes at most what fills its pending
+        bound once more (`max_pending` less the requests it has in flight), then no frame.
+        A terminal's requests sent before the signal but not yet read are taken (they are in
+        flight for the terminal), and the drain still ends while a terminal keeps sending.
+        A frame beyond that is read and not taken (logged once a link, `frame_after_stop`):
+        it changes nothing, and its terminal sends it again or reverses it after the restart
+        (§7). Reading goes on, so the link closes with its answers delivered rather than reset
+        over unread bytes."""
+        self._budget = max(self._factory.max_pending - len(self._slots), 0)
 
     def close_when_answered(self) -> Deferred[None]:
         """For a stopping gateway: take no more frames, and once every answer this link owes
@@ -173,11 +177,13 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
     def stringReceived(self, string: bytes) -> None:
         if self._closing:
             return
-        if self._stopping:
+        if self._stopping or self._budget == 0:
             if not self._told_stopping:  # once a link: a busy terminal may send thousands
                 self._told_stopping = True
                 log.info("frame_after_stop", peer=self._peer(), terminal=self._terminal)
             return
+        if self._budget is not None:
+            self._budget -= 1
         if not string:  # §1: a LEN of 0 closes the link, before any frame behind it is taken
             log.info("frame_empty_closed", peer=self._peer())
             self._close("frame_empty")

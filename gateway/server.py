@@ -330,12 +330,12 @@ class GatewayServer:
         return self._port
 
     def stop(self) -> Deferred[None]:
-        """Stop accepting and taking frames, wait for the requests in flight, stop the ledger
-        worker."""
+        """Stop accepting, take what each link has in flight and no more (`drain_from_now`),
+        wait for the requests in flight, stop the ledger worker."""
         log.info("stopping", in_flight=self._in_flight)
         stopped = self._port.stopListening() if self._port is not None else None
         for link in list(self.factory.open):
-            link.take_no_more_frames()
+            link.drain_from_now()
         drained: Deferred[None] = Deferred()
         if self._in_flight == 0:
             drained.callback(None)

@@ -243,7 +243,11 @@ def test_an_accrual_counts_the_points_a_sale_could_still_give_back(harness: Harn
     with unit_of_work(harness.engine) as session, pytest.raises(BadInput) as refused:
         operations.accrue(session, DIAMOND, now.date(), 500, "test:back", when=moment(now),
                           expiry_years=2)  # fmt: skip
-    assert "given back included" in str(refused.value)
+    assert str(refused.value) == (
+        f"accrual test:back: the card would hold {MAX_CARD_POINTS} points and 500 more its"
+        f" approved redemptions may give back, more than the {MAX_CARD_POINTS} an answer can"
+        " carry"
+    )
     with unit_of_work(harness.engine) as session:
         assert operations.balances(session, DIAMOND, now).ledger_points == MAX_CARD_POINTS - 500
     voided = harness.void(terminal, DIAMOND, sale, trace, 1000)

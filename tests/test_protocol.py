@@ -114,12 +114,13 @@ class HeldWorker:
 
 
 def test_a_stopping_server_drains_while_a_terminal_keeps_sending() -> None:
-    """SIGTERM with requests in flight on a link that goes on sending: the frames after the
-    stop are not taken (logged once), so the drain ends when the ones in flight are
-    answered, and the worker stops; it does not wait for a moment with nothing in flight."""
+    """SIGTERM with two requests in flight on a link whose pending bound is four: the link
+    takes two more (sent before the signal, for all the gateway knows), then no frame (logged
+    once), so the drain ends when those four are answered, and the worker stops; it does not
+    wait for a moment with nothing in flight."""
     limits = SimpleNamespace(
         idle_timeout_s=300,
-        max_pending_per_connection=32,
+        max_pending_per_connection=4,
         max_connections_per_address=64,
         max_frames_per_second_per_terminal=1000,
     )
@@ -134,17 +135,17 @@ def test_a_stopping_server_drains_while_a_terminal_keeps_sending() -> None:
     protocol = server.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
     protocol.makeConnection(transport)
-    protocol.dataReceived(frame(b"first") + frame(b"second"))
+    protocol.dataReceived(frame(b"1") + frame(b"2"))
     stopped = server.stop()
     with capture_logs() as logged:
-        for _ in range(3):
-            protocol.dataReceived(frame(b"after the stop"))
+        for late in (b"3", b"4", b"5", b"6"):
+            protocol.dataReceived(frame(late))
     assert [line["event"] for line in logged] == ["frame_after_stop"]
-    assert len(worker.pending.calls) == 2
-    worker.pending.answer(0)
-    worker.pending.answer(1)
+    assert [payload for payload, _ in worker.pending.calls] == [b"1", b"2", b"3", b"4"]
+    for index in range(4):
+        worker.pending.answer(index)
     reactor.advance(0)  # the links close on the next turn, once their answers are handed over
-    assert transport.value() == frame(b"re:first") + frame(b"re:second")
+    assert transport.value() == b"".join(frame(b"re:" + n) for n in (b"1", b"2", b"3", b"4"))
     assert transport.disconnecting
     protocol.connectionLost(None)
     assert worker.stopped and stopped.called

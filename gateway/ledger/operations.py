@@ -648,13 +648,14 @@ def accrue(
         raise BadInput(f"accrual {source_ref}: unknown card")
     if _accrual_applied(session, source_ref):
         return AccrualSkipped(source_ref)
-    held = _points_held(session, card_number) + _points_to_come_back(session, card_number)
-    if held + points > MAX_CARD_POINTS:
+    held = _points_held(session, card_number)
+    coming = _points_to_come_back(session, card_number)
+    if held + coming + points > MAX_CARD_POINTS:
         shown = source_ref.replace(card_number, mask_card_number(card_number))  # config lots
+        back = f" and {coming} more its approved redemptions may give back" if coming else ""
         raise BadInput(
-            f"accrual {shown}: the card would hold {held + points} points (its approved"
-            f" redemptions given back included), more than the {MAX_CARD_POINTS} an answer"
-            " can carry"
+            f"accrual {shown}: the card would hold {held + points} points{back}, more than"
+            f" the {MAX_CARD_POINTS} an answer can carry"
         )
     transaction = card_transfer(
         session,
