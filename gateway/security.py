@@ -45,6 +45,7 @@ from cardcodec.crypto import (
     wrap_working_keys,
 )
 from cardcodec.errors import CodecError, PinBlockError
+from gateway.errors import BadInput
 from gateway.keystore import FileKeyStore, KeyStoreError
 
 # The sealed working keys start with the suite they are for, so a row whose suite column was
@@ -147,7 +148,8 @@ class SecurityModule(Protocol):
         self, keys: KeyHandle, block: bytes, card_number: str, pin_reference: bytes
     ) -> PinCheck:
         """Whether the PIN block, under the session's PIK, holds the PIN whose reference is
-        stored for the card (§5.3)."""
+        stored for the card (§5.3); `SecurityModuleError` when the PIN key cannot be had
+        (the request is then `96`)."""
         ...
 
     # -- loading the config ----------------------------------------------------------------
@@ -250,9 +252,11 @@ class SoftwareSecurityModule:
             pin = decrypt_pin(held.suite, held.keys.pik, block, card_number)
         except PinBlockError:
             return PinCheck.BAD_BLOCK
-        if self._keystore.pin_matches(card_number, pin, pin_reference):
-            return PinCheck.MATCH
-        return PinCheck.NO_MATCH
+        try:
+            matches = self._keystore.pin_matches(card_number, pin, pin_reference)
+        except BadInput as error:  # the PIN key file: missing and not makeable, or not opening
+            raise SecurityModuleError(str(error)) from None
+        return PinCheck.MATCH if matches else PinCheck.NO_MATCH
 
     def seal_tmk(self, terminal_id: str, tmk: bytes) -> bytes:
         return self._keystore.encrypt_tmk(terminal_id, tmk)

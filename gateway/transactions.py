@@ -413,7 +413,11 @@ class Transactions:
     def _pin_verdict(
         self, context: Context, card: CardSnapshot
     ) -> tuple[Decline | None, PinEffect]:
-        checked = self._pin(context, card)
+        try:
+            checked = self._pin(context, card)
+        except SecurityModuleError:  # the PIN key cannot be had: `96`, no try counted
+            log.error("pin_check_failed", terminal=context.terminal.id)
+            return Decline.SYSTEM, PinEffect.NONE
         return pin_decision(card, _PIN_ENTRIES[checked], lambda: checked is PinCheck.MATCH)
 
     def _pin_check(self, orm: OrmSession, context: Context, card: CardSnapshot) -> Decline | None:

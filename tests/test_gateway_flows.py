@@ -254,6 +254,30 @@ def test_an_accrual_counts_the_points_a_sale_could_still_give_back(harness: Harn
     assert (voided.code, voided.balance) == ("00", MAX_CARD_POINTS)
 
 
+def test_a_pin_key_that_does_not_open_is_96_for_that_request_alone(harness: Harness) -> None:
+    """The PIN key file damaged under a running gateway (a restarted process reads it anew):
+    a PIN request is `96` with no try counted, and a request beside it in the same group,
+    from another terminal and needing no PIN, is approved."""
+    terminal, other = harness.signed_on(), harness.signed_on("20000001")
+    pin_file = harness.keystore.pin_path
+    pin_file.write_bytes(b"\x02" + bytes(40))  # a blob of this store that opens under no key
+    gateway = harness.new_gateway()
+    with_pin = terminal.financial("0200", "000000", "22",
+                                  terminal.card_fields(GOLD_PIN, "2812", pin="123456"),
+                                  amount_fen=1000)  # fmt: skip
+    beside = other.financial("0200", "000000", "22", other.card_fields(DIAMOND, "2906"),
+                             amount_fen=1000)  # fmt: skip
+    with capture_logs() as logged:
+        replies = gateway.handle_group([with_pin, beside])
+    assert all(reply.payload for reply in replies)
+    assert terminal.check(with_pin, replies[0].payload or b"").code == "96"
+    assert other.check(beside, replies[1].payload or b"").code == "00"
+    assert "pin_check_failed" in [line["event"] for line in logged]
+    with unit_of_work(harness.engine) as session:
+        card = session.get(Card, GOLD_PIN)
+        assert card is not None and card.wrong_pin_count == 0
+
+
 def test_pin_rules(harness: Harness) -> None:
     """No PIN 55 (not counted); three wrong PINs lock; then a right PIN gets 75."""
     terminal = harness.signed_on()
