@@ -161,15 +161,22 @@ class FileKeyStore:
 
     # -- rotation ------------------------------------------------------------------------------
 
+    @property
+    def pin_next_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".pin.next")
+
     def begin_rotation(self) -> None:
         """Make the next master key (unless a rotation already began) and seal the PIN key
-        under it; from now on new blobs are sealed under the next key."""
+        under it, beside the PIN key file (`<master>.pin.next`), which stays sealed under the
+        current key until `finish_rotation`: a rotation refused or given up (the next key
+        removed) leaves the PIN key opening as before. From now on new blobs are sealed under
+        the next key."""
         pin = self._pin()
         if not self.next_path.exists():
             create_private_file(self.next_path, secrets.token_bytes(MASTER_KEY_BYTES), "master key")
         self._masters = None
         replace_private_file(
-            self.pin_path, self._newest_master().seal(pin.reveal(), PIN_KEY_AAD), "PIN key"
+            self.pin_next_path, self._newest_master().seal(pin.reveal(), PIN_KEY_AAD), "PIN key"
         )
 
     def reseal_tmk(self, terminal_id: str, sealed: bytes) -> bytes:
@@ -181,7 +188,11 @@ class FileKeyStore:
         return self.seal_session_keys(terminal_id, self.open_session_keys(terminal_id, sealed))
 
     def finish_rotation(self) -> None:
-        """The next master key becomes the master key; the old one is gone."""
+        """The PIN key sealed under the next master key takes the PIN key file's place, then
+        the next master key becomes the master key; the old one is gone. Stopped between the
+        two, both keys are still there, and each file opens under one of them."""
+        if self.pin_next_path.exists():
+            os.replace(self.pin_next_path, self.pin_path)
         if self.next_path.exists():
             os.replace(self.next_path, self.path)
         self._masters = None

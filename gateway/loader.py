@@ -12,6 +12,7 @@ is never edited, so a correction has to come as a new accrual.
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time
@@ -27,6 +28,7 @@ from gateway.ledger import Moment, operations, records
 from gateway.ledger.models import (
     Card,
     CardStatus,
+    KeyCheck,
     KeySuite,
     LotOrigin,
     Merchant,
@@ -86,6 +88,7 @@ def load_into_ledger(
     """
     _refuse_unstorable(config)
     _refuse_changed_lots(session, config, now.astimezone(config.gateway.timezone).date())
+    _refuse_another_pin_key(session, config, security)
     changes: list[str] = []
     for merchant in config.merchants:
         changes.extend(_load_merchant(session, merchant, now))
@@ -219,6 +222,30 @@ def _load_terminal(
     records.upsert_terminal(session, details, now)
     changes = _describe(f"terminal {terminal.id}", before, fields)
     return changes + ([f"terminal {terminal.id}: {tmk_note}"] if tmk_note else [])
+
+
+# The check value of the PIN key: the reference of a PIN for a number no card has (no issuer
+# prefix is all zeros). An HMAC of a known message, so it tells nothing of the key.
+PIN_KEY_CHECK = ("0" * 19, "0000")
+
+
+def _refuse_another_pin_key(session: Session, config: Config, security: SecurityModule) -> None:
+    """`BadInput`, before anything is written, when this process's PIN key is not the one the
+    ledger's PIN references were made with (migration 0008): its load would rewrite every
+    card's reference, reset every card's wrong tries, and the instances with the right key
+    would then refuse every right PIN. The first load stores the check value."""
+    value = security.pin_reference(*PIN_KEY_CHECK)
+    stored = session.get(KeyCheck, "pin key")
+    if stored is None:
+        session.add(KeyCheck(name="pin key", value=value))
+        return
+    if not hmac.compare_digest(stored.value, value):
+        raise BadInput(
+            f"PIN key {config.issuer.master_key}.pin: not the PIN key this ledger's PIN"
+            " references were made with (another master key, or a PIN key file made anew):"
+            " give this host the master key and PIN key files of the instances that serve"
+            " this ledger (docs/deployment.md)"
+        )
 
 
 def _sealed_tmk(

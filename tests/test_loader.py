@@ -4,6 +4,7 @@ the active/enabled history, encrypts TMKs and turns a changed PIN into an unlock
 
 from __future__ import annotations
 
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -22,6 +23,7 @@ from gateway.ledger import make_engine, operations, unit_of_work
 from gateway.ledger.invariants import check_invariants
 from gateway.ledger.models import (
     Base,
+    Card,
     JournalTransaction,
     Merchant,
     MerchantActiveChange,
@@ -244,16 +246,48 @@ def test_tmk_is_stored_encrypted_and_kept_while_unchanged(
     assert keystore.decrypt_tmk(TERMINAL, _stored_tmk(ledger_engine)) == bytes.fromhex(new_tmk)
 
 
-def test_tmk_is_encrypted_again_under_a_new_master_key(
+def test_a_load_with_another_master_key_is_refused_and_changes_nothing(
     ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
 ) -> None:
-    """A stored TMK the master key cannot decrypt is replaced by the config's, under the new key."""
+    """A process whose master key (and so PIN key) is not the ledger's: a host given no key
+    file, which makes its own, or only `master.key` after a rotation. Its load would seal
+    the TMKs anew and rewrite every PIN reference, locking the other instances out; it is
+    refused before it writes anything."""
     config = write_config(tmp_path)
     load(ledger_engine, config, keystore)
+    stored = _stored_tmk(ledger_engine)
+    references = _pin_references(ledger_engine)
     replacement = FileKeyStore(tmp_path / "other" / "master.key")
-    report = load(ledger_engine, config, replacement)
-    assert len([line for line in report.changes if "TMK encrypted again" in line]) == 3
-    assert replacement.decrypt_tmk(TERMINAL, _stored_tmk(ledger_engine)) == DEMO_TMK
+    with pytest.raises(BadInput) as refused:
+        load(ledger_engine, config, replacement)
+    assert "not the PIN key this ledger's PIN references were made with" in str(refused.value)
+    assert _stored_tmk(ledger_engine) == stored
+    assert _pin_references(ledger_engine) == references
+    load(ledger_engine, config, FileKeyStore(keystore.path))  # the right key: loads
+
+
+def test_after_a_rotation_a_host_given_only_the_new_master_key_is_refused(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """After `keys rotate-master` the PIN key file holds the PIN key sealed under the new
+    master key; a host given the new master key without it would make another PIN key from
+    it. Its load is refused; given both files, it loads."""
+    config = write_config(tmp_path)
+    load(ledger_engine, config, keystore)
+    keystore.begin_rotation()
+    keystore.finish_rotation()
+    other_host = tmp_path / "host-b"
+    other_host.mkdir()
+    shutil.copy(keystore.path, other_host / "master.key")
+    with pytest.raises(BadInput):
+        load(ledger_engine, config, FileKeyStore(other_host / "master.key"))
+    shutil.copy(keystore.pin_path, other_host / "master.key.pin")
+    load(ledger_engine, config, FileKeyStore(other_host / "master.key"))
+
+
+def _pin_references(engine: Engine) -> list[bytes | None]:
+    with unit_of_work(engine) as session:
+        return [card.pin_hmac for card in session.query(Card).order_by(Card.number)]
 
 
 def _stored_tmk(engine: Engine) -> bytes:

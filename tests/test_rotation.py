@@ -149,6 +149,19 @@ def test_a_session_that_does_not_open_stops_the_rotation_with_the_ledger_unchang
     assert stored(harness)[0] == blobs_before
     assert master.read_bytes() == old_key
     assert_everything_opens(harness)
+    # Given up: the next key removed. The PIN key file was never sealed under it.
+    FileKeyStore(master).next_path.unlink()
+    assert_everything_opens(harness)
+    assert harness.keystore.pin_matches(GOLD_PIN, "123456", _reference(harness, GOLD_PIN))
+    fresh = FileKeyStore(master)
+    assert fresh.pin_matches(GOLD_PIN, "123456", _reference(harness, GOLD_PIN))
+
+
+def _reference(harness: Harness, number: str) -> bytes:
+    with unit_of_work(harness.engine) as session:
+        card = session.get(Card, number)
+        assert card is not None and card.pin_hmac is not None
+        return card.pin_hmac
 
 
 def test_a_refused_rotation_leaves_the_config_load_undone_too(

@@ -397,7 +397,8 @@ def test_another_security_module_loads_the_config_and_rotates(
     config load, tells a second load that nothing changed, and rotates its master key with a
     terminal signed on, which carries on; the master key file is never made."""
     harness, hsm = hsm_harness(tmp_path, ledger_url)
-    assert (hsm.calls["seal_tmk"], hsm.calls["pin_reference"]) == (3, 1)
+    # PIN references: the one card with a PIN, and the PIN key's check value (loader).
+    assert (hsm.calls["seal_tmk"], hsm.calls["pin_reference"]) == (3, 2)
     with unit_of_work(harness.engine) as session:
         again = load_into_ledger(session, harness.config, hsm, harness.clock.now())
     assert again.changes == () and hsm.calls["tmk_matches"] == 3

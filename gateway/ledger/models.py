@@ -530,3 +530,15 @@ class RrnAllocation(Base):
     allocated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
     __table_args__ = ({"sqlite_autoincrement": True},)
+
+
+class KeyCheck(Base):
+    """A check value of a key the ledger's rows were made with (migration 0008): the PIN key,
+    whose HMACs the cards' PIN references are. A process with another key is refused before
+    it writes anything (`gateway.loader`), rather than rewriting every PIN reference (and
+    resetting every card's wrong tries) for the instances that have the right one."""
+
+    __tablename__ = "key_checks"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary(32))
