@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,6 +86,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckFailed as error:
         print(f"vipgate: {error}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # a socket's, not the reader of our output: a real failure
+        return EXIT_READER_GONE
+
+
+# The status of a command whose reader stopped reading (`vipgate ledger check | head -1`), as
+# for any command a SIGPIPE ends (128 + 13): not 1, which says a check found a fault. What the
+# command did before stands; only its output was cut short.
+EXIT_READER_GONE = 141
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader is gone (the kernel reports an error
+    condition on its end); if so, it is pointed at /dev/null so that the interpreter's last
+    flush at exit does not fail again with a traceback."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test, or closed
+        return False
+    poller = select.poll()
+    poller.register(descriptor, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, descriptor)
+    os.close(devnull)
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

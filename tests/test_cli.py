@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from gateway.cli import DEFAULT_CONFIG, build_parser
+
+VIPGATE = Path(sys.executable).with_name("vipgate")
 
 
 @pytest.mark.parametrize(
@@ -27,3 +32,22 @@ def test_defaults_when_not_given() -> None:
     """Without the options: config/demo.toml and the config's database."""
     args = build_parser().parse_args(["ledger", "check"])
     assert (args.config, args.db) == (DEFAULT_CONFIG, None)
+
+
+def test_a_reader_that_stops_early_ends_the_command_with_141_and_no_traceback(
+    tmp_path: Path,
+) -> None:
+    """`vipgate ledger check | head -1`: the reader goes away before the command writes; the
+    command ends with 141 (as a SIGPIPE would end it), never 1 (a check found a fault) and
+    never with a traceback. What it did stands: the config is loaded."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(Path(__file__).resolve().parents[1] / DEFAULT_CONFIG, config)
+    command = [str(VIPGATE), "ledger", "check", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command has written anything
+    errors = process.stderr.read()
+    assert process.wait(timeout=120) == 141
+    assert errors == b""
+    check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert check.returncode == 0 and "changes" not in check.stdout  # loaded the first time
