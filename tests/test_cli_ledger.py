@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import tzinfo
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -18,6 +19,7 @@ from gateway.cli import main
 from gateway.clock import Clock, FixedClock
 from gateway.ledger import make_engine, operations, unit_of_work
 from gateway.ledger.invariants import CHECKS
+from tests.conftest import empty_postgres_ledger
 from tests.test_imports import (
     EVERY_CARD,
     NEW_GOLD,
@@ -384,3 +386,33 @@ def test_a_master_key_open_to_others_exits_2_naming_it(cli: Cli) -> None:
     result = cli.run("cards", "show", GOLD)
     assert result.code == 2
     assert one_error_line(result).startswith(f"vipgate: error: master key {key}: permissions 0644")
+
+
+def test_ledger_check_reads_one_snapshot_on_postgresql(
+    tmp_path: Path, postgres_ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL every statement of the check reads one snapshot (REPEATABLE READ): a
+    redemption a gateway commits between two of them cannot look like a broken invariant.
+    Here a row committed on another connection after the check's first read is not seen by
+    its later reads."""
+    url = empty_postgres_ledger(postgres_ledger)
+    config = tmp_path / "demo.toml"
+    shutil.copyfile(DEMO, config)
+    seen: list[tuple[str, int, int]] = []
+
+    def checked(session: Any) -> list[object]:
+        count = text("SELECT count(*) FROM key_checks")
+        before = session.execute(count).scalar_one()  # the snapshot is taken here
+        level = session.connection().exec_driver_sql("SHOW transaction_isolation").scalar()
+        engine = make_engine(url)
+        try:
+            with engine.begin() as other:
+                other.execute(text("INSERT INTO key_checks VALUES ('test', '\\x00'::bytea)"))
+        finally:
+            engine.dispose()
+        seen.append((str(level), int(before), int(session.execute(count).scalar_one())))
+        return []
+
+    monkeypatch.setattr("gateway.commands.ledger.check_invariants", checked)
+    assert main(["ledger", "check", "--config", str(config), "--db", url]) == 0
+    assert seen == [("repeatable read", 1, 1)]  # the PIN key's check value; not the insert

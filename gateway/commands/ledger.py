@@ -12,8 +12,10 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from gateway.bootstrap import wired_unit
+from clearing.clear import snapshot_isolation
+from gateway.bootstrap import wired
 from gateway.errors import CheckFailed
+from gateway.ledger import unit_of_work
 from gateway.ledger.invariants import CHECKS, check_invariants
 from gateway.ledger.models import Card, JournalTransaction, PointLot
 
@@ -28,7 +30,12 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def check(args: argparse.Namespace) -> int:
-    with wired_unit(args.config, args.db) as (_, session):
+    # The checks compare figures that separate statements read (the journal's and the
+    # lots', say): on PostgreSQL, with a gateway committing meanwhile, they read one snapshot
+    # (REPEATABLE READ), else a redemption committed between two of them looks like a fault.
+    # SQLite's unit of work holds the write lock already.
+    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+        snapshot_isolation(session)
         violations = check_invariants(session)
         counts = [
             session.scalar(select(func.count()).select_from(model)) or 0
