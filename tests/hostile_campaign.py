@@ -52,7 +52,11 @@ HONEST_PAUSE_S = 0.05  # an honest terminal far below the frame-rate bound
 # A batch holds 999 items (then 61) and the honest terminal does not settle: it paces itself
 # to stay below that in one campaign.
 HONEST_REDEMPTIONS = 900
-MAX_SIGN_ON_RETRIES = 5
+# A hostile frame mutated into a sign-on of the honest terminal's id replaces its keys (a
+# sign-on carries no MAC, §5.1), and the honest terminal's next request is then rightly `A0`.
+# On a loaded machine the honest terminal is slow and several such sign-ons can land between
+# its own sign-on and its request; it signs on again this many times before calling it wrong.
+MAX_SIGN_ON_RETRIES = 20
 REPLY_WAIT_S = 0.3  # how long a hostile connection waits for an answer or the close
 REPLY_SETTLE_S = 0.05  # and how long after the last answer bytes
 
