@@ -25,6 +25,7 @@ from gateway.config import Config, load_config
 from gateway.errors import BadInput
 from gateway.keystore import FileKeyStore
 from gateway.ledger import Moment, make_engine, migrate, unit_of_work
+from gateway.ledger.db import LEDGER_BUSY, ledger_busy
 from gateway.loader import LoadReport, load_into_ledger, moment_at
 from gateway.security import SecurityModule, SoftwareSecurityModule
 
@@ -183,6 +184,8 @@ def open_database(url: str) -> Engine:
         migrate(engine)
     except OperationalError as error:
         engine.dispose()
+        if ledger_busy(error):
+            raise BadInput(LEDGER_BUSY) from None
         raise BadInput(f"database: cannot open it: {_first_line(error.orig)}") from None
     return engine
 

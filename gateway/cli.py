@@ -14,7 +14,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from sqlalchemy.exc import OperationalError
+
 from gateway.errors import BadInput, CheckFailed
+from gateway.ledger.db import LEDGER_BUSY, ledger_busy
 
 DEFAULT_CONFIG = Path("config/demo.toml")
 
@@ -90,6 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _stdout_closed():
             raise  # a socket's, not the reader of our output: a real failure
         return EXIT_READER_GONE
+    except OperationalError as error:
+        if not ledger_busy(error):
+            raise
+        # Not a fault a check found (1): the command could not be done, and changed nothing
+        # in the unit of work that waited. One line, as for bad input.
+        print(f"vipgate: error: {LEDGER_BUSY}", file=sys.stderr)
+        return 2
 
 
 # The status of a command whose reader stopped reading (`vipgate ledger check | head -1`), as

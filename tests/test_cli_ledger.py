@@ -5,6 +5,7 @@ and no full card number in anything the commands print."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import tzinfo
@@ -416,3 +417,23 @@ def test_ledger_check_reads_one_snapshot_on_postgresql(
     monkeypatch.setattr("gateway.commands.ledger.check_invariants", checked)
     assert main(["ledger", "check", "--config", str(config), "--db", url]) == 0
     assert seen == [("repeatable read", 1, 1)]  # the PIN key's check value; not the insert
+
+
+def test_a_ledger_held_past_the_busy_timeout_is_one_line_and_exit_2(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holds SQLite's write lock longer than a command waits (30 s; 0.2 s
+    here): the command says so in one line and exits 2, never 1 (which from `ledger check`
+    would say a fault was found) and never with a traceback; nothing it began is kept."""
+    assert cli.run("ledger", "check").code == 0
+    monkeypatch.setattr("gateway.ledger.db.SQLITE_BUSY_TIMEOUT_MS", 200)
+    holder = sqlite3.connect(cli.db_url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        result = cli.run("ledger", "check")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.code == 2
+    assert one_error_line(result).startswith("vipgate: error: database: busy: another process")
+    assert cli.run("ledger", "check").code == 0

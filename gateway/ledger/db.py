@@ -472,6 +472,21 @@ def writers_queue(connection: PoolProxiedConnection) -> _WriterLock | None:
     return lock
 
 
+def ledger_busy(error: BaseException) -> bool:
+    """Whether a driver error says another process held the ledger's lock for longer than
+    this one would wait: SQLite's "database is locked" once the busy timeout has run out, or
+    PostgreSQL's lock_not_available (55P03) under a `lock_timeout`."""
+    orig = getattr(error, "orig", error)
+    return "database is locked" in str(orig) or getattr(orig, "sqlstate", None) == "55P03"
+
+
+LEDGER_BUSY = (
+    f"database: busy: another process held the ledger's lock for over"
+    f" {SQLITE_BUSY_TIMEOUT_MS // 1000} s (a long import or clearing run, say); the work that"
+    " waited was rolled back; run the command again"
+)
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Bring the ledger schema up to `revision` (default: the newest), in one transaction."""
     config = Config()
