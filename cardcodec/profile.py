@@ -209,6 +209,9 @@ FINANCIAL: dict[tuple[str, str, str], Kind] = {
     ("0400", PROCESSING_VOID_REFUND, MSG_VOID): Kind.REVERSAL,
 }
 FINANCIAL_MTIS = frozenset({"0200", "0220", "0400"})
+# §7: the requests recorded for idempotency (their repeats get the stored answer), once past
+# the format, terminal and MAC checks.
+RECORDED_MTIS = frozenset({"0200", "0220", "0320", "0400", "0500"})
 # The MTIs a terminal sends (§4). A response MTI from a terminal is not a request: it closes
 # the link, like an MTI the profile does not list (§1).
 REQUEST_MTIS = frozenset(profile.mti for profile in REQUESTS.values())

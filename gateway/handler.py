@@ -38,7 +38,7 @@ from cardcodec.message import (
     mac_input,
     received_mac,
 )
-from cardcodec.profile import REQUEST_MTIS, Kind, classify
+from cardcodec.profile import RECORDED_MTIS, REQUEST_MTIS, Kind, classify
 from cardcodec.subfields import (
     NMC_SIGN_ON_3DES_TDK,
     NMC_SIGN_ON_SM4,
@@ -63,7 +63,7 @@ from gateway.transactions import Context, Outcome, Transactions
 
 log = structlog.get_logger("vipgate.gateway")
 
-LOGGED_MTIS = frozenset({"0200", "0220", "0320", "0400", "0500"})
+LOGGED_MTIS = RECORDED_MTIS  # §7, the profile's
 SIGN_ON_MTI = "0800"
 SM4_SIGN_ONS = frozenset({NMC_SIGN_ON_SM4, NMC_SIGN_ON_SM4_TDK})
 TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})

@@ -34,6 +34,7 @@ from cardcodec.cards import mask_card_number, mask_quoted_value
 from cardcodec.crypto import Suite, halves_differ
 from cardcodec.errors import CodecError
 from cardcodec.message import decode_frame
+from cardcodec.profile import RECORDED_MTIS
 from gateway.config import Config, TerminalConfig, load_config
 from gateway.errors import BadInput
 from simulators.connection import NO_FAULTS, Connection, Exchange, Faults, Link
@@ -687,10 +688,9 @@ def _second_answer(terminal: Terminal, request: Request, answers: tuple[bytes, .
         return f"(refused: {refused.reason})"
 
 
-# §7: the requests the gateway records (their repeats get the stored answer), and the codes
-# of the checks made before a request is recorded (format, terminal, MAC: §6's order up to
-# `A0`, the suite's `A7`, and `12`, which §7 gives with `30`). `96` records nothing either.
-RECORDED_MTIS: Final = frozenset({"0200", "0220", "0320", "0400", "0500"})
+# §7: the codes of the checks made before a request is recorded (format, terminal, MAC:
+# §6's order up to `A0`, the suite's `A7`, and `12`, which §7 gives with `30`); the requests
+# recorded are the profile's `RECORDED_MTIS`. `96` records nothing either.
 UNRECORDED_CODES: Final = frozenset({"30", "12", "97", "03", "58", "A0", "A7"})
 
 
