@@ -14,11 +14,10 @@ from types import MappingProxyType
 
 from cardcodec.frame import PROCESSING_OK, PROCESSING_SIGN_ON_AGAIN
 from cardcodec.message import FieldValue, Message
-from cardcodec.profile import DECLINE_FIELDS, RESPONSES, Kind
+from cardcodec.profile import DECLINE_FIELDS, FINANCIAL_MTIS, RESPONSES, Kind
 from cardcodec.spec import FIELDS, Format
 from gateway.responses import APPROVAL_CODES
 
-FINANCIAL_MTIS = frozenset({"0200", "0220", "0400"})
 ECHOED = (3, 4, 11, 41, 42, 49, 60)
 # Approved answers of these kinds carry no MAC (§5.1).
 UNMACED_KINDS = frozenset({Kind.SIGN_ON, Kind.ECHO})

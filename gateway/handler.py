@@ -38,7 +38,7 @@ from cardcodec.message import (
     mac_input,
     received_mac,
 )
-from cardcodec.profile import RECORDED_MTIS, REQUEST_MTIS, Kind, classify
+from cardcodec.profile import FINANCIAL_MTIS, RECORDED_MTIS, REQUEST_MTIS, Kind, classify
 from cardcodec.subfields import (
     NMC_SIGN_ON_3DES_TDK,
     NMC_SIGN_ON_SM4,
@@ -67,7 +67,7 @@ LOGGED_MTIS = RECORDED_MTIS  # §7, the profile's
 SIGN_ON_MTI = "0800"
 SM4_SIGN_ONS = frozenset({NMC_SIGN_ON_SM4, NMC_SIGN_ON_SM4_TDK})
 TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
-ANSWER_MTIS_WITH_RRN = answers.FINANCIAL_MTIS | {"0800"}
+ANSWER_MTIS_WITH_RRN = FINANCIAL_MTIS | {"0800"}
 MIN_RUN = 2  # a shorter run of redemptions goes the one-request way
 NO_TRACE = "000000"
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session as OrmSession
 from cardcodec.cards import card_number_problem
 from cardcodec.crypto import Suite
 from cardcodec.message import FieldValue, Message
-from cardcodec.profile import Kind
+from cardcodec.profile import FINANCIAL_MTIS, Kind
 from cardcodec.subfields import (
     MSG_VOID,
     NMC_SIGN_ON_3DES_TDK,
@@ -261,7 +261,7 @@ class Transactions:
         """`12` for a combination the profile does not support; a financial answer carries
         an RRN as every financial answer does."""
         extra: dict[int, FieldValue] = {}
-        if context.message.mti in answers.FINANCIAL_MTIS:
+        if context.message.mti in FINANCIAL_MTIS:
             extra[37] = next_rrn(orm, context.moment.at)
         return Outcome(self._answer(context, response_code(Decline.NOT_SUPPORTED), extra))
 
