@@ -611,7 +611,26 @@ def _terminals(root: _Table, merchant_ids: frozenset[str]) -> tuple[TerminalConf
     tables = root.tables("terminals", TERMINAL_KEYS)
     terminals = [_terminal(table, merchant_ids) for table in tables]
     _refuse_duplicates(tables, [terminal.id for terminal in terminals], "id")
+    _refuse_shared_tmks(tables, terminals)
     return tuple(terminals)
+
+
+def _refuse_shared_tmks(tables: list[_Table], terminals: list[TerminalConfig]) -> None:
+    """Each terminal has a master key of its own. Two sharing one could each read the
+    working keys the other is sent at sign-on (field 62 is encrypted under the TMK), so
+    either could compute the other's MACs and read its PIN blocks. Keys are compared without
+    their parity bits, whatever the suite: 3DES ignores them, and an SM4 key that differs
+    from a known key only there is 16 bits from known. The message names the other
+    terminal, never the key."""
+    first_place: dict[bytes, str] = {}
+    for table, terminal in zip(tables, terminals, strict=True):
+        key = bytes(byte & 0xFE for byte in terminal.tmk)
+        if key in first_place:
+            table.fail(
+                "tmk",
+                f"the same key as {first_place[key]}: every terminal needs a master key of its own",
+            )
+        first_place[key] = table.place
 
 
 # --- [[cards]] -------------------------------------------------------------------------------

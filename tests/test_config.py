@@ -373,6 +373,42 @@ def test_duplicate_ids_are_refused(refuse: Refuse, old: str, new: str, expected:
 
 
 @pytest.mark.parametrize(
+    ("old", "place", "key"),
+    [
+        # the same bytes, on the third terminal (3DES)
+        (
+            "0123456789ABCDEFFEDCBA9876543210",
+            "terminals[2] (20000001)",
+            "FD32139FDCE66744281F7C0090707DF2",
+        ),
+        # every parity bit flipped: the same 3DES key
+        (
+            "0123456789ABCDEFFEDCBA9876543210",
+            "terminals[2] (20000001)",
+            "FC33129EDDE76645291E7D0191717CF3",
+        ),
+        # the second terminal (SM4) with the first's (3DES) key
+        (
+            "B23AB55B1B37B6FFB0EB41C61A13E6DF",
+            "terminals[1] (10000002)",
+            "FD32139FDCE66744281F7C0090707DF2",
+        ),
+    ],
+)
+def test_a_master_key_two_terminals_share_is_refused(
+    refuse: Refuse, old: str, place: str, key: str
+) -> None:
+    """A terminal whose TMK is another's, up to parity and whatever the suites, is refused,
+    naming the terminal that has it first, never the key."""
+    message = refuse((f'tmk = "{old}"', f'tmk = "{key}"'))
+    assert message == (
+        f"{FILE}: {place}.tmk: the same key as terminals[0] (10000001):"
+        " every terminal needs a master key of its own"
+    )
+    assert "FD32139F" not in message and "FC33129E" not in message
+
+
+@pytest.mark.parametrize(
     ("tmk", "problem"),
     [
         ('"FD32139FDCE66744281F7C0090707D"', "must be 32 hex digits"),
