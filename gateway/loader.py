@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cardcodec.cards import mask_card_number
@@ -89,6 +90,7 @@ def load_into_ledger(
     _refuse_unstorable(config)
     _refuse_changed_lots(session, config, now.astimezone(config.gateway.timezone).date())
     _refuse_another_pin_key(session, config, security)
+    _refuse_another_master_key(session, config, security)
     changes: list[str] = []
     for merchant in config.merchants:
         changes.extend(_load_merchant(session, merchant, now))
@@ -248,6 +250,62 @@ def _refuse_another_pin_key(session: Session, config: Config, security: Security
         )
 
 
+# The master key's check: a known key sealed as the TMK of an id no terminal has (terminal
+# ids are 8 characters). Sealed, it tells nothing of the master key; `keys rotate-master`
+# seals it again with the TMKs (`gateway.rotation`).
+MASTER_KEY_CHECK_ID = "master key check"
+MASTER_KEY_CHECK_TMK = bytes(range(16))
+
+
+def master_key_opens(session: Session, security: SecurityModule) -> bool | None:
+    """Whether this process's master key opens the ledger's master key check; None when the
+    ledger has none yet."""
+    stored = session.get(KeyCheck, "master key")
+    if stored is None:
+        return None
+    try:
+        return security.tmk_matches(MASTER_KEY_CHECK_ID, stored.value, MASTER_KEY_CHECK_TMK)
+    except SecurityModuleError:
+        return False
+
+
+def _refuse_another_master_key(
+    session: Session, config: Config, security: SecurityModule
+) -> None:
+    """`BadInput`, before anything is written, when this process's master key is not the one
+    the ledger's TMKs are sealed under: its load would seal every TMK anew under its own key,
+    and the instances with the right one could then sign no terminal on. That happens to a
+    host still holding the key from before a `keys rotate-master` made on another, even with
+    the PIN key it had then (a rotation keeps the PIN key and seals it anew).
+
+    The first load after the check came in (migration 0008's table) stores it, unless the
+    ledger already has terminals and not one of their TMKs opens under this key."""
+    opens = master_key_opens(session, security)
+    if opens is None:
+        terminals = list(session.scalars(select(Terminal)))
+        if terminals and not any(_opens(security, terminal) for terminal in terminals):
+            opens = False
+        else:
+            check = security.seal_tmk(MASTER_KEY_CHECK_ID, MASTER_KEY_CHECK_TMK)
+            session.add(KeyCheck(name="master key", value=check))
+            return
+    if not opens:
+        raise BadInput(
+            f"master key {config.issuer.master_key}: not the master key this ledger's terminal"
+            " master keys are sealed under (a key from before a rotation, or one made anew):"
+            " give this host the master key and PIN key files of the instances that serve"
+            " this ledger (docs/deployment.md)"
+        )
+
+
+def _opens(security: SecurityModule, terminal: Terminal) -> bool:
+    try:
+        security.tmk_matches(terminal.id, terminal.tmk_encrypted, bytes(16))
+    except SecurityModuleError:
+        return False
+    return True
+
+
 def _sealed_tmk(
     existing: Terminal | None, terminal: TerminalConfig, security: SecurityModule
 ) -> tuple[bytes, str | None]:
@@ -261,7 +319,9 @@ def _sealed_tmk(
     try:
         unchanged = security.tmk_matches(terminal.id, existing.tmk_encrypted, terminal.tmk)
     except SecurityModuleError:
-        note = "TMK encrypted again (the stored one did not decrypt under this master key)"
+        # The master key is the ledger's (`_refuse_another_master_key`): this row's blob is
+        # damaged, and the config's key replaces it.
+        note = "TMK encrypted again (the stored one did not open: a damaged row)"
         return security.seal_tmk(terminal.id, terminal.tmk), note
     if unchanged:
         return existing.tmk_encrypted, None

@@ -19,7 +19,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from gateway.ledger import unit_of_work
-from gateway.ledger.models import Terminal, TerminalSession
+from gateway.ledger.models import KeyCheck, Terminal, TerminalSession
+from gateway.loader import MASTER_KEY_CHECK_ID
 from gateway.security import MasterKeyRotation, SecurityModule
 
 
@@ -42,9 +43,10 @@ def rotate_master(engine: Engine, security: SecurityModule) -> Rotation:
 
 
 def reseal(session: Session, rotation: MasterKeyRotation) -> Rotation:
-    """Every terminal's TMK and every stored session's working keys sealed again under the
-    rotation's next key, in `session`'s unit of work; the caller commits, then finishes the
-    rotation. A stored key that does not open raises `SecurityModuleError`."""
+    """Every terminal's TMK, every stored session's working keys and the ledger's master key
+    check sealed again under the rotation's next key, in `session`'s unit of work; the
+    caller commits, then finishes the rotation. A stored key that does not open raises
+    `SecurityModuleError`."""
     terminals = session.scalars(select(Terminal).with_for_update().order_by(Terminal.id))
     count = 0
     for terminal in terminals:
@@ -57,4 +59,7 @@ def reseal(session: Session, rotation: MasterKeyRotation) -> Rotation:
     for row in signed_on:
         row.keys_sealed = rotation.reseal_session_keys(row.terminal_id, row.keys_sealed)
         sessions += 1
+    check = session.get(KeyCheck, "master key", with_for_update=True)
+    if check is not None:
+        check.value = rotation.reseal_tmk(MASTER_KEY_CHECK_ID, check.value)
     return Rotation(count, sessions)

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, delete, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from gateway import bootstrap as bootstrap_module
@@ -25,6 +25,7 @@ from gateway.ledger.models import (
     Base,
     Card,
     JournalTransaction,
+    KeyCheck,
     Merchant,
     MerchantActiveChange,
     Terminal,
@@ -32,6 +33,7 @@ from gateway.ledger.models import (
     TransactionKind,
 )
 from gateway.loader import LoadReport, load_into_ledger, rule_from_json, rule_to_json
+from gateway.rotation import rotate_master
 from gateway.security import SoftwareSecurityModule
 from tests.conftest import empty_postgres_ledger
 
@@ -274,8 +276,7 @@ def test_after_a_rotation_a_host_given_only_the_new_master_key_is_refused(
     it. Its load is refused; given both files, it loads."""
     config = write_config(tmp_path)
     load(ledger_engine, config, keystore)
-    keystore.begin_rotation()
-    keystore.finish_rotation()
+    rotate_master(ledger_engine, SoftwareSecurityModule(keystore))
     other_host = tmp_path / "host-b"
     other_host.mkdir()
     shutil.copy(keystore.path, other_host / "master.key")
@@ -283,6 +284,75 @@ def test_after_a_rotation_a_host_given_only_the_new_master_key_is_refused(
         load(ledger_engine, config, FileKeyStore(other_host / "master.key"))
     shutil.copy(keystore.pin_path, other_host / "master.key.pin")
     load(ledger_engine, config, FileKeyStore(other_host / "master.key"))
+
+
+def test_a_host_with_the_keys_from_before_a_rotation_is_refused_and_changes_nothing(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """Host B keeps the master key and PIN key files host A had before A's `keys
+    rotate-master`: the same PIN key, so the PIN key's check passes, but not the master key
+    the TMKs are now sealed under. B's load would seal every TMK anew under the old key and A
+    could sign no terminal on; it is refused before it writes anything. A still loads."""
+    config = write_config(tmp_path)
+    load(ledger_engine, config, keystore)
+    host_b = tmp_path / "host-b"
+    host_b.mkdir()
+    shutil.copy(keystore.path, host_b / "master.key")
+    shutil.copy(keystore.pin_path, host_b / "master.key.pin")
+    rotate_master(ledger_engine, SoftwareSecurityModule(keystore))
+    stored = _stored_tmk(ledger_engine)
+    with pytest.raises(BadInput) as refused:
+        load(ledger_engine, config, FileKeyStore(host_b / "master.key"))
+    assert "not the master key this ledger's terminal master keys are sealed under" in str(
+        refused.value
+    )
+    assert _stored_tmk(ledger_engine) == stored
+    assert keystore.decrypt_tmk(TERMINAL, stored) == DEMO_TMK
+    assert load(ledger_engine, config, FileKeyStore(keystore.path)).changes == ()
+
+
+def test_a_ledger_without_a_master_key_check_takes_none_from_a_key_that_opens_no_tmk(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """A ledger made before the master key had a check value gets one at its first load,
+    unless none of its terminals' TMKs opens under that load's key: that key is not the
+    ledger's, and the load is refused with nothing written."""
+    config = write_config(tmp_path)
+    load(ledger_engine, config, keystore)
+    with unit_of_work(ledger_engine) as session:
+        session.execute(delete(KeyCheck))
+    stored = _stored_tmk(ledger_engine)
+    with pytest.raises(BadInput, match="not the master key this ledger's terminal master keys"):
+        load(ledger_engine, config, FileKeyStore(tmp_path / "other" / "master.key"))
+    assert _key_checks(ledger_engine) == []
+    assert _stored_tmk(ledger_engine) == stored
+    load(ledger_engine, config, keystore)  # the ledger's key: the checks are stored
+    assert _key_checks(ledger_engine) == ["master key", "pin key"]
+
+
+def test_a_damaged_tmk_row_is_sealed_again_from_the_config(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """Under the ledger's own master key, a TMK row that does not open is damaged: the load
+    seals the config's key in its place, and says so."""
+    config = write_config(tmp_path)
+    load(ledger_engine, config, keystore)
+    with unit_of_work(ledger_engine) as session:
+        terminal = session.get(Terminal, TERMINAL)
+        assert terminal is not None
+        terminal.tmk_encrypted = terminal.tmk_encrypted[:-1] + bytes(
+            [terminal.tmk_encrypted[-1] ^ 1]
+        )
+    report = load(ledger_engine, config, keystore)
+    assert report.changes == (
+        f"terminal {TERMINAL}: TMK encrypted again (the stored one did not open: a damaged row)",
+    )
+    assert keystore.decrypt_tmk(TERMINAL, _stored_tmk(ledger_engine)) == DEMO_TMK
+
+
+def _key_checks(engine: Engine) -> list[str]:
+    with unit_of_work(engine) as session:
+        return list(session.scalars(select(KeyCheck.name).order_by(KeyCheck.name)))
 
 
 def _pin_references(engine: Engine) -> list[bytes | None]:

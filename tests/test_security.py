@@ -397,11 +397,13 @@ def test_another_security_module_loads_the_config_and_rotates(
     config load, tells a second load that nothing changed, and rotates its master key with a
     terminal signed on, which carries on; the master key file is never made."""
     harness, hsm = hsm_harness(tmp_path, ledger_url)
-    # PIN references: the one card with a PIN, and the PIN key's check value (loader).
-    assert (hsm.calls["seal_tmk"], hsm.calls["pin_reference"]) == (3, 2)
+    # Sealed: three TMKs and the master key's check; PIN references: the one card with a
+    # PIN, and the PIN key's check value (loader).
+    assert (hsm.calls["seal_tmk"], hsm.calls["pin_reference"]) == (4, 2)
     with unit_of_work(harness.engine) as session:
         again = load_into_ledger(session, harness.config, hsm, harness.clock.now())
-    assert again.changes == () and hsm.calls["tmk_matches"] == 3
+    # Three TMKs and the master key's check compared.
+    assert again.changes == () and hsm.calls["tmk_matches"] == 4
     terminal = harness.signed_on(with_tdk=True)
     with unit_of_work(harness.engine) as session:
         old_tmk = session.scalars(select(Terminal.tmk_encrypted).filter_by(id=TERMINAL)).one()

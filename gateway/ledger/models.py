@@ -533,10 +533,12 @@ class RrnAllocation(Base):
 
 
 class KeyCheck(Base):
-    """A check value of a key the ledger's rows were made with (migration 0008): the PIN key,
-    whose HMACs the cards' PIN references are. A process with another key is refused before
-    it writes anything (`gateway.loader`), rather than rewriting every PIN reference (and
-    resetting every card's wrong tries) for the instances that have the right one."""
+    """A check value of a key the ledger's rows were made with (migration 0008): the PIN key
+    ("pin key"), whose HMACs the cards' PIN references are, and the master key ("master
+    key"), a known key sealed under it as the TMKs are. A process with another key is
+    refused before it writes anything (`gateway.loader`), rather than rewriting every PIN
+    reference (and resetting every card's wrong tries) or sealing every TMK anew for the
+    instances that have the right one."""
 
     __tablename__ = "key_checks"
 
