@@ -269,9 +269,7 @@ def master_key_opens(session: Session, security: SecurityModule) -> bool | None:
         return False
 
 
-def _refuse_another_master_key(
-    session: Session, config: Config, security: SecurityModule
-) -> None:
+def _refuse_another_master_key(session: Session, config: Config, security: SecurityModule) -> None:
     """`BadInput`, before anything is written, when this process's master key is not the one
     the ledger's TMKs are sealed under: its load would seal every TMK anew under its own key,
     and the instances with the right one could then sign no terminal on. That happens to a

@@ -124,7 +124,9 @@ class Context:
 
     @functools.cached_property
     def swipe(self) -> ops.Swipe:
-        return ops.Swipe(self.terminal.id, int(self.data.batch), self.trace, self.moment)
+        return ops.Swipe(
+            self.terminal.id, int(self.data.batch), self.trace, self.moment, self.merchant.id
+        )
 
     @functools.cached_property
     def trace(self) -> int:

@@ -213,7 +213,7 @@ class LedgerWorld:
 
     def swipe(self, trace: int | None = None, at: datetime | None = None) -> operations.Swipe:
         when = moment(at or self.now)
-        return operations.Swipe(TERMINAL_ID, 1, trace or next(self._traces), when)
+        return operations.Swipe(TERMINAL_ID, 1, trace or next(self._traces), when, MERCHANT_ID)
 
     def add_card(
         self, serial: int = 1, lots: Sequence[tuple[date, int]] = (), *, enrolled: bool = True
@@ -276,7 +276,11 @@ class LedgerWorld:
             original = session.get(Authorisation, original_id)
             assert original is not None
             swipe = operations.Swipe(
-                original.terminal_id, original.batch_number, original.trace, moment(self.now)
+                original.terminal_id,
+                original.batch_number,
+                original.trace,
+                moment(self.now),
+                original.merchant_id,
             )
             return operations.reverse(session, swipe, original_id)
 

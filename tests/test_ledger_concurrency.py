@@ -11,7 +11,7 @@ from gateway.ledger import operations
 from gateway.ledger.db import make_engine, unit_of_work
 from gateway.ledger.operations import Decline, Declined, Redeemed
 from gateway.points import convert
-from tests.conftest import START, TERMINAL_ID, LedgerWorld, moment
+from tests.conftest import MERCHANT_ID, START, TERMINAL_ID, LedgerWorld, moment
 
 WORKERS = 2
 ROUNDS = 40
@@ -30,7 +30,7 @@ def redeem_repeatedly(
     try:
         for round_number in range(ROUNDS):
             swipe = operations.Swipe(
-                TERMINAL_ID, 1, worker * 1000 + round_number + 1, moment(START)
+                TERMINAL_ID, 1, worker * 1000 + round_number + 1, moment(START), MERCHANT_ID
             )
             with unit_of_work(engine) as session:
                 outcome = operations.redeem(

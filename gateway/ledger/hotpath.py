@@ -766,14 +766,14 @@ class HotLedger:
         """Insert an authorisation: `amounts` are (requested, A, d), `conversion` is
         (rule, D, P, fee in force)."""
         when = swipe.when
-        merchant_id, _ = self._terminal(swipe.terminal_id)
+        self._terminal(swipe.terminal_id)  # known to the ledger
         return self._insert(
             self._sql.authorisation,
             (
                 row.rrn,
                 row.kind.value,
                 swipe.terminal_id,
-                merchant_id,
+                swipe.merchant_id,
                 swipe.batch_number,
                 swipe.trace,
                 row.auth_code,
@@ -869,12 +869,12 @@ class HotLedger:
         their movements in one statement (one round trip), as the SQLite path writes them."""
         number, account_id = card
         when = swipe.when
-        merchant_id, _ = self._terminal(swipe.terminal_id)
+        self._terminal(swipe.terminal_id)  # known to the ledger
         points = figures[5]
         parameters: list[Any] = [when.at, swipe.key(RequestClass.REQUEST), when.at]
         parameters += [when.business_date, number]
         parameters += [account_id, -points, self._system_account("redemption"), points]
-        parameters += [swipe.terminal_id, merchant_id, swipe.batch_number, swipe.trace]
+        parameters += [swipe.terminal_id, swipe.merchant_id, swipe.batch_number, swipe.trace]
         parameters += [row.auth_code, number, *figures, row.response_code, when.at]
         parameters += [when.business_date]
         for lot, amount in shares:
@@ -1022,8 +1022,8 @@ class HotLedger:
             key = swipe.key(RequestClass.REQUEST)
             transactions.append((transaction_id, key, at, day, number))
             entries += [(transaction_id, account_id, -points), (transaction_id, system, points)]
-            merchant_id, _ = self._terminal(swipe.terminal_id)
-            where = (swipe.terminal_id, merchant_id, swipe.batch_number, swipe.trace)
+            self._terminal(swipe.terminal_id)  # known to the ledger
+            where = (swipe.terminal_id, swipe.merchant_id, swipe.batch_number, swipe.trace)
             row: tuple[Any, ...] = (authorisation_id, rrn, *where, plan.auth_code, number)
             row += plan.amounts
             row += (*plan.figures, plan.response_code, at, day, transaction_id)

@@ -84,12 +84,18 @@ class Declined:
 
 @dataclass(frozen=True)
 class Swipe:
-    """The request identity and time of a terminal's financial message."""
+    """The request identity and time of a terminal's financial message, and the merchant it
+    was decided for: the one the deciding gateway's config gives the terminal, whose rules
+    and fee it applied. A request is recorded under that merchant even when another
+    process's config has since moved the terminal in the ledger (a rolling restart onto a
+    new config), so the money goes to the merchant the terminal named and the rules were
+    the ones that merchant gave."""
 
     terminal_id: str
     batch_number: int
     trace: int
     when: Moment
+    merchant_id: str
 
     def key(self, request_class: RequestClass) -> str:
         """The journal idempotency key: one per request identity (pos-8583.md §7)."""
@@ -589,7 +595,7 @@ def _new_authorisation(
     original: Authorisation | None = None,
 ) -> Authorisation:
     """An approved authorisation row with a new RRN; voids and reversals copy the original's
-    figures (A, d, D, P and the fee in force)."""
+    figures (A, d, D, P and the fee in force) and its merchant, whose sale they take back."""
     terminal = session.get(Terminal, swipe.terminal_id)
     if terminal is None:
         raise LookupError(f"terminal {swipe.terminal_id} is not known")
@@ -597,7 +603,7 @@ def _new_authorisation(
         rrn=next_rrn(session, swipe.when.at),
         kind=kind,
         terminal_id=terminal.id,
-        merchant_id=terminal.merchant_id,
+        merchant_id=swipe.merchant_id if original is None else original.merchant_id,
         batch_number=swipe.batch_number,
         trace=swipe.trace,
         card_number=card_number,

@@ -145,7 +145,7 @@ def record_authorisation(
         rrn=next_rrn(session, swipe.when.at),
         kind=kind,
         terminal_id=terminal.id,
-        merchant_id=terminal.merchant_id,
+        merchant_id=swipe.merchant_id,
         batch_number=swipe.batch_number,
         trace=swipe.trace,
         card_number=card_number,

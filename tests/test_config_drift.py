@@ -1,0 +1,60 @@
+"""Processes whose configs differ, on one ledger: a gateway still serving the config it started
+with while another process (a rolling restart's new instance, or a command given another
+`--config`) has loaded a new one. The money must follow what each gateway decided."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from sqlalchemy import select
+
+from gateway.config import Config, load_config
+from gateway.ledger import unit_of_work
+from gateway.ledger.models import Authorisation, AuthorisationKind, Terminal
+from gateway.loader import load_into_ledger
+from tests.gateway_harness import DEMO, DIAMOND, Harness, demo_config
+
+STORE = "898310048990001"  # terminal 10000001's merchant in the demo config
+COFFEE = "898310058120002"
+
+
+def moved_config(tmp_path: Path, database: str) -> Config:
+    """The demo config with terminal 10000001 moved from the store to the coffee chain."""
+    text = DEMO.read_text(encoding="utf-8")
+    old = f'id = "10000001"\nmerchant = "{STORE}"'
+    assert old in text
+    folder = tmp_path / "moved"
+    folder.mkdir()
+    path = folder / "vipgate.toml"
+    path.write_text(text.replace(old, f'id = "10000001"\nmerchant = "{COFFEE}"', 1), "utf-8")
+    config = load_config(path, database)
+    return dataclasses.replace(config, issuer=demo_config(tmp_path, database).issuer)
+
+
+def test_a_sale_is_recorded_under_the_merchant_its_gateway_decided_for(
+    tmp_path: Path, ledger_url: str
+) -> None:
+    """Another process loads a config that moves terminal 10000001 to the coffee chain. The
+    gateway still serving the old config checks the terminal's requests against the store
+    (field 42) and applies the store's rules and fee: the sale, and its void, are recorded
+    under the store, whose statement pays for them; the ledger's terminal row says the coffee
+    chain all the while."""
+    harness = Harness(demo_config(tmp_path, ledger_url))
+    with unit_of_work(harness.engine) as session:
+        load_into_ledger(
+            session, moved_config(tmp_path, ledger_url), harness.security, harness.clock.now()
+        )
+        terminal_row = session.get(Terminal, "10000001")
+        assert terminal_row is not None and terminal_row.merchant_id == COFFEE
+    terminal = harness.signed_on()
+    _, sale = harness.redeem(terminal, DIAMOND, 10000)
+    assert sale.code == "00"
+    void = harness.void(terminal, DIAMOND, sale, sale.text(11), 10000)
+    assert void.code == "00"
+    with unit_of_work(harness.engine) as session:
+        rows = session.execute(
+            select(Authorisation.kind, Authorisation.merchant_id).order_by(Authorisation.id)
+        ).all()
+    assert rows == [(AuthorisationKind.REDEMPTION, STORE), (AuthorisationKind.VOID, STORE)]
+    harness.engine.dispose()
