@@ -16,9 +16,9 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, time
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
 
 from cardcodec.cards import mask_card_number
@@ -35,6 +35,7 @@ from gateway.ledger.models import (
     Merchant,
     PointLot,
     Terminal,
+    TerminalSession,
 )
 from gateway.rules import DAY_NAMES, END_OF_DAY, Rule
 from gateway.security import SecurityModule, SecurityModuleError
@@ -223,7 +224,27 @@ def _load_terminal(
         }
     records.upsert_terminal(session, details, now)
     changes = _describe(f"terminal {terminal.id}", before, fields)
-    return changes + ([f"terminal {terminal.id}: {tmk_note}"] if tmk_note else [])
+    if tmk_note:
+        changes.append(f"terminal {terminal.id}: {tmk_note}")
+    suite_changed = before is not None and before["suite"] != fields["suite"]
+    if tmk_note or suite_changed:
+        changes += _end_session(session, terminal.id)
+    return changes
+
+
+def _end_session(session: Session, terminal_id: str) -> list[str]:
+    """A terminal whose TMK or suite changed is signed off: its working keys came under the
+    old TMK (one that may have leaked, the usual reason to change it) or are of the old
+    suite. Every process sees the row gone at its next group, so the terminal is told to
+    sign on again (`A0`), and gets keys under the new TMK."""
+    ended = session.execute(
+        delete(TerminalSession).where(TerminalSession.terminal_id == terminal_id)
+    )
+    if not cast(CursorResult[Any], ended).rowcount:
+        return []
+    return [
+        f"terminal {terminal_id}: signed off (its working keys came under the old TMK or suite)"
+    ]
 
 
 # The check value of the PIN key: the reference of a PIN for a number no card has (no issuer

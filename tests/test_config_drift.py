@@ -7,13 +7,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from gateway.config import Config, load_config
 from gateway.ledger import unit_of_work
-from gateway.ledger.models import Authorisation, AuthorisationKind, Terminal
+from gateway.ledger.models import Authorisation, AuthorisationKind, Terminal, TerminalSession
 from gateway.loader import load_into_ledger
 from tests.gateway_harness import DEMO, DIAMOND, Harness, demo_config
+from tests.spec_terminal import SpecTerminal
 
 STORE = "898310048990001"  # terminal 10000001's merchant in the demo config
 COFFEE = "898310058120002"
@@ -57,4 +59,59 @@ def test_a_sale_is_recorded_under_the_merchant_its_gateway_decided_for(
             select(Authorisation.kind, Authorisation.merchant_id).order_by(Authorisation.id)
         ).all()
     assert rows == [(AuthorisationKind.REDEMPTION, STORE), (AuthorisationKind.VOID, STORE)]
+    harness.engine.dispose()
+
+
+def edited_config(tmp_path: Path, database: str, old: str, new: str) -> Config:
+    """The demo config with `old` replaced by `new` once, and the harness's key files."""
+    text = DEMO.read_text(encoding="utf-8")
+    assert old in text
+    folder = tmp_path / "edited"
+    folder.mkdir(exist_ok=True)
+    path = folder / "vipgate.toml"
+    path.write_text(text.replace(old, new, 1), "utf-8")
+    config = load_config(path, database)
+    return dataclasses.replace(config, issuer=demo_config(tmp_path, database).issuer)
+
+
+NEW_TMK = "00112233445566778899AABBCCDDEEFF"
+
+
+@pytest.mark.parametrize(
+    ("new", "suite", "old_keys_get"),
+    [
+        # a TMK changed (one that leaked): sign on again
+        (f'suite = "3des"\ntmk = "{NEW_TMK}"', "3des", "A0"),
+        # the suite changed with it: field 53 now names the wrong suite, a format error (§6
+        # checks the format first)
+        (f'suite = "sm4"\ntmk = "{NEW_TMK}"', "sm4", "30"),
+    ],
+)
+def test_a_terminal_whose_tmk_or_suite_changes_is_signed_off(
+    tmp_path: Path, ledger_url: str, new: str, suite: str, old_keys_get: str
+) -> None:
+    """Working keys sent under the old TMK end when a config load changes the TMK or the
+    suite: whoever holds the old TMK could read them. The terminal is told to sign on again
+    (`A0`) and gets keys under the new TMK."""
+    harness = Harness(demo_config(tmp_path, ledger_url))
+    old_keys = harness.signed_on()
+    changed = edited_config(
+        tmp_path, ledger_url, 'suite = "3des"\ntmk = "FD32139FDCE66744281F7C0090707DF2"', new
+    )
+    with unit_of_work(harness.engine) as session:
+        report = load_into_ledger(session, changed, harness.security, harness.clock.now())
+    assert "terminal 10000001: signed off (its working keys came under the old TMK or suite)" in (
+        report.changes
+    )
+    harness.config = changed
+    harness.gateway = harness.new_gateway()
+    _, refused = harness.redeem(old_keys, DIAMOND, 1000)
+    assert refused.code == old_keys_get
+    with unit_of_work(harness.engine) as session:
+        assert session.get(TerminalSession, "10000001") is None
+    new_terminal = SpecTerminal("10000001", STORE, suite, bytes.fromhex(NEW_TMK))
+    signed_on = harness.send(new_terminal, new_terminal.sign_on(False))
+    assert signed_on.code == "00"
+    new_terminal.adopt_sign_on(signed_on)
+    assert harness.redeem(new_terminal, DIAMOND, 1000)[1].code == "00"
     harness.engine.dispose()
