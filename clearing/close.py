@@ -87,7 +87,7 @@ def close_month(
         closed_at=now,
         sender_id=settings.sender_id,
         receiver_id=settings.receiver_id,
-        terminal_count=len(enabled_terminals(session, begins, ends)),
+        terminal_count=len(terminals_for_fee(session, month, begins, ends)),
         terminal_fee_fen=settings.terminal_fee_fen,
         file_name=file_name(settings.receiver_id, month.compact),
         file_sha256=None,
@@ -271,6 +271,34 @@ def _late_undoings(month: Month, rows: _MonthRows) -> ItemRows:
         rows.condition(),
         exists().where(SettledItem.authorisation_id == root.id),
     )
+
+
+ENABLED = "enabled by the history"
+SERVED = "approved requests in the month, the history saying disabled"
+
+
+def terminals_for_fee(
+    session: Session, month: Month, begins: datetime, ends: datetime
+) -> dict[str, str]:
+    """The terminals the month's terminal fee is paid for, each with why: enabled at any
+    moment of the month by its history (§5), or, though the history says otherwise, answered
+    an approval in the month by a gateway. A gateway decides with its own config, and the
+    history is what the configs loaded into the ledger said: a gateway still serving an
+    older config (a rolling restart, a command run with another `--config`) served a
+    terminal the history may call disabled, and a terminal that was served was enabled."""
+    counted = dict.fromkeys(enabled_terminals(session, begins, ends), ENABLED)
+    served = (
+        select(Authorisation.terminal_id)
+        .where(
+            Authorisation.business_date >= month.first_date,
+            Authorisation.business_date <= month.last_date,
+            Authorisation.response_code.in_(APPROVED_CODES),
+        )
+        .distinct()
+    )
+    for terminal_id in session.scalars(served):
+        counted.setdefault(terminal_id, SERVED)
+    return dict(sorted(counted.items()))
 
 
 def enabled_terminals(session: Session, begins: datetime, ends: datetime) -> list[str]:

@@ -15,6 +15,7 @@ there (what `make screenshot-reconcile` photographs).
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -348,6 +349,24 @@ def check_page(page: Path) -> None:
     assert html.count("<svg") == 2 and "<table>" in html
     assert "EXCEPTIONS: 5" in html
     assert DIAMOND not in html and GOLD_PIN not in html
+    assert _rows_after(html, "Terminals the terminal fee is paid for") == [
+        ["10000001", "898310048990001", "enabled by the history"],
+        ["10000002", "898310048990001", "enabled by the history"],
+        ["20000001", "898310058120002", "enabled by the history"],
+    ]
+    rates = _rows_after(html, "Rates the month's entries were charged at")
+    assert [(row[0], row[1], row[5]) for row in rates] == [
+        ("898310048990001", "80", "yes"),
+        ("898310058120002", "60", "yes"),
+    ]
+    assert sum(int(row[4]) for row in rates) == 222  # the trailer's fees
+
+
+def _rows_after(html: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table after an <h3> heading, as cell texts."""
+    start = html.index(f"<h3>{heading}</h3>")
+    body = html[html.index("<tbody>", start) + 7 : html.index("</tbody>", start)]
+    return [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in body.split("</tr>") if row]
 
 
 def test_december_carries_the_corrections_and_reconciles(

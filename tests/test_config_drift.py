@@ -5,11 +5,15 @@ with while another process (a rolling restart's new instance, or a command given
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime, time, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
+from clearing.close import ENABLED, SERVED, terminals_for_fee
+from clearing.period import Month, month_begins, month_ends
+from gateway.clock import SHANGHAI
 from gateway.config import Config, load_config
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, AuthorisationKind, Terminal, TerminalSession
@@ -114,4 +118,35 @@ def test_a_terminal_whose_tmk_or_suite_changes_is_signed_off(
     assert signed_on.code == "00"
     new_terminal.adopt_sign_on(signed_on)
     assert harness.redeem(new_terminal, DIAMOND, 1000)[1].code == "00"
+    harness.engine.dispose()
+
+
+def test_a_terminal_served_while_the_history_says_disabled_is_paid_for(
+    tmp_path: Path, ledger_url: str
+) -> None:
+    """The ledger's history says terminal 20000001 has been disabled since October (the
+    config another process loaded), but a gateway still serving the config that enables it
+    approves a sale there in November: the network is paid November's terminal fee for it,
+    and the pack says why."""
+    disabled = edited_config(
+        tmp_path,
+        ledger_url,
+        'id = "20000001"\nmerchant = "898310058120002"\nenabled = true',
+        'id = "20000001"\nmerchant = "898310058120002"\nenabled = false',
+    )
+    harness = Harness(disabled, start=datetime(2026, 10, 20, 10, 0, tzinfo=SHANGHAI))
+    harness.config = demo_config(tmp_path, ledger_url)  # the older config: enabled
+    harness.gateway = harness.new_gateway()
+    harness.clock.advance(timedelta(days=16))  # 2026-11-05
+    coffee = harness.signed_on("20000001")
+    assert harness.redeem(coffee, DIAMOND, 1000)[1].code == "00"
+    november = Month.parse("2026-11")
+    span = (month_begins(november, SHANGHAI, time(23)), month_ends(november, SHANGHAI, time(23)))
+    with unit_of_work(harness.engine) as session:
+        paid_for = terminals_for_fee(session, november, *span)
+    assert paid_for == {
+        "10000001": ENABLED,
+        "10000002": ENABLED,
+        "20000001": SERVED,
+    }
     harness.engine.dispose()

@@ -19,6 +19,7 @@ from clearing.reconcile.charts import Series, daily_chart, merchant_chart
 from clearing.reconcile.findings import Finding, FindingList
 from clearing.reconcile.journal_file import FileCheck
 from clearing.reconcile.pack import Pack
+from clearing.reconcile.rules import RateCharged
 from gateway.clock import SHANGHAI
 
 MERCHANTS_CHARTED = 20
@@ -277,6 +278,11 @@ def _fees(pack: Pack) -> str:
     if fees is None:
         return ""
     rows = [[m.merchant_id, m.name, m.fee_bp, m.bank_card_fee_bp] for m in fees.merchants]
+    at_close = {m.merchant_id: m.fee_bp for m in fees.merchants}
+
+    def closing(rate: RateCharged) -> str:
+        return "yes" if at_close.get(rate.merchant_id) == rate.fee_bp else "no"
+
     return (
         "<h2>4. Fee rules</h2>"
         + table(["merchant", "name", "fee bp at the close", "bank card fee bp"], rows)
@@ -287,8 +293,23 @@ def _fees(pack: Pack) -> str:
                 ["settled (fen)", fees.settled_fen],
                 ["average fee (limit 100 bp)", fees.average],
                 ["terminals paid for at the close", fees.terminals_counted],
-                ["terminals enabled in the month, by the history now", fees.terminals_now],
+                ["terminals to pay for, by the ledger now", fees.terminals_now],
             ],
+        )
+        + "<h3>Rates the month's entries were charged at</h3>"
+        + "<p>Each entry is charged at the rate in force when its original was authorised"
+        " (points-and-clearing.md §5); the merchant record carries the rate at the close.</p>"
+        + table(
+            ["merchant", "fee bp", "entries", "settled fen", "fees fen", "the rate at the close"],
+            [
+                [r.merchant_id, r.fee_bp, r.entries, r.settled_fen, r.fees_fen, closing(r)]
+                for r in fees.rates
+            ],
+        )
+        + "<h3>Terminals the terminal fee is paid for</h3>"
+        + table(
+            ["terminal", "merchant now", "why"],
+            [[t.terminal_id, t.merchant_id, t.why] for t in fees.terminals],
         )
         + exceptions(pack.lists["fees"])
     )

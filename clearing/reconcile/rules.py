@@ -3,7 +3,9 @@
 Fees: no merchant may pay more on VIP cards than on bank cards (its fee_bp at most its
 bank_card_fee_bp), neither in the rates recorded at the close nor in the rate each entry was
 charged at; the month's average fee, fees over settled amounts for all merchants, may not be
-above 1%; and the terminal fee must be paid for exactly the terminals enabled in the month.
+above 1%; and the terminal fee must be paid for exactly the terminals enabled in the month
+(or served in it, `clearing.close.terminals_for_fee`). The pack shows what explains each fee:
+the rates the entries were charged at, and each terminal paid for, with why.
 All comparisons are integer cross-multiplications.
 
 Protocol: a reversal for a batch already closed is answered `00` and changes nothing, and a
@@ -19,13 +21,14 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from clearing.close import enabled_terminals
+from clearing.close import terminals_for_fee
 from clearing.models import ClosedMonth, ClosedMonthMerchant, SettledItem
 from clearing.money import AVERAGE_FEE_LIMIT_BP, average_fee_above
 from clearing.period import Month
 from clearing.reconcile.findings import Finding, FindingList, masked
+from gateway.config import BP_WHOLE
 from gateway.ledger.journal import sum_of
-from gateway.ledger.models import Authorisation, Merchant
+from gateway.ledger.models import Authorisation, Merchant, Terminal
 from gateway.ledger.records import find_reversal_original
 
 EXCEPTION_NAMES = {
@@ -53,12 +56,34 @@ class MerchantFees:
 
 
 @dataclass(frozen=True)
+class TerminalFee:
+    """A terminal the month's terminal fee is paid for, its merchant now, and why."""
+
+    terminal_id: str
+    merchant_id: str
+    why: str
+
+
+@dataclass(frozen=True)
+class RateCharged:
+    """A merchant's entries of the month charged at one rate."""
+
+    merchant_id: str
+    fee_bp: int
+    entries: int
+    settled_fen: int
+    fees_fen: int
+
+
+@dataclass(frozen=True)
 class FeeCheck:
     merchants: list[MerchantFees]
     fees_fen: int
     settled_fen: int
     terminals_counted: int
     terminals_now: int
+    terminals: list[TerminalFee]
+    rates: list[RateCharged]
 
     @property
     def average(self) -> str:
@@ -72,7 +97,9 @@ def check_fees(
     enabled_span: tuple[datetime, datetime],
     findings: FindingList,
 ) -> FeeCheck:
-    """The fee rules for the month; `totals` is (fees, settled) from the ledger's sums."""
+    """The fee rules for the month; `totals` is (fees, settled) from the ledger's sums.
+    Also what explains each fee: the rates the entries were charged at, and the terminals
+    the terminal fee is paid for, each with why."""
     query = (
         select(ClosedMonthMerchant, Merchant.name)
         .join(Merchant, Merchant.id == ClosedMonthMerchant.merchant_id)
@@ -103,15 +130,49 @@ def check_fees(
             )
         )
     begins, ends = enabled_span
-    now = len(enabled_terminals(session, begins, ends))
+    terminals = terminals_for_fee(session, Month.parse(closed.month), begins, ends)
+    now = len(terminals)
     if now != closed.terminal_count:
         findings.add(
             Finding(
                 "terminal fees paid for another number of terminals",
-                detail=f"{closed.terminal_count} at the close, {now} enabled by the history now",
+                detail=f"{closed.terminal_count} at the close, {now} by the ledger now",
             )
         )
-    return FeeCheck(merchants, fees, settled, closed.terminal_count, now)
+    query_owners = select(Terminal.id, Terminal.merchant_id).where(Terminal.id.in_(list(terminals)))
+    owners = {terminal: merchant for terminal, merchant in session.execute(query_owners)}
+    paid_for = [
+        TerminalFee(terminal, owners.get(terminal, ""), why) for terminal, why in terminals.items()
+    ]
+    rates = _rates_charged(session, closed)
+    return FeeCheck(merchants, fees, settled, closed.terminal_count, now, paid_for, rates)
+
+
+def _rates_charged(session: Session, closed: ClosedMonth) -> list[RateCharged]:
+    """The month's entries grouped by merchant and the rate each was charged at (the one in
+    force when its original was authorised, §5), with their fees as the file computes them:
+    round half up on |D|, with the entry's sign. A rate that changed within the month, or
+    since an original of an earlier month, shows here beside the rate at the close."""
+    # `//`: SQL integer division on both backends (`/` would be true division).
+    fee = (Authorisation.settled_fen * Authorisation.fee_bp + BP_WHOLE // 2) // BP_WHOLE
+    query = (
+        select(
+            Authorisation.merchant_id,
+            Authorisation.fee_bp,
+            func.count(),
+            sum_of(SettledItem.sign * Authorisation.settled_fen),
+            sum_of(SettledItem.sign * fee),
+        )
+        .select_from(SettledItem)
+        .join(Authorisation, Authorisation.id == SettledItem.authorisation_id)
+        .where(SettledItem.month == closed.month, SettledItem.entry_type.is_not(None))
+        .group_by(Authorisation.merchant_id, Authorisation.fee_bp)
+        .order_by(Authorisation.merchant_id, Authorisation.fee_bp)
+    )
+    return [
+        RateCharged(merchant_id, int(fee_bp), int(count), int(settled), int(fees))
+        for merchant_id, fee_bp, count, settled, fees in session.execute(query)
+    ]
 
 
 def _entries_above_bank(session: Session, closed: ClosedMonth, findings: FindingList) -> None:
