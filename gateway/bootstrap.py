@@ -1,10 +1,11 @@
 """The one place that wires the real things together for a command: config, database, keys, clock.
 
 Every `vipgate` command starts the same way (operations.md): read and validate the config,
-open the database it names (or `--db`), bring the schema up to date, and load the config's
-merchants, terminals and demo cards into it. Doing that here, once, means every command sees
-the same ledger and the rest of the code receives its collaborators instead of building them,
-so tests hand in a fixed clock or another security module without patching anything deeper.
+open the database it names (or `--db`), bring the schema up to date, and (unless it only
+reads the ledger) load the config's merchants, terminals and demo cards into it. Doing that
+here, once, means every command sees the same ledger and the rest of the code receives its
+collaborators instead of building them, so tests hand in a fixed clock or another security
+module without patching anything deeper.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from gateway.security import SecurityModule, SoftwareSecurityModule
 # starting beside one that serves can deadlock with it over cards; the load is the victim
 # PostgreSQL picks (it waited first) and runs again.
 LOAD_ATTEMPTS = 5
+NOTHING_LOADED = LoadReport(
+    merchants=0, terminals=0, cards=0, lots_accrued=0, points_accrued=0, changes=()
+)
 
 
 @dataclass(frozen=True)
@@ -80,18 +84,28 @@ def bootstrap(
     security: SecurityModule | None = None,
     check: Check | None = None,
     refuse: Refusal | None = None,
+    load: bool = True,
 ) -> Wiring:
     """Read the config, run the command's `check`, open and migrate its database, and load
     the config into it, with the command's `refuse` in the load's transaction.
 
     Without a `clock`, the commands' clock (`system_clock`) in the config's time zone; without
-    a `security` module, the software one on the master key file the config names.
+    a `security` module, the software one on the master key file the config names. A command
+    that only reads the ledger (`load=False`) does not load the config: run with another
+    config than the gateway's (the default `config/demo.toml`, say), a check would otherwise
+    write that config's merchants, terminals, cards and points into the ledger it checks.
     """
     config, chosen_clock, chosen_security, engine = _opened(
         config_path, db_override, clock, security, check
     )
     try:
-        report = _load(engine, config, chosen_security, chosen_clock, refuse)
+        if load:
+            report = _load(engine, config, chosen_security, chosen_clock, refuse)
+        else:
+            report = NOTHING_LOADED
+            if refuse is not None:
+                with unit_of_work(engine) as session:
+                    refuse(session, config, chosen_clock)
     except BaseException:
         engine.dispose()
         raise
@@ -106,14 +120,15 @@ def wired(
     say: Callable[[str], None] = print,
     check: Check | None = None,
     refuse: Refusal | None = None,
+    load: bool = True,
 ) -> Iterator[Wiring]:
-    """`bootstrap` (with the command's `check` and `refuse`) for the length of a command, with
-    the database closed afterwards.
+    """`bootstrap` (with the command's `check`, `refuse` and `load`) for the length of a
+    command, with the database closed afterwards.
 
     When loading the config changed the ledger, `say` gets a line saying so and one line per
     change; a load that changed nothing stays quiet.
     """
-    wiring = bootstrap(config_path, db_override, check=check, refuse=refuse)
+    wiring = bootstrap(config_path, db_override, check=check, refuse=refuse, load=load)
     try:
         _announce(config_path, wiring.loaded, say)
         yield wiring
@@ -128,13 +143,19 @@ def wired_unit(
     *,
     say: Callable[[str], None] = print,
     check: Check | None = None,
+    load: bool = True,
 ) -> Iterator[tuple[Wiring, Session]]:
     """`wired`, for a command that does its work in one unit of work: the unit that loads the
     config, so the load commits with the command's work, or not at all. A command that
     refuses (raises) inside it, for an unknown card say, leaves the ledger as it found it.
-    The load's lines go to `say` once the unit has committed."""
+    The load's lines go to `say` once the unit has committed. With `load=False` (a command
+    that only reads the ledger) the unit loads nothing."""
     config, clock, security, engine = _opened(config_path, db_override, None, None, check)
     try:
+        if not load:
+            with unit_of_work(engine) as session:
+                yield Wiring(config, engine, security, clock, NOTHING_LOADED), session
+            return
         with _loaded(engine, config, security, clock) as (session, report):
             yield Wiring(config, engine, security, clock, report), session
         _announce(config_path, report, say)

@@ -97,6 +97,7 @@ def load_into_ledger(
         changes.extend(_load_merchant(session, merchant, now))
     for terminal in config.terminals:
         changes.extend(_load_terminal(session, terminal, security, now))
+    changes.extend(_disable_unlisted(session, config, now))
     when = moment_at(config, now)
     lots = points = 0
     for card in config.cards:
@@ -230,6 +231,21 @@ def _load_terminal(
     if tmk_note or suite_changed:
         changes += _end_session(session, terminal.id)
     return changes
+
+
+def _disable_unlisted(session: Session, config: Config, now: datetime) -> list[str]:
+    """A terminal the ledger has enabled and the config does not list is disabled, the change
+    in its history: a gateway on this config answers it `97`, and the terminal fee is paid
+    for enabled terminals (§5). Its rows stay; a config that lists it again enables it."""
+    listed = {terminal.id for terminal in config.terminals}
+    enabled = session.scalars(
+        select(Terminal.id).where(Terminal.enabled.is_(True)).order_by(Terminal.id)
+    )
+    return [
+        f"terminal {terminal_id}: not in the config, disabled"
+        for terminal_id in list(enabled)
+        if terminal_id not in listed and records.disable_terminal(session, terminal_id, now)
+    ]
 
 
 def _end_session(session: Session, terminal_id: str) -> list[str]:

@@ -133,15 +133,22 @@ def test_newcomer_imports_cards_and_points_sees_a_card_and_checks_the_ledger(cli
 
 
 def test_the_first_command_reports_the_config_load_and_later_ones_stay_quiet(cli: Cli) -> None:
-    """Loading the demo config is reported once, change by change, with card numbers masked."""
-    first = cli.run("ledger", "check")
+    """Loading the demo config is reported once, change by change, with card numbers masked;
+    a check loads nothing."""
+    assert cli.run("ledger", "check").out.startswith("ledger check: all")
+    assert table_counts(cli.db_url)["cards"] == 0
+    first = cli.run("ledger", "load")
     assert first.out.startswith(
         f"{cli.config}: 2 merchants, 3 terminals, 5 cards; 6 lots accrued (160150 points); "
         "16 changes\n  merchant 898310048990001: new\n"
     )
     assert "  card 668800*********0014: lot 0 accrued, 100000 points\n" in first.out
-    second = cli.run("ledger", "check")
-    assert second.out.startswith(f"ledger check: all {len(CHECKS)} invariant checks hold")
+    second = cli.run("ledger", "load")
+    assert second.out == (
+        f"{cli.config}: 2 merchants, 3 terminals, 5 cards; 0 lots accrued (0 points); no change\n"
+    )
+    third = cli.run("ledger", "check")
+    assert third.out.startswith(f"ledger check: all {len(CHECKS)} invariant checks hold")
 
 
 def test_bad_csv_exits_2_names_every_bad_line_and_changes_nothing(cli: Cli) -> None:
@@ -337,7 +344,7 @@ def test_changes_the_config_would_undo_are_refused(cli: Cli) -> None:
 
 def test_unlock_clears_a_locked_pin(cli: Cli) -> None:
     """After three wrong PINs the card shows locked; `unlock` clears the lock and the count."""
-    cli.run("ledger", "check")
+    cli.run("ledger", "load")
     engine = make_engine(cli.db_url)
     try:
         with unit_of_work(engine) as session:
@@ -361,7 +368,7 @@ def test_unlock_clears_a_locked_pin(cli: Cli) -> None:
 
 def test_ledger_check_exits_1_listing_every_violation(cli: Cli) -> None:
     """A lot edited behind the journal's back breaks two invariants; both are listed, exit 1."""
-    cli.run("ledger", "check")
+    cli.run("ledger", "load")
     engine = make_engine(cli.db_url)
     try:
         with engine.begin() as connection:
@@ -380,11 +387,12 @@ def test_ledger_check_exits_1_listing_every_violation(cli: Cli) -> None:
 
 
 def test_a_master_key_open_to_others_exits_2_naming_it(cli: Cli) -> None:
-    """A master key file others can read stops every command with exit 2, naming the file."""
-    cli.run("ledger", "check")
+    """A master key file others can read stops every command that uses it (each that loads
+    the config) with exit 2, naming the file."""
+    cli.run("ledger", "load")
     key = cli.config.parent / "var" / "master.key"
     key.chmod(0o644)
-    result = cli.run("cards", "show", GOLD)
+    result = cli.run("cards", "unlock", GOLD)
     assert result.code == 2
     assert one_error_line(result).startswith(f"vipgate: error: master key {key}: permissions 0644")
 
@@ -416,7 +424,8 @@ def test_ledger_check_reads_one_snapshot_on_postgresql(
 
     monkeypatch.setattr("gateway.commands.ledger.check_invariants", checked)
     assert main(["ledger", "check", "--config", str(config), "--db", url]) == 0
-    assert seen == [("repeatable read", 1, 1)]  # the PIN key's check value; not the insert
+    # A check loads no config (so no key check values), and does not see the insert.
+    assert seen == [("repeatable read", 0, 0)]
 
 
 def test_a_ledger_held_past_the_busy_timeout_is_one_line_and_exit_2(

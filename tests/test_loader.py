@@ -205,6 +205,46 @@ def test_every_change_of_active_and_enabled_is_recorded_with_its_time(
     assert [tuple(row) for row in terminal_history] == expected
 
 
+COFFEE_TERMINAL = """[[terminals]]
+id = "20000001"
+merchant = "898310058120002"
+enabled = true
+suite = "3des"
+tmk = "0123456789ABCDEFFEDCBA9876543210"
+"""
+
+
+def test_a_terminal_left_out_of_the_config_is_disabled_and_listed_again_enabled(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """A terminal the ledger has and a loaded config leaves out is disabled (a gateway on that
+    config answers it `97`, and §5's terminal fee is for enabled terminals), the change in
+    its history; its rows stay, and a config that lists it again enables it."""
+    full = write_config(tmp_path / "full")
+    without = write_config(tmp_path / "without", (COFFEE_TERMINAL, ""))
+    times = [NOW + timedelta(hours=hours) for hours in range(4)]
+    load(ledger_engine, full, keystore, times[0])
+    assert load(ledger_engine, without, keystore, times[1]).changes == (
+        "terminal 20000001: not in the config, disabled",
+    )
+    assert load(ledger_engine, without, keystore, times[2]).changes == ()
+    assert load(ledger_engine, full, keystore, times[3]).changes == (
+        "terminal 20000001: enabled false -> true",
+    )
+    with unit_of_work(ledger_engine) as session:
+        history = session.execute(
+            select(TerminalEnabledChange.enabled, TerminalEnabledChange.changed_at)
+            .where(TerminalEnabledChange.terminal_id == "20000001")
+            .order_by(TerminalEnabledChange.id)
+        ).all()
+        assert session.get(Terminal, "20000001") is not None
+    assert [tuple(row) for row in history] == [
+        (True, times[0]),
+        (False, times[1]),
+        (True, times[3]),
+    ]
+
+
 def test_changed_pin_in_the_config_unlocks_the_card(
     ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
 ) -> None:

@@ -63,7 +63,7 @@ def import_command(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
-    with wired_unit(args.config, args.db) as (wiring, session):
+    with wired_unit(args.config, args.db, load=False) as (wiring, session):
         card = known_card(session, wiring.config, args.card)
         lines = describe_card(session, card, wiring)
     for line in lines:

@@ -130,6 +130,7 @@ def reconcile_command(args: argparse.Namespace) -> int:
         args.db,
         check=_over_and_writable(month, args.out),
         refuse=lambda session, _config, _clock: refuse_unclosed(session, month),
+        load=False,
     ) as wiring:
         pack = reconcile(wiring.engine, wiring.config, month, args.out, wiring.now())
     for line in pack.summary_lines():

@@ -1,6 +1,9 @@
-"""`vipgate ledger check`: do the books agree with themselves (points-and-clearing.md §3)?
+"""`vipgate ledger check`: do the books agree with themselves (points-and-clearing.md §3)? And
+`vipgate ledger load`: the config loaded into the ledger, as `serve` does at its start.
 
-Exit 0 only when every invariant holds; otherwise each violation is printed on its own line
+A check only reads: it does not load its config (run with another config than the gateway's,
+it would otherwise write that config's terminals, cards and points into the ledger it
+checks). Exit 0 only when every invariant holds; otherwise each violation is printed on its own line
 and the command exits 1 (a check that ran and found a fault), so a script or a person can
 act on the whole list at once.
 """
@@ -27,6 +30,21 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         "check", parents=[common], help="check every ledger invariant; exit 0 only when all hold"
     )
     parser.set_defaults(handler=check)
+    parser = actions.add_parser(
+        "load",
+        parents=[common],
+        help="load the config's merchants, terminals and cards into the ledger, as serve does",
+    )
+    parser.set_defaults(handler=load)
+
+
+def load(args: argparse.Namespace) -> int:
+    """The config loaded on purpose (commands that only read the ledger do not load it): a
+    line of what it holds and one per change, or that nothing changed."""
+    with wired(args.config, args.db) as wiring:
+        if not wiring.loaded.changed:
+            print(f"{args.config}: {wiring.loaded.summary()}")
+    return 0
 
 
 def check(args: argparse.Namespace) -> int:
@@ -34,7 +52,10 @@ def check(args: argparse.Namespace) -> int:
     # lots', say): on PostgreSQL, with a gateway committing meanwhile, they read one snapshot
     # (REPEATABLE READ), else a redemption committed between two of them looks like a fault.
     # SQLite's unit of work holds the write lock already.
-    with wired(args.config, args.db) as wiring, unit_of_work(wiring.engine) as session:
+    with (
+        wired(args.config, args.db, load=False) as wiring,
+        unit_of_work(wiring.engine) as session,
+    ):
         snapshot_isolation(session)
         violations = check_invariants(session)
         counts = [
