@@ -27,6 +27,7 @@ from unittest.mock import patch
 import pytest
 
 from clearing.layout import Detail, parse_detail, parse_merchant, parse_trailer
+from clearing.reconcile.charts import Series, daily_chart
 from gateway.cli import main
 from gateway.clock import SHANGHAI, FixedClock
 from gateway.config import load_config
@@ -420,3 +421,13 @@ if __name__ == "__main__":
     play_december(played)
     played.vipgate("reconcile", "--month", "2026-11", "--out", str(pack), at=shanghai(12, 5, 10))
     print(pack / "reconcile_202611.html")
+
+
+def test_the_daily_chart_labels_a_day_with_nothing_taken_back_0_fen() -> None:
+    """What was taken back is drawn below the axis and labelled negative, but nothing is
+    `0 fen`, not `-0 fen`."""
+    svg = daily_chart(
+        "daily", ["2026-11-01", "2026-11-02"], Series("paid", [100, 0]), Series("back", [0, 50])
+    )
+    assert "2026-11-01: 0 fen" in svg and "2026-11-02: -50 fen" in svg
+    assert "-0 fen" not in svg

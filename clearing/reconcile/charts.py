@@ -59,7 +59,7 @@ def daily_chart(title: str, labels: list[str], above: Series, below: Series) -> 
             f'<rect x="{x}" y="{axis - up}" width="{slot - 6}" height="{up}" fill="{COLOURS[0]}">'
             f"<title>{escape(label)}: {above.values[index]} fen</title></rect>"
             f'<rect x="{x}" y="{axis}" width="{slot - 6}" height="{down}" fill="{COLOURS[1]}">'
-            f"<title>{escape(label)}: -{below.values[index]} fen</title></rect>"
+            f"<title>{escape(label)}: {-below.values[index]} fen</title></rect>"
             f'<text x="{x}" y="{top + BAR_AREA + 14}" {FONT}>{escape(label[-2:])}</text>'
         )
     parts.append(_legend([above, below], top + BAR_AREA + 28))
