@@ -361,6 +361,19 @@ def check_page(page: Path) -> None:
         ("898310058120002", "60", "yes"),
     ]
     assert sum(int(row[4]) for row in rates) == 222  # the trailer's fees
+    # The roll-forward of the cards' points: the demo config's lots, then the month's
+    # redemptions net of their voids and reversals (the statement's 14528 given up) and the
+    # refunds (its 475 returned).
+    held = _rows_after(html, "The cards' points over the month (by business date)")
+    assert [(row[0].split(" ")[0], int(row[1])) for row in held] == [
+        ("held", 0),
+        ("accrual", 160150),
+        ("redemption", -18028),
+        ("refund", 475),
+        ("reversal", 1000),
+        ("void", 2500),
+        ("held", 160150 - 14528 + 475),
+    ]
 
 
 def _rows_after(html: str, heading: str) -> list[list[str]]:

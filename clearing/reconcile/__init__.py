@@ -30,7 +30,7 @@ from clearing.reconcile.findings import Finding, FindingList
 from clearing.reconcile.journal_file import check_accounted, check_file, daily_volume
 from clearing.reconcile.pack import LISTS, Pack
 from clearing.reconcile.page import write_page
-from clearing.reconcile.points import check_points
+from clearing.reconcile.points import check_points, points_roll_forward
 from clearing.reconcile.rules import check_fees, check_protocol
 from clearing.statements import OperatorFigures
 from gateway.config import Config
@@ -112,3 +112,4 @@ def _journal_and_file(
     pack.points = check_points(
         session, pack.month, file_points=file_points, findings=lists["points"]
     )
+    pack.roll_forward = points_roll_forward(session, pack.month)

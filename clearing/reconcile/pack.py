@@ -11,7 +11,7 @@ from clearing.period import Month
 from clearing.reconcile.batches import BatchLine, OpenBatchLine
 from clearing.reconcile.findings import Finding, FindingList
 from clearing.reconcile.journal_file import DailyVolume, FileCheck
-from clearing.reconcile.points import PointsBalance
+from clearing.reconcile.points import PointsBalance, PointsRollForward
 from clearing.reconcile.rules import FeeCheck
 from clearing.statements import OperatorFigures
 
@@ -44,6 +44,7 @@ class Pack:
     file_check: FileCheck | None = None
     waiting: list[Finding] = field(default_factory=list)
     points: PointsBalance | None = None
+    roll_forward: PointsRollForward | None = None
     fees: FeeCheck | None = None
     figures: OperatorFigures | None = None
     daily: list[DailyVolume] = field(default_factory=list)

@@ -265,9 +265,22 @@ def _points(pack: Pack) -> str:
         ]
     invariants = [f for f in pack.lists["points"].shown if f.problem.startswith("ledger invariant")]
     status = "hold" if not invariants and pack.lists["points"].count == 0 else "see the exceptions"
+    roll = pack.roll_forward
+    held: list[list[object]] = []
+    if roll is not None:
+        held = [
+            ["held by the cards before the month", roll.opening],
+            *(
+                [f"{kind} (journal transactions of the month)", points]
+                for kind, points in roll.movements
+            ),
+            ["held by the cards after the month", roll.closing],
+        ]
     return (
         "<h2>3. Points against money</h2>"
         + table(["figure", "points"], rows)
+        + "<h3>The cards' points over the month (by business date)</h3>"
+        + table(["figure", "points"], held)
         + f"<p>Ledger invariants (points-and-clearing.md §3): {status}.</p>"
         + exceptions(pack.lists["points"])
     )

@@ -176,3 +176,43 @@ def check_points(
             )
         )
     return balance
+
+
+@dataclass(frozen=True)
+class PointsRollForward:
+    """The cards' points over the month's business dates: what they held before it, what
+    each kind of journal transaction added or took, and what they held after it (the
+    operator's liability); opening plus the movements is closing."""
+
+    opening: int
+    movements: tuple[tuple[str, int], ...]  # (transaction kind, signed points on cards)
+    closing: int
+
+
+def points_roll_forward(session: Session, month: Month) -> PointsRollForward:
+    """Sums of the card accounts' journal entries, by the transactions' business dates."""
+    on_cards = (
+        select(JournalTransaction.kind, sum_of(JournalEntry.points))
+        .join(JournalTransaction, JournalTransaction.id == JournalEntry.transaction_id)
+        .join(Account, Account.id == JournalEntry.account_id)
+        .where(Account.kind == AccountKind.CARD)
+    )
+    opening = session.execute(
+        select(sum_of(JournalEntry.points))
+        .join(JournalTransaction, JournalTransaction.id == JournalEntry.transaction_id)
+        .join(Account, Account.id == JournalEntry.account_id)
+        .where(
+            Account.kind == AccountKind.CARD, JournalTransaction.business_date < month.first_date
+        )
+    ).scalar_one()
+    rows = session.execute(
+        on_cards.where(
+            JournalTransaction.business_date >= month.first_date,
+            JournalTransaction.business_date <= month.last_date,
+        )
+        .group_by(JournalTransaction.kind)
+        .order_by(JournalTransaction.kind)
+    )
+    movements = tuple((kind.value, int(points)) for kind, points in rows)
+    opening = int(opening or 0)
+    return PointsRollForward(opening, movements, opening + sum(p for _, p in movements))
