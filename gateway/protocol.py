@@ -8,12 +8,13 @@ it too. Nothing a connection sends can stop the gateway or touch another connect
 
 Two more bounds stand against hostile peers (docs/reliability.md, Hostile input): at most
 `max_connections_per_address` open connections from one address (one more is closed at once),
-and at most `max_frames_per_second_per_terminal` frames per terminal and address, a token
-bucket on the injected reactor's clock. The protocol reads no field itself: a connection's
-frames count against the terminal its last answer named (field 41), and against its address
-until an answer names one. A frame over the rate closes the connection unprocessed. The
-address is part of the key so that a stranger who writes an honest terminal's id into field
-41 spends his own bucket, not the terminal's.
+and at most `max_frames_per_second_per_terminal` frames per terminal and address, and per
+connection, token buckets on the injected reactor's clock. The protocol reads no field
+itself: a connection's frames count against its own bucket, and against the terminal its last
+answer named (field 41) once one has; a frame over either rate closes the connection
+unprocessed. The address is part of the terminal's key so that a stranger who writes an
+honest terminal's id into field 41 spends his own bucket, not the terminal's. Links not
+named yet share no bucket: every link of a load balancer comes from its one address.
 """
 
 from __future__ import annotations
@@ -330,9 +331,16 @@ class TerminalFactory(Factory):
             self.per_address.pop(address, None)
 
     def take_frame(self, terminal: str | None, address: str) -> bool:
-        """Spend one frame of the terminal's (or, unnamed yet, the address's) rate."""
+        """Spend one frame of the terminal's rate. A link no answer has named yet spends only
+        its own (`TerminalProtocol._within_rate`): §1 lets a terminal open a link for every
+        transaction, and behind a load balancer every link comes from one address, so a
+        bucket shared by an address's unnamed links would cut every new link off past
+        `max_frames_per_second` of them a second, for all terminals together. What bounds
+        an address's unnamed links is their number (`max_connections_per_address`)."""
+        if terminal is None:
+            return True
         now: Seconds = cast(Any, self.reactor).seconds()
-        key = (terminal or "", address)
+        key = (terminal, address)
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= MAX_BUCKETS:

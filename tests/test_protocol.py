@@ -382,13 +382,25 @@ def test_frames_count_per_terminal_across_its_connections() -> None:
     factory, _ = hostile_factory(named("10000001"), rate=3)
     first, first_transport = open_from(factory, "10.0.0.1", 1)
     second, second_transport = open_from(factory, "10.0.0.1", 2)
-    first.dataReceived(frame(b"a"))  # counted on the address, then names the terminal
+    first.dataReceived(frame(b"a"))  # the link's own, then names the terminal
     second.dataReceived(frame(b"b"))
     first.dataReceived(frame(b"c") + frame(b"d"))  # two of the terminal's three
     second.dataReceived(frame(b"e"))  # the third (each connection is within its own three)
     assert not first_transport.disconnecting and not second_transport.disconnecting
     second.dataReceived(frame(b"f"))
     assert second_transport.disconnecting
+
+
+def test_first_frames_of_many_links_from_one_address_share_no_bucket() -> None:
+    """§1 lets a terminal open a link per transaction, and behind a load balancer all links
+    come from one address: links not named yet are bounded each by its own rate, not by one
+    bucket for the address, so the eleventh terminal of a second is not cut off."""
+    factory, _ = hostile_factory(named("10000001"), rate=3)
+    links = [open_from(factory, "10.0.0.1", port) for port in range(1, 11)]
+    for protocol, _ in links:
+        protocol.dataReceived(frame(b"sign-on"))
+    assert not any(transport.disconnecting for _, transport in links)
+    assert all(transport.value() == frame(b"re:sign-on") for _, transport in links)
 
 
 def test_a_stranger_naming_a_terminal_spends_his_own_bucket() -> None:
