@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
@@ -27,6 +27,7 @@ from gateway.errors import BadInput
 from gateway.keystore import FileKeyStore
 from gateway.ledger import Moment, make_engine, migrate, unit_of_work
 from gateway.ledger.db import LEDGER_BUSY, ledger_busy
+from gateway.ledger.models import KeyCheck
 from gateway.loader import LoadReport, load_into_ledger, moment_at
 from gateway.security import SecurityModule, SoftwareSecurityModule
 
@@ -177,7 +178,34 @@ def _opened(
     if check is not None:
         check(config, chosen_clock)
     chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
-    return config, chosen_clock, chosen_security, open_database(config.gateway.database)
+    engine = open_database(config.gateway.database)
+    if security is None:
+        try:
+            _refuse_key_files_made_anew(engine, config.issuer.master_key)
+        except BaseException:
+            engine.dispose()
+            raise
+    return config, chosen_clock, chosen_security, engine
+
+
+def _refuse_key_files_made_anew(engine: Engine, master_key: Path) -> None:
+    """`BadInput`, before a key file is made, when the software module's master key or PIN
+    key file is missing and the ledger holds that key's check value (`key_checks`): its
+    TMKs and PIN references were made under keys that exist elsewhere. Made anew here, the
+    files would only be refused by the load (as another key), and left behind."""
+    store = FileKeyStore(master_key)
+    missing = [path for path in (store.path, store.pin_path) if not path.exists()]
+    if not missing:
+        return
+    with unit_of_work(engine) as session:
+        held = set(session.scalars(select(KeyCheck.name)))
+    if held:
+        names = " and ".join(str(path) for path in missing)
+        raise BadInput(
+            f"master key {store.path}: {names} missing, and this ledger's keys were made under"
+            " files that exist: give this host the master key and PIN key files of the"
+            " instances that serve this ledger (docs/deployment.md)"
+        )
 
 
 def _announce(config_path: Path, report: LoadReport, say: Callable[[str], None]) -> None:

@@ -397,6 +397,25 @@ def test_a_master_key_open_to_others_exits_2_naming_it(cli: Cli) -> None:
     assert one_error_line(result).startswith(f"vipgate: error: master key {key}: permissions 0644")
 
 
+@pytest.mark.parametrize("removed", [("master.key", "master.key.pin"), ("master.key",)])
+def test_missing_key_files_are_refused_and_not_made_anew(
+    cli: Cli, removed: tuple[str, ...]
+) -> None:
+    """A ledger whose keys were made under key files this host no longer has: the command
+    says the files are missing and makes none (made anew, they would only be refused as
+    another key by the load, and left behind)."""
+    cli.run("ledger", "load")
+    folder = cli.config.parent / "var"
+    for name in removed:
+        (folder / name).unlink()
+    result = cli.run("cards", "unlock", GOLD)
+    assert result.code == 2
+    line = one_error_line(result)
+    assert line.startswith(f"vipgate: error: master key {folder / 'master.key'}: ")
+    assert f"{folder / removed[-1]} missing" in line
+    assert not any((folder / name).exists() for name in removed)
+
+
 def test_ledger_check_reads_one_snapshot_on_postgresql(
     tmp_path: Path, postgres_ledger: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
