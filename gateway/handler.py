@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
+import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -52,7 +53,12 @@ from gateway.checks import format_problem, suite_problem
 from gateway.clock import Clock, business_date
 from gateway.config import Config, MerchantConfig, TerminalConfig
 from gateway.ledger import Moment, next_rrn, unit_of_work
-from gateway.ledger.db import CommitOutcomeUnknownError, holding_connection, settle_log_syncs
+from gateway.ledger.db import (
+    CommitOutcomeUnknownError,
+    holding_connection,
+    ledger_busy,
+    settle_log_syncs,
+)
 from gateway.ledger.hotpath import hot_ledger
 from gateway.ledger.journal import RRN_DIGITS
 from gateway.ledger.records import RequestIdentity
@@ -424,6 +430,8 @@ class Gateway:
                 ], []
         except SQLAlchemyError as error:
             unknown = unknown or isinstance(error, CommitOutcomeUnknownError)
+            if not unknown and ledger_busy(error):
+                return self._busy(pending, error), []
             if len(pending) > 1:
                 # The driver's message may name rows' keys; its class and SQLSTATE say enough.
                 log.warning(
@@ -445,6 +453,25 @@ class Gateway:
                 outcome.after_commit()
             replies.append((index, self._send(request, outcome, context.moment)))
         return replies, ended
+
+    def _busy(self, pending: list[_Pending], error: SQLAlchemyError) -> list[tuple[int, Answer]]:
+        """`96` for every request of a group that waited past the ledger's lock wait (another
+        process held the lock: a long import or clearing run). Nothing of the group was
+        written, and running each request again alone would wait as long once more: a
+        request would be answered after the terminal's 60 s (§1), and a group's after
+        several times that."""
+        log.error(
+            "ledger_busy",
+            requests=len(pending),
+            terminals=sorted({context.terminal.id for _, _, context in pending}),
+            error=type(getattr(error, "orig", None) or error).__name__,
+            sqlstate=getattr(getattr(error, "orig", None), "sqlstate", None),
+        )
+        busy = DeclinedEarly(Decline.SYSTEM)
+        return [
+            (index, self._rejected(request, busy, context.moment, allocate=False))
+            for index, request, context in pending
+        ]
 
     def _lock_rows(self, session: OrmSession, contexts: list[Context]) -> None:
         """On PostgreSQL, the terminals' and cards' locks before anything is read
@@ -558,6 +585,7 @@ class Gateway:
         run again, the request log answers a logged request from what was committed. If the
         ledger cannot be reached to tell, `96` ("nothing changed") could be false, so there is
         no answer: the link closes, and the terminal reverses (§4.6) or sends it again."""
+        failure: SQLAlchemyError | None = None
         for attempt in (1, 2):
             try:
                 with unit_of_work(self._engine) as session:
@@ -572,12 +600,14 @@ class Gateway:
                         outcome = self._run(session, request, context)
                 if closed:
                     return self._too_late(request, context)
-            except IntegrityError:
+            except IntegrityError as error:
+                failure = error
                 if attempt == 2:
                     break
                 continue
             except SQLAlchemyError as error:
                 unknown = unknown or isinstance(error, CommitOutcomeUnknownError)
+                failure = error
                 break
             if outcome.after_commit is not None:
                 outcome.after_commit()
@@ -588,7 +618,16 @@ class Gateway:
             return Reply(
                 None, {"event": "closed", "reason": "ledger outcome unknown", "terminal": terminal}
             )
-        log.error("ledger_failed", terminal=terminal)
+        # The driver's message may name rows' keys (card numbers); its class and SQLSTATE,
+        # and for SQLite's operational errors the message ("disk I/O error"), say enough.
+        orig = getattr(failure, "orig", None) or failure
+        log.error(
+            "ledger_failed",
+            terminal=terminal,
+            error=type(orig).__name__,
+            sqlstate=getattr(orig, "sqlstate", None),
+            reason=str(orig).splitlines()[0] if _safe_reason(orig) else None,
+        )
         return self._rejected(
             request, DeclinedEarly(Decline.SYSTEM), context.moment, allocate=False
         )
@@ -829,3 +868,10 @@ _fallback_rrns = _FallbackRrns()
 
 def _fallback_rrn(moment: Moment) -> str:
     return _fallback_rrns.next(moment)
+
+
+def _safe_reason(error: object) -> bool:
+    """Whether a driver error's message may be logged: SQLite's operational errors ("database
+    is locked", "disk I/O error", "database or disk is full") name no row's values, where an
+    integrity error's or PostgreSQL's may (a card number in a key)."""
+    return isinstance(error, sqlite3.OperationalError)

@@ -3,10 +3,13 @@ answered 96 and nothing changes; when it comes back the same gateway goes on, no
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from sqlalchemy.exc import OperationalError
 
 from gateway.ledger import db, unit_of_work
@@ -111,6 +114,46 @@ def test_a_redemption_whose_commit_lost_its_link_is_never_answered_96(
         assert reply.event["reason"] == "ledger outcome unknown"
     _, after = harness.redeem(terminal, DIAMOND, 1000)
     assert (after.code, after.balance) == ("00", 50000 - 2 * 500)  # the first was taken once
+    with unit_of_work(harness.engine) as session:
+        assert check_invariants(session) == []
+    harness.engine.dispose()
+
+
+def test_a_ledger_held_past_the_lock_wait_answers_the_group_96_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process held the ledger's lock past the wait (a long import or clearing run):
+    nothing of the group was written, and each request is answered `96` at once, not run
+    again alone to wait as long once more (a terminal gives up at 60 s, §1). The log says
+    why."""
+    harness = Harness(demo_config(tmp_path))
+    terminal = harness.signed_on()
+    requests = []
+    for _ in range(3):
+        fields = terminal.card_fields(DIAMOND, "2906")
+        requests.append(terminal.financial("0200", "000000", "22", fields, amount_fen=1000))
+    waits = []
+
+    @contextlib.contextmanager
+    def held(_engine: object) -> Iterator[object]:
+        waits.append(1)
+        raise OperationalError(
+            "BEGIN IMMEDIATE", {}, sqlite3.OperationalError("database is locked")
+        )
+        yield  # pragma: no cover
+
+    monkeypatch.setattr("gateway.handler.unit_of_work", held)
+    with structlog.testing.capture_logs() as logs:
+        replies = harness.gateway.handle_group(requests)
+    assert waits == [1]
+    assert [parse(reply.payload)[1][39] for reply in replies if reply.payload] == ["96"] * 3
+    [busy] = [line for line in logs if line["event"] == "ledger_busy"]
+    assert (busy["requests"], busy["terminals"], busy["error"]) == (
+        3,
+        ["10000001"],
+        "OperationalError",
+    )
+    monkeypatch.undo()
     with unit_of_work(harness.engine) as session:
         assert check_invariants(session) == []
     harness.engine.dispose()
