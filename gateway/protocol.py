@@ -243,17 +243,19 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             self._record(slot, reply, written)
             if written:
                 self.sendString(reply.payload)  # type: ignore[no-untyped-call]
-            self._measure(slot, reply, written)
+            self._measure(slot, event, written)
             if not self._closing and reply.payload is None:
                 self._close("request")
         if self._stopping and not self._slots and not self._closing:
             self._close("stopping")
 
-    def _measure(self, slot: _Slot, reply: Reply, written: bool) -> None:
+    def _measure(self, slot: _Slot, event: dict[str, Any], written: bool) -> None:
+        """The outcome as logged: an answer decided after its link closed (`not_sent`) never
+        reached the terminal, so it counts as `closed`, not as its field 39."""
         metrics = self._factory.metrics
         if metrics is not None:
             now: Seconds = cast(Any, self._factory.reactor).seconds()
-            metrics.answered(reply.event, now - slot.received if written else None)
+            metrics.answered(event, now - slot.received if written else None)
 
     def _record(self, slot: _Slot, reply: Reply, written: bool) -> None:
         """The request as the terminal sent it, then its answer as the terminal received

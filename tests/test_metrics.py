@@ -151,6 +151,22 @@ def test_a_request_answered_by_closing_counts_as_closed_and_no_latency(
     assert value(registry, "vipgate_request_latency_seconds_count", kind="none") == 0
 
 
+def test_an_answer_decided_after_its_link_closed_counts_as_closed(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    """An approval decided once the terminal had gone never reached it (logged `not_sent`;
+    the terminal reverses the sale): it counts as `closed`, not `00`, with no latency."""
+    pending = Pending()
+    protocol, _, _, _ = connect(pending, metrics)
+    protocol.dataReceived(frame(b"r"))
+    protocol.connectionLost(None)
+    pending.calls[0].callback(Reply(b"ok", answered("redemption", "0200", "00", card=MASKED)))
+    assert value(registry, "vipgate_requests_total", kind="redemption", mti="0200", code="00") == 0
+    closed = {"kind": "redemption", "mti": "none", "code": "closed"}
+    assert value(registry, "vipgate_requests_total", **closed) == 1
+    assert value(registry, "vipgate_request_latency_seconds_count", kind="redemption") == 0
+
+
 def test_the_gateways_own_closes_count_by_cause(
     metrics: Metrics, registry: CollectorRegistry
 ) -> None:
