@@ -138,7 +138,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
                 self._factory.metrics.connection_closed()
 
     def timeoutConnection(self) -> None:
-        log.info("connection_idle_closed", peer=self._peer())
+        log.info("connection_idle_closed", peer=self._peer(), terminal=self._terminal)
         self._close("idle")
 
     def lengthLimitExceeded(self, length: int) -> None:
@@ -195,7 +195,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             return
         self.resetTimeout()  # type: ignore[no-untyped-call]
         if len(self._slots) >= self._factory.max_pending:
-            log.info("too_many_pending_closed", peer=self._peer())
+            log.info("too_many_pending_closed", peer=self._peer(), terminal=self._terminal)
             self._close("too_many_pending")
             return
         slot = _Slot(time.perf_counter(), string if self._factory.record else b"")
@@ -239,6 +239,10 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             event: dict[str, Any] = {"event": "answered", **reply.event, "latency_ms": latency_ms}
             if reply.payload is not None and not written:
                 event["event"] = "not_sent"  # decided, but the link had closed
+            elif reply.payload is None:  # the link closes instead: say whose it was
+                event.setdefault("peer", self._peer())
+                if not event.get("terminal"):
+                    event["terminal"] = self._terminal
             log.info(**event)
             self._record(slot, reply, written)
             if written:

@@ -438,3 +438,32 @@ def test_a_slow_sender_is_closed_by_the_idle_timeout() -> None:
     assert not transport.disconnecting
     reactor.advance(1)
     assert transport.disconnecting
+
+
+def test_a_link_closed_instead_of_answering_is_logged_with_its_peer_and_terminal() -> None:
+    """An operator reading `closed` (or `connection_idle_closed`) learns whose link it was:
+    the peer, and the terminal its last answer named."""
+    replies = iter(
+        [
+            Reply(b"re:sign-on", {"terminal": "10000001"}),
+            Reply(None, {"event": "closed", "reason": "MTI"}),
+        ]
+    )
+    factory, reactor = hostile_factory(lambda payload: succeed(next(replies)))
+    protocol, transport = open_from(factory, "10.0.0.1", 4242)
+    with capture_logs() as logs:
+        protocol.dataReceived(frame(b"sign-on") + frame(b"junk"))
+    assert transport.disconnecting
+    [closed] = [line for line in logs if line["event"] == "closed"]
+    assert (closed["reason"], closed["peer"], closed["terminal"]) == (
+        "MTI",
+        "10.0.0.1",
+        "10000001",
+    )
+    _, idle_transport = open_from(factory, "10.0.0.2", 5)
+    with capture_logs() as logs:
+        reactor.advance(301)
+    assert idle_transport.disconnecting
+    assert [(line["event"], line["peer"], line["terminal"]) for line in logs] == [
+        ("connection_idle_closed", "10.0.0.2", None)
+    ]
