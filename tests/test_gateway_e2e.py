@@ -93,6 +93,18 @@ def terminal_for(terminal_id: str) -> SpecTerminal:
     return SpecTerminal(terminal_id, merchant, suite, bytes.fromhex(tmk))
 
 
+def test_the_log_says_how_the_gateway_runs(served: Served) -> None:
+    """Before it listens the gateway says how it runs: its rehearsal clock (the log's own
+    times stay the machine's), its processes, metrics and the recording of card data."""
+    [line] = [json.loads(line) for line in served.lines if '"serving_with"' in line]
+    assert (line["clock"], line["workers"], line["metrics"], line["record"]) == (
+        "2026-11-21T11:00:00+08:00",
+        1,
+        None,
+        str(served.recording),
+    )
+
+
 def test_a_merchant_day_over_tcp_then_sigterm(served: Served, leak_watch: LeakWatch) -> None:
     """Sign on, balance, redeem with a discount, void, refund, settle; then a clean stop."""
     link = Link("127.0.0.1", served.port)

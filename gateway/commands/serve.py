@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from gateway import logs, server, workers
 from gateway.config import load_config
 from gateway.errors import BadInput
@@ -24,6 +26,8 @@ from simulators.recording import FileRecorder
 
 if TYPE_CHECKING:  # prometheus_client is imported only when metrics are on
     from gateway.metrics import Metrics
+
+log = structlog.get_logger("vipgate.serve")
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
@@ -68,6 +72,16 @@ def serve(args: argparse.Namespace) -> int:
     try:
         with _recording(args.record) as recorder:
             logs.configure()
+            # How this gateway runs, for whoever reads its log: a rehearsal clock shifts
+            # every business date while the log's own times stay the machine's, and a
+            # recording holds card data.
+            log.info(
+                "serving_with",
+                workers=args.workers,
+                clock=None if clock_start is None else clock_start.isoformat(),
+                metrics=args.metrics,
+                record=args.record,
+            )
             wiring = server.wire(args.config, args.db, clock_start)
             if args.workers > 1:
                 return workers.serve(wiring, listening, args.workers, metrics_at)
