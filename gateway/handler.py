@@ -143,10 +143,15 @@ def finish(answer: Answer) -> Reply:
 class DeclinedEarly(Exception):  # noqa: N818 (a decline, not a program error)
     """A request answered before the ledger transaction (a decline of §6's first checks)."""
 
-    def __init__(self, decline: Decline, *, sign_on_again: bool = False) -> None:
+    def __init__(
+        self, decline: Decline, *, sign_on_again: bool = False, why: str | None = None
+    ) -> None:
         super().__init__(decline.value)
         self.decline = decline
         self.sign_on_again = sign_on_again
+        # What the log says of it, where the code alone does not tell (`A0`: not signed on,
+        # no MAC or a MAC that does not verify; `30`: which field): never a field's value.
+        self.why = why
 
 
 @dataclass(init=False)
@@ -324,14 +329,15 @@ class Gateway:
     def _first_checks(self, request: Request) -> None:
         message = request.message
         if not {11, 41, 42, 60} <= set(message.fields) or message.fields[11] == NO_TRACE:
-            raise DeclinedEarly(Decline.FORMAT)  # a trace is 000001-999999 (§2)
+            # a trace is 000001-999999 (§2)
+            raise DeclinedEarly(Decline.FORMAT, why="field 11, 41, 42 or 60 missing, or trace 0")
         # 11 or 14 digits, whatever the kind (§3), else `30` (`CodecError`, see `_prepare`).
         request.data = MessageData.parse(message.text(60))
         request.kind = classify(message.mti, _text(message, 3), message.text(60))
         if request.kind is not None:
             problem = format_problem(message, request.kind, request.data)
             if problem is not None:
-                raise DeclinedEarly(Decline.FORMAT)
+                raise DeclinedEarly(Decline.FORMAT, why=problem)
         self._terminal_checks(request)
         if request.kind is Kind.SIGN_ON or request.kind is Kind.ECHO:
             return
@@ -352,14 +358,19 @@ class Gateway:
             raise DeclinedEarly(Decline.TERMINAL_UNKNOWN)
         request.terminal = terminal
         kind = request.kind
-        if kind is not None and suite_problem(message, kind, terminal.suite) is not None:
-            raise DeclinedEarly(Decline.FORMAT)
+        problem = None if kind is None else suite_problem(message, kind, terminal.suite)
+        if problem is not None:
+            raise DeclinedEarly(Decline.FORMAT, why=problem)
         request.session = request.sessions.get(terminal.id)
         if request.session is not None and kind is not None:
             self._track_checks(request, request.session)
         merchant = self._merchants.get(message.text(42))
-        if merchant is None or merchant.id != terminal.merchant or not merchant.active:
-            raise DeclinedEarly(Decline.MERCHANT)
+        if merchant is None:
+            raise DeclinedEarly(Decline.MERCHANT, why="merchant unknown")
+        if merchant.id != terminal.merchant:
+            raise DeclinedEarly(Decline.MERCHANT, why="not the terminal's merchant")
+        if not merchant.active:
+            raise DeclinedEarly(Decline.MERCHANT, why="merchant inactive")
         request.merchant = merchant
         if not terminal.enabled:
             raise DeclinedEarly(Decline.TERMINAL_DISABLED)
@@ -373,14 +384,14 @@ class Gateway:
             return
         encrypted = message.text(53)[2] == "1"
         if encrypted and not session.has_tdk:
-            raise DeclinedEarly(Decline.FORMAT)
+            raise DeclinedEarly(Decline.FORMAT, why="track encrypted, but no TDK at sign-on")
         track = message.text(35)
         try:
             if encrypted:
                 track = self._security.decrypt_track(session.keys, track)
             request.track = Track2.parse(track)
         except CodecError:
-            raise DeclinedEarly(Decline.FORMAT) from None
+            raise DeclinedEarly(Decline.FORMAT, why="track 2 does not read") from None
 
     def _session_checks(self, request: Request) -> None:
         """`A0` without keys or with a wrong MAC; `96` when the ledger that holds the keys
@@ -388,12 +399,14 @@ class Gateway:
         session = request.session
         payload = request.payload
         if session is None and not request.sessions.available:
-            raise DeclinedEarly(Decline.SYSTEM)
-        if session is None or not has_mac(payload):
-            raise DeclinedEarly(Decline.MAC, sign_on_again=True)
+            raise DeclinedEarly(Decline.SYSTEM, why="the sessions could not be read")
+        if session is None:
+            raise DeclinedEarly(Decline.MAC, sign_on_again=True, why="not signed on")
+        if not has_mac(payload):
+            raise DeclinedEarly(Decline.MAC, sign_on_again=True, why="no MAC")
         received = received_mac(payload)
         if not self._security.verify_mac(session.keys, mac_input(payload), received):
-            raise DeclinedEarly(Decline.MAC, sign_on_again=True)
+            raise DeclinedEarly(Decline.MAC, sign_on_again=True, why="MAC does not verify")
 
     # -- the ledger transaction ------------------------------------------------------------
 
@@ -714,14 +727,17 @@ class Gateway:
         answer = answers.answer(
             message, request.kind, code, stamp, extra, sign_on_again=rejected.sign_on_again
         )
-        return Reply(encode_message(answer), self._event(request, code, None, False))
+        event = self._event(request, code, None, False)
+        if rejected.why is not None:
+            event["why"] = rejected.why
+        return Reply(encode_message(answer), event)
 
     def _undecodable(self, error: CodecError, moment: Moment) -> Reply:
         partial = error.partial
         if partial is None or not {11, 41, 42}.issubset(partial.fields):
             return Reply(None, {"event": "closed", "reason": error.part})
         request = Request(partial, b"", None, None)
-        return self._rejected(request, DeclinedEarly(Decline.FORMAT), moment)
+        return self._rejected(request, DeclinedEarly(Decline.FORMAT, why=error.part), moment)
 
     def _stamp(self, moment: Moment) -> Stamp:
         return Stamp(moment.local, moment.business_date, self._config.gateway.acquirer_institution)

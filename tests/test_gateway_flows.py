@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 from sqlalchemy.exc import OperationalError
 from structlog.testing import capture_logs
 
@@ -22,6 +22,7 @@ from gateway.ledger.models import (
     Card,
     CardStatus,
     Terminal,
+    TerminalSession,
 )
 from gateway.points import MAX_CARD_POINTS
 from gateway.transactions import Transactions
@@ -338,6 +339,25 @@ def test_wrong_mac_is_a0_with_sign_on_again_and_changes_nothing(harness: Harness
     assert 64 not in answer.fields
     _, approved = harness.redeem(terminal, DIAMOND, 1000)
     assert approved.balance == 50000 - 500
+
+
+def test_the_log_tells_the_a0s_and_30s_apart(harness: Harness) -> None:
+    """A redemption without its MAC (`30`: which field), with a MAC that does not verify and
+    from a terminal not signed on (both `A0`) each say why in the log (`why`), never a
+    value."""
+    terminal = harness.signed_on()
+    signed = terminal.financial(
+        "0200", "000000", "22", terminal.card_fields(DIAMOND, "2906"), amount_fen=1000
+    )
+    mti, fields_sent, _, _ = parse(signed)
+    unmaced = build(mti, {number: value for number, value in fields_sent.items() if number != 64})
+    whys = [
+        harness.gateway.handle(payload).event.get("why") for payload in (unmaced, _tampered(signed))
+    ]
+    with unit_of_work(harness.engine) as session:  # signed off (or its keys expired)
+        session.execute(delete(TerminalSession))
+    whys.append(harness.gateway.handle(signed).event.get("why"))
+    assert whys == ["field 64 missing", "MAC does not verify", "not signed on"]
 
 
 def _tampered(payload: bytes) -> bytes:
