@@ -758,6 +758,9 @@ class Gateway:
             "mti": request.message.mti,
             "kind": request.kind.value if request.kind else None,
             "code": code,
+            # What the terminal prints on its slip, to find the line by: trace and batch.
+            "trace": request.message.fields.get(11),
+            "batch": request.data.batch if request.data is not None else None,
         }
         if card is not None:
             event["card"] = mask_card_number(card)

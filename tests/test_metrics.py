@@ -406,6 +406,7 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
     from gateway import metrics
 
     directory = metrics.prepare_multiprocess(Path(sys.argv[1]))
+    Path(sys.argv[1] + "-ready").mkdir()
     listening = metrics.bind("127.0.0.1", 0)
     port = listening.getsockname()[1]
     pids = []
@@ -417,6 +418,9 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
             mine.connection_opened()
             mine.answered({"event": "answered", "kind": "redemption", "mti": "0200",
                            "code": "00"}, 0.01)
+            # SIGTERM is the reactor's once it runs (before, it would kill the child).
+            ready = Path(sys.argv[1] + "-ready") / str(os.getpid())
+            reactor.callWhenRunning(ready.touch)
             reactor.run()
             os._exit(0)
         pids.append(pid)
@@ -438,6 +442,9 @@ MULTIPROCESS_SCRIPT = textwrap.dedent(
         time.sleep(0.1)
     print("SCRAPE-WHILE-RUNNING")
     print(text)
+    ready = Path(sys.argv[1] + "-ready")
+    while time.monotonic() < deadline + 20 and len(list(ready.iterdir())) < 2:
+        time.sleep(0.05)
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     for pid in pids:
