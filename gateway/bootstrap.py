@@ -217,16 +217,19 @@ def _announce(config_path: Path, report: LoadReport, say: Callable[[str], None])
 
 def open_database(url: str) -> Engine:
     """An engine on a migrated ledger; a SQLite file's folder is made when missing."""
+    folder: Path | None = None
     try:
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(parsed.database).parent
+            folder.mkdir(parents=True, exist_ok=True)
         engine = make_engine(url)
     except (ArgumentError, ValueError) as error:
         # The URL may hold a password: name the problem, never the URL.
         raise BadInput(f"database: {_first_line(error)}") from None
     except OSError as error:
-        raise BadInput(f"database: cannot make its folder: {error.strerror}") from None
+        # A SQLite file's folder: a path, no password.
+        raise BadInput(f"database: cannot make its folder {folder}: {error.strerror}") from None
     # SQL errors would otherwise print their parameters (card numbers) in a traceback.
     engine.hide_parameters = True
     try:

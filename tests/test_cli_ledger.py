@@ -416,6 +416,19 @@ def test_missing_key_files_are_refused_and_not_made_anew(
     assert not any((folder / name).exists() for name in removed)
 
 
+def test_a_sqlite_folder_that_cannot_be_made_is_named(
+    cli: Cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--db` whose folder cannot be made (a file is in the way): exit 2, naming the folder."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("", encoding="utf-8")
+    url = f"sqlite:///{blocker / 'ledger.db'}"
+    assert main(["ledger", "check", "--config", str(cli.config), "--db", url]) == 2
+    assert capsys.readouterr().err == (
+        f"vipgate: error: database: cannot make its folder {blocker}: File exists\n"
+    )
+
+
 def test_ledger_check_reads_one_snapshot_on_postgresql(
     tmp_path: Path, postgres_ledger: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
