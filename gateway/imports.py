@@ -1,11 +1,13 @@
 """The two CSV files people bring to the ledger: the billing accrual feed and the card import.
 
-Both are all-or-nothing (points-and-clearing.md §3): every line is parsed and checked before
-anything is written, and a file with any bad line is refused whole with one `BadInput` that
-names every bad line, so the person fixing it sees the whole damage in one run and a half
-applied feed never has to be untangled. A good file is applied in the caller's unit of work,
-one transaction. An accrual `source_ref` applied by an earlier file is skipped and reported,
-which makes re-sending a feed harmless.
+Both are all-or-nothing for bad input (points-and-clearing.md §3): every line is parsed and
+checked before anything is written, and a file with any bad line is refused whole with one
+`BadInput` that names every bad line, so the person fixing it sees the whole damage in one run
+and a half applied feed never has to be untangled. The commands then apply a good file a
+batch of lines to a transaction (`apply_feed`, `apply_cards`), so a serving gateway is never
+held up for the whole file; `import_points` and `import_cards` apply one in the caller's
+transaction. An accrual `source_ref` applied by an earlier file is skipped and reported,
+which makes re-sending a feed harmless, a feed stopped midway included.
 
 Messages never show a card number in full: the number column is masked, and any long run of
 digits in another column (a shifted column, a reference built from a card number) is masked
@@ -23,14 +25,14 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from cardcodec.cards import card_number_problem, mask_card_data, mask_card_number
 from gateway.clock import expiry_last_day
 from gateway.config import CARD_STATUSES, MAX_POINTS, Config
 from gateway.errors import BadInput
-from gateway.ledger import operations
+from gateway.ledger import operations, unit_of_work
 from gateway.ledger.models import Card, CardStatus
 from gateway.loader import CONFIG_REF_PREFIX, moment_at
 from gateway.rules import TIERS
@@ -43,6 +45,9 @@ MAX_FIELD_CHARS = 200
 # The journal's idempotency key is `accrual:<source_ref>` in a column of 120 characters.
 MAX_SOURCE_REF_CHARS = 120 - len("accrual:")
 LOOKUP_CHUNK = 500
+# Lines applied in one transaction by the commands: on SQLite the ledger's one writer (a
+# serving gateway) waits for one such batch at most (about a second), not for a whole file.
+APPLY_LINES = 200
 BOOLEANS = {"true": True, "false": False}
 
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -213,7 +218,83 @@ class FeedReport:
 
 def import_points(session: Session, path: Path, config: Config, now: datetime) -> FeedReport:
     """Check every line of an accrual feed, then accrue them all in the caller's transaction."""
-    accruals = parse_feed(session, path, config, now)
+    feed = read_feed(path, config, now)
+    refuse_unknown_cards(session, feed)
+    return _accrued(feed, [_accrue(session, feed.accruals, config, now)])
+
+
+@dataclass(frozen=True)
+class CheckedFeed:
+    """A feed read and checked as far as it can be without the ledger; `problems` holds what
+    was found (not raised yet: `refuse_unknown_cards` adds the unknown cards and raises)."""
+
+    path: Path
+    accruals: list[Accrual]
+    problems: _Problems
+    numbers: list[tuple[int, str]]  # every line's card number that parsed, bad lines' too
+
+
+def read_feed(path: Path, config: Config, now: datetime) -> CheckedFeed:
+    """Every line of the feed parsed and checked (format, values, repeated source_refs),
+    without the ledger; `BadInput` only for a file that cannot be read as a feed at all."""
+    problems = _Problems(str(path))
+    today = now.astimezone(config.gateway.timezone).date()
+    parsed = []
+    for row in _read_rows(path, FEED_HEADER, problems):
+        number = _field(row, 0, "card", _card_number(config.issuer.card_prefixes), problems)
+        earned_on = _field(row, 1, "earned_on", _earned_on(today), problems)
+        points = _field(row, 2, "points", _points, problems)
+        source_ref = _field(row, 3, "source_ref", _source_ref, problems)
+        parsed.append((row.line, number, earned_on, points, source_ref))
+    refs = ((line, ref) for line, *_, ref in parsed)
+    for line, problem in _refuse_repeats(refs, "source_ref", shown):
+        problems.add(line, problem)
+    accruals = [
+        Accrual(line, number, earned_on, points, ref)
+        for line, number, earned_on, points, ref in parsed
+        if number is not None and earned_on is not None and points is not None and ref
+    ]
+    numbers = [(line, number) for line, number, *_ in parsed if number is not None]
+    return CheckedFeed(path, accruals, problems, numbers)
+
+
+def refuse_unknown_cards(session: Session, feed: CheckedFeed) -> None:
+    """`BadInput` naming every bad line of the feed: those `read_feed` found, and the lines
+    of cards the ledger does not know (read in `session`)."""
+    known = _known_cards(session, {number for _, number in feed.numbers})
+    for line, number in feed.numbers:
+        if number not in known:
+            feed.problems.add(line, f"card {mask_card_number(number)}: unknown card")
+    feed.problems.raise_if_any()
+
+
+def apply_feed(
+    engine: Engine,
+    feed: CheckedFeed,
+    config: Config,
+    now: datetime,
+    progress: Callable[[int, int], None] | None = None,
+) -> FeedReport:
+    """A checked feed applied `APPLY_LINES` lines to a transaction, so that a serving gateway
+    waits for one batch at most, never for the whole file (a million lines take an hour).
+    Stopped midway (a crash, Ctrl-C), whole batches stand, and the same file sent again
+    applies the rest: the lines applied are skipped by their source_ref. `progress` gets
+    (lines done, lines in all) after each batch."""
+    batches = []
+    accruals = feed.accruals
+    for start in range(0, len(accruals), APPLY_LINES):
+        with unit_of_work(engine) as session:
+            batches.append(_accrue(session, accruals[start : start + APPLY_LINES], config, now))
+        if progress is not None:
+            progress(min(start + APPLY_LINES, len(accruals)), len(accruals))
+    return _accrued(feed, batches)
+
+
+_Accrued = tuple[int, int, list[SkippedAccrual]]
+
+
+def _accrue(session: Session, accruals: list[Accrual], config: Config, now: datetime) -> _Accrued:
+    """Accrue these lines in `session`: lots applied, their points, and the lines skipped."""
     when = moment_at(config, now)
     applied_lots = applied_points = 0
     skipped = []
@@ -232,33 +313,14 @@ def import_points(session: Session, path: Path, config: Config, now: datetime) -
         else:
             applied_lots += 1
             applied_points += accrual.points
-    return FeedReport(str(path), applied_lots, applied_points, tuple(skipped))
+    return applied_lots, applied_points, skipped
 
 
-def parse_feed(session: Session, path: Path, config: Config, now: datetime) -> list[Accrual]:
-    """The feed's lines, or `BadInput` naming every bad one (the card lookup reads `session`)."""
-    problems = _Problems(str(path))
-    today = now.astimezone(config.gateway.timezone).date()
-    parsed = []
-    for row in _read_rows(path, FEED_HEADER, problems):
-        number = _field(row, 0, "card", _card_number(config.issuer.card_prefixes), problems)
-        earned_on = _field(row, 1, "earned_on", _earned_on(today), problems)
-        points = _field(row, 2, "points", _points, problems)
-        source_ref = _field(row, 3, "source_ref", _source_ref, problems)
-        parsed.append((row.line, number, earned_on, points, source_ref))
-    known = _known_cards(session, {number for _, number, *_ in parsed if number is not None})
-    for line, number, *_ in parsed:
-        if number is not None and number not in known:
-            problems.add(line, f"card {mask_card_number(number)}: unknown card")
-    refs = ((line, ref) for line, *_, ref in parsed)
-    for line, problem in _refuse_repeats(refs, "source_ref", shown):
-        problems.add(line, problem)
-    problems.raise_if_any()
-    return [
-        Accrual(line, number, earned_on, points, ref)
-        for line, number, earned_on, points, ref in parsed
-        if number is not None and earned_on is not None and points is not None and ref
-    ]
+def _accrued(feed: CheckedFeed, batches: list[_Accrued]) -> FeedReport:
+    lots = sum(batch[0] for batch in batches)
+    points = sum(batch[1] for batch in batches)
+    skipped = tuple(item for batch in batches for item in batch[2])
+    return FeedReport(str(feed.path), lots, points, skipped)
 
 
 def _earned_on(today: date) -> Callable[[str], date]:
@@ -328,11 +390,37 @@ class CardImportReport:
 
 
 def import_cards(session: Session, path: Path, config: Config, now: datetime) -> CardImportReport:
-    """Check every line of a card import, then create or update the cards (never their points).
+    """Check every line of a card import, then create or update the cards (never their points)
+    in the caller's transaction.
 
     An existing card keeps its PIN (the file has no PIN column) and its points.
     """
     lines = parse_cards(path, config)
+    new = _upsert_cards(session, lines, now)
+    return CardImportReport(str(path), new, len(lines) - new)
+
+
+def apply_cards(
+    engine: Engine,
+    path: Path,
+    lines: list[CardLine],
+    now: datetime,
+    progress: Callable[[int, int], None] | None = None,
+) -> CardImportReport:
+    """Checked card lines (`parse_cards`) applied `APPLY_LINES` to a transaction, as
+    `apply_feed` applies a feed; stopped midway, the same file sent again is applied whole
+    (an upsert)."""
+    new = 0
+    for start in range(0, len(lines), APPLY_LINES):
+        with unit_of_work(engine) as session:
+            new += _upsert_cards(session, lines[start : start + APPLY_LINES], now)
+        if progress is not None:
+            progress(min(start + APPLY_LINES, len(lines)), len(lines))
+    return CardImportReport(str(path), new, len(lines) - new)
+
+
+def _upsert_cards(session: Session, lines: list[CardLine], now: datetime) -> int:
+    """Create or update these cards in `session`; how many were new."""
     new = 0
     for card in lines:
         existing = operations.find_card(session, card.number)
@@ -345,7 +433,7 @@ def import_cards(session: Session, path: Path, config: Config, now: datetime) ->
             pin_hmac=None if existing is None else existing.pin_hmac,
         )
         new += operations.upsert_card(session, details, now)
-    return CardImportReport(str(path), new, len(lines) - new)
+    return new
 
 
 def parse_cards(path: Path, config: Config) -> list[CardLine]:

@@ -11,14 +11,18 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from gateway.commands import progress
 from gateway.config import Config
 from gateway.errors import BadInput
 from gateway.imports import (
     CardImportReport,
     FeedReport,
     SkippedAccrual,
+    apply_feed,
     import_cards,
     import_points,
+    read_feed,
+    refuse_unknown_cards,
     shown,
 )
 from gateway.keystore import FileKeyStore
@@ -349,3 +353,53 @@ def test_shown_quotes_cuts_and_masks() -> None:
     assert shown(f"x{GOLD}y") == '"x668800*********0014y"'
     assert shown("a" * 50) == '"' + "a" * 37 + '..."'
     assert shown('say "hi"\n') == '"say \\"hi\\"\\n"'
+
+
+def test_a_feed_is_applied_a_batch_to_a_transaction_and_a_stopped_one_finishes_when_sent_again(
+    ledger: Engine, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command applies a checked feed `APPLY_LINES` lines to a transaction: between two,
+    another writer (a serving gateway) commits, where one transaction for the whole file
+    would hold the ledger. Stopped after its first batch (a crash, Ctrl-C), the batch
+    stands, and the same file sent again applies the rest and skips what was applied."""
+    monkeypatch.setattr("gateway.imports.APPLY_LINES", 2)
+    lines = [f"{GOLD},2026-03-0{day},{day * 10},bill-{day}" for day in range(1, 6)]
+    path = csv_file(tmp_path, "feed.csv", FEED_HEADER, *lines)
+    feed = read_feed(path, config, NOW)
+    with unit_of_work(ledger) as session:
+        refuse_unknown_cards(session, feed)
+    seen = []
+
+    def between(done: int, total: int) -> None:
+        seen.append((done, total))
+        with unit_of_work(ledger) as session:  # another writer, between two batches
+            operations.record_wrong_pin(session, GOLD)
+
+    report = apply_feed(ledger, feed, config, NOW, between)
+    assert seen == [(2, 5), (4, 5), (5, 5)]
+    assert (report.applied_lots, report.applied_points) == (5, 150)
+
+    second = csv_file(tmp_path, "again.csv", FEED_HEADER, *(f"{line}-b" for line in lines))
+
+    def stop(done: int, _total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        apply_feed(ledger, read_feed(second, config, NOW), config, NOW, stop)
+    again = apply_feed(ledger, read_feed(second, config, NOW), config, NOW)
+    assert (again.applied_lots, again.applied_points) == (3, 120)
+    assert [item.line for item in again.skipped] == [2, 3]
+    with unit_of_work(ledger) as session:
+        assert check_invariants(session) == []
+
+
+def test_a_long_import_says_how_far_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """A line on standard error every 10,000 lines of a file that long, and at its end."""
+    for done in range(200, 25_001, 200):
+        progress(done, 25_000)
+    progress(200, 400)
+    assert capsys.readouterr().err.splitlines() == [
+        "applied 10000 of 25000 lines",
+        "applied 20000 of 25000 lines",
+        "applied 25000 of 25000 lines",
+    ]

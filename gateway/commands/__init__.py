@@ -1,1 +1,15 @@
 """The `vipgate` sub-commands, one module per group; each exposes `register(subparsers, common)`."""
+
+from __future__ import annotations
+
+import sys
+
+# A long import says how far it is every so many lines, on standard error.
+PROGRESS_LINES = 10_000
+
+
+def progress(done: int, total: int) -> None:
+    """After each batch an import applied: a line every `PROGRESS_LINES` lines of a file that
+    long, and at its end; nothing for a shorter one."""
+    if total >= PROGRESS_LINES and (done % PROGRESS_LINES == 0 or done == total):
+        print(f"applied {done} of {total} lines", file=sys.stderr, flush=True)

@@ -17,11 +17,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from cardcodec.cards import card_number_problem, mask_card_number
-from gateway.bootstrap import Wiring, wired_unit
-from gateway.clock import card_expired, expiry_last_day, lot_expired
+from gateway.bootstrap import Wiring, wired, wired_unit
+from gateway.clock import Clock, card_expired, expiry_last_day, lot_expired
+from gateway.commands import progress
 from gateway.config import CARD_STATUSES, CardConfig, Config
 from gateway.errors import BadInput
-from gateway.imports import import_cards
+from gateway.imports import CardLine, apply_cards, parse_cards
 from gateway.ledger import operations
 from gateway.ledger.models import Card, CardStatus, LotOrigin, PointLot
 
@@ -52,8 +53,14 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    with wired_unit(args.config, args.db) as (wiring, session):
-        report = import_cards(session, args.file, wiring.config, wiring.now())
+    """The file read and checked before the config load, then applied a batch at a time."""
+    read: list[list[CardLine]] = []
+
+    def check(config: Config, _clock: Clock) -> None:
+        read.append(parse_cards(args.file, config))
+
+    with wired(args.config, args.db, check=check) as wiring:
+        report = apply_cards(wiring.engine, args.file, read[0], wiring.now(), progress)
     total = report.new_cards + report.updated_cards
     print(
         f"{report.file}: {total} cards imported "

@@ -13,11 +13,14 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from gateway.bootstrap import wired_unit
+from sqlalchemy.orm import Session
+
+from gateway.bootstrap import wired, wired_unit
 from gateway.clock import Clock
+from gateway.commands import progress
 from gateway.config import Config
 from gateway.errors import BadInput
-from gateway.imports import import_points, shown
+from gateway.imports import CheckedFeed, apply_feed, read_feed, refuse_unknown_cards, shown
 from gateway.ledger import operations
 
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -47,8 +50,18 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 
 
 def import_command(args: argparse.Namespace) -> int:
-    with wired_unit(args.config, args.db) as (wiring, session):
-        report = import_points(session, args.file, wiring.config, wiring.now())
+    """The feed read and checked before the config load, its cards in the load's transaction
+    (a bad line refuses the load with it), then applied a batch at a time."""
+    read: list[CheckedFeed] = []
+
+    def check(config: Config, clock: Clock) -> None:
+        read.append(read_feed(args.file, config, clock.now()))
+
+    def refuse(session: Session, _config: Config, _clock: Clock) -> None:
+        refuse_unknown_cards(session, read[0])
+
+    with wired(args.config, args.db, check=check, refuse=refuse) as wiring:
+        report = apply_feed(wiring.engine, read[0], wiring.config, wiring.now(), progress)
     print(f"{report.file}: {report.applied_lots} lots applied ({report.applied_points} points)")
     if report.skipped:
         print(
