@@ -18,7 +18,6 @@ _MASK_FULL_FROM = 16
 _MASK_LAST_ONLY_FROM = 11
 _SHOWN_FIRST = 6
 _SHOWN_LAST = 4
-_CARD_RUN_RES: dict[int, re.Pattern[str]] = {}
 
 
 # A digit's value, and its Luhn value when doubled (2d, less 9 past 9), by its character.
@@ -82,13 +81,21 @@ def mask_card_number(number: str) -> str:
 def mask_card_data(text: str, shortest: int = 13) -> str:
     """`text` with every run of `shortest` or more digits masked as a card number
     (`mask_card_number`), and what a track puts after a card number (its separator `=` or `D`,
-    then expiry, service code and discretionary data) hidden, one `*` per character."""
-    pattern = _CARD_RUN_RES.get(shortest)
-    if pattern is None:
-        pattern = _CARD_RUN_RES[shortest] = re.compile(
-            rf"(?<![0-9])([0-9]{{{shortest},}})((?:[=D][0-9]*)?)"
-        )
-    return pattern.sub(lambda match: mask_card_number(match[1]) + "*" * len(match[2]), text)
+    then expiry, service code and discretionary data) hidden, one `*` per character. A number
+    written in groups ("6688 0000 0000 0000 014", "6688-0000-...") counts as one run: groups
+    of digits joined by single spaces or dashes, masked as the digits they hold."""
+    return _GROUPED_DIGITS_RE.sub(lambda match: _masked_run(match, shortest), text)
+
+
+# Digits in groups joined by single spaces or dashes, then what a track puts after them.
+_GROUPED_DIGITS_RE = re.compile(r"(?<![0-9])([0-9]+(?:[ -][0-9]+)*)((?:[=D][0-9]*)?)")
+
+
+def _masked_run(match: re.Match[str], shortest: int) -> str:
+    digits = match[1].replace(" ", "").replace("-", "")
+    if len(digits) < shortest:
+        return match[0]
+    return mask_card_number(digits) + "*" * len(match[2])
 
 
 # Key material as a config or scenario holds it: 16 or more hex characters with a letter among

@@ -29,7 +29,7 @@ ENTRY_TYPES = ("22", "25", "23", "04")
 TYPES_WITH_ORIGINAL = ("25", "23", "04")
 
 _ID_RE = re.compile(r"[A-Za-z0-9]+ *")
-_MASKED_RE = re.compile(r"\d{6}\*+\d{4} *|\*+\d{4} *|\*+ *")
+_MASKED_RE = re.compile(r"[0-9]{6}\*+[0-9]{4} *|\*+[0-9]{4} *|\*+ *")
 
 
 class LayoutError(ValueError):
@@ -321,7 +321,7 @@ def parse_header(record: str, faults: list[str]) -> Header:
     sender = read.ident(10, 24, "sender")
     receiver = read.ident(25, 39, "receiver")
     month = record[39:45]
-    if not re.fullmatch(r"\d{4}(0[1-9]|1[0-2])", month):
+    if not re.fullmatch(r"[0-9]{4}(0[1-9]|1[0-2])", month):
         read.fault(40, 45, "month", f"{month!r} is not YYYYMM")
     sequence = record[45:48]
     if not (sequence.isascii() and sequence.isdigit()):

@@ -16,7 +16,7 @@ from datetime import date, datetime, time, timedelta, tzinfo
 
 from gateway.errors import BadInput
 
-_MONTH_RE = re.compile(r"(\d{4})-(\d{2})")
+_MONTH_RE = re.compile(r"([0-9]{4})-([0-9]{2})")
 MIDNIGHT = time(0, 0)
 FIRST_YEAR, LAST_YEAR = 1970, 9998  # the months `--month` names
 

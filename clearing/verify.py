@@ -43,7 +43,7 @@ from gateway.points import MAX_DISCOUNT_BP, points_for, settled_fen
 
 MAX_FAULTS_KEPT = 200
 _SIGNATURE_RE = re.compile(rb"[0-9a-f]{128}\n")
-_NAME_RE = re.compile(r"VIPSETTLE_([A-Za-z0-9]+)_(\d{6})_(\d{3})\.txt")
+_NAME_RE = re.compile(r"VIPSETTLE_([A-Za-z0-9]+)_([0-9]{6})_([0-9]{3})\.txt")
 # A reversal (04) may carry either sign; the other types one each.
 _SIGN_OF_TYPE = {"22": 1, "25": -1, "23": -1}
 # Which record types may come next, at each stage of the file (§6's order).

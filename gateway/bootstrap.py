@@ -18,7 +18,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from gateway.clock import Clock, SystemClock
@@ -220,6 +220,11 @@ def open_database(url: str) -> Engine:
     folder: Path | None = None
     try:
         parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+            raise BadInput(
+                "database: an in-memory SQLite database keeps nothing once the command ends;"
+                " name a file (sqlite:///PATH)"
+            )
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             folder = Path(parsed.database).parent
             folder.mkdir(parents=True, exist_ok=True)
@@ -234,7 +239,7 @@ def open_database(url: str) -> Engine:
     engine.hide_parameters = True
     try:
         migrate(engine)
-    except OperationalError as error:
+    except DBAPIError as error:  # OperationalError, or a file that is not a database
         engine.dispose()
         if ledger_busy(error):
             raise BadInput(LEDGER_BUSY) from None

@@ -10,6 +10,7 @@ import importlib
 import os
 import select
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -84,11 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except BadInput as error:
-        print(f"vipgate: error: {error}", file=sys.stderr)
+        print(f"vipgate: error: {one_line(str(error))}", file=sys.stderr)
         return 2
     except CheckFailed as error:
-        print(f"vipgate: {error}", file=sys.stderr)
+        print(f"vipgate: {one_line(str(error))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: what committed stands (an import's whole batches; a clearing run or a
+        # config load commits whole or not at all), and the command can run again.
+        print(
+            "vipgate: interrupted: what was committed stands, the rest was rolled back;"
+            " run the command again to finish",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         if not _stdout_closed():
             raise  # a socket's, not the reader of our output: a real failure
@@ -100,6 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # in the unit of work that waited. One line, as for bad input.
         print(f"vipgate: error: {LEDGER_BUSY}", file=sys.stderr)
         return 2
+
+
+# The status of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
+EXIT_INTERRUPTED = 130
+
+
+def one_line(text: str) -> str:
+    """A message as one line a terminal shows as it is: control characters (a newline, an
+    escape sequence a file or an argument carried) written as escapes."""
+    return "".join(
+        character.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(character) == "Cc"
+        else character
+        for character in text
+    )
 
 
 # The status of a command whose reader stopped reading (`vipgate ledger check | head -1`), as

@@ -39,11 +39,11 @@ BP_WHOLE = 10000
 MAX_FEE_BP = BP_WHOLE - 1
 TMK_HEX_DIGITS = 32
 
-_HH_MM = r"([01]\d|2[0-3]):([0-5]\d)"
+_HH_MM = r"([01][0-9]|2[0-3]):([0-5][0-9])"
 _TIME_RE = re.compile(_HH_MM)
 _HOURS_RE = re.compile(f"{_HH_MM}-(?:{_HH_MM}|(24):(00))")
-_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_LISTEN_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})")
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_LISTEN_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})")
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _SQLITE_RE = re.compile(r"(sqlite(\+\w+)?:///)(.*)")
 _RULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,31}")

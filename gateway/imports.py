@@ -50,7 +50,7 @@ LOOKUP_CHUNK = 500
 APPLY_LINES = 200
 BOOLEANS = {"true": True, "false": False}
 
-_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _DIGITS_RE = re.compile(r"[0-9]+")
 _SHOWN_CHARS = 40
 

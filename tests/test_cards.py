@@ -116,11 +116,16 @@ def test_mask_card_number_by_length(number: str, masked: str) -> None:
         (f";{PLAN_CARD}=2812101?", ";668800*********0124********?"),
         ("rrn 000000000042, amount 5000000", "rrn 000000000042, amount 5000000"),
         ("DEADBEEF", "DEADBEEF"),
+        # written in groups, by spaces or dashes
+        ("tier 6688 0012 3456 7890 124", "tier 668800*********0124"),
+        ("ref 6688-0012-3456-7890-124 x", "ref 668800*********0124 x"),
+        ("on 2026-11-21 10:00, trace 000001", "on 2026-11-21 10:00, trace 000001"),
     ],
 )
 def test_mask_card_data_masks_numbers_and_hides_what_a_track_adds(text: str, masked: str) -> None:
-    """Runs of 13 or more digits are masked as card numbers, and a track's separator and
-    what follows it are hidden; shorter runs (an RRN, an amount) stay as they are."""
+    """Runs of 13 or more digits, whole or in groups joined by single spaces or dashes, are
+    masked as card numbers, and a track's separator and what follows it are hidden; shorter
+    runs (an RRN, an amount, a date) stay as they are."""
     assert mask_card_data(text) == masked
     assert mask_card_data("rrn 000000000042", shortest=12) == "rrn ********0042"
 

@@ -429,6 +429,68 @@ def test_a_sqlite_folder_that_cannot_be_made_is_named(
     )
 
 
+@pytest.mark.parametrize(
+    ("number", "escaped"),
+    [("6688000000000000014\n", "\\n"), ("\x1b[2J6688000000000000014", "\\x1b")],
+)
+def test_control_characters_in_an_argument_are_shown_escaped(
+    cli: Cli, number: str, escaped: str
+) -> None:
+    """A card number with a newline or an escape sequence in it: the error is one line, the
+    character written as an escape, so no terminal runs a sequence a file or argument held."""
+    result = cli.run("cards", "show", number)
+    assert result.code == 2
+    line = one_error_line(result)
+    assert escaped in line and "\x1b" not in line
+
+
+def test_full_width_digits_are_no_month_and_an_empty_out_no_folder(cli: Cli) -> None:
+    """`--month` takes ASCII digits only (a month closed by mistake cannot be reopened), and
+    an empty `--out` is not the current folder."""
+    result = cli.run("clear", "--month", "\uff12\uff10\uff12\uff16-09", "--out", "x")
+    assert result.code == 2
+    assert one_error_line(result).startswith("vipgate: error: --month: ")
+    with pytest.raises(SystemExit) as stopped:
+        cli.run("clear", "--month", "2026-09", "--out", "")
+    assert stopped.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("sqlite://", "an in-memory SQLite database keeps nothing"),
+        ("sqlite:///:memory:", "an in-memory SQLite database keeps nothing"),
+        ("NOT-A-DB", "cannot open it: file is not a database"),
+    ],
+)
+def test_a_database_that_keeps_nothing_or_is_not_one_is_refused(
+    cli: Cli, tmp_path: Path, capsys: pytest.CaptureFixture[str], url: str, problem: str
+) -> None:
+    """An in-memory database would take an import and keep nothing; a file that is not a
+    database (the config, say) is refused on one line, not with a traceback."""
+    if url == "NOT-A-DB":
+        url = f"sqlite:///{cli.config}"
+    assert main(["ledger", "check", "--config", str(cli.config), "--db", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and problem in err, err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during a command: one line saying what stands, status 130, no traceback."""
+
+    def interrupted(*_args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("gateway.commands.ledger.check_invariants", interrupted)
+    assert main(["ledger", "check", "--config", str(cli.config), "--db", cli.db_url]) == 130
+    assert capsys.readouterr().err == (
+        "vipgate: interrupted: what was committed stands, the rest was rolled back;"
+        " run the command again to finish\n"
+    )
+
+
 def test_ledger_check_reads_one_snapshot_on_postgresql(
     tmp_path: Path, postgres_ledger: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

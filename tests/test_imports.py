@@ -334,6 +334,16 @@ def test_card_numbers_in_other_columns_are_masked_in_messages(
     message = refused(ledger, run_feed, path, config)
     assert '"BILL-668800*********0014" repeats line 2' in message
     assert 'earned_on "668800*********0014" is not a date' in message
+    spaced = csv_file(
+        tmp_path,
+        "cards.csv",
+        CARDS_HEADER,
+        f"{NEW_GOLD},2812,6688 0000 0000 0000 014,active,true",
+        f"{NEW_SILVER},2812,silver,active,6688-0000-0000-0000-014",
+    )
+    message = refused(ledger, run_cards, spaced, config)
+    assert "0000 0000" not in message and "0000-0000" not in message
+    assert message.count("668800*********0014") == 2
 
 
 def test_a_card_number_in_the_points_column_is_masked(

@@ -35,13 +35,13 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
         help="the month's settlement file, signature, operator and merchant statements",
     )
     parser.add_argument("--month", required=True, metavar="YYYY-MM")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--out", required=True, type=out_folder, metavar="DIR")
     parser.set_defaults(handler=clear_command)
     parser = subparsers.add_parser(
         "reconcile", parents=[common], help="the auditors' reconciliation pack for a month"
     )
     parser.add_argument("--month", required=True, metavar="YYYY-MM")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--out", required=True, type=out_folder, metavar="DIR")
     parser.set_defaults(handler=reconcile_command)
     parser = subparsers.add_parser(
         "verify", parents=[common], help="the acquirer's check of a settlement file"
@@ -200,3 +200,10 @@ def export_public(args: argparse.Namespace) -> int:
     key = signing.load_or_create(config.issuer.signing_key)
     print(signing.public_pem(key), end="")
     return 0
+
+
+def out_folder(value: str) -> Path:
+    """`--out`: a folder; an empty value is not the current one."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty: name the folder to write into")
+    return Path(value)

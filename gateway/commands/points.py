@@ -23,7 +23,7 @@ from gateway.errors import BadInput
 from gateway.imports import CheckedFeed, apply_feed, read_feed, refuse_unknown_cards, shown
 from gateway.ledger import operations
 
-_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
