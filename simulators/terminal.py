@@ -1076,7 +1076,7 @@ class Terminal:
         elif kind is Kind.REVERSAL:
             self._reversal_answered(request, result)
         elif kind is Kind.SETTLEMENT and result.code == APPROVED:
-            self._close_batch(result)
+            self._close_batch(request, result)
 
     def _find_entry(self, batch: str, trace: str) -> _BatchEntry | None:
         if batch != self._batch:
@@ -1123,12 +1123,16 @@ class Terminal:
             if redemption is not None:
                 redemption.voided = False
 
-    def _close_batch(self, result: Result) -> None:
-        """The 0510 closes the batch either way; the next one is batch + 1 (§4.7)."""
+    def _close_batch(self, request: Request, result: Result) -> None:
+        """The 0510 closes the 0500's batch either way; the next one is batch + 1 (§4.7). A
+        0500 sent again after its answer was lost and the terminal signed on meanwhile closes
+        its own batch, not the one the sign-on moved the terminal to, which stays open."""
+        closed = request.batch
         self.settled = SettledBatch(
-            self._batch, self.totals(), self.upload_records(), bool(result.balanced)
+            closed, self.totals(), self.upload_records(), bool(result.balanced)
         )
-        self._batch = next_batch(self._batch)
+        if closed == self._batch:
+            self._batch = next_batch(closed)
         self._entries = []
 
 

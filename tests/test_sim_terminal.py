@@ -663,6 +663,22 @@ def test_balanced_settlement_ends_its_upload_with_207_and_chunks_of_8() -> None:
     assert terminal.upload_end(20).message.text(60) == "00000001207"
 
 
+def test_a_settlement_sent_again_after_a_sign_on_closes_its_own_batch() -> None:
+    """The 0510 is lost; the terminal signs on (the 0810 gives batch 000002, the gateway
+    having closed 000001) and sends the 0500 again: the stored 0510 closes 000001, the
+    settlement's own, and the terminal stays in 000002 (§4.7)."""
+    terminal = signed_on()
+    redeem(terminal, 100)
+    settlement = terminal.settlement()
+    request = terminal.sign_on(tdk=True)
+    terminal.receive(request, sign_on_answer(request, TMK, KEYS, Suite.TDES, "000002"))
+    assert terminal.batch == "000002"
+    gateway = SettlementTotals(Totals(100, 1, 0, 0), RESULT_BALANCED).format()
+    terminal.receive(settlement, management_answer(settlement, extra={48: gateway}))
+    assert terminal.settled is not None and terminal.settled.batch == "000001"
+    assert terminal.batch == "000002"
+
+
 def test_declined_settlement_keeps_the_batch_open() -> None:
     """A 0510 with 22 changes nothing: same batch, same totals."""
     terminal = signed_on()
