@@ -26,7 +26,7 @@ from gateway.config import Config, load_config
 from gateway.errors import BadInput
 from gateway.keystore import FileKeyStore
 from gateway.ledger import Moment, make_engine, migrate, unit_of_work
-from gateway.ledger.db import LEDGER_BUSY, ledger_busy
+from gateway.ledger.db import LEDGER_BUSY, deadlocked, ledger_busy
 from gateway.ledger.models import KeyCheck
 from gateway.loader import LoadReport, load_into_ledger, moment_at
 from gateway.security import SecurityModule, SoftwareSecurityModule
@@ -280,15 +280,10 @@ def _loaded(
             # A twin process loaded the same rows first, or the load met a serving gateway's
             # group in a deadlock (cards locked in another order): the load runs again. What
             # fails after the load (the caller's work, the commit) is not the load's to retry.
-            retry = isinstance(error, IntegrityError) or _deadlocked(error)
+            retry = isinstance(error, IntegrityError) or deadlocked(error)
             if loaded or not retry or attempt >= LOAD_ATTEMPTS:
                 raise
             attempt += 1
-
-
-def _deadlocked(error: OperationalError) -> bool:
-    """PostgreSQL chose this transaction to break a deadlock or a serialisation conflict."""
-    return getattr(error.orig, "sqlstate", None) in ("40P01", "40001")
 
 
 def _first_line(error: object) -> str:

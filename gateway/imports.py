@@ -17,6 +17,7 @@ the same way.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from cardcodec.cards import card_number_problem, mask_card_data, mask_card_number
@@ -33,6 +35,7 @@ from gateway.clock import expiry_last_day
 from gateway.config import CARD_STATUSES, MAX_POINTS, Config
 from gateway.errors import BadInput
 from gateway.ledger import operations, unit_of_work
+from gateway.ledger.db import deadlocked
 from gateway.ledger.models import Card, CardStatus
 from gateway.loader import CONFIG_REF_PREFIX, moment_at
 from gateway.rules import TIERS
@@ -283,14 +286,34 @@ def apply_feed(
     batches = []
     accruals = feed.accruals
     for start in range(0, len(accruals), APPLY_LINES):
-        with unit_of_work(engine) as session:
-            batches.append(_accrue(session, accruals[start : start + APPLY_LINES], config, now))
+        batch = accruals[start : start + APPLY_LINES]
+        batches.append(
+            _in_transaction(
+                engine, functools.partial(_accrue, accruals=batch, config=config, now=now)
+            )
+        )
         if progress is not None:
             progress(min(start + APPLY_LINES, len(accruals)), len(accruals))
     return _accrued(feed, batches)
 
 
 _Accrued = tuple[int, int, list[SkippedAccrual]]
+Done = TypeVar("Done")
+BATCH_ATTEMPTS = 5
+
+
+def _in_transaction(engine: Engine, work: Callable[[Session], Done]) -> Done:
+    """One batch in a transaction of its own, run again when PostgreSQL broke a deadlock by
+    rolling it back (a gateway starting meanwhile locks cards in its own order); a batch is
+    safe to run again, since nothing of it was committed."""
+    for attempt in range(1, BATCH_ATTEMPTS + 1):
+        try:
+            with unit_of_work(engine) as session:
+                return work(session)
+        except DBAPIError as error:
+            if attempt == BATCH_ATTEMPTS or not deadlocked(error):
+                raise
+    raise AssertionError("unreachable")
 
 
 def _accrue(session: Session, accruals: list[Accrual], config: Config, now: datetime) -> _Accrued:
@@ -412,8 +435,8 @@ def apply_cards(
     (an upsert)."""
     new = 0
     for start in range(0, len(lines), APPLY_LINES):
-        with unit_of_work(engine) as session:
-            new += _upsert_cards(session, lines[start : start + APPLY_LINES], now)
+        batch = lines[start : start + APPLY_LINES]
+        new += _in_transaction(engine, functools.partial(_upsert_cards, lines=batch, now=now))
         if progress is not None:
             progress(min(start + APPLY_LINES, len(lines)), len(lines))
     return CardImportReport(str(path), new, len(lines) - new)

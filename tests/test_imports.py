@@ -4,13 +4,18 @@ source_ref applied by an earlier file is skipped and reported."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
+from gateway import imports
 from gateway.commands import progress
 from gateway.config import Config
 from gateway.errors import BadInput
@@ -413,3 +418,31 @@ def test_a_long_import_says_how_far_it_is(capsys: pytest.CaptureFixture[str]) ->
         "applied 20000 of 25000 lines",
         "applied 25000 of 25000 lines",
     ]
+
+
+def test_a_batch_postgresql_rolled_back_to_break_a_deadlock_runs_again(
+    ledger: Engine, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway starting during an import locks cards in its own order, and PostgreSQL may
+    roll one batch back to break the deadlock (40P01): that batch runs again, and the feed
+    is applied once, whole."""
+    path = csv_file(tmp_path, "feed.csv", FEED_HEADER, f"{GOLD},2026-03-01,10,bill-1")
+    feed = read_feed(path, config, NOW)
+    real = imports.unit_of_work
+    attempts = []
+
+    class DeadlockError(Exception):
+        sqlstate = "40P01"
+
+    @contextlib.contextmanager
+    def first_deadlocks(engine: Engine) -> Iterator[Session]:
+        attempts.append(1)
+        with real(engine) as session:
+            yield session
+            if len(attempts) == 1:
+                raise OperationalError("COMMIT", {}, DeadlockError())
+
+    monkeypatch.setattr("gateway.imports.unit_of_work", first_deadlocks)
+    report = apply_feed(ledger, feed, config, NOW)
+    assert len(attempts) == 2
+    assert (report.applied_lots, report.applied_points, report.skipped) == (1, 10, ())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, delete, func, select, text
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 
 from gateway import bootstrap as bootstrap_module
 from gateway.clock import SHANGHAI, FixedClock
@@ -480,13 +480,13 @@ def test_a_load_that_deadlocks_with_a_serving_gateway_runs_again(
     The failure is seen through the load's own judgement of it: pg_stat_database counts the
     deadlock only when the failed backend flushes its statistics, up to seconds later."""
     judged: list[bool] = []
-    deadlocked = bootstrap_module._deadlocked
+    deadlocked = bootstrap_module.deadlocked
 
-    def spy(error: OperationalError) -> bool:
+    def spy(error: BaseException) -> bool:
         judged.append(deadlocked(error))
         return judged[-1]
 
-    monkeypatch.setattr(bootstrap_module, "_deadlocked", spy)
+    monkeypatch.setattr(bootstrap_module, "deadlocked", spy)
     url = empty_postgres_ledger(postgres_ledger)
     config = write_config(tmp_path)
     engine = make_engine(url)

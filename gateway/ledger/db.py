@@ -480,10 +480,18 @@ def ledger_busy(error: BaseException) -> bool:
     return "database is locked" in str(orig) or getattr(orig, "sqlstate", None) == "55P03"
 
 
+def deadlocked(error: BaseException) -> bool:
+    """PostgreSQL chose this transaction to break a deadlock or a serialisation conflict: it
+    was rolled back whole, and running it again is the remedy."""
+    return getattr(getattr(error, "orig", error), "sqlstate", None) in ("40P01", "40001")
+
+
+# On SQLite a writer waits its turn in the lock file's queue, then SQLite's own busy timeout:
+# twice the timeout in all.
+LEDGER_WAIT_S = 2 * SQLITE_BUSY_TIMEOUT_MS // 1000
 LEDGER_BUSY = (
-    f"database: busy: another process held the ledger's lock for over"
-    f" {SQLITE_BUSY_TIMEOUT_MS // 1000} s (a long import or clearing run, say); the work that"
-    " waited was rolled back; run the command again"
+    f"database: busy: another process held the ledger's lock for over {LEDGER_WAIT_S} s"
+    " (a clearing run, say); the work that waited was rolled back; run the command again"
 )
 
 
