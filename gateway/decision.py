@@ -130,7 +130,7 @@ def pin_decision(
     if not card.needs_pin:
         return None, PinEffect.NONE
     if pin is PinEntry.NONE:
-        return Decline.WRONG_PIN, PinEffect.NONE
+        return Decline.NO_PIN, PinEffect.NONE
     if pin is PinEntry.INVALID_BLOCK:
         return Decline.PIN_BLOCK, PinEffect.NONE
     if card.pin_locked:

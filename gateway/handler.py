@@ -702,6 +702,8 @@ class Gateway:
         answer = outcome.answer
         code = answer.text(39)
         event = self._event(request, code, outcome.card_number, outcome.repeated)
+        if outcome.why is not None:
+            event["why"] = outcome.why
         if answers.carries_mac(request.kind, code):
             # The keys the request's MAC was checked with (a repeat's answer too: §7's current
             # MAK), or those a sign-off ended; read from the ledger when the group began.

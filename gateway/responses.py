@@ -32,7 +32,8 @@ class Decline(enum.Enum):
     BAD_AMOUNT = "bad amount"
     PIN_BLOCK = "PIN block error"
     PIN_LOCKED = "PIN locked"
-    WRONG_PIN = "wrong or missing PIN"
+    WRONG_PIN = "wrong PIN"
+    NO_PIN = "PIN required, none entered"
     OVER_LIMIT = "over a limit"
     NOT_ENOUGH_POINTS = "not enough points"
     SYSTEM = "system error"
@@ -60,6 +61,7 @@ RESPONSE_CODES: dict[Decline, str] = {
     Decline.PIN_BLOCK: "99",
     Decline.PIN_LOCKED: "75",
     Decline.WRONG_PIN: "55",
+    Decline.NO_PIN: "55",
     Decline.OVER_LIMIT: "61",
     Decline.NOT_ENOUGH_POINTS: "51",
     Decline.SYSTEM: "96",

@@ -19,7 +19,7 @@ from typing import Protocol
 import structlog
 from sqlalchemy.orm import Session as OrmSession
 
-from cardcodec.cards import card_number_problem
+from cardcodec.cards import card_number_problem, mask_card_number
 from cardcodec.crypto import Suite
 from cardcodec.message import FieldValue, Message
 from cardcodec.profile import FINANCIAL_MTIS, Kind
@@ -209,21 +209,24 @@ class Outcome:
     repeated: bool = False
     mac_session: Session | None = None  # the keys to MAC with when they end with this request
     after_commit: Callable[[], None] | None = None
+    why: str | None = None  # a decline's reason, for the log (never a value)
 
     # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
-    def __init__(
+    def __init__(  # noqa: PLR0917 (the fields, in order, as the dataclass's own)
         self,
         answer: Message,
         card_number: str | None = None,
         repeated: bool = False,
         mac_session: Session | None = None,
         after_commit: Callable[[], None] | None = None,
+        why: str | None = None,
     ) -> None:
         self.answer = answer
         self.card_number = card_number
         self.repeated = repeated
         self.mac_session = mac_session
         self.after_commit = after_commit
+        self.why = why
 
 
 class Transactions:
@@ -328,7 +331,7 @@ class Transactions:
                 response_code=code,
             )
             extra[37] = recorded.rrn
-        return Outcome(self._answer(context, code, extra), card_number=card)
+        return Outcome(self._answer(context, code, extra), card_number=card, why=decline.value)
 
     def _approved_card_answer(
         self,
@@ -427,7 +430,14 @@ class Transactions:
         next `hot_ledger(orm)`, before any driver-level read of the card, flushes it)."""
         decline, effect = self._pin_verdict(context, card)
         if effect is PinEffect.WRONG:
-            ops.record_wrong_pin(orm, card.number)
+            state = ops.record_wrong_pin(orm, card.number)
+            if state.locked:
+                log.warning(
+                    "pin_locked",
+                    terminal=context.terminal.id,
+                    card=mask_card_number(card.number),
+                    wrong_tries=state.wrong_pin_count,
+                )
         elif effect is PinEffect.RIGHT and card.wrong_pin_count:
             ops.reset_pin_tries(orm, card.number)
         return decline

@@ -280,13 +280,35 @@ def test_a_pin_key_that_does_not_open_is_96_for_that_request_alone(harness: Harn
 
 
 def test_pin_rules(harness: Harness) -> None:
-    """No PIN 55 (not counted); three wrong PINs lock; then a right PIN gets 75."""
+    """No PIN 55 (not counted); three wrong PINs lock; then a right PIN gets 75. The log
+    tells the two 55s apart and marks the try that locks the PIN, card masked."""
     terminal = harness.signed_on()
-    assert harness.redeem(terminal, GOLD_PIN, 1000)[1].code == "55"
-    for _ in range(3):
-        assert harness.redeem(terminal, GOLD_PIN, 1000, pin="999999")[1].code == "55"
-    assert harness.redeem(terminal, GOLD_PIN, 1000, pin="123456")[1].code == "75"
-    assert harness.redeem(terminal, GOLD_PIN, 1000)[1].code == "55"
+    whys = []
+
+    def redeem(pin: str | None) -> str:
+        fields = terminal.card_fields(GOLD_PIN, "2812", pin=pin)
+        request = terminal.financial("0200", "000000", "22", fields, amount_fen=1000)
+        reply = harness.gateway.handle(request)
+        whys.append(reply.event.get("why"))
+        assert reply.payload is not None
+        return terminal.check(request, reply.payload).code
+
+    assert redeem(None) == "55"
+    with capture_logs() as logs:
+        assert [redeem("999999") for _ in range(3)] == ["55", "55", "55"]
+    assert [
+        (line["card"], line["wrong_tries"]) for line in logs if line["event"] == "pin_locked"
+    ] == [("668800*********0014", 3)]
+    assert redeem("123456") == "75"
+    assert redeem(None) == "55"
+    assert whys == [
+        "PIN required, none entered",
+        "wrong PIN",
+        "wrong PIN",
+        "wrong PIN",
+        "PIN locked",
+        "PIN required, none entered",
+    ]
 
 
 @pytest.mark.parametrize(("processing", "message_type"), [("310000", "01"), ("000000", "22")])
