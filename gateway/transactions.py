@@ -866,7 +866,10 @@ class Transactions:
             if just_closed and previous is not None and previous.answer is not None:
                 stored = previous.answer.get("48", "")
                 return Outcome(self._answer(context, APPROVED, {48: stored}))
-            return Outcome(self._answer(context, response_code(Decline.NOT_ALLOWED), {}))
+            return Outcome(
+                self._answer(context, response_code(Decline.NOT_ALLOWED), {}),
+                why="not the open batch",
+            )
         sent = SettlementTotals.parse(context.message.text(48)).totals
         theirs = records.BatchTotals(
             sent.debit_fen, sent.debit_count, sent.credit_fen, sent.credit_count
@@ -877,7 +880,8 @@ class Transactions:
         field48 = SettlementTotals(totals, result).format()
         answer = self._answer(context, APPROVED, {48: field48})
         records.close_batch(orm, terminal_id, theirs, {"48": field48}, context.moment.at)
-        return Outcome(answer)
+        # `00` either way (§4.7): the log says which.
+        return Outcome(answer, why="balanced" if result == 1 else "not balanced")
 
     def _settled_batch(self, orm: OrmSession, context: Context) -> int | None:
         """The batch a 0320 uploads to: the one just settled (§4.7), else None (`22`)."""
@@ -892,7 +896,10 @@ class Transactions:
     def _upload(self, orm: OrmSession, context: Context) -> Outcome:
         batch_id = self._settled_batch(orm, context)
         if batch_id is None:
-            return Outcome(self._answer(context, response_code(Decline.NOT_ALLOWED), {}))
+            return Outcome(
+                self._answer(context, response_code(Decline.NOT_ALLOWED), {}),
+                why="not the batch just settled",
+            )
         lines = [
             records.UploadLine(int(record.trace), record.card_number, record.amount_fen)
             for record in parse_upload(context.message.text(48))
@@ -903,7 +910,10 @@ class Transactions:
     def _upload_end(self, orm: OrmSession, context: Context) -> Outcome:
         batch_id = self._settled_batch(orm, context)
         if batch_id is None:
-            return Outcome(self._answer(context, response_code(Decline.NOT_ALLOWED), {}))
+            return Outcome(
+                self._answer(context, response_code(Decline.NOT_ALLOWED), {}),
+                why="not the batch just settled",
+            )
         total = parse_upload_end(context.message.text(48))
         records.end_upload(orm, batch_id, total, context.moment.at)
         return Outcome(self._answer(context, APPROVED, {}))

@@ -791,7 +791,11 @@ def test_settlement_unbalanced_answers_our_totals(harness: Harness) -> None:
     totals = f"{1:012d}{1:03d}{0:012d}{0:03d}0" + "0" * 31
     fields = {11: terminal.next_trace(), **terminal.ids(), 48: totals, 49: "156"}
     fields.update({60: f"00{terminal.batch}201", 63: "01 "})
-    answer = harness.send(terminal, terminal.signed("0500", fields))
+    request = terminal.signed("0500", fields)
+    reply = harness.gateway.handle(request)
+    assert reply.event["why"] == "not balanced"  # the code is 00 either way: the log says
+    assert reply.payload is not None
+    answer = terminal.check(request, reply.payload)
     assert answer.text(48)[30] == "2"
     assert answer.text(48)[:15] == f"{12800:012d}001"
 
