@@ -97,7 +97,7 @@ def bootstrap(
     write that config's merchants, terminals, cards and points into the ledger it checks.
     """
     config, chosen_clock, chosen_security, engine = _opened(
-        config_path, db_override, clock, security, check
+        config_path, db_override, clock, security, check, uses_keys=load
     )
     try:
         if load:
@@ -151,7 +151,9 @@ def wired_unit(
     refuses (raises) inside it, for an unknown card say, leaves the ledger as it found it.
     The load's lines go to `say` once the unit has committed. With `load=False` (a command
     that only reads the ledger) the unit loads nothing."""
-    config, clock, security, engine = _opened(config_path, db_override, None, None, check)
+    config, clock, security, engine = _opened(
+        config_path, db_override, None, None, check, uses_keys=load
+    )
     try:
         if not load:
             with unit_of_work(engine) as session:
@@ -170,16 +172,19 @@ def _opened(
     clock: Clock | None,
     security: SecurityModule | None,
     check: Check | None,
+    *,
+    uses_keys: bool = True,
 ) -> tuple[Config, Clock, SecurityModule, Engine]:
     """The config read, the command's `check` run, the security module made and the database
-    opened and migrated, in that order (`bootstrap`)."""
+    opened and migrated, in that order (`bootstrap`). A command that loads no config uses no
+    key, so missing key files are no reason to refuse it (an audit host has none)."""
     config = load_config(config_path, db_override)
     chosen_clock = clock or system_clock(config.gateway.timezone)
     if check is not None:
         check(config, chosen_clock)
     chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
     engine = open_database(config.gateway.database)
-    if security is None:
+    if security is None and uses_keys:
         try:
             _refuse_key_files_made_anew(engine, config.issuer.master_key)
         except BaseException:
@@ -213,6 +218,8 @@ def _announce(config_path: Path, report: LoadReport, say: Callable[[str], None])
         say(f"{config_path}: {report.summary()}")
         for change in report.changes:
             say(f"  {change}")
+    for note in report.notes:
+        say(f"{config_path}: {note}")
 
 
 def open_database(url: str) -> Engine:

@@ -54,6 +54,7 @@ class LoadReport:
     lots_accrued: int
     points_accrued: int
     changes: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # what the operator should know, though nothing changed
 
     @property
     def changed(self) -> bool:
@@ -97,7 +98,6 @@ def load_into_ledger(
         changes.extend(_load_merchant(session, merchant, now))
     for terminal in config.terminals:
         changes.extend(_load_terminal(session, terminal, security, now))
-    changes.extend(_disable_unlisted(session, config, now))
     when = moment_at(config, now)
     lots = points = 0
     for card in config.cards:
@@ -112,6 +112,7 @@ def load_into_ledger(
         lots_accrued=lots,
         points_accrued=points,
         changes=tuple(changes),
+        notes=tuple(_unlisted(session, config)),
     )
 
 
@@ -233,18 +234,20 @@ def _load_terminal(
     return changes
 
 
-def _disable_unlisted(session: Session, config: Config, now: datetime) -> list[str]:
-    """A terminal the ledger has enabled and the config does not list is disabled, the change
-    in its history: a gateway on this config answers it `97`, and the terminal fee is paid
-    for enabled terminals (§5). Its rows stay; a config that lists it again enables it."""
+def _unlisted(session: Session, config: Config) -> list[str]:
+    """A line for each terminal the ledger has enabled and the config does not list. A load
+    is an upsert by id (operations.md) and leaves it as it is, so its terminal fee is still
+    paid (§5: enabled terminals), though a gateway on this config answers it `97`: the line
+    says so, and that `enabled = false` in the config stops it."""
     listed = {terminal.id for terminal in config.terminals}
     enabled = session.scalars(
         select(Terminal.id).where(Terminal.enabled.is_(True)).order_by(Terminal.id)
     )
     return [
-        f"terminal {terminal_id}: not in the config, disabled"
-        for terminal_id in list(enabled)
-        if terminal_id not in listed and records.disable_terminal(session, terminal_id, now)
+        f"terminal {terminal_id}: enabled in the ledger but not in the config; its terminal"
+        " fee is still paid: list it with enabled = false to stop it"
+        for terminal_id in enabled
+        if terminal_id not in listed
     ]
 
 

@@ -448,6 +448,8 @@ def wire(config_path: Path, db_override: str | None, clock_start: datetime | Non
     clock = StartedClock(clock_start) if clock_start is not None else None
     base = bootstrap(config_path, db_override, clock=clock)
     log.info("config_loaded", summary=base.loaded.summary())
+    for note in base.loaded.notes:
+        log.warning("config_note", note=note)
     config = base.config
     gateway = Gateway(
         config=config,

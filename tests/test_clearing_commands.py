@@ -275,3 +275,19 @@ def test_verify_of_a_missing_file_is_bad_input(
     assert "no such file" in capsys.readouterr().err
     assert main(["verify", "--config", str(config_path), str(config_path.parent)]) == 2
     assert "a folder, not a settlement file" in capsys.readouterr().err
+
+
+def test_reconcile_on_a_host_without_the_issuer_key_makes_none(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An audit host with the ledger but not the issuer's signing key: `reconcile` is refused
+    with one line, and makes no key of its own (a pack checked against a key made on the spot
+    said RECONCILED over a signature the acquirer's key rejects)."""
+    arguments = ["--config", str(config_path), "--month", "2026-11"]
+    assert main(["clear", *arguments, "--out", str(config_path.parent / "out")]) == 0
+    key = config_path.parent / "var" / "issuer-ed25519.pem"
+    key.unlink()
+    capsys.readouterr()
+    assert main(["reconcile", *arguments, "--out", str(config_path.parent / "pack")]) == 2
+    assert capsys.readouterr().err.startswith(f"vipgate: error: signing key {key}: ")
+    assert not key.exists()

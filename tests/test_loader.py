@@ -214,35 +214,36 @@ tmk = "0123456789ABCDEFFEDCBA9876543210"
 """
 
 
-def test_a_terminal_left_out_of_the_config_is_disabled_and_listed_again_enabled(
+def test_a_terminal_left_out_of_the_config_stays_and_the_load_says_its_fee_is_still_paid(
     ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
 ) -> None:
-    """A terminal the ledger has and a loaded config leaves out is disabled (a gateway on that
-    config answers it `97`, and §5's terminal fee is for enabled terminals), the change in
-    its history; its rows stay, and a config that lists it again enables it."""
+    """A load is an upsert by id (operations.md): a terminal the ledger has and the config
+    leaves out stays as it is, enabled, with its history. Its terminal fee is still paid
+    (§5) though a gateway on that config answers it `97`, so every load says so, as a note,
+    not a change; `enabled = false` in the config stops it."""
     full = write_config(tmp_path / "full")
     without = write_config(tmp_path / "without", (COFFEE_TERMINAL, ""))
-    times = [NOW + timedelta(hours=hours) for hours in range(4)]
-    load(ledger_engine, full, keystore, times[0])
-    assert load(ledger_engine, without, keystore, times[1]).changes == (
-        "terminal 20000001: not in the config, disabled",
-    )
-    assert load(ledger_engine, without, keystore, times[2]).changes == ()
-    assert load(ledger_engine, full, keystore, times[3]).changes == (
-        "terminal 20000001: enabled false -> true",
+    load(ledger_engine, full, keystore, NOW)
+    report = load(ledger_engine, without, keystore, NOW + timedelta(hours=1))
+    assert report.changes == ()
+    assert report.notes == (
+        "terminal 20000001: enabled in the ledger but not in the config; its terminal fee is"
+        " still paid: list it with enabled = false to stop it",
     )
     with unit_of_work(ledger_engine) as session:
-        history = session.execute(
-            select(TerminalEnabledChange.enabled, TerminalEnabledChange.changed_at)
-            .where(TerminalEnabledChange.terminal_id == "20000001")
-            .order_by(TerminalEnabledChange.id)
+        terminal = session.get(Terminal, "20000001")
+        assert terminal is not None and terminal.enabled
+        history = session.scalars(
+            select(TerminalEnabledChange.enabled).where(
+                TerminalEnabledChange.terminal_id == "20000001"
+            )
         ).all()
-        assert session.get(Terminal, "20000001") is not None
-    assert [tuple(row) for row in history] == [
-        (True, times[0]),
-        (False, times[1]),
-        (True, times[3]),
-    ]
+    assert history == [True]
+    disabled = write_config(
+        tmp_path / "disabled",
+        (COFFEE_TERMINAL, COFFEE_TERMINAL.replace("enabled = true", "enabled = false")),
+    )
+    assert load(ledger_engine, disabled, keystore, NOW + timedelta(hours=2)).notes == ()
 
 
 def test_changed_pin_in_the_config_unlocks_the_card(

@@ -58,8 +58,10 @@ def reconcile(engine: Engine, config: Config, month: Month, out: Path, now: date
         name: FindingList(name, title, first, second, out) for name, title, first, second in LISTS
     }
     pack = Pack(month, out, now, closed, lists)
+    # The issuer's own key, never one made here: a pack checked against a key made on the spot
+    # would say RECONCILED over a signature the acquirer's public key rejects.
+    key = signing.load_private(config.issuer.signing_key).public_key()
     path = _settlement_file(engine, config, pack)
-    key = signing.load_or_create(config.issuer.signing_key).public_key()
     tz, cutoff = config.gateway.timezone, config.gateway.cutoff
     span = (month_begins(month, tz, cutoff), month_ends(month, tz, cutoff))
     with unit_of_work(engine) as session:

@@ -72,6 +72,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         with _recording(args.record) as recorder:
             logs.configure()
+            wiring = server.wire(args.config, args.db, clock_start)
             # How this gateway runs, for whoever reads its log: a rehearsal clock shifts
             # every business date while the log's own times stay the machine's, and a
             # recording holds card data.
@@ -82,7 +83,6 @@ def serve(args: argparse.Namespace) -> int:
                 metrics=args.metrics,
                 record=args.record,
             )
-            wiring = server.wire(args.config, args.db, clock_start)
             if args.workers > 1:
                 return workers.serve(wiring, listening, args.workers, metrics_at)
             # The reactor is imported when it is needed, never at module level (Twisted's

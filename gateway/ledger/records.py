@@ -114,18 +114,6 @@ def upsert_terminal(session: Session, details: TerminalDetails, at: datetime) ->
     return created
 
 
-def disable_terminal(session: Session, terminal_id: str, at: datetime) -> bool:
-    """Disable a terminal, the change appended to its history with `at`; True if it was
-    enabled (else nothing changes)."""
-    terminal = session.get(Terminal, terminal_id, with_for_update={"key_share": True})
-    if terminal is None or not terminal.enabled:
-        return False
-    terminal.enabled = False
-    session.add(TerminalEnabledChange(terminal_id=terminal_id, enabled=False, changed_at=at))
-    session.flush()
-    return True
-
-
 # --- authorisations without a ledger effect -------------------------------------------------
 
 
