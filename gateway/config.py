@@ -84,6 +84,9 @@ class GatewaySettings:
     # second than this (a token bucket per terminal and address) has its connection closed.
     max_connections_per_address: int = 64
     max_frames_per_second_per_terminal: int = 50
+    # The frames a second an address's links may send before an answer names their terminal,
+    # together; behind a load balancer every terminal's new links come from its one address.
+    max_unnamed_frames_per_second_per_address: int = 50
 
     @property
     def key_lifetime(self) -> timedelta:
@@ -455,6 +458,9 @@ def _gateway(root: _Table, folder: Path) -> GatewaySettings:
         max_frames_per_second_per_terminal=table.integer(
             "max_frames_per_second_per_terminal", 50, low=1, high=100_000
         ),
+        max_unnamed_frames_per_second_per_address=table.integer(
+            "max_unnamed_frames_per_second_per_address", 50, low=1, high=1_000_000
+        ),
     )
 
 
@@ -707,6 +713,7 @@ GATEWAY_KEYS = (
     "max_pending_per_connection",
     "max_connections_per_address",
     "max_frames_per_second_per_terminal",
+    "max_unnamed_frames_per_second_per_address",
 )
 ISSUER_KEYS = ("id", "card_prefixes", "signing_key", "master_key")
 PLAN_KEYS = ("qualify_points", "expiry_years", "max_points_per_card_day")

@@ -14,7 +14,8 @@ itself: a connection's frames count against its own bucket, and against the term
 answer named (field 41) once one has; a frame over either rate closes the connection
 unprocessed. The address is part of the terminal's key so that a stranger who writes an
 honest terminal's id into field 41 spends his own bucket, not the terminal's. Links not
-named yet share no bucket: every link of a load balancer comes from its one address.
+named yet share their address's bucket, at `max_unnamed_frames_per_second_per_address`
+(raised behind a load balancer, whose one address carries every terminal's new links).
 """
 
 from __future__ import annotations
@@ -303,6 +304,7 @@ class TerminalFactory(Factory):
         record: TrafficRecorder | None = None,
         max_connections_per_address: int = 64,
         max_frames_per_second: int = 50,
+        max_unnamed_frames_per_second: int = 50,
         metrics: Metrics | None = None,
     ) -> None:
         self.process = process
@@ -313,6 +315,7 @@ class TerminalFactory(Factory):
         self.max_pending = max_pending
         self.max_connections_per_address = max_connections_per_address
         self.max_frames_per_second = max_frames_per_second
+        self.max_unnamed_frames_per_second = max_unnamed_frames_per_second
         self.connections = 0
         self.open: set[TerminalProtocol] = set()  # the links, for a stopping gateway to close
         self.per_address: dict[str, int] = {}
@@ -337,21 +340,20 @@ class TerminalFactory(Factory):
             self.per_address.pop(address, None)
 
     def take_frame(self, terminal: str | None, address: str) -> bool:
-        """Spend one frame of the terminal's rate. A link no answer has named yet spends only
-        its own (`TerminalProtocol._within_rate`): §1 lets a terminal open a link for every
-        transaction, and behind a load balancer every link comes from one address, so a
-        bucket shared by an address's unnamed links would cut every new link off past
-        `max_frames_per_second` of them a second, for all terminals together. What bounds
-        an address's unnamed links is their number (`max_connections_per_address`)."""
-        if terminal is None:
-            return True
+        """Spend one frame of the terminal's rate, or, for a link no answer has named yet, of
+        its address's unnamed links together (`max_unnamed_frames_per_second`): a peer that
+        opens a link, writes and closes it, over and over, is held to that, where a bucket of
+        each link's own would let it through. §1 lets a terminal open a link for every
+        transaction, and behind a load balancer every terminal's new links come from its one
+        address: that deployment raises the bound (docs/deployment.md)."""
         now: Seconds = cast(Any, self.reactor).seconds()
-        key = (terminal, address)
+        key = (terminal or "", address)
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= MAX_BUCKETS:
                 self._drop_full_buckets(now)
-            bucket = self._buckets[key] = TokenBucket(self.max_frames_per_second, now)
+            rate = self.max_frames_per_second if terminal else self.max_unnamed_frames_per_second
+            bucket = self._buckets[key] = TokenBucket(rate, now)
         return bucket.take(now)
 
     def _drop_full_buckets(self, now: Seconds) -> None:

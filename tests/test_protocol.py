@@ -123,6 +123,7 @@ def test_a_stopping_server_drains_while_a_terminal_keeps_sending() -> None:
         max_pending_per_connection=4,
         max_connections_per_address=64,
         max_frames_per_second_per_terminal=1000,
+        max_unnamed_frames_per_second_per_address=1000,
     )
     worker = HeldWorker()
     reactor = MemoryReactorClock()
@@ -382,7 +383,7 @@ def test_frames_count_per_terminal_across_its_connections() -> None:
     factory, _ = hostile_factory(named("10000001"), rate=3)
     first, first_transport = open_from(factory, "10.0.0.1", 1)
     second, second_transport = open_from(factory, "10.0.0.1", 2)
-    first.dataReceived(frame(b"a"))  # the link's own, then names the terminal
+    first.dataReceived(frame(b"a"))  # counted on the address, then names the terminal
     second.dataReceived(frame(b"b"))
     first.dataReceived(frame(b"c") + frame(b"d"))  # two of the terminal's three
     second.dataReceived(frame(b"e"))  # the third (each connection is within its own three)
@@ -391,16 +392,32 @@ def test_frames_count_per_terminal_across_its_connections() -> None:
     assert second_transport.disconnecting
 
 
-def test_first_frames_of_many_links_from_one_address_share_no_bucket() -> None:
-    """§1 lets a terminal open a link per transaction, and behind a load balancer all links
-    come from one address: links not named yet are bounded each by its own rate, not by one
-    bucket for the address, so the eleventh terminal of a second is not cut off."""
-    factory, _ = hostile_factory(named("10000001"), rate=3)
-    links = [open_from(factory, "10.0.0.1", port) for port in range(1, 11)]
+def test_links_not_named_yet_share_their_addresses_own_bound() -> None:
+    """A peer opening link after link from one address (each closed after a frame or so)
+    is held to the address's bound for unnamed links, not one bucket per link; behind a load
+    balancer, whose address carries every terminal's new links, the bound is raised."""
+    reactor = MemoryReactorClock()
+
+    def factory(unnamed: int) -> TerminalFactory:
+        return TerminalFactory(
+            named("10000001"),  # type: ignore[arg-type]
+            reactor,
+            idle_timeout_s=300,
+            max_pending=32,
+            max_frames_per_second=3,
+            max_unnamed_frames_per_second=unnamed,
+        )
+
+    tight = factory(3)
+    links = [open_from(tight, "10.0.0.1", port) for port in range(1, 6)]
+    for protocol, _ in links:
+        protocol.dataReceived(frame(b"first"))
+    assert [transport.disconnecting for _, transport in links] == [False] * 3 + [True] * 2
+    raised = factory(20)
+    links = [open_from(raised, "10.0.0.1", port) for port in range(1, 11)]
     for protocol, _ in links:
         protocol.dataReceived(frame(b"sign-on"))
     assert not any(transport.disconnecting for _, transport in links)
-    assert all(transport.value() == frame(b"re:sign-on") for _, transport in links)
 
 
 def test_a_stranger_naming_a_terminal_spends_his_own_bucket() -> None:
