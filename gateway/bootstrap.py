@@ -26,7 +26,7 @@ from gateway.config import Config, load_config
 from gateway.errors import BadInput
 from gateway.keystore import FileKeyStore
 from gateway.ledger import Moment, make_engine, migrate, unit_of_work
-from gateway.ledger.db import LEDGER_BUSY, deadlocked, ledger_busy
+from gateway.ledger.db import LEDGER_BUSY, SQLITE_BUSY_TIMEOUT_MS, deadlocked, ledger_busy
 from gateway.ledger.models import KeyCheck
 from gateway.loader import LoadReport, load_into_ledger, moment_at
 from gateway.security import SecurityModule, SoftwareSecurityModule
@@ -86,6 +86,7 @@ def bootstrap(
     check: Check | None = None,
     refuse: Refusal | None = None,
     load: bool = True,
+    busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
 ) -> Wiring:
     """Read the config, run the command's `check`, open and migrate its database, and load
     the config into it, with the command's `refuse` in the load's transaction.
@@ -97,7 +98,13 @@ def bootstrap(
     write that config's merchants, terminals, cards and points into the ledger it checks.
     """
     config, chosen_clock, chosen_security, engine = _opened(
-        config_path, db_override, clock, security, check, uses_keys=load
+        config_path,
+        db_override,
+        clock,
+        security,
+        check,
+        uses_keys=load,
+        busy_timeout_ms=busy_timeout_ms,
     )
     try:
         if load:
@@ -174,6 +181,7 @@ def _opened(
     check: Check | None,
     *,
     uses_keys: bool = True,
+    busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
 ) -> tuple[Config, Clock, SecurityModule, Engine]:
     """The config read, the command's `check` run, the security module made and the database
     opened and migrated, in that order (`bootstrap`). A command that loads no config uses no
@@ -183,7 +191,7 @@ def _opened(
     if check is not None:
         check(config, chosen_clock)
     chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
-    engine = open_database(config.gateway.database)
+    engine = open_database(config.gateway.database, busy_timeout_ms=busy_timeout_ms)
     if security is None and uses_keys:
         try:
             _refuse_key_files_made_anew(engine, config.issuer.master_key)
@@ -222,7 +230,7 @@ def _announce(config_path: Path, report: LoadReport, say: Callable[[str], None])
         say(f"{config_path}: {note}")
 
 
-def open_database(url: str) -> Engine:
+def open_database(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
     """An engine on a migrated ledger; a SQLite file's folder is made when missing."""
     folder: Path | None = None
     try:
@@ -235,7 +243,7 @@ def open_database(url: str) -> Engine:
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             folder = Path(parsed.database).parent
             folder.mkdir(parents=True, exist_ok=True)
-        engine = make_engine(url)
+        engine = make_engine(url, busy_timeout_ms=busy_timeout_ms)
     except (ArgumentError, ValueError) as error:
         # The URL may hold a password: name the problem, never the URL.
         raise BadInput(f"database: {_first_line(error)}") from None

@@ -35,6 +35,7 @@ from gateway.handler import FAILED, Answer, Gateway, Reply, finish
 from gateway.ledger import unit_of_work
 from gateway.ledger.checkpoints import Checkpointer
 from gateway.ledger.db import (
+    SERVING_BUSY_TIMEOUT_MS,
     deferring_log_syncs,
     sync_after_release,
     take_owed_log_syncs,
@@ -449,7 +450,8 @@ def wire(config_path: Path, db_override: str | None, clock_start: datetime | Non
     if clock_start is not None:
         _refuse_clock_before_ledger(load_config(config_path, db_override), clock_start)
     clock = StartedClock(clock_start) if clock_start is not None else None
-    base = bootstrap(config_path, db_override, clock=clock)
+    # A serving gateway waits for the ledger's lock less long than a command does.
+    base = bootstrap(config_path, db_override, clock=clock, busy_timeout_ms=SERVING_BUSY_TIMEOUT_MS)
     log.info("config_loaded", summary=base.loaded.summary())
     for note in base.loaded.notes:
         log.warning("config_note", note=note)

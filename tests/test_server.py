@@ -13,6 +13,7 @@ from gateway import server
 from gateway.clock import SHANGHAI
 from gateway.commands.serve import parse_listen
 from gateway.errors import BadInput
+from gateway.ledger.db import SERVING_BUSY_TIMEOUT_MS, SQLITE_BUSY_TIMEOUT_MS
 from tests.gateway_harness import DEMO
 
 
@@ -27,6 +28,24 @@ def test_clock_earlier_than_the_ledger_is_refused(tmp_path: Path) -> None:
     later = server.wire(config, database, datetime(2099, 1, 1, tzinfo=SHANGHAI))
     assert later.clock.now().year == 2099
     later.engine.dispose()
+
+
+def test_a_serving_gateway_waits_for_the_ledger_less_than_a_terminal_waits(
+    tmp_path: Path,
+) -> None:
+    """A group held up by another process's lock (a clearing run) must get its `96` while the
+    terminal still listens (60 s, §1): the serving engine waits 12 s in the lock file's queue
+    and 12 s for SQLite's own lock, where a command waits 30 s for each."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(DEMO, config)
+    wiring = server.wire(config, f"sqlite:///{tmp_path / 'ledger.db'}", None)
+    try:
+        with wiring.engine.connect() as connection:
+            waited = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        assert waited == SERVING_BUSY_TIMEOUT_MS == 12_000
+        assert 2 * SERVING_BUSY_TIMEOUT_MS < 60_000 <= 2 * SQLITE_BUSY_TIMEOUT_MS
+    finally:
+        wiring.engine.dispose()
 
 
 @pytest.mark.parametrize("text", ["2026-11-22T10:00:00", "tomorrow"])
