@@ -82,20 +82,27 @@ def mask_card_data(text: str, shortest: int = 13) -> str:
     """`text` with every run of `shortest` or more digits masked as a card number
     (`mask_card_number`), and what a track puts after a card number (its separator `=` or `D`,
     then expiry, service code and discretionary data) hidden, one `*` per character. A number
-    written in groups ("6688 0000 0000 0000 014", "6688-0000-...") counts as one run: groups
-    of digits joined by single spaces or dashes, masked as the digits they hold."""
-    return _GROUPED_DIGITS_RE.sub(lambda match: _masked_run(match, shortest), text)
+    written as cards print it, in groups of four joined by single spaces or dashes ("6688 0000
+    0000 0000 014"), counts as one run; other groups (dates, lists of traces) are left alone."""
+    text = _CARD_GROUPS_RE.sub(lambda match: _masked_groups(match, shortest), text)
+    return _CARD_RUN_RE.sub(lambda match: _masked_run(match, shortest), text)
 
 
-# Digits in groups joined by single spaces or dashes, then what a track puts after them.
-_GROUPED_DIGITS_RE = re.compile(r"(?<![0-9])([0-9]+(?:[ -][0-9]+)*)((?:[=D][0-9]*)?)")
+# Digits as a card prints them: three or more groups of four, then a last group of one to
+# four, joined by single spaces or dashes; and an unbroken run, then what a track puts after.
+_CARD_GROUPS_RE = re.compile(r"(?<![0-9])[0-9]{4}(?:[ -][0-9]{4}){2,}(?:[ -][0-9]{1,4})?(?![0-9])")
+_CARD_RUN_RE = re.compile(r"(?<![0-9])([0-9]+)((?:[=D][0-9]*)?)")
+
+
+def _masked_groups(match: re.Match[str], shortest: int) -> str:
+    digits = match[0].replace(" ", "").replace("-", "")
+    return mask_card_number(digits) if len(digits) >= shortest else match[0]
 
 
 def _masked_run(match: re.Match[str], shortest: int) -> str:
-    digits = match[1].replace(" ", "").replace("-", "")
-    if len(digits) < shortest:
+    if len(match[1]) < shortest:
         return match[0]
-    return mask_card_number(digits) + "*" * len(match[2])
+    return mask_card_number(match[1]) + "*" * len(match[2])
 
 
 # Key material as a config or scenario holds it: 16 or more hex characters with a letter among

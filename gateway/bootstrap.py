@@ -10,7 +10,7 @@ module without patching anything deeper.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
@@ -201,6 +201,16 @@ def _opened(
     return config, chosen_clock, chosen_security, engine
 
 
+def _in_memory(database: str | None, query: Mapping[str, object]) -> bool:
+    """A SQLite URL whose database lives in memory, however written: none, `:memory:`, or a
+    URI `file::memory:` or with `mode=memory`."""
+    return (
+        database in (None, "", ":memory:")
+        or (database or "").startswith("file::memory:")
+        or query.get("mode") == "memory"
+    )
+
+
 def _refuse_key_files_made_anew(engine: Engine, master_key: Path) -> None:
     """`BadInput`, before a key file is made, when the software module's master key or PIN
     key file is missing and the ledger holds that key's check value (`key_checks`): its
@@ -235,7 +245,7 @@ def open_database(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) ->
     folder: Path | None = None
     try:
         parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        if parsed.get_backend_name() == "sqlite" and _in_memory(parsed.database, parsed.query):
             raise BadInput(
                 "database: an in-memory SQLite database keeps nothing once the command ends;"
                 " name a file (sqlite:///PATH)"

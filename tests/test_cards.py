@@ -120,6 +120,10 @@ def test_mask_card_number_by_length(number: str, masked: str) -> None:
         ("tier 6688 0012 3456 7890 124", "tier 668800*********0124"),
         ("ref 6688-0012-3456-7890-124 x", "ref 668800*********0124 x"),
         ("on 2026-11-21 10:00, trace 000001", "on 2026-11-21 10:00, trace 000001"),
+        # groups that are not a card's fours are left alone
+        ("traces 000121 000122 000123 retried", "traces 000121 000122 000123 retried"),
+        ("window 2026-11-01-2026-11-30", "window 2026-11-01-2026-11-30"),
+        ("amounts 100 200 300 400 500", "amounts 100 200 300 400 500"),
     ],
 )
 def test_mask_card_data_masks_numbers_and_hides_what_a_track_adds(text: str, masked: str) -> None:

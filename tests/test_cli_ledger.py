@@ -464,6 +464,8 @@ def test_full_width_digits_are_no_month_and_an_empty_out_no_folder(cli: Cli) -> 
     [
         ("sqlite://", "an in-memory SQLite database keeps nothing"),
         ("sqlite:///:memory:", "an in-memory SQLite database keeps nothing"),
+        ("sqlite:///file::memory:?uri=true", "an in-memory SQLite database keeps nothing"),
+        ("sqlite:///file:m1?mode=memory&cache=shared&uri=true", "an in-memory SQLite database"),
         ("NOT-A-DB", "cannot open it: file is not a database"),
     ],
 )
