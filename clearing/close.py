@@ -274,25 +274,26 @@ def _late_undoings(month: Month, rows: _MonthRows) -> ItemRows:
 
 
 ENABLED = "enabled by the history"
-SERVED = "approved requests in the month, the history saying disabled"
+SERVED = "requests served in the month, the history saying disabled"
 
 
 def terminals_for_fee(
     session: Session, month: Month, begins: datetime, ends: datetime
 ) -> dict[str, str]:
     """The terminals the month's terminal fee is paid for, each with why: enabled at any
-    moment of the month by its history (§5), or, though the history says otherwise, answered
-    an approval in the month by a gateway. A gateway decides with its own config, and the
-    history is what the configs loaded into the ledger said: a gateway still serving an
-    older config (a rolling restart, a command run with another `--config`) served a
-    terminal the history may call disabled, and a terminal that was served was enabled."""
+    moment of the month by its history (§5), or, though the history says otherwise, served
+    in the month by a gateway: a request of it recorded in the ledger, approved or declined
+    there. A gateway decides with its own config and declines a disabled terminal (`58`)
+    before the ledger, recording nothing; the history is what the configs loaded into the
+    ledger said, and a gateway still serving an older config (a rolling restart, a command
+    run with another `--config`) served a terminal the history may call disabled. A
+    terminal that was served was enabled."""
     counted = dict.fromkeys(enabled_terminals(session, begins, ends), ENABLED)
     served = (
         select(Authorisation.terminal_id)
         .where(
             Authorisation.business_date >= month.first_date,
             Authorisation.business_date <= month.last_date,
-            Authorisation.response_code.in_(APPROVED_CODES),
         )
         .distinct()
     )

@@ -18,7 +18,7 @@ from gateway.config import Config, load_config
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Authorisation, AuthorisationKind, Terminal, TerminalSession
 from gateway.loader import load_into_ledger
-from tests.gateway_harness import DEMO, DIAMOND, Harness, demo_config
+from tests.gateway_harness import DEMO, DIAMOND, FEW_POINTS, Harness, demo_config
 from tests.spec_terminal import SpecTerminal
 
 STORE = "898310048990001"  # terminal 10000001's merchant in the demo config
@@ -121,13 +121,18 @@ def test_a_terminal_whose_tmk_or_suite_changes_is_signed_off(
     harness.engine.dispose()
 
 
+@pytest.mark.parametrize(
+    ("card", "amount", "code"),
+    [(DIAMOND, 1000, "00"), (FEW_POINTS, 100000, "51")],  # approved, or declined by the ledger
+)
 def test_a_terminal_served_while_the_history_says_disabled_is_paid_for(
-    tmp_path: Path, ledger_url: str
+    tmp_path: Path, ledger_url: str, card: str, amount: int, code: str
 ) -> None:
     """The ledger's history says terminal 20000001 has been disabled since October (the
     config another process loaded), but a gateway still serving the config that enables it
-    approves a sale there in November: the network is paid November's terminal fee for it,
-    and the pack says why."""
+    serves a sale there in November, approved or declined by the ledger (a disabled
+    terminal's 58 comes before it): the network is paid November's terminal fee for it, and
+    the pack says why."""
     disabled = edited_config(
         tmp_path,
         ledger_url,
@@ -139,7 +144,7 @@ def test_a_terminal_served_while_the_history_says_disabled_is_paid_for(
     harness.gateway = harness.new_gateway()
     harness.clock.advance(timedelta(days=16))  # 2026-11-05
     coffee = harness.signed_on("20000001")
-    assert harness.redeem(coffee, DIAMOND, 1000)[1].code == "00"
+    assert harness.redeem(coffee, card, amount)[1].code == code
     november = Month.parse("2026-11")
     span = (month_begins(november, SHANGHAI, time(23)), month_ends(november, SHANGHAI, time(23)))
     with unit_of_work(harness.engine) as session:
