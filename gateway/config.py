@@ -86,7 +86,13 @@ class GatewaySettings:
     max_frames_per_second_per_terminal: int = 50
     # The frames a second an address's links may send before an answer names their terminal,
     # together; behind a load balancer every terminal's new links come from its one address.
-    max_unnamed_frames_per_second_per_address: int = 50
+    # Unset: the per-terminal bound, as before the key existed.
+    max_unnamed_frames_per_second_per_address: int | None = None
+
+    @property
+    def max_unnamed_frames_per_second(self) -> int:
+        unnamed = self.max_unnamed_frames_per_second_per_address
+        return self.max_frames_per_second_per_terminal if unnamed is None else unnamed
 
     @property
     def key_lifetime(self) -> timedelta:
@@ -459,7 +465,7 @@ def _gateway(root: _Table, folder: Path) -> GatewaySettings:
             "max_frames_per_second_per_terminal", 50, low=1, high=100_000
         ),
         max_unnamed_frames_per_second_per_address=table.integer(
-            "max_unnamed_frames_per_second_per_address", 50, low=1, high=1_000_000
+            "max_unnamed_frames_per_second_per_address", None, low=1, high=1_000_000
         ),
     )
 

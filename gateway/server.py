@@ -289,9 +289,7 @@ class GatewayServer:
             record=record,
             max_connections_per_address=config.gateway.max_connections_per_address,
             max_frames_per_second=config.gateway.max_frames_per_second_per_terminal,
-            max_unnamed_frames_per_second=(
-                config.gateway.max_unnamed_frames_per_second_per_address
-            ),
+            max_unnamed_frames_per_second=config.gateway.max_unnamed_frames_per_second,
             metrics=self._metrics,
         )
 

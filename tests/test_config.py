@@ -776,3 +776,20 @@ def test_key_lifetime_in_seconds_replaces_hours_for_rehearsals(tmp_path: Path) -
     rehearsal = tmp_path / "rehearsal.toml"
     rehearsal.write_text(text, encoding="utf-8")
     assert load_config(rehearsal).gateway.key_lifetime == timedelta(seconds=5)
+
+
+def test_the_unnamed_links_bound_defaults_to_the_per_terminal_bound(edit: Edit) -> None:
+    """`max_unnamed_frames_per_second_per_address` unset: the per-terminal bound, as before
+    the key existed (a config that raised that bound for many terminals behind one address
+    keeps working); set, its own."""
+    unset = edit(
+        ("idle_timeout_s = 300", "idle_timeout_s = 300\nmax_frames_per_second_per_terminal = 700")
+    )
+    assert unset.gateway.max_unnamed_frames_per_second == 700
+    own = edit(
+        (
+            "idle_timeout_s = 300",
+            "idle_timeout_s = 300\nmax_unnamed_frames_per_second_per_address = 5000",
+        )
+    )
+    assert own.gateway.max_unnamed_frames_per_second == 5000

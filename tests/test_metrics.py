@@ -286,7 +286,7 @@ def fake_config() -> Config:
         max_pending_per_connection=32,
         max_connections_per_address=64,
         max_frames_per_second_per_terminal=50,
-        max_unnamed_frames_per_second_per_address=50,
+        max_unnamed_frames_per_second=50,
     )
     return cast(Config, SimpleNamespace(gateway=limits))
 

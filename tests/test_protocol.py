@@ -123,7 +123,7 @@ def test_a_stopping_server_drains_while_a_terminal_keeps_sending() -> None:
         max_pending_per_connection=4,
         max_connections_per_address=64,
         max_frames_per_second_per_terminal=1000,
-        max_unnamed_frames_per_second_per_address=1000,
+        max_unnamed_frames_per_second=1000,
     )
     worker = HeldWorker()
     reactor = MemoryReactorClock()
