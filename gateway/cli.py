@@ -117,11 +117,12 @@ EXIT_INTERRUPTED = 130
 
 
 def one_line(text: str) -> str:
-    """A message as one line a terminal shows as it is: control characters (a newline, an
-    escape sequence a file or an argument carried) written as escapes."""
+    """A message as one line a terminal shows as it is: control and format characters (a
+    newline, an escape sequence, a right-to-left override a file or an argument carried)
+    written as escapes."""
     return "".join(
         character.encode("unicode_escape").decode("ascii")
-        if unicodedata.category(character) == "Cc"
+        if unicodedata.category(character) in ("Cc", "Cf")
         else character
         for character in text
     )

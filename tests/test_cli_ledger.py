@@ -435,7 +435,11 @@ def test_a_sqlite_folder_that_cannot_be_made_is_named(
 
 @pytest.mark.parametrize(
     ("number", "escaped"),
-    [("6688000000000000014\n", "\\n"), ("\x1b[2J6688000000000000014", "\\x1b")],
+    [
+        ("6688000000000000014\n", "\\n"),
+        ("\x1b[2J6688000000000000014", "\\x1b"),
+        ("\u202e6688000000000000014", "\\u202e"),  # a right-to-left override
+    ],
 )
 def test_control_characters_in_an_argument_are_shown_escaped(
     cli: Cli, number: str, escaped: str
@@ -546,3 +550,21 @@ def test_a_ledger_held_past_the_busy_timeout_is_one_line_and_exit_2(
     assert result.code == 2
     assert one_error_line(result).startswith("vipgate: error: database: busy: another process")
     assert cli.run("ledger", "check").code == 0
+
+
+def test_a_feed_sent_again_names_twenty_skipped_lines_and_counts_the_rest(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A feed sent again after a stop skips what it applied, perhaps thousands of lines: the
+    report names twenty and counts the rest."""
+    feed = tmp_path / "feed.csv"
+    lines = [f"{GOLD},2026-06-01,10,bill-{number}" for number in range(25)]
+    feed.write_text("card_number,earned_on,points,source_ref\n" + "\n".join(lines) + "\n")
+    assert cli.run("points", "import", str(feed)).code == 0
+    again = cli.run("points", "import", str(feed))
+    assert again.code == 0
+    report = again.out.splitlines()
+    assert report[0] == f"{feed}: 0 lots applied (0 points)"
+    assert report[1] == f"{feed}: 25 lines skipped, their source_ref applied before (250 points)"
+    assert len([line for line in report if line.startswith("  line ")]) == 20
+    assert report[-1] == "  and 5 more lines"

@@ -23,6 +23,7 @@ from gateway.errors import BadInput
 from gateway.imports import CheckedFeed, apply_feed, read_feed, refuse_unknown_cards, shown
 from gateway.ledger import operations
 
+SKIPPED_SHOWN = 20  # skipped lines named one by one; the rest are counted
 _DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
@@ -68,8 +69,11 @@ def import_command(args: argparse.Namespace) -> int:
             f"{report.file}: {len(report.skipped)} lines skipped, their source_ref applied "
             f"before ({report.skipped_points} points)"
         )
-        for item in report.skipped:
+        # A feed sent again after a stop skips what it applied: thousands of lines, perhaps.
+        for item in report.skipped[:SKIPPED_SHOWN]:
             print(f"  line {item.line}: source_ref {shown(item.source_ref)} applied before")
+        if len(report.skipped) > SKIPPED_SHOWN:
+            print(f"  and {len(report.skipped) - SKIPPED_SHOWN} more lines")
     return 0
 
 
