@@ -452,10 +452,13 @@ def test_control_characters_in_an_argument_are_shown_escaped(
     assert escaped in line and "\x1b" not in line
 
 
-def test_full_width_digits_are_no_month_and_an_empty_out_no_folder(cli: Cli) -> None:
+def test_full_width_digits_are_no_month_and_an_empty_out_no_folder(
+    cli: Cli, tmp_path: Path
+) -> None:
     """`--month` takes ASCII digits only (a month closed by mistake cannot be reopened), and
     an empty `--out` is not the current folder."""
-    result = cli.run("clear", "--month", "\uff12\uff10\uff12\uff16-09", "--out", "x")
+    out = str(tmp_path / "out")  # never the working folder, should the month be taken
+    result = cli.run("clear", "--month", "\uff12\uff10\uff12\uff16-09", "--out", out)
     assert result.code == 2
     assert one_error_line(result).startswith("vipgate: error: --month: ")
     with pytest.raises(SystemExit) as stopped:
