@@ -73,6 +73,9 @@ class Phase:
     offered: int = 0
     unsent: int = 0
     lag: list[float] = field(default_factory=list)
+    # Open loop: when each answered request fell due, in seconds from the phase's start, in
+    # the order of `latencies` (where in the run the slow answers were).
+    dues: list[float] = field(default_factory=list)
 
     @property
     def answered(self) -> int:
@@ -261,6 +264,7 @@ def open_loop(terminals: list[Terminal], rate: float, duration: float) -> Phase:
     """Offer `rate` requests per second over the terminals for `duration`; latency from due."""
     field39 = Field39()
     latencies: list[float] = []
+    dues: list[float] = []
     lag: list[float] = []
     codes: dict[str, int] = {}
     selector = _selector(terminals)
@@ -321,6 +325,7 @@ def open_loop(terminals: list[Terminal], rate: float, duration: float) -> Phase:
                 now = clock()
                 last = now
                 latencies.append(now - waiting.started)
+                dues.append(waiting.started - start)
                 code = field39(answer)
                 codes[code] = codes.get(code, 0) + 1
                 waiting.busy = False
@@ -334,4 +339,6 @@ def open_loop(terminals: list[Terminal], rate: float, duration: float) -> Phase:
     elapsed = max(last, stop) - start
     cpu_s = time.process_time() - cpu
     selector.close()
-    return Phase(latencies, codes, elapsed, cpu_s, offered=offered, unsent=unsent, lag=lag)
+    return Phase(
+        latencies, codes, elapsed, cpu_s, offered=offered, unsent=unsent, lag=lag, dues=dues
+    )

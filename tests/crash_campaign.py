@@ -41,7 +41,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Final
 
-import psycopg
 from sqlalchemy import Engine, Select, func, select
 
 from cardcodec.profile import Kind
@@ -523,49 +522,15 @@ def postgresql_ledger() -> Iterator[str]:
     missing = pg.missing_binaries()
     if missing:
         raise CampaignError(missing)
-    server = pg.start()
+    server = pg.start(durable=True)
     try:
-        make_durable(server)
+        try:
+            pg.check_durable(server)  # a crash test without durable commits proves nothing
+        except RuntimeError as error:
+            raise CampaignError(str(error)) from error
         yield server.create_database("vipgate_crash")
     finally:
         pg.stop(server)
-
-
-def make_durable(server: pg.PgServer) -> None:
-    """fsync and synchronous commit on: a crash test without durable commits proves nothing.
-
-    `tests/pg.py` starts the server with `-c fsync=off` on its command line, which outranks
-    ALTER SYSTEM; when the reload leaves fsync off, restart the server without those options.
-    """
-    with server.admin() as connection:
-        connection.execute("ALTER SYSTEM SET fsync = on")
-        connection.execute("ALTER SYSTEM SET synchronous_commit = on")
-        connection.execute("ALTER SYSTEM SET full_page_writes = on")
-        connection.execute("SELECT pg_reload_conf()")
-    if _setting(server, "fsync") != "on" or _setting(server, "synchronous_commit") != "on":
-        _restart_durable(server)
-    for name in ("fsync", "synchronous_commit"):
-        if _setting(server, name) != "on":
-            raise CampaignError(f"PostgreSQL {name} is still off")
-
-
-def _setting(server: pg.PgServer, name: str) -> str:
-    with server.admin() as connection:
-        row = connection.execute(psycopg.sql.SQL("SHOW {}").format(psycopg.sql.Identifier(name)))
-        value = row.fetchone()
-    return str(value[0]) if value else ""
-
-
-def _restart_durable(server: pg.PgServer) -> None:
-    options = (
-        f"-c listen_addresses=127.0.0.1 -p {server.port} -k {server.folder} -c max_connections=200"
-    )
-    command = [str(pg.PG_BIN / "pg_ctl"), "-D", str(server.data), "-o", options]
-    command += ["-l", str(server.folder / "server.log"), "-t", str(pg.START_TIMEOUT_S), "-w"]
-    command.append("restart")
-    if os.geteuid() == 0:
-        command = ["runuser", "-u", pg.RUN_AS, "--", *command]
-    subprocess.run(command, capture_output=True, check=True, cwd="/", timeout=120)
 
 
 BACKENDS: Final = {"sqlite": sqlite_ledger, "postgresql": postgresql_ledger}

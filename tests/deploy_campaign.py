@@ -40,7 +40,6 @@ from simulators.connection import NO_FAULTS, Connection, Exchange, Faults, Link
 from simulators.load import LoadPlan, LoadSummary, run_load
 from simulators.terminal import APPROVALS
 from tests import pg
-from tests.crash_campaign import make_durable
 from tests.spec_terminal import parse
 
 DEMO: Final = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
@@ -434,10 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"deployment campaign: skipped ({missing})")
             return 0
-    server = pg.start()
+    server = pg.start(durable=True)  # as production runs it: commits synced to disk
     folder = Path(tempfile.mkdtemp(prefix="vipgate-deploy-"))
     try:
-        make_durable(server)  # as production runs it: fsync and synchronous_commit on
+        pg.check_durable(server)
         figures = run_deployment(
             server,
             folder,

@@ -5,6 +5,11 @@ locks, isolation and types as production has them. The server lives in a tempora
 (data, log and unix socket), listens on 127.0.0.1 on a free port, runs as a non-root user
 (PostgreSQL refuses root), trusts local connections, and skips durability it does not need
 for tests (fsync off). `stop` removes every trace of it.
+
+`start(durable=True)` keeps PostgreSQL's own durable defaults instead (fsync, synchronous
+commit and full-page writes on), as production runs it: for the bench and the crash and
+deployment campaigns. Options on the server's command line outrank `ALTER SYSTEM`, so
+durability is chosen when the server starts; `setting` reads what it runs with.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 SUPERUSER = "vipgate"
@@ -29,6 +35,7 @@ START_TIMEOUT_S = 60
 class PgServer:
     folder: Path
     port: int
+    durable: bool = False
 
     @property
     def data(self) -> Path:
@@ -77,12 +84,14 @@ def _free_port() -> int:
         return port
 
 
-def start() -> PgServer:
-    """initdb into a new temporary folder and start the server; the caller must `stop` it."""
+def start(*, durable: bool = False) -> PgServer:
+    """initdb into a new temporary folder and start the server; the caller must `stop` it.
+    With `durable`, commits are synced to disk (fsync, synchronous_commit and
+    full_page_writes as PostgreSQL's defaults have them); without, they are not."""
     folder = Path(tempfile.mkdtemp(prefix="vipgate-pg-"))
     if os.geteuid() == 0:
         shutil.chown(folder, RUN_AS, RUN_AS)
-    server = PgServer(folder, _free_port())
+    server = PgServer(folder, _free_port(), durable)
     try:
         _run(
             [
@@ -103,11 +112,10 @@ def start() -> PgServer:
 
 
 def _start_server(server: PgServer) -> None:
-    options = (
-        f"-c listen_addresses=127.0.0.1 -p {server.port} -k {server.folder} "
-        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-        "-c max_connections=200"
-    )
+    options = f"-c listen_addresses=127.0.0.1 -p {server.port} -k {server.folder} "
+    if not server.durable:
+        options += "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+    options += "-c max_connections=200"
     _run(
         [
             str(PG_BIN / "pg_ctl"),
@@ -119,6 +127,24 @@ def _start_server(server: PgServer) -> None:
             "start",
         ]
     )  # fmt: skip
+
+
+def setting(server: PgServer, name: str) -> str:
+    """What the running server says of one setting (`SHOW name`)."""
+    with server.admin() as connection:
+        row = connection.execute(
+            psycopg.sql.SQL("SHOW {}").format(psycopg.sql.Identifier(name))
+        ).fetchone()
+    return str(row[0]) if row else ""
+
+
+def check_durable(server: PgServer) -> None:
+    """Raise unless the server syncs its commits: a crash test or a bench of durable commits
+    on a server that does not sync them proves nothing."""
+    for name in ("fsync", "synchronous_commit", "full_page_writes"):
+        value = setting(server, name)
+        if value != "on":
+            raise RuntimeError(f"PostgreSQL runs with {name} = {value}, not on")
 
 
 def pause(server: PgServer) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import pg
 from tests.bench_gateway import Figures, verdicts
 
 TOP = Path(__file__).resolve().parent.parent
@@ -65,3 +66,18 @@ def test_postgresql_is_held_to_pgbench_of_the_same_run() -> None:
     ]
     assert verdicts("postgresql", runs, "3100.5", 2000)[0].endswith(": not met")
     assert verdicts("postgresql", runs, "?", 2000)[0].endswith("pgbench gave no figure")
+
+
+def test_a_durable_server_syncs_its_commits_and_the_test_server_does_not(
+    postgres_server: pg.PgServer,
+) -> None:
+    # The bench compares the gateway with pgbench on a server that syncs every commit: a
+    # setting changed after start (ALTER SYSTEM) would be outranked by the command line.
+    with pytest.raises(RuntimeError, match="fsync = off"):
+        pg.check_durable(postgres_server)
+    durable = pg.start(durable=True)
+    try:
+        pg.check_durable(durable)
+        assert pg.setting(durable, "full_page_writes") == "on"
+    finally:
+        pg.stop(durable)
