@@ -106,6 +106,9 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         self._counted = False  # in the per-address count (refused connections are not)
         self._terminal: str | None = None  # the terminal the last answer named
         self._own_rate: TokenBucket | None = None  # this connection's frames, whatever named
+        # A bound the peer broke (`_refuse_from_now`): no frame is taken any more, and the link
+        # closes for this cause once the answers it owes are written.
+        self._refusing: CloseCause | None = None
 
     def connectionMade(self) -> None:
         # TimeoutMixin schedules through `callLater`: the injected reactor's, for fake clocks.
@@ -139,6 +142,9 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
                 self._factory.metrics.connection_closed()
 
     def timeoutConnection(self) -> None:
+        if self._closing:  # closed meanwhile, and the peer has not read what it was sent
+            self.abort()
+            return
         log.info("connection_idle_closed", peer=self._peer(), terminal=self._terminal)
         self._close("idle")
 
@@ -177,7 +183,7 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             cast(Any, self.transport).abortConnection()
 
     def stringReceived(self, string: bytes) -> None:
-        if self._closing:
+        if self._closing or self._refusing is not None:
             return
         if self._stopping or self._budget == 0:
             if not self._told_stopping:  # once a link: a busy terminal may send thousands
@@ -188,16 +194,16 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             self._budget -= 1
         if not string:  # §1: a LEN of 0 closes the link, before any frame behind it is taken
             log.info("frame_empty_closed", peer=self._peer())
-            self._close("frame_empty")
+            self._refuse_from_now("frame_empty")
             return
         if not self._within_rate():
             log.info("frame_rate_closed", peer=self._address, terminal=self._terminal)
-            self._close("frame_rate")
+            self._refuse_from_now("frame_rate")
             return
         self.resetTimeout()  # type: ignore[no-untyped-call]
         if len(self._slots) >= self._factory.max_pending:
             log.info("too_many_pending_closed", peer=self._peer(), terminal=self._terminal)
-            self._close("too_many_pending")
+            self._refuse_from_now("too_many_pending")
             return
         slot = _Slot(time.perf_counter(), string if self._factory.record else b"")
         if self._factory.metrics is not None:
@@ -206,6 +212,15 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         deferred = self._factory.process(string)
         deferred.addCallback(self._answered, slot)
         deferred.addErrback(self._failed, slot)
+
+    def _refuse_from_now(self, cause: CloseCause) -> None:
+        """A bound the peer broke: this frame and every later one are not taken, and the
+        link closes once the answers it owes are written. A request already taken may have
+        been approved and committed: its answer is the terminal's, where closing at once would
+        leave it a redemption to reverse."""
+        self._refusing = cause
+        if not self._slots:
+            self._close(cause)
 
     def _within_rate(self) -> bool:
         """One frame of this connection's rate, then of its terminal's (`take_frame`): field
@@ -251,8 +266,11 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             self._measure(slot, event, written)
             if not self._closing and reply.payload is None:
                 self._close("request")
-        if self._stopping and not self._slots and not self._closing:
-            self._close("stopping")
+        if not self._slots and not self._closing:
+            if self._refusing is not None:
+                self._close(self._refusing)
+            elif self._stopping:
+                self._close("stopping")
 
     def _measure(self, slot: _Slot, event: dict[str, Any], written: bool) -> None:
         """The outcome as logged: an answer decided after its link closed (`not_sent`) never

@@ -202,14 +202,32 @@ def test_idle_connection_closes_after_the_timeout() -> None:
 
 
 def test_too_many_pending_requests_close_the_connection() -> None:
-    """More requests awaiting an answer than the bound closes the link."""
+    """More requests awaiting an answer than the bound closes the link, once the answers
+    of the requests it took are written: each may be an approval already committed."""
     pending = Pending()
     protocol, transport, _ = connect(pending, max_pending=2)
     protocol.dataReceived(frame(b"1") + frame(b"2"))
     assert not transport.disconnecting
-    protocol.dataReceived(frame(b"3"))
-    assert transport.disconnecting
+    protocol.dataReceived(frame(b"3") + frame(b"4"))
     assert len(pending.calls) == 2
+    pending.answer(0)
+    assert not transport.disconnecting
+    pending.answer(1)
+    assert transport.disconnecting
+    assert transport.value() == frame(b"re:1") + frame(b"re:2")
+
+
+def test_a_link_closed_for_a_bound_that_never_reads_is_cut_at_the_idle_time() -> None:
+    """The answers owed are written, then the link closes; a peer that never reads them
+    keeps the socket only until the idle time-out, which then cuts it."""
+    pending = Pending()
+    protocol, transport, reactor = connect(pending, max_pending=1, idle=300)
+    protocol.dataReceived(frame(b"1") + frame(b"2"))
+    pending.answer(0)
+    assert transport.disconnecting
+    protocol.abort = lambda: setattr(transport, "aborted", True)  # type: ignore[method-assign]
+    reactor.advance(301)
+    assert getattr(transport, "aborted", False)
 
 
 def test_processing_failure_closes_only_that_connection() -> None:
@@ -340,15 +358,22 @@ def test_a_closed_connection_frees_its_place_for_its_address() -> None:
 
 
 def test_frames_over_the_rate_close_the_connection_unprocessed() -> None:
-    """The frame beyond the terminal's bucket is not processed and closes the link."""
+    """The frame beyond the terminal's bucket is not processed, nor any after it, and the
+    link closes once the answers of the frames it took are written (approvals, maybe)."""
     pending = Pending()
-    factory, _ = hostile_factory(pending, rate=3)
+    factory, reactor = hostile_factory(pending, rate=3)
     protocol, transport = open_from(factory, "10.0.0.1")
     protocol.dataReceived(frame(b"1") + frame(b"2") + frame(b"3"))
     assert not transport.disconnecting
     protocol.dataReceived(frame(b"4"))
-    assert transport.disconnecting
+    reactor.advance(5)  # the bucket refills: a refused link takes nothing all the same
+    protocol.dataReceived(frame(b"5"))
     assert [payload for payload, _ in pending.calls] == [b"1", b"2", b"3"]
+    for index in range(3):
+        assert not transport.disconnecting
+        pending.answer(index)
+    assert transport.disconnecting
+    assert transport.value() == frame(b"re:1") + frame(b"re:2") + frame(b"re:3")
 
 
 def test_naming_a_new_terminal_in_every_frame_does_not_lift_the_rate() -> None:
