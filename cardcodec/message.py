@@ -367,8 +367,12 @@ def decode_message(payload: bytes) -> Message:
         envelope.fields = _echoable(fields)
         raise CodecError("data after the last field", offset=LENGTH_BYTES + index, partial=envelope)
     if bad is not None:
+        # A value that failed its check was framed all the same (a fixed length, or a
+        # prefix that read), so the fields after it are where the walk found them: §7's
+        # `30` needs 11, 41 and 42 to be readable, wherever the bad value is, and §4 echoes
+        # 60 too. The bad value itself is not among `fields`.
         number, start, problem = bad
-        envelope.fields = _echoable({n: v for n, v in fields.items() if n < number})
+        envelope.fields = _echoable(fields)
         raise CodecError(problem, field=number, offset=LENGTH_BYTES + start, partial=envelope)
     envelope.fields = fields
     return envelope

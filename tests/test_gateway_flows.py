@@ -901,6 +901,31 @@ def test_both_pin_fields_or_trace_000000_are_30(harness: Harness) -> None:
     assert harness.send(terminal, terminal.signed("0200", parsed)).code == "30"
 
 
+def test_a_bad_value_before_41_and_42_is_answered_30_with_11_41_42_and_60(
+    harness: Harness,
+) -> None:
+    """§2, §7: a non-digit nibble in field 4 (fixed length) or an F pad in field 35 (its
+    prefix reads) leaves 11, 41, 42 and 60 readable behind it: `30`, echoing them (§4),
+    where the link used to close."""
+    terminal = harness.signed_on()
+    card = terminal.card_fields(DIAMOND, "2906")
+    request = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+    payload = bytearray(request)
+    field4 = 13 + 8 + 3  # envelope and MTI, bitmap, field 3
+    payload[field4 + 5] = 0x0A
+    answer = harness.raw(bytes(payload))
+    assert answer is not None
+    _, fields, _, _ = parse(answer)
+    assert fields[39] == "30"
+    _, sent, _, _ = parse(request)
+    assert {number: fields[number] for number in (11, 41, 42)} == {
+        number: sent[number] for number in (11, 41, 42)
+    }
+    assert fields[60][:8] == sent[60][:8]
+    assert 64 not in fields
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"  # nothing was taken
+
+
 def test_missing_field_is_30_and_unknown_field_bit_is_30(harness: Harness) -> None:
     """Without 25: 30. An unknown bit after 42: 30 from what was read; before 11: closed."""
     terminal = harness.signed_on()
