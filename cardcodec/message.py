@@ -423,14 +423,18 @@ def _walk(
             raise _UnreadableFieldError(
                 f"Field data is {actual} {unit}, expecting {length}", number, index
             )
-        if kind == _DIGITS:
+        if kind in (_DIGITS, _HEX):
             value = payload[index:end].hex()
+            if kind == _HEX:
+                value = value.upper()
             if length & 1 and nibbles:
-                value = _unpad(value, row, length, index)
-        elif kind == _HEX:
-            value = payload[index:end].hex().upper()
-            if length & 1 and nibbles:
-                value = _unpad(value, row, length, index)
+                unpadded = _unpad(value, row)
+                if unpadded is None:  # framed all the same: the walk goes on after it
+                    if bad is None:
+                        bad = (number, index, _pad_problem(value, length))
+                    index = end
+                    continue
+                value = unpadded
         elif kind == _TEXT:
             try:
                 value = payload[index:end].decode(encoding)
@@ -475,7 +479,12 @@ def _read_run(
     for number, lo, hi, offset, check, problem, padded in run.members:
         value = text[lo:hi]
         if padded is not None:
-            value = _unpad(value, padded, padded.max_len, index + offset)
+            unpadded = _unpad(value, padded)
+            if unpadded is None:
+                if bad is None:
+                    bad = (number, index + offset, _pad_problem(value, padded.max_len))
+                continue
+            value = unpadded
         if check is None or check(value):
             fields[number] = value
         elif bad is None:
@@ -503,15 +512,18 @@ def _prefixed_length(payload: bytes, index: int, row: _Row) -> int:
     return length
 
 
-def _unpad(value: str, row: _Row, length: int, index: int) -> str:
-    """An odd count of nibbles without its pad nibble, which must be the spec's."""
+def _unpad(value: str, row: _Row) -> str | None:
+    """An odd count of nibbles without its pad nibble; None when the pad is not the spec's
+    (a format error, §2, of a value whose extent is known all the same)."""
     if row.left_pad and value[:1] == row.left_pad:
         return value[1:]
     if row.right_pad and value[-1:] == row.right_pad:
         return value[:-1]
-    raise _UnreadableFieldError(
-        f"Field data is {len(value)} nibbles, expecting {length}", row.number, index
-    )
+    return None
+
+
+def _pad_problem(value: str, length: int) -> str:
+    return f"Field data is {len(value)} nibbles, expecting {length}"
 
 
 def _echoable(fields: dict[int, FieldValue]) -> dict[int, FieldValue]:

@@ -63,6 +63,10 @@ def test_f_pad_nibble_is_a_format_error() -> None:
     with pytest.raises(CodecError) as caught:
         decode_frame(bytes(frame))
     assert caught.value.field == 35
+    # Its prefix framed it: the fields after it read, for a `30` echoing 11, 41, 42 and 60.
+    assert caught.value.partial is not None
+    assert {11, 41, 42, 60} <= set(caught.value.partial.fields)
+    assert 35 not in caught.value.partial.fields
 
 
 def test_f_pad_in_field_22_is_a_format_error() -> None:

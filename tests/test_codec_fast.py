@@ -110,13 +110,30 @@ def reference_decode_message(payload: bytes) -> Message:
     decoded: dict[str, str] = {}
     encoded: dict[str, dict[str, bytes]] = {}
     index = MTI_BYTES + BITMAP_BYTES
+    # A pad nibble that is not the spec's, in a field read whole: a bad value, not an
+    # unreadable one (its extent is known), so the walk goes on, as for a failed check.
+    bad_pads: dict[int, tuple[int, str]] = {}
     try:
         for number, bit in FIELD_BITS:
             if number > first_unknown:
                 break
             if bitmap & bit:
                 key = KEYS[number]
-                index = decode_field(body, decoded, encoded, index, key, SPEC[key])
+                try:
+                    index = decode_field(body, decoded, encoded, index, key, SPEC[key])
+                except DecodeError as error:
+                    # A pad's field is whole when pyiso8583 raises (its decoded value
+                    # holds the pad); a field cut short is not.
+                    data = error.doc_enc[key]["data"]
+                    if (
+                        "nibbles, expecting" not in error.msg
+                        or len(decoded[key]) != 2 * len(data)
+                        or not data
+                    ):
+                        raise
+                    bad_pads[number] = (body_offset + error.pos, error.msg)
+                    del decoded[key]
+                    index = error.pos + len(data)
     except DecodeError as error:
         readable = {k: v for k, v in error.doc_dec.items() if k != error.field}
         envelope.fields = _echoable(_safe_typed(readable))
@@ -136,19 +153,31 @@ def reference_decode_message(payload: bytes) -> Message:
         envelope.fields = _echoable(_safe_typed(decoded))
         raise CodecError("data after the last field", offset=body_offset + index, partial=envelope)
     fields: dict[int, FieldValue] = {}
+    bad: tuple[int, int, str] | None = None  # the first bad value: field, offset, problem
     offset = MTI_BYTES + BITMAP_BYTES
-    for key, value in decoded.items():
-        number = int(key)
+    for number, bit in FIELD_BITS:
+        key = KEYS[number]
+        if not bitmap & bit or number > first_unknown:
+            continue
+        if number in bad_pads:
+            if bad is None:
+                bad = (number, *bad_pads[number])
+            offset += len(encoded[key]["len"]) + len(encoded[key]["data"])
+            continue
+        value = decoded[key]
         binary = FIELDS[number].format is Format.BINARY
         if binary and encoded[key]["data"]:  # an empty field is refused, binary or not
             fields[number] = encoded[key]["data"]
         elif not binary and _passes(number, value):
             fields[number] = value
-        else:
-            envelope.fields = _echoable(fields)
+        elif bad is None:
             problem = "empty" if not value else f"not {FIELDS[number].format.value} data"
-            raise CodecError(problem, field=number, offset=body_offset + offset, partial=envelope)
+            bad = (number, body_offset + offset, problem)
         offset += len(encoded[key]["len"]) + len(encoded[key]["data"])
+    if bad is not None:
+        # What follows a bad value was framed all the same: kept for the `30` (§7).
+        envelope.fields = _echoable(fields)
+        raise CodecError(bad[2], field=bad[0], offset=bad[1], partial=envelope)
     envelope.fields = fields
     return envelope
 
