@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import structlog
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
@@ -172,8 +173,8 @@ class GroupWorker:
                     stopping = True
                     break
                 batch.append(item)
-            for log_sync in {log_sync for decided in batch for log_sync in decided.owed}:
-                log_sync()
+            if not self._synced(batch):
+                continue
             for decided in batch:
                 if self._metrics is not None:
                     elapsed = time.perf_counter() - decided.started
@@ -184,6 +185,32 @@ class GroupWorker:
                     self._deliver([sink for _, sink in decided.group], decided.replies)
                 except Exception:  # a bug: that group's answers are lost, the next ones go on
                     log.exception("answers_not_delivered", size=len(decided.group))
+
+    def _synced(self, batch: list[_Decided]) -> bool:
+        """Run the syncs the batch owes. One that fails (PostgreSQL's WAL flush, when the
+        server went away: `CommitOutcomeUnknownError`) leaves its commits' durability
+        unknown, so none of the batch's answers is given: their links close, and each
+        terminal reverses what it sent or sends it again (§7), which is right whether the
+        commit was kept or lost. (SQLite's own sync never returns from a failure.)"""
+        try:
+            for log_sync in {log_sync for decided in batch for log_sync in decided.owed}:
+                log_sync()
+        except SQLAlchemyError as error:
+            log.error(
+                "ledger_flush_failed",
+                groups=len(batch),
+                requests=sum(len(decided.group) for decided in batch),
+                error=str(error),
+            )
+            for decided in batch:
+                try:
+                    self._deliver(
+                        [sink for _, sink in decided.group], [FAILED] * len(decided.group)
+                    )
+                except Exception:
+                    log.exception("answers_not_delivered", size=len(decided.group))
+            return False
+        return True
 
     def _run(self, payloads: list[bytes]) -> Sequence[Answer]:
         try:
@@ -601,12 +628,13 @@ class _One(Factory):
 
 
 def _serving_ledger(engine: Engine) -> Checkpointer | None:
-    """On SQLite, how the ledger is served: commits give the write lock back before the log
-    is synced (`sync_after_release`; the ledger worker answers after the sync), and a thread
-    of its own checkpoints the log (`Checkpointer`, returned to be stopped)."""
+    """How the ledger is served: commits give their locks back before the log is on disk
+    (`sync_after_release`; the ledger worker answers after the sync, or on PostgreSQL the
+    WAL flush), and on SQLite a thread of its own checkpoints the log (`Checkpointer`,
+    returned to be stopped)."""
+    sync_after_release(engine)
     if engine.dialect.name != "sqlite":
         return None
-    sync_after_release(engine)
     checkpointer = Checkpointer(engine)
     checkpointer.start()
     return checkpointer

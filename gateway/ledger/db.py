@@ -11,6 +11,7 @@ card and its lots). Everything that opens a connection to the ledger goes throug
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -134,9 +135,10 @@ def reading(engine: Engine) -> Iterator[Connection]:
 
     With `sync_after_release`, the snapshot may have seen a commit whose log is not synced
     yet: the thread owes a sync (`settle_log_syncs`) before it answers from what it read."""
+    ticket = _ticket(engine)
     with engine.connect() as connection:
         yield connection.execution_options(**{_READ_ONLY: True})
-    _owe_sync(engine)
+    _owe(ticket)
 
 
 @contextmanager
@@ -150,6 +152,7 @@ def reading_driver(engine: Engine) -> Iterator[Any]:
     On SQLite, a thread that holds a connection (`holding_connection`) reads on it, between
     its units of work: a second connection would find its page cache stale after every
     commit of the first, and read those pages again."""
+    ticket = _ticket(engine)
     held: dict[Engine, Connection | None] | None = getattr(_THREAD, "held", None)
     connection = held.get(engine) if held is not None and engine.dialect.name == "sqlite" else None
     if connection is not None and not connection.closed and not _in_transaction(connection):
@@ -160,7 +163,7 @@ def reading_driver(engine: Engine) -> Iterator[Any]:
             yield raw.driver_connection
         finally:
             raw.close()
-    _owe_sync(engine)
+    _owe(ticket)
 
 
 class _WriterLock:
@@ -252,7 +255,21 @@ def sync_after_release(
     report the failure twice; `on_failure` (by default: say so on stderr and end the process
     at once, exit 74) must not return, so that nothing more is answered from that state.
 
-    Only for a SQLite file: elsewhere (PostgreSQL, `:memory:`) this changes nothing."""
+    On PostgreSQL the same, with the server's WAL for the log (`_WalFlush`): the engine's
+    connections commit with `synchronous_commit = off`, so a group's COMMIT returns, and its
+    row locks are given back, before the WAL is flushed; the flush is a commit of its own,
+    durable, on a connection of its own, which PostgreSQL returns only once the WAL is
+    flushed past it, and so past every commit before it (and on a synchronous standby too,
+    when one is named). A flush that fails raises `CommitOutcomeUnknownError` instead of
+    ending the process (a PostgreSQL restart must not stop the gateway): those commits'
+    answers are not given.
+
+    Elsewhere (`:memory:`, a SQLite URI) this changes nothing."""
+    if engine.dialect.name == "postgresql":
+        _LOG_SYNCS[engine] = _WalFlush(engine)
+        event.listen(engine, "connect", _commit_asynchronously)
+        engine.dispose()
+        return
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         return
@@ -286,15 +303,131 @@ class _LogSync:
         finally:
             os.close(descriptor)
 
+    def ticket(self) -> _LogSync:
+        """What a commit made from now on owes: the log's sync (any later one covers it)."""
+        return self
 
-_LOG_SYNCS: WeakKeyDictionary[Engine, _LogSync] = WeakKeyDictionary()
+
+# A flush connection idle this long is asked whether it is still there before a commit
+# counts on it (after an outage it is gone, and the first answers after would be lost).
+FLUSH_PING_AFTER_S = 0.5
+
+
+class _WalFlush:
+    """PostgreSQL's WAL flushed past every commit made so far, on a connection of its own.
+
+    The flush is a transaction that takes an id and commits with `synchronous_commit = on`:
+    the server answers once the WAL is on disk up to its commit record, which comes after
+    the commit record of every transaction committed before it. That holds only within one
+    run of the server, and a connection lives no longer than that run: so a commit is
+    confirmed only by a flush on the connection that was open before it began (`ticket`,
+    taken then). One that began while this connection was broken, or before it was opened
+    again, may have been lost in a crash and is never confirmed."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._driver: Any = None
+        self._generation = 0  # how many times the connection was opened
+        self._used_at = 0.0  # monotonic: when the connection last answered
+        self._open()
+
+    def ticket(self) -> _FlushTicket:
+        """What a commit made from now on owes: a flush on the connection open now (opened
+        again here if it was lost: taken before the commit begins, so it is in time)."""
+        with self._lock:
+            if self._driver is not None and time.monotonic() - self._used_at > FLUSH_PING_AFTER_S:
+                # Idle a while (an outage, a quiet night): is it still there? A server that
+                # restarted meanwhile ended it, and a flush on it would fail the next answers.
+                try:
+                    self._driver.execute("SELECT 1")
+                    self._used_at = time.monotonic()
+                except Exception:
+                    self._close()
+            if self._driver is None:
+                self._open_quietly()
+            return _FlushTicket(self, self._generation if self._driver is not None else -1)
+
+    def confirm(self, generation: int) -> None:
+        with self._lock:
+            if self._driver is None or generation != self._generation:
+                raise CommitOutcomeUnknownError(
+                    "the ledger's WAL flush connection was lost after that commit"
+                )
+            try:
+                self._driver.execute("SELECT pg_current_xact_id()")
+                self._used_at = time.monotonic()
+            except Exception as error:
+                self._close()
+                reason = f"the ledger's WAL flush failed: {error}"
+                raise CommitOutcomeUnknownError(reason) from error
+
+    def _open(self) -> None:
+        connection = self._engine.raw_connection()
+        driver: Any = connection.driver_connection
+        connection.detach()  # ours for good, never handed to a unit of work
+        driver.rollback()  # whatever the pool began (its ping)
+        driver.autocommit = True
+        driver.execute("SET synchronous_commit = on")
+        self._driver = driver
+        self._generation += 1
+        self._used_at = time.monotonic()
+
+    def _open_quietly(self) -> None:
+        try:
+            self._open()
+        except Exception:  # the server is still away: the next flush tries again
+            self._driver = None
+
+    def _close(self) -> None:
+        driver, self._driver = self._driver, None
+        with contextlib.suppress(Exception):  # already broken
+            driver.close()
+
+
+class _FlushTicket:
+    """A commit's claim on `_WalFlush`: equal claims share one flush."""
+
+    __slots__ = ("flush", "generation")
+
+    def __init__(self, flush: _WalFlush, generation: int) -> None:
+        self.flush = flush
+        self.generation = generation
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _FlushTicket)
+            and other.flush is self.flush
+            and other.generation == self.generation
+        )
+
+    def __hash__(self) -> int:
+        return hash((id(self.flush), self.generation))
+
+    def __call__(self) -> None:
+        self.flush.confirm(self.generation)
+
+
+def _commit_asynchronously(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.execute("SET synchronous_commit = off")
+    dbapi_connection.commit()  # a SET inside a transaction rolled back would not stay
+
+
+_LOG_SYNCS: WeakKeyDictionary[Engine, _LogSync | _WalFlush] = WeakKeyDictionary()
 _THREAD = threading.local()
 
 
-def _owe_sync(engine: Engine) -> None:
+def _ticket(engine: Engine) -> Callable[[], None] | None:
+    """What a unit of work (or a read) starting now will owe once done, taken before it
+    begins: a WAL flush confirms a commit only if its connection was open before that commit
+    (`_WalFlush`)."""
     log_sync = _LOG_SYNCS.get(engine)
-    if log_sync is not None:
-        _THREAD.__dict__.setdefault("owed", set()).add(log_sync)
+    return None if log_sync is None else log_sync.ticket()
+
+
+def _owe(ticket: Callable[[], None] | None) -> None:
+    if ticket is not None:
+        _THREAD.__dict__.setdefault("owed", set()).add(ticket)
 
 
 def settle_log_syncs() -> None:
@@ -380,6 +513,7 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
     a group of requests can later share one commit. In a thread that holds a connection
     (`holding_connection`), the transaction runs on that connection.
     """
+    ticket = _ticket(engine)
     held: dict[Engine, Connection | None] | None = getattr(_THREAD, "held", None)
     if held is not None and engine in held and not _in_transaction(held[engine]):
         # (A unit of work inside another takes a connection of its own, as without the block.)
@@ -395,7 +529,7 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
         finally:
             session.close()  # rolls back what was not committed
     # With `sync_after_release`: the log is synced after the lock is given back.
-    _owe_sync(engine)
+    _owe(ticket)
     settle_log_syncs()
 
 

@@ -1,0 +1,164 @@
+"""PostgreSQL commits that give their locks back before the WAL is flushed
+(`gateway/ledger/db.py`, `sync_after_release`, `_WalFlush`), and the server's ledger worker
+that answers a group only after a flush on a connection open before the group began."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event, text
+from twisted.internet.defer import Deferred
+
+from gateway.handler import Reply
+from gateway.ledger import db, make_engine, unit_of_work
+from gateway.ledger.db import CommitOutcomeUnknownError, sync_after_release
+from gateway.server import GroupWorker
+from tests import pg
+
+NAMES = itertools.count()
+
+
+@pytest.fixture
+def engine(postgres_server: pg.PgServer) -> Iterator[Engine]:
+    url = postgres_server.create_database(f"walflush_{next(NAMES)}")
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE notes (id serial PRIMARY KEY, body text)"))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        flush = db._LOG_SYNCS.pop(engine, None)
+        if isinstance(flush, db._WalFlush):
+            flush._close()
+
+
+def write(engine: Engine, body: str = "x") -> None:
+    with unit_of_work(engine) as session:
+        session.execute(text("INSERT INTO notes (body) VALUES (:body)"), {"body": body})
+
+
+def notes(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return list(connection.execute(text("SELECT body FROM notes ORDER BY id")).scalars())
+
+
+def flushing(engine: Engine) -> db._WalFlush:
+    flush = db._LOG_SYNCS[engine]
+    assert isinstance(flush, db._WalFlush)
+    return flush
+
+
+def cut(engine: Engine) -> None:
+    """End the flush connection's backend, as a PostgreSQL restart would end it."""
+    pid = flushing(engine)._driver.info.backend_pid
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+
+def test_serving_commits_are_asynchronous_and_flushed_before_the_unit_of_work_returns(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync_after_release(engine)
+    with engine.connect() as connection:
+        assert connection.execute(text("SHOW synchronous_commit")).scalar_one() == "off"
+    events: list[str] = []
+    event.listen(engine, "commit", lambda _connection: events.append("committed"))
+    confirm = db._WalFlush.confirm
+
+    def confirmed(flush: db._WalFlush, generation: int) -> None:
+        confirm(flush, generation)
+        events.append("flushed")
+
+    monkeypatch.setattr(db._WalFlush, "confirm", confirmed)
+    write(engine)
+    events.append("returned")
+    assert events == ["committed", "flushed", "returned"]
+    assert flushing(engine)._driver.execute("SHOW synchronous_commit").fetchone() == ("on",)
+
+
+def test_a_lost_flush_connection_confirms_nothing_committed_before_it_was_back(
+    engine: Engine,
+) -> None:
+    sync_after_release(engine)
+    write(engine, "before")
+    cut(engine)
+    with pytest.raises(CommitOutcomeUnknownError, match="WAL flush failed"):
+        write(engine, "unconfirmed")
+    write(engine, "after")  # the flush connection is opened again before this one began
+    assert notes(engine) == ["before", "unconfirmed", "after"]
+
+
+def test_a_ticket_from_before_the_connection_was_opened_again_is_refused(
+    engine: Engine,
+) -> None:
+    sync_after_release(engine)
+    flush = flushing(engine)
+    ticket = flush.ticket()
+    flush._close()
+    flush.ticket()  # opened again, for the units of work that begin now
+    with pytest.raises(CommitOutcomeUnknownError, match="lost after that commit"):
+        ticket()
+
+
+class Reactor:
+    def __init__(self) -> None:
+        self.delivered: list[bytes | None] = []
+
+    def callFromThread(self, function: Any, deferreds: Any, replies: Any) -> None:
+        self.delivered += [reply.payload for reply in replies]
+        function(deferreds, replies)
+
+
+def test_the_worker_gives_no_answer_whose_flush_failed_and_goes_on(engine: Engine) -> None:
+    sync_after_release(engine)
+
+    def decide(payloads: list[bytes]) -> list[Reply]:
+        with unit_of_work(engine) as session:
+            for payload in payloads:
+                session.execute(
+                    text("INSERT INTO notes (body) VALUES (:b)"), {"b": payload.decode()}
+                )
+        if payloads == [b"second"]:
+            cut(engine)  # the flush after this commit finds its connection gone
+        return [Reply(payload, {"event": "answered"}) for payload in payloads]
+
+    reactor = Reactor()
+    worker = GroupWorker(decide, reactor)
+    worker.start()
+    answers: list[Deferred[Reply]] = []
+    try:
+        for payload in (b"first", b"second", b"third"):
+            answers.append(worker.submit(payload))
+            while not answers[-1].called:
+                time.sleep(0.001)
+    finally:
+        worker.stop()
+    # "second" committed, but its flush failed: its link closes, not a `00` it may not keep.
+    assert reactor.delivered == [b"first", None, b"third"]
+    assert notes(engine) == ["first", "second", "third"]
+
+
+def test_after_a_postgresql_restart_the_first_commits_are_confirmed() -> None:
+    """The flush connection died with the server; it is found gone before the next unit of
+    work begins and opened again, so the first commits after the restart are answered."""
+    server = pg.start()
+    try:
+        engine = make_engine(server.create_database("restarted"))
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE notes (id serial PRIMARY KEY, body text)"))
+        sync_after_release(engine)
+        write(engine, "before")
+        pg.pause(server)
+        time.sleep(db.FLUSH_PING_AFTER_S)
+        pg.resume(server)
+        write(engine, "after")
+        assert notes(engine) == ["before", "after"]
+        flushing(engine)._close()
+        engine.dispose()
+    finally:
+        pg.stop(server)
