@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from sqlalchemy.exc import OperationalError
 
+from cardcodec.cards import mask_card_data
 from gateway.errors import BadInput, CheckFailed
 from gateway.ledger.db import LEDGER_BUSY, ledger_busy
 
@@ -85,10 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except BadInput as error:
-        print(f"vipgate: error: {one_line(str(error))}", file=sys.stderr)
+        print(f"vipgate: error: {_shown(error)}", file=sys.stderr)
         return 2
     except CheckFailed as error:
-        print(f"vipgate: {one_line(str(error))}", file=sys.stderr)
+        print(f"vipgate: {_shown(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # Ctrl-C: what committed stands (an import's whole batches; a clearing run or a
@@ -114,6 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # The status of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it.
 EXIT_INTERRUPTED = 130
+
+
+# Runs of this many digits or more in an error line are masked as card numbers, whichever
+# path built it (a file name, an argument): a 15-digit merchant id stays readable.
+ERROR_CARD_DIGITS = 16
+
+
+def _shown(error: Exception) -> str:
+    """An error as its one line: card numbers masked (first 6, last 4; what a track adds
+    hidden), control and format characters escaped."""
+    return one_line(mask_card_data(str(error), shortest=ERROR_CARD_DIGITS))
 
 
 def one_line(text: str) -> str:

@@ -27,12 +27,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from cardcodec.cards import mask_card_data
 from cardcodec.profile import Kind
 from gateway.config import CardConfig, Config, TerminalConfig
 from gateway.errors import BadInput
 from simulators.connection import NO_FAULTS, Faults, Link
 from simulators.terminal import (
     APPROVED,
+    FREE_TEXT_CARD_DIGITS,
     MAX_TRACE,
     BadAnswerError,
     CardEntry,
@@ -234,6 +236,9 @@ class _Driver:
         self.connect_failures = 0
         self.sales: deque[_Sale] = deque(maxlen=REMEMBERED_SALES)
         self.actions, self.weights = plan.mix.actions()
+        # Set when `run` has ended, settlement included. Not `Thread.is_alive`: after a join
+        # that Ctrl-C interrupted, CPython 3.11 may say a thread still running is not alive.
+        self.finished = threading.Event()
 
     # --- the run --------------------------------------------------------------------------
 
@@ -262,6 +267,7 @@ class _Driver:
         finally:
             if self.link is not None:
                 self.link.close()
+            self.finished.set()
 
     def _tick(self) -> None:
         terminal = self.terminal
@@ -530,11 +536,13 @@ class LoadSummary:
 
     @property
     def failures(self) -> list[str]:
-        return [s.error for s in self.stats if s.error is not None]
+        """Why terminals stopped, card numbers masked: an error's text may quote anything."""
+        errors = [s.error for s in self.stats if s.error is not None]
+        return [mask_card_data(error, shortest=FREE_TEXT_CARD_DIGITS) for error in errors]
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "target": self.target,
+            "target": mask_card_data(self.target, shortest=FREE_TEXT_CARD_DIGITS),
             "terminals": [s.terminal for s in self.stats],
             "rate_per_s": self.plan.rate_per_s,
             "duration_s": self.plan.duration_s,
@@ -558,8 +566,9 @@ class LoadSummary:
     def render(self) -> str:
         plan = self.plan
         latency = self.latency_ms()
+        target = mask_card_data(self.target, shortest=FREE_TEXT_CARD_DIGITS)
         lines = [
-            f"load on {self.target}: {len(self.stats)} terminals, {plan.rate_per_s:g}/s "
+            f"load on {target}: {len(self.stats)} terminals, {plan.rate_per_s:g}/s "
             f"for {plan.duration_s:g} s (seed {plan.seed})",
             f"duration     {self.elapsed_s:.2f} s",
             f"requests     {self.sent} sent, {self.answered} answered, "
@@ -652,21 +661,23 @@ def run_load(
     for thread in threads:
         thread.start()
     stats = [driver.stats for driver in drivers]
+    finished = [driver.finished for driver in drivers]
     try:
-        _wait(threads, lambda: _snapshot(stats, start, plan), on_progress)
+        _wait(finished, lambda: _snapshot(stats, start, plan), on_progress)
     except KeyboardInterrupt:
         stop.set()
-        _wait(threads, lambda: _snapshot(stats, start, plan), on_progress)
+        _wait(finished, lambda: _snapshot(stats, start, plan), on_progress)
     return LoadSummary(target, plan, time.monotonic() - start, tuple(stats))
 
 
 def _wait(
-    threads: list[threading.Thread],
+    finished: list[threading.Event],
     snapshot: Callable[[], Snapshot],
     on_progress: Callable[[Snapshot], None] | None,
 ) -> None:
-    while alive := [thread for thread in threads if thread.is_alive()]:
-        alive[0].join(PROGRESS_INTERVAL_S)
+    """Until every terminal has finished (its event set), the progress line each interval."""
+    while running := [event for event in finished if not event.is_set()]:
+        running[0].wait(PROGRESS_INTERVAL_S)
         if on_progress is not None:
             on_progress(snapshot())
 

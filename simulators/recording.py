@@ -26,7 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal, TextIO
 
+from cardcodec.cards import mask_card_data
 from gateway.errors import BadInput
+from simulators.terminal import FREE_TEXT_CARD_DIGITS
 
 Direction = Literal["in", "out"]
 DIRECTIONS: Final = ("in", "out")
@@ -146,7 +148,8 @@ def parse_record(line: str, place: str) -> RecordedFrame:
         raise BadInput(f"{place}: not a JSON object")
     unknown = sorted(set(data) - set(KEYS))
     if unknown:
-        raise BadInput(f"{place}: unknown key {unknown[0]!r}")
+        key = mask_card_data(unknown[0], shortest=FREE_TEXT_CARD_DIGITS)
+        raise BadInput(f"{place}: unknown key {key!r}")
     try:
         time = datetime.fromisoformat(_field(place, data, "time"))
     except ValueError:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from cardcodec.cards import mask_card_number
+from cardcodec.cards import mask_card_data, mask_card_number
 from cardcodec.errors import CodecError
 from cardcodec.frame import LENGTH_BYTES
 from cardcodec.message import FieldValue, Message, decode_frame
@@ -38,6 +38,7 @@ from simulators.connection import NO_FAULTS, Connection, Faults, Link
 from simulators.recording import RecordedFrame, read_recording
 from simulators.terminal import (
     APPROVED,
+    FREE_TEXT_CARD_DIGITS,
     BadAnswerError,
     Request,
     Terminal,
@@ -151,7 +152,15 @@ def pair_recording(records: Sequence[RecordedFrame], source: str) -> Recording:
 
 
 def load_recording(path: Path, config: Config) -> Recording:
-    """Read, pair and check a recording against the config; `BadInput` for any problem."""
+    """Read, pair and check a recording against the config; `BadInput` for any problem,
+    any card number in its message masked (a path or a key may hold one)."""
+    try:
+        return _checked_recording(path, config)
+    except BadInput as error:
+        raise BadInput(mask_card_data(str(error), shortest=FREE_TEXT_CARD_DIGITS)) from None
+
+
+def _checked_recording(path: Path, config: Config) -> Recording:
     recording = pair_recording(read_recording(path), str(path))
     if not recording.exchanges:
         raise BadInput(f"{path}: no request to replay")
@@ -232,10 +241,14 @@ class ReplayedExchange:
     notes: list[str] = field(default_factory=list)
 
     def render(self) -> list[str]:
+        """Card numbers masked in every line; the differences show field values as
+        `compare_answers` does (field 2 masked), since long digit runs of other fields (48's
+        totals, say) must stay readable."""
         lines = [f"request {self.recorded.number} {self.recorded.terminal}: {self.sent}"]
         lines.append(f"      recorded < {self.recorded_answer}")
         lines.append(f"      replayed < {self.answer}")
         lines += [f"      note: {note}" for note in self.notes]
+        lines = [mask_card_data(line, shortest=FREE_TEXT_CARD_DIGITS) for line in lines]
         lines += [f"      ! {difference}" for difference in self.differences]
         return lines
 
@@ -274,6 +287,8 @@ class ReplayReport:
             f"{len(self.exchanges)} requests replayed: {same} answered as recorded, "
             f"{len(self.differing)} differ"
         )
+        # The file's name is the one free text here.
+        lines[0] = mask_card_data(lines[0], shortest=FREE_TEXT_CARD_DIGITS)
         return "\n".join(lines) + "\n"
 
 

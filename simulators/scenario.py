@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from cardcodec.cards import mask_card_number, mask_quoted_value
+from cardcodec.cards import mask_card_data, mask_card_number, mask_quoted_value
 from cardcodec.crypto import Suite, halves_differ
 from cardcodec.errors import CodecError
 from cardcodec.message import decode_frame
@@ -40,6 +40,7 @@ from gateway.errors import BadInput
 from simulators.connection import NO_FAULTS, Connection, Exchange, Faults, Link
 from simulators.recording import FileRecorder
 from simulators.terminal import (
+    FREE_TEXT_CARD_DIGITS,
     IDENTIFYING_FIELDS,
     MAX_AMOUNT_FEN,
     MAX_TRACE,
@@ -244,7 +245,7 @@ class _Place:
 
     def fail(self, key: str | None, problem: str) -> NoReturn:
         parts = [part for part in (self.source, self.where, key) if part]
-        raise BadInput(": ".join([*parts, problem]))
+        raise BadInput(mask_card_data(": ".join([*parts, problem]), shortest=FREE_TEXT_CARD_DIGITS))
 
     def typed(self, key: str, kind: type[Any]) -> Any:
         value = self.data.get(key)
@@ -298,8 +299,8 @@ def _quoted(value: object) -> str:
     the wrong key masked (runs of 16 or more digits: a 15-digit merchant id stays) and
     anything that looks like a key hidden."""
     if isinstance(value, str):
-        return repr(mask_quoted_value(value, shortest=16))
-    return mask_quoted_value(repr(value), shortest=16)
+        return repr(mask_quoted_value(value, shortest=FREE_TEXT_CARD_DIGITS))
+    return mask_quoted_value(repr(value), shortest=FREE_TEXT_CARD_DIGITS)
 
 
 def _card(place: _Place, config: Config) -> tuple[CardEntry | None, str | None]:
@@ -581,7 +582,15 @@ def parse_scenario(data: dict[str, Any], config: Config, source: str) -> Scenari
 
 
 def load_scenario(path: Path, config: Config) -> Scenario:
-    """Read and check a scenario file against a config."""
+    """Read and check a scenario file against a config. A refusal masks any card number
+    in it, and what a track adds: a path, a key or a name may hold one."""
+    try:
+        return _read_scenario(path, config)
+    except BadInput as error:
+        raise BadInput(mask_card_data(str(error), shortest=FREE_TEXT_CARD_DIGITS)) from None
+
+
+def _read_scenario(path: Path, config: Config) -> Scenario:
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as error:
@@ -632,20 +641,39 @@ class StepReport:
 
 @dataclass
 class Report:
-    """Every step of one run; `failed` counts the steps that did not pass."""
+    """Every step of one run; `failed` counts the steps that did not pass. `interrupted`
+    is (steps played, steps of the file) when Ctrl-C stopped the run."""
 
     source: str
     steps: list[StepReport]
     clock: datetime | None = None
     description: str | None = None
     config: str | None = None
+    interrupted: tuple[int, int] | None = None
 
     @property
     def failed(self) -> int:
         return sum(1 for step in self.steps if not step.passed)
 
+    @property
+    def interruption(self) -> str | None:
+        """The line that says where Ctrl-C stopped the run; None when it ran to the end."""
+        if self.interrupted is None:
+            return None
+        played, planned = self.interrupted
+        return mask_card_data(
+            f"scenario {self.source}: interrupted after {played} of {planned} steps;"
+            " running it again starts from step 1",
+            shortest=FREE_TEXT_CARD_DIGITS,
+        )
+
     def render(self) -> str:
-        """A readable text report; card numbers appear masked, PINs and keys never."""
+        """A readable text report. Every line is masked as a whole (the description, the
+        config's name and a step's name are free text): card numbers appear masked, what a
+        track adds hidden, and PINs and keys never appear."""
+        return mask_card_data(self._text(), shortest=FREE_TEXT_CARD_DIGITS)
+
+    def _text(self) -> str:
         head = f"scenario {self.source}"
         expects = []
         if self.clock is not None:
@@ -663,6 +691,16 @@ class Report:
 
 
 # --- playing ------------------------------------------------------------------------------
+
+
+def _cut_short(reports: list[StepReport]) -> None:
+    """The step Ctrl-C stopped: left out of the report when it sent nothing, else failed
+    with the reason."""
+    last = reports[-1]
+    if not last.sent:
+        reports.pop()
+    else:
+        last.problems.append("interrupted (Ctrl-C)")
 
 
 def _fault_note(step: Step) -> str:
@@ -744,20 +782,35 @@ class _Runner:
 
     def run(self) -> Report:
         reports: list[StepReport] = []
+        played = 0
+        interrupted = None
         try:
-            for step in self.scenario.steps:
-                reports.append(self.play(step))
-            self._reverse_what_is_owed(reports)
+            try:
+                for step in self.scenario.steps:
+                    reports.append(StepReport(step))
+                    self.play(step, reports[-1])
+                    played += 1
+            except KeyboardInterrupt:  # Ctrl-C: no step more, but what is owed is reversed
+                interrupted = (played, len(self.scenario.steps))
+                if len(reports) > played:
+                    _cut_short(reports)
+            stopped = self._reverse_what_is_owed(reports, interrupted is not None)
+            if stopped and interrupted is None:
+                interrupted = (played, len(self.scenario.steps))
         finally:
             for link in self.links.values():
                 link.close()
         scenario = self.scenario
         return Report(
-            scenario.source, reports, scenario.clock, scenario.description, scenario.config
+            scenario.source,
+            reports,
+            scenario.clock,
+            scenario.description,
+            scenario.config,
+            interrupted,
         )
 
-    def play(self, step: Step) -> StepReport:
-        report = StepReport(step)
+    def play(self, step: Step, report: StepReport) -> None:
         terminal = self.terminals[step.terminal]
         if step.wait_s is not None:
             report.wire.append((WAITED, f"waited {step.wait_s} s"))
@@ -767,31 +820,38 @@ class _Runner:
                 self._action(step, terminal, report)
         except (TerminalError, ValueError, CodecError) as error:
             report.problems.append(str(error))
-        return report
 
-    def _reverse_what_is_owed(self, reports: list[StepReport]) -> None:
+    def _reverse_what_is_owed(self, reports: list[StepReport], interrupted: bool) -> bool:
         """A terminal whose last answer never came (`drop_answer`, `disconnect` on its last
-        step) reverses it before anything else (§4.6); with no step left, it does so now,
-        shown under its last step. A reversal still owed after that fails that step: the
-        points may still be taken for a sale the terminal took as failed."""
+        step, Ctrl-C while it waited) reverses it before anything else (§4.6); with no step
+        left, it does so now, shown under its last step. A reversal still owed after that
+        fails that step: the points may still be taken for a sale the terminal took as
+        failed. Ctrl-C here stops the sending (True); what is still owed is reported."""
+        when = "when the run was interrupted" if interrupted else "at the end of the scenario"
+        stopped = False
         for terminal_id, terminal in self.terminals.items():
             pending = terminal.pending_reversal
             if pending is None:
                 continue
             report = next(r for r in reversed(reports) if r.step.terminal == terminal_id)
-            note = " (owed at the end of the scenario)"
+            result = None
             try:
-                reversal = terminal.reversal()
-                result = self._send(report.step, terminal, reversal, report, NO_FAULTS, note=note)
+                if not stopped:
+                    reversal = terminal.reversal()
+                    note = f" (owed {when})"
+                    result = self._send(
+                        report.step, terminal, reversal, report, NO_FAULTS, note=note
+                    )
             except (TerminalError, ValueError, CodecError) as error:
                 report.problems.append(str(error))
-                result = None
+            except KeyboardInterrupt:
+                stopped = True
             if terminal.pending_reversal is not None:
                 answered = f" (answered {result.code})" if result else ""
                 report.problems.append(
-                    f"the reversal of trace {pending.original.trace} is still owed at the end"
-                    f" of the scenario{answered}"
+                    f"the reversal of trace {pending.original.trace} is still owed {when}{answered}"
                 )
+        return stopped
 
     def _link(self, terminal: str) -> Link:
         link = self.links.get(terminal)
@@ -842,7 +902,7 @@ class _Runner:
         if step.original:
             original = self.saved.get(step.original)
             if original is None:  # its step failed before sending it
-                raise TerminalError(f"its original {step.original!r} was never sent")
+                raise TerminalError(f"its original {_quoted(step.original)} was never sent")
         if step.do == "sign_on":
             return terminal.sign_on(tdk=step.tdk, suite=step.suite)
         if step.do == "sign_off":
@@ -916,7 +976,13 @@ class _Runner:
             report.problems.append(f"cannot connect to the gateway: {error}")
             return None
         report.wire.append((SENT, request.describe() + note))
-        exchange = link.exchange(request.frame, faults, terminal.terminal_id)
+        try:
+            exchange = link.exchange(request.frame, faults, terminal.terminal_id)
+        except KeyboardInterrupt:  # the request may have been taken: as if no answer came
+            link.close()
+            terminal.no_answer(request)
+            report.wire.append((RECEIVED, "(interrupted before the answer came)"))
+            raise
         self.last_used[step.terminal] = self.monotonic()
         if exchange.answer is None:
             terminal.no_answer(request)

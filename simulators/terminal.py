@@ -87,6 +87,10 @@ from cardcodec.subfields import (
 if TYPE_CHECKING:
     from gateway.config import TerminalConfig
 
+# Free text a person reads (a scenario's description or a step's name, a key or a name a file
+# uses, an error's text) is masked from this many digits on: a plan card has 19, and a
+# merchant id's 15 stay readable, as in the config's errors.
+FREE_TEXT_CARD_DIGITS: Final = 16
 APPROVED: Final = "00"
 PARTIALLY_APPROVED: Final = "10"
 APPROVALS: Final = frozenset({APPROVED, PARTIALLY_APPROVED})

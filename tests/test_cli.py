@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import DEFAULT_CONFIG, build_parser
+from gateway.cli import DEFAULT_CONFIG, build_parser, main
 
 VIPGATE = Path(sys.executable).with_name("vipgate")
 
@@ -51,3 +51,16 @@ def test_a_reader_that_stops_early_ends_the_command_with_141_and_no_traceback(
     assert errors == b""
     check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert check.returncode == 0 and "changes" not in check.stdout  # loaded the first time
+
+
+def test_an_error_line_never_shows_a_card_number_whatever_built_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file name (or any argument) holding a card number and its track is masked in the
+    one line an error prints, like a card number a message names itself."""
+    missing = tmp_path / "6688000000000000014=28121010000000.toml"
+    status = main(["ledger", "check", "--config", str(missing)])
+    error = capsys.readouterr().err
+    assert status == 2
+    assert "6688000000000000014" not in error and "2812101" not in error
+    assert "668800*********0014" in error

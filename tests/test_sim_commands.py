@@ -10,7 +10,8 @@ import re
 import socket
 import socketserver
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,11 @@ FULL_CARD = re.compile(r"(?<!\d)6688\d{15}(?!\d)")
 
 
 class HarnessServer:
-    """A fresh in-process gateway (demo config, Saturday noon) on a loopback port."""
+    """A fresh in-process gateway (demo config, Saturday noon) on a loopback port. `delay_s`
+    gives, for a request's payload, the seconds to wait before handling it (the other links
+    go on meanwhile)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, delay_s: Callable[[bytes], float] | None = None) -> None:
         folder.mkdir()
         self.harness = Harness(demo_config(folder), SATURDAY_NOON)
         self.lock = threading.Lock()
@@ -52,6 +55,8 @@ class HarnessServer:
                     except CodecError:
                         return
                     for payload in payloads:
+                        if delay_s is not None:
+                            time.sleep(delay_s(payload))
                         with server.lock:
                             answer = server.harness.raw(payload)
                         if answer is None:

@@ -22,6 +22,7 @@ from typing import Any, Final, TextIO
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from gateway.cli import EXIT_INTERRUPTED, one_line
 from gateway.config import Config, load_config
 from gateway.errors import BadInput, CheckFailed
 from simulators.connection import Connection
@@ -133,6 +134,13 @@ def run_command(args: argparse.Namespace) -> int:
     target = reachable_target(args, config)
     report = run_scenario_file(args.scenario, args.config, target, args.record)
     print(report.render(), end="")
+    if report.interruption is not None:
+        # Not the generic message of an interrupted command: nothing was rolled back, and
+        # running the scenario again plays it from step 1; the report of what was played
+        # comes first.
+        sys.stdout.flush()
+        print(f"vipgate: {one_line(report.interruption)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if report.failed:
         raise CheckFailed(
             f"scenario {args.scenario}: {report.failed} of {len(scenario.steps)} steps failed"
