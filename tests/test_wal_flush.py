@@ -162,3 +162,39 @@ def test_after_a_postgresql_restart_the_first_commits_are_confirmed() -> None:
         engine.dispose()
     finally:
         pg.stop(server)
+
+
+def test_the_flush_puts_the_wal_on_disk_past_the_commit_and_nothing_else_does() -> None:
+    """With the WAL writer slowed to 10 s, the WAL is not flushed past an asynchronous
+    commit until its flush runs, and is once it returned. (A transaction that writes no WAL
+    before its commit record, one that only takes an id, is not waited for: that is what
+    the flush must not be.)"""
+    server = pg.start()
+    try:
+        with server.admin() as admin:
+            admin.execute("ALTER SYSTEM SET wal_writer_delay = '10s'")
+            admin.execute("SELECT pg_reload_conf()")
+        engine = make_engine(server.create_database("slow_wal"))
+        with engine.begin() as connection:
+            connection.execute(text("CREATE TABLE notes (id serial PRIMARY KEY, body text)"))
+        sync_after_release(engine)
+        with server.admin() as probe:
+
+            def flushed_past(lsn: str) -> bool:
+                row = probe.execute("SELECT pg_current_wal_flush_lsn() >= %s::pg_lsn", (lsn,))
+                return bool(row.fetchone()[0])  # type: ignore[index]
+
+            for attempt in range(3):
+                with db.deferring_log_syncs():
+                    write(engine, f"note {attempt}")
+                row = probe.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+                assert row is not None
+                committed = str(row[0])
+                assert not flushed_past(committed)  # the commit did not wait for the disk
+                for ticket in db.take_owed_log_syncs():
+                    ticket()
+                assert flushed_past(committed)
+        flushing(engine)._close()
+        engine.dispose()
+    finally:
+        pg.stop(server)

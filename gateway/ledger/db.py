@@ -308,6 +308,12 @@ class _LogSync:
         return self
 
 
+# The flush: a transaction that writes a record to the WAL (a logical decoding message, which
+# any role may write and every decoder that did not ask for them skips) and commits with
+# `synchronous_commit = on`. A transaction that wrote nothing to the WAL before its commit
+# record (one that only took an id, say) is committed without waiting for the flush.
+FLUSH_STATEMENT = "SELECT pg_logical_emit_message(true, 'vipgate-flush', '')"
+
 # A flush connection idle this long is asked whether it is still there before a commit
 # counts on it (after an outage it is gone, and the first answers after would be lost).
 FLUSH_PING_AFTER_S = 0.5
@@ -316,13 +322,14 @@ FLUSH_PING_AFTER_S = 0.5
 class _WalFlush:
     """PostgreSQL's WAL flushed past every commit made so far, on a connection of its own.
 
-    The flush is a transaction that takes an id and commits with `synchronous_commit = on`:
-    the server answers once the WAL is on disk up to its commit record, which comes after
-    the commit record of every transaction committed before it. That holds only within one
-    run of the server, and a connection lives no longer than that run: so a commit is
-    confirmed only by a flush on the connection that was open before it began (`ticket`,
-    taken then). One that began while this connection was broken, or before it was opened
-    again, may have been lost in a crash and is never confirmed."""
+    The flush is a transaction that writes to the WAL and commits with `synchronous_commit =
+    on` (`FLUSH_STATEMENT`): the server answers once the WAL is on disk up to its commit
+    record, which comes after the commit record of every transaction committed before it.
+    That holds only within one run of the server, and a connection lives no longer than
+    that run: so a commit is confirmed only by a flush on the connection that was open
+    before it began (`ticket`, taken then). One that began while this connection was
+    broken, or before it was opened again, may have been lost in a crash and is never
+    confirmed."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -355,7 +362,7 @@ class _WalFlush:
                     "the ledger's WAL flush connection was lost after that commit"
                 )
             try:
-                self._driver.execute("SELECT pg_current_xact_id()")
+                self._driver.execute(FLUSH_STATEMENT)
                 self._used_at = time.monotonic()
             except Exception as error:
                 self._close()
