@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,6 +36,9 @@ from gateway.ledger.models import KeySuite, TerminalSession
 from gateway.security import IssuedKeys, KeyHandle, SecurityModule, SecurityModuleError
 
 log = structlog.get_logger("vipgate.sessions")
+
+# While the ledger cannot be read, `ledger_unreachable` is logged again this often.
+UNREACHABLE_EVERY_S = 10.0
 
 # Per group one read, on the driver's connection (SQLAlchemy's execution of a compiled
 # statement cost more than the read itself); whether the keys still live is compared by the
@@ -104,6 +108,38 @@ class Sessions:
         self._lock = threading.Lock()
         # One entry a terminal, see `_Entry`.
         self._cache: dict[str, _Entry] = {}
+        # Reads failed since the last that worked (the ledger unreachable: every request of
+        # those groups is answered `96`), when the first failed, and when that was last said.
+        self._failed_reads = 0
+        self._failing_since = 0.0
+        self._said_at = 0.0
+
+    def _unreachable(self, error: BaseException) -> None:
+        """Say that the ledger cannot be read: at once, then every `UNREACHABLE_EVERY_S`
+        while it lasts (a group a moment would otherwise log a line each)."""
+        now = time.monotonic()
+        self._failed_reads += 1
+        if self._failed_reads == 1:
+            self._failing_since = now
+        elif now - self._said_at < UNREACHABLE_EVERY_S:
+            return
+        self._said_at = now
+        orig = getattr(error, "orig", None) or error
+        log.error(
+            "ledger_unreachable",
+            failed_reads=self._failed_reads,
+            for_s=round(now - self._failing_since, 1),
+            error=type(orig).__name__,
+            sqlstate=getattr(orig, "sqlstate", None),
+        )
+
+    def _reachable_again(self) -> None:
+        log.warning(
+            "ledger_reachable_again",
+            failed_reads=self._failed_reads,
+            for_s=round(time.monotonic() - self._failing_since, 1),
+        )
+        self._failed_reads = 0
 
     def view(self, terminal_ids: Iterable[str]) -> SessionView:
         """The current sessions of these terminals, with one query; expired ones left out."""
@@ -121,8 +157,11 @@ class Sessions:
                     # As SQLAlchemy stores a UtcDateTime on SQLite: UTC, as text.
                     stored = now.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
                     rows = driver.execute(_READ_SQLITE, (stored, json.dumps(wanted))).fetchall()
-        except (SQLAlchemyError, self._driver_error):
+        except (SQLAlchemyError, self._driver_error) as error:
+            self._unreachable(error)
             return UNAVAILABLE
+        if self._failed_reads:
+            self._reachable_again()
         with self._lock:  # once for the group, not once a row
             known = [self._cache.get(row[0]) for row in rows]
         sessions: dict[str, Session] = {}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 from sqlalchemy.exc import OperationalError
+from structlog.testing import capture_logs
 
 from gateway.ledger import db, unit_of_work
 from gateway.ledger.db import CommitOutcomeUnknownError
@@ -42,8 +43,13 @@ def test_an_outage_answers_96_changes_nothing_and_the_gateway_recovers(
     assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
 
     pg.pause(outage_server)
-    _, during = harness.redeem(terminal, DIAMOND, 1000)
+    with capture_logs() as logged:
+        _, during = harness.redeem(terminal, DIAMOND, 1000)
+        harness.redeem(terminal, DIAMOND, 1000)
     assert during.code == "96"
+    # Said once (then every 10 s while it lasts), as an error an operator's alert can match.
+    [unreachable] = [line for line in logged if line["event"] == "ledger_unreachable"]
+    assert unreachable["log_level"] == "error" and unreachable["failed_reads"] == 1
     assert 64 not in during.fields
     assert len(during.text(37)) == 12
 
@@ -59,8 +65,11 @@ def test_an_outage_answers_96_changes_nothing_and_the_gateway_recovers(
     assert len(set(rrns)) == 4 and all(len(r) == 12 and r[0] == "9" for r in rrns)
 
     pg.resume(outage_server)
-    _, after = harness.redeem(terminal, DIAMOND, 1000)
+    with capture_logs() as logged:
+        _, after = harness.redeem(terminal, DIAMOND, 1000)
     assert after.code == "00"
+    [again] = [line for line in logged if line["event"] == "ledger_reachable_again"]
+    assert again["failed_reads"] >= 2
     assert after.balance == 50000 - 2 * 500  # the 96 took nothing
     with unit_of_work(harness.engine) as session:
         assert check_invariants(session) == []
