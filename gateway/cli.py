@@ -105,6 +105,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a socket's, not the reader of our output: a real failure
         return EXIT_READER_GONE
     except OperationalError as error:
+        if error.connection_invalidated:
+            # The database went away under the command (a restart, a killed backend): the
+            # unit of work it was in was rolled back, or, if the link broke during its COMMIT,
+            # may have committed; either way what committed before stands, and every command
+            # can run again (imports skip what they applied, clearing writes the same files).
+            print(
+                "vipgate: error: database: the connection was lost"
+                f" ({type(getattr(error, 'orig', None) or error).__name__});"
+                " what was committed stands; run the command again to finish",
+                file=sys.stderr,
+            )
+            return 2
         if not ledger_busy(error):
             raise
         # Not a fault a check found (1): the command could not be done, and changed nothing

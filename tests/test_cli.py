@@ -64,3 +64,29 @@ def test_an_error_line_never_shows_a_card_number_whatever_built_it(
     assert status == 2
     assert "6688000000000000014" not in error and "2812101" not in error
     assert "668800*********0014" in error
+
+
+def test_a_database_gone_under_a_command_is_one_line_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A restart or a killed backend under a command: one line naming it, exit 2, and what
+    to do; not SQLAlchemy's traceback with exit 1 (which says a check found a fault)."""
+    import argparse  # noqa: PLC0415
+
+    from sqlalchemy.exc import OperationalError  # noqa: PLC0415
+
+    from gateway import cli  # noqa: PLC0415
+
+    def lost(_args: argparse.Namespace) -> int:
+        raise OperationalError(
+            "INSERT ...", {}, ConnectionError("terminating connection"), connection_invalidated=True
+        )
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(handler=lost)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main([]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "the connection was lost (ConnectionError)" in error
+    assert "run the command again" in error
