@@ -72,6 +72,10 @@ from gateway.sessions import Session, Sessions
 log = structlog.get_logger("vipgate.gateway")
 
 MAX_BATCH_ITEMS = 999
+# Field 48's amounts are n12 (§4.7): a batch's debits, and its credits, add up to this at most.
+# A request that would take them past it is refused (`61`, over a limit), as the 1,000th item
+# is; settlement could not say the total, and the batch could never be settled.
+MAX_BATCH_TOTAL_FEN = 10**12 - 1
 TDK_SIGN_ONS = frozenset({NMC_SIGN_ON_3DES_TDK, NMC_SIGN_ON_SM4_TDK})
 REVERSAL_MTI = "0400"
 RECORDED_KINDS: dict[Kind | None, AuthorisationKind] = {
@@ -174,6 +178,8 @@ class RedemptionReads(Protocol):
     def open_batch(self, terminal_id: str) -> int: ...
 
     def batch_count(self, terminal_id: str, batch_number: int, kinds: Iterable[str]) -> int: ...
+
+    def batch_debit_fen(self, terminal_id: str, batch_number: int) -> int | None: ...
 
     def points_redeemed_on(self, number: str, business_date: date) -> int: ...
 
@@ -550,9 +556,17 @@ class Transactions:
         decline = amount_decline(amount, priced) or pin_check(card)
         if decline is not None or priced is None:
             return decline or Decline.BAD_AMOUNT
-        count = reads.batch_count(context.terminal.id, int(context.data.batch), DEBIT_VALUES)
+        batch = int(context.data.batch)
+        count = reads.batch_count(context.terminal.id, batch, DEBIT_VALUES)
         if count >= MAX_BATCH_ITEMS:
             return Decline.OVER_LIMIT
+        if (count + 1) * context.merchant.max_amount_fen > MAX_BATCH_TOTAL_FEN:
+            # Only a merchant whose maximum is over a billion fen can get there: read the sum.
+            taken = reads.batch_debit_fen(context.terminal.id, batch)
+            if taken is None:
+                raise _OwnTransaction
+            if taken + amount > MAX_BATCH_TOTAL_FEN:
+                return Decline.OVER_LIMIT
         redeemed_today = 0
         if self._config.plan.max_points_per_card_day:  # the query only when there is a limit
             redeemed_today = reads.points_redeemed_on(card.number, moment.business_date)
@@ -770,10 +784,15 @@ class Transactions:
         return self._credit_limit(orm, context)
 
     def _credit_limit(self, orm: OrmSession, context: Context) -> Decline | None:
-        count = hot_ledger(orm).batch_count(
-            context.terminal.id, int(context.data.batch), CREDIT_VALUES
-        )
-        return Decline.OVER_LIMIT if count >= MAX_BATCH_ITEMS else None
+        hot, batch = hot_ledger(orm), int(context.data.batch)
+        count = hot.batch_count(context.terminal.id, batch, CREDIT_VALUES)
+        if count >= MAX_BATCH_ITEMS:
+            return Decline.OVER_LIMIT
+        if (count + 1) * context.merchant.max_amount_fen > MAX_BATCH_TOTAL_FEN:
+            taken = hot.batch_credit_fen(context.terminal.id, batch)
+            if taken + context.amount_fen > MAX_BATCH_TOTAL_FEN:
+                return Decline.OVER_LIMIT
+        return None
 
     def _refund(self, orm: OrmSession, context: Context) -> Outcome:
         number, _ = context.presented_card()

@@ -1125,3 +1125,22 @@ def test_the_thousandth_debit_or_credit_of_a_batch_is_61(harness: Harness) -> No
     assert harness.refund(terminal, DIAMOND, original, batch_trace, 100).code == "00"
     _fill_batch(harness, AuthorisationKind.REFUND, 20000)
     assert harness.refund(terminal, DIAMOND, original, batch_trace, 100).code == "61"
+
+
+@source_only  # the bound is a compiled constant in the native build
+def test_a_batch_whose_debits_or_credits_would_pass_field_48s_twelve_digits_gets_61(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """§4.7: field 48's amounts are n12. A redemption that would take the batch's debits
+    past them is refused `61`, as the 1,000th item is (before, the 0500 could not be
+    answered, ever, and its group failed with it); credits likewise. The bound is lowered
+    here to 2,500 fen so that three redemptions reach it."""
+    monkeypatch.setattr("gateway.transactions.MAX_BATCH_TOTAL_FEN", 2500)
+    terminal = harness.signed_on()
+    for _ in range(2):
+        assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "00"
+    assert harness.redeem(terminal, DIAMOND, 1000)[1].code == "61"
+    assert harness.redeem(terminal, DIAMOND, 500)[1].code == "00"  # 2,500: the bound itself
+    totals = f"{2500:012d}{3:03d}{0:012d}{0:03d}0" + "0" * 31
+    settled = _settle(harness, terminal, totals)
+    assert (settled.code, settled.text(48)[:31]) == ("00", totals[:30] + "1")

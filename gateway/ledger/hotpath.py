@@ -153,6 +153,11 @@ class GroupView:
             raise ValueError("a run of redemptions counts redemptions only")
         return self._batch_counts[(terminal_id, batch_number)]
 
+    def batch_debit_fen(self, terminal_id: str, batch_number: int) -> int | None:
+        """Not read for a run (only a merchant whose maximum amount is over a billion fen
+        needs it): None, and the request goes the one-request way."""
+        return None
+
     def points_redeemed_on(self, number: str, business_date: date) -> int:
         if business_date != self.business_date:
             raise ValueError(f"the run was read for {self.business_date}, not {business_date}")
@@ -280,6 +285,13 @@ class _Sql:
             "SELECT coalesce((SELECT items FROM batch_item_counts WHERE terminal_id = ?"
             " AND batch_number = ? AND kind = ?), 0)"
         )
+        # A batch's debits and credits as settlement adds them (`records.gateway_totals`).
+        totals = (
+            "SELECT coalesce(sum(amount_fen), 0) FROM authorisations WHERE terminal_id = ?"
+            " AND batch_number = ? AND response_code IN ('00', '10') AND state <> 'reversed'"
+        )
+        self.batch_debit = sql(totals + " AND kind = 'redemption'")
+        self.batch_credit = sql(totals + " AND kind IN ('void', 'refund')")
         self.redeemed_on = sql(
             "SELECT coalesce(sum(points), 0) FROM authorisations WHERE card_number = ?"
             " AND kind = 'redemption' AND state = 'approved' AND business_date = ?"
@@ -699,6 +711,14 @@ class HotLedger:
             int(self._one(self._sql.batch_count, (terminal_id, batch_number, kind))[0])
             for kind in kinds
         )
+
+    def batch_debit_fen(self, terminal_id: str, batch_number: int) -> int | None:
+        """The batch's debit amount so far, as its settlement will add it (§4.7)."""
+        return int(self._one(self._sql.batch_debit, (terminal_id, batch_number))[0])
+
+    def batch_credit_fen(self, terminal_id: str, batch_number: int) -> int:
+        """The batch's credit amount so far (voids and refunds), as settlement adds it."""
+        return int(self._one(self._sql.batch_credit, (terminal_id, batch_number))[0])
 
     def points_redeemed_on(self, number: str, business_date: date) -> int:
         row = self._one(self._sql.redeemed_on, (number, self._date(business_date)))
