@@ -865,26 +865,36 @@ def _terminal_of(item: Message | CodecError) -> FieldValue | None:
 
 
 class _FallbackRrns:
-    """RRNs when the ledger cannot allocate one (answer `96`): 9, then the milliseconds since
-    the year began, a range the ledger's sequence does not reach for decades. Each is above
-    the last this process gave, so the requests of one group (one instant) and those of one
-    millisecond get RRNs of their own."""
+    """RRNs when the ledger cannot allocate one (answer `96`): 9, then the centiseconds since
+    the year began and the process's slot (its worker number's last digit), a range the
+    ledger's sequence does not reach for decades. Each is above the last this process gave,
+    so the requests of one group (one instant) get RRNs of their own, and the workers of one
+    gateway, answering `96` at the same instant during an outage, give different ones (ten
+    workers at most; instances on other hosts may still meet)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the reactor's thread and the ledger's both ask
         self._last = -1
+        self.slot = 0
 
     def next(self, moment: Moment) -> str:
         start = moment.at.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
         elapsed = moment.at - start
-        wanted = (elapsed.days * 86_400 + elapsed.seconds) * 1000 + elapsed.microseconds // 1000
+        centiseconds = (elapsed.days * 86_400 + elapsed.seconds) * 100
+        wanted = (centiseconds + elapsed.microseconds // 10_000) * _FALLBACK_SLOTS + self.slot
         with self._lock:
-            self._last = max(wanted, self._last + 1) % _FALLBACK_SPAN
+            self._last = max(wanted, self._last + _FALLBACK_SLOTS) % _FALLBACK_SPAN
             return f"9{self._last:0{RRN_DIGITS - 1}d}"
 
 
 _FALLBACK_SPAN = 10 ** (RRN_DIGITS - 1)
+_FALLBACK_SLOTS = 10
 _fallback_rrns = _FallbackRrns()
+
+
+def number_fallback_rrns(worker: int) -> None:
+    """This process is worker `worker` of a gateway: its fallback RRNs take that slot."""
+    _fallback_rrns.slot = worker % _FALLBACK_SLOTS
 
 
 def _fallback_rrn(moment: Moment) -> str:

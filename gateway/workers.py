@@ -65,6 +65,7 @@ import structlog
 
 from gateway import logs, server
 from gateway.errors import BadInput
+from gateway.handler import number_fallback_rrns
 from gateway.ledger.db import EXIT_LOG_SYNC_FAILED
 from gateway.ledgerlink import EXIT_LINK_LOST
 
@@ -431,6 +432,7 @@ def _become_worker(number: int, parent: int, role: str) -> None:
     signal.signal(signal.SIGTERM, _early_stop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _tag_log_lines(number, role)
+    number_fallback_rrns(number)
     _stop_with_parent(parent)
 
 

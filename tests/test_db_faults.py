@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from gateway.ledger import db, unit_of_work
 from gateway.ledger.db import CommitOutcomeUnknownError
 from gateway.ledger.invariants import check_invariants
 from tests import pg
-from tests.conftest import skip_without
+from tests.conftest import moment, skip_without
 from tests.gateway_harness import DIAMOND, Harness, demo_config
 from tests.spec_terminal import parse
 
@@ -166,3 +167,21 @@ def test_a_ledger_held_past_the_lock_wait_answers_the_group_96_at_once(
     with unit_of_work(harness.engine) as session:
         assert check_invariants(session) == []
     harness.engine.dispose()
+
+
+def test_fallback_rrns_of_two_workers_at_one_instant_differ() -> None:
+    """During an outage every worker answers `96` with an RRN it makes itself: the workers
+    of one gateway, at the same instant, give different ones, each 12 digits, 9 first, and
+    each worker's keep rising within the instant; the year's last moment still fits."""
+    from gateway.clock import SHANGHAI  # noqa: PLC0415
+    from gateway.handler import _FallbackRrns  # noqa: PLC0415
+
+    at = moment(datetime(2026, 12, 31, 23, 59, 59, 999_999, tzinfo=SHANGHAI))
+    given: list[str] = []
+    for worker in (1, 2):
+        rrns = _FallbackRrns()
+        rrns.slot = worker
+        given += [rrns.next(at) for _ in range(3)]
+    assert len(set(given)) == 6
+    assert all(len(rrn) == 12 and rrn[0] == "9" for rrn in given)
+    assert given[:3] == sorted(given[:3])
