@@ -37,8 +37,18 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., HarnessServer]]:
         server.stop()
 
 
+# `vipgate` with Ctrl-C's default handling: a process started in the background by a
+# non-interactive shell (a CI runner, `cmd &`) inherits SIGINT ignored, and Python then
+# installs no handler for it, so the signal would do nothing.
+CTRL_C_AS_USUAL = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
 def sim(server: HarnessServer, *argv: str) -> subprocess.Popen[str]:
-    command = [str(VIPGATE), "sim", *argv, "--config", str(DEMO), "--target", server.target]
+    command = [str(VIPGATE.parent / "python"), "-c", CTRL_C_AS_USUAL, "sim", *argv]
+    command += ["--config", str(DEMO), "--target", server.target]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
