@@ -342,18 +342,24 @@ class _WalFlush:
     def ticket(self) -> _FlushTicket:
         """What a commit made from now on owes: a flush on the connection open now (opened
         again here if it was lost: taken before the commit begins, so it is in time)."""
-        with self._lock:
-            if self._driver is not None and time.monotonic() - self._used_at > FLUSH_PING_AFTER_S:
-                # Idle a while (an outage, a quiet night): is it still there? A server that
-                # restarted meanwhile ended it, and a flush on it would fail the next answers.
-                try:
-                    self._driver.execute("SELECT 1")
-                    self._used_at = time.monotonic()
-                except Exception:
-                    self._close()
-            if self._driver is None:
-                self._open_quietly()
-            return _FlushTicket(self, self._generation if self._driver is not None else -1)
+        if self._driver is None or time.monotonic() - self._used_at > FLUSH_PING_AFTER_S:
+            # Lost, or idle a while (an outage, a quiet night): is it still there? A server
+            # that restarted meanwhile ended it, and a flush on it would fail the next
+            # answers. Only then the lock: under load a flush holds it while the disk works,
+            # and the ledger thread must not wait for that to begin its next group.
+            with self._lock:
+                if self._driver is not None:
+                    try:
+                        self._driver.execute("SELECT 1")
+                        self._used_at = time.monotonic()
+                    except Exception:
+                        self._close()
+                if self._driver is None:
+                    self._open_quietly()
+        # The generation first: a connection closed after this read fails the flush, and one
+        # opened after it has a generation of its own, so the ticket never vouches too much.
+        generation = self._generation
+        return _FlushTicket(self, generation if self._driver is not None else -1)
 
     def confirm(self, generation: int) -> None:
         with self._lock:
