@@ -52,6 +52,7 @@ from gateway.answers import Stamp
 from gateway.checks import format_problem, suite_problem
 from gateway.clock import Clock, business_date
 from gateway.config import Config, MerchantConfig, TerminalConfig
+from gateway.follow import Switches
 from gateway.ledger import Moment, next_rrn, unit_of_work
 from gateway.ledger.db import (
     CommitOutcomeUnknownError,
@@ -218,8 +219,14 @@ class Gateway:
         self._clock = clock
         self._security = security
         self._sessions = Sessions(engine, clock, config.gateway.key_lifetime, security)
-        self._terminals = {t.id: t for t in config.terminals}
-        self._merchants = {m.id: m for m in config.merchants}
+        self._switches = Switches(
+            engine,
+            clock,
+            {t.id: t for t in config.terminals},
+            {m.id: m for m in config.merchants},
+        )
+        self._terminals: dict[str, TerminalConfig] = {}
+        self._merchants: dict[str, MerchantConfig] = {}
         self._transactions = Transactions(config, self._sessions, security, random_bytes)
 
     # -- entry ---------------------------------------------------------------------------
@@ -262,6 +269,8 @@ class Gateway:
         replies: list[Answer | None] = [None] * len(payloads)
         pending: list[_Pending] = []
         sessions = self._sessions.view(_terminal_ids(decoded))
+        # A terminal's `enabled` and a merchant's `active` as the ledger says (`Switches`).
+        self._terminals, self._merchants = self._switches.current()
         # One reading of the clock for the group: its requests are answered by one commit,
         # and they share the instant, the business date and the answer's time fields.
         moment = self._moment()

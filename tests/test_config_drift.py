@@ -121,6 +121,10 @@ def test_a_terminal_whose_tmk_or_suite_changes_is_signed_off(
     harness.engine.dispose()
 
 
+ENABLED_COFFEE = 'id = "20000001"\nmerchant = "898310058120002"\nenabled = true'
+DISABLED_COFFEE = 'id = "20000001"\nmerchant = "898310058120002"\nenabled = false'
+
+
 @pytest.mark.parametrize(
     ("card", "amount", "code"),
     [(DIAMOND, 1000, "00"), (FEW_POINTS, 100000, "51")],  # approved, or declined by the ledger
@@ -128,23 +132,26 @@ def test_a_terminal_whose_tmk_or_suite_changes_is_signed_off(
 def test_a_terminal_served_while_the_history_says_disabled_is_paid_for(
     tmp_path: Path, ledger_url: str, card: str, amount: int, code: str
 ) -> None:
-    """The ledger's history says terminal 20000001 has been disabled since October (the
-    config another process loaded), but a gateway still serving the config that enables it
-    serves a sale there in November, approved or declined by the ledger (a disabled
-    terminal's 58 comes before it): the network is paid November's terminal fee for it, and
-    the pack says why."""
-    disabled = edited_config(
-        tmp_path,
-        ledger_url,
-        'id = "20000001"\nmerchant = "898310058120002"\nenabled = true',
-        'id = "20000001"\nmerchant = "898310058120002"\nenabled = false',
+    """Another process disables terminal 20000001 a second before November's first business
+    day begins (23:00 on 31 October). The gateway serving it last looked at the ledger's
+    switches when the terminal signed on, 1.5 s before a sale at 23:00: it has not looked
+    again yet (`FOLLOW_EVERY_S`), and serves the sale, approved or declined by the ledger.
+    The ledger's history says disabled for all of November, yet the terminal was served
+    there: the network is paid November's terminal fee for it, and the pack says why. The
+    next look, 2 s after the last, stops the terminal (`58`)."""
+    harness = Harness(
+        demo_config(tmp_path, ledger_url),
+        start=datetime(2026, 10, 31, 22, 59, 58, 500000, tzinfo=SHANGHAI),
     )
-    harness = Harness(disabled, start=datetime(2026, 10, 20, 10, 0, tzinfo=SHANGHAI))
-    harness.config = demo_config(tmp_path, ledger_url)  # the older config: enabled
-    harness.gateway = harness.new_gateway()
-    harness.clock.advance(timedelta(days=16))  # 2026-11-05
     coffee = harness.signed_on("20000001")
+    harness.clock.advance(timedelta(seconds=1))  # 22:59:59.5, still October's business day
+    disabled = edited_config(tmp_path, ledger_url, ENABLED_COFFEE, DISABLED_COFFEE)
+    with unit_of_work(harness.engine) as session:
+        load_into_ledger(session, disabled, harness.security, harness.clock.now())
+    harness.clock.advance(timedelta(milliseconds=500))  # 23:00: 1 November's business day
     assert harness.redeem(coffee, card, amount)[1].code == code
+    harness.clock.advance(timedelta(milliseconds=500))
+    assert harness.redeem(coffee, card, amount)[1].code == "58"
     november = Month.parse("2026-11")
     span = (month_begins(november, SHANGHAI, time(23)), month_ends(november, SHANGHAI, time(23)))
     with unit_of_work(harness.engine) as session:
@@ -155,3 +162,42 @@ def test_a_terminal_served_while_the_history_says_disabled_is_paid_for(
         "20000001": SERVED,
     }
     harness.engine.dispose()
+
+
+def test_a_serving_gateway_follows_the_ledgers_switches(tmp_path: Path, ledger_url: str) -> None:
+    """Another process loads a config that disables terminal 20000001 and makes the store
+    (10000001's merchant) inactive, then one that undoes both. The gateway, still serving the
+    config it started with, answers as the ledger says from its next look (`FOLLOW_EVERY_S`)
+    on: `58` and `03`, then `00` again. Its other settings stay its config's."""
+    harness = Harness(demo_config(tmp_path, ledger_url))
+    store, coffee = harness.signed_on("10000001"), harness.signed_on("20000001")
+    active_store = 'id = "898310048990001"\nname = "Nanjing Road Department Store"\nactive = true'
+    assert active_store in DEMO.read_text(encoding="utf-8")
+    off = edited_config(tmp_path, ledger_url, ENABLED_COFFEE, DISABLED_COFFEE)
+    off = _edited(off, tmp_path, ledger_url, active_store, active_store.replace("true", "false"))
+    with unit_of_work(harness.engine) as session:
+        load_into_ledger(session, off, harness.security, harness.clock.now())
+    # within the interval: as before
+    assert harness.redeem(store, DIAMOND, 1000)[1].code == "00"
+    assert harness.redeem(coffee, DIAMOND, 1000)[1].code == "00"
+    harness.clock.advance(timedelta(seconds=2))
+    assert harness.redeem(store, DIAMOND, 1000)[1].code == "03"
+    assert harness.redeem(coffee, DIAMOND, 1000)[1].code == "58"
+    with unit_of_work(harness.engine) as session:
+        load_into_ledger(
+            session, demo_config(tmp_path, ledger_url), harness.security, harness.clock.now()
+        )
+    harness.clock.advance(timedelta(seconds=2))
+    assert harness.redeem(store, DIAMOND, 1000)[1].code == "00"
+    assert harness.redeem(coffee, DIAMOND, 1000)[1].code == "00"
+    harness.engine.dispose()
+
+
+def _edited(config: Config, tmp_path: Path, database: str, old: str, new: str) -> Config:
+    """`config`'s file (written by `edited_config`) edited once more."""
+    assert config.path is not None
+    text = config.path.read_text(encoding="utf-8")
+    assert old in text
+    config.path.write_text(text.replace(old, new, 1), "utf-8")
+    reloaded = load_config(config.path, database)
+    return dataclasses.replace(reloaded, issuer=demo_config(tmp_path, database).issuer)

@@ -296,3 +296,47 @@ def test_a_response_mti_from_a_stranger_closes_only_its_own_link(served: Served)
         stranger.receive()
     link.close()
     stranger.close()
+
+
+def test_a_terminal_disabled_by_another_process_is_refused_within_seconds(
+    served: Served, tmp_path: Path, ledger_url: str
+) -> None:
+    """`vipgate ledger load` of a config that disables terminal 20000001, run while the
+    gateway serves it: the gateway follows the ledger's switch (`gateway.follow`), logs it,
+    and answers `58` within a few seconds, without a restart."""
+    link = Link("127.0.0.1", served.port)
+    terminal = terminal_for("20000001")
+    signed_on = exchange(link, terminal, terminal.sign_on(with_tdk=False))
+    assert signed_on.code == "00"
+    terminal.adopt_sign_on(signed_on)
+
+    def redeem() -> str:
+        card = terminal.card_fields(DIAMOND, "2906")
+        request = terminal.financial("0200", "000000", "22", card, amount_fen=1000)
+        return exchange(link, terminal, request).code
+
+    assert redeem() == "00"
+    enabled = 'id = "20000001"\nmerchant = "898310058120002"\nenabled = true'
+    text = (tmp_path / "demo.toml").read_text(encoding="utf-8")
+    assert enabled in text
+    off = tmp_path / "off.toml"
+    off.write_text(text.replace(enabled, enabled.replace("true", "false")), encoding="utf-8")
+    loaded = subprocess.run(
+        [str(VIPGATE), "ledger", "load", "--config", str(off), "--db", ledger_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    codes = [redeem()]
+    deadline = time.monotonic() + 20
+    while codes[-1] != "58" and time.monotonic() < deadline:
+        time.sleep(0.25)
+        codes.append(redeem())
+    assert codes[-1] == "58", codes
+    assert set(codes[:-1]) <= {"00"}, codes
+    link.close()
+    assert served.stop() == 0
+    followed = [json.loads(line) for line in served.lines if "terminal_enabled_followed" in line]
+    assert [(entry["terminal"], entry["enabled"]) for entry in followed] == [("20000001", False)]
