@@ -60,7 +60,7 @@ from gateway.ledger.db import (
     ledger_busy,
     settle_log_syncs,
 )
-from gateway.ledger.hotpath import hot_ledger
+from gateway.ledger.hotpath import RunReads, hot_ledger
 from gateway.ledger.journal import RRN_DIGITS
 from gateway.ledger.records import RequestIdentity
 from gateway.responses import Decline, response_code
@@ -441,7 +441,7 @@ class Gateway:
         `unknown`: an earlier COMMIT of these requests may have gone through (`_alone`)."""
         try:
             with unit_of_work(self._engine) as session:
-                self._lock_rows(session, [context for _, _, context in pending])
+                self._lock_rows(session, pending)
                 closed = self._month_closed_meanwhile(session, pending[0][2].moment)
                 if not closed:
                     current, ended = self._keys_ended(session, pending)
@@ -495,19 +495,38 @@ class Gateway:
             for index, request, context in pending
         ]
 
-    def _lock_rows(self, session: OrmSession, contexts: list[Context]) -> None:
+    def _lock_rows(self, session: OrmSession, pending: list[_Pending]) -> None:
         """On PostgreSQL, the terminals' and cards' locks before anything is read
         (`HotLedger.lock_group`), for every transaction of requests, a group of one and a
         request run alone after its group failed included: a terminal that reconnected to
         another process may send a reversal there while its original is still uncommitted
         here. Without the wait the reversal would find no original, answer 00 and leave the
-        points taken (§4.6)."""
+        points taken (§4.6). The month's and the sessions' reads that come next
+        (`_month_closed_meanwhile`, `_keys_ended`) go with the locks, in one round trip."""
         hot = hot_ledger(session)
         if hot.locks_rows:
+            contexts = [context for _, _, context in pending]
             cards = (self._transactions.card_of(session, context) for context in contexts)
             hot.lock_group(
-                (context.terminal.id for context in contexts), {card for card in cards if card}
+                (context.terminal.id for context in contexts),
+                {card for card in cards if card},
+                month=_month_of(contexts[0].moment),
+                generations_of=sorted(_generations_used(pending)),
+                run=self._first_run(pending),
             )
+
+    def _first_run(self, pending: list[_Pending]) -> RunReads | None:
+        """The reads of the run of redemptions the group begins with, if it begins with one
+        (`_outcomes`, `Transactions.redeem_run`), for `HotLedger.lock_group` to send ahead."""
+        run = []
+        for _, request, context in pending:
+            if not _runs_together(context, request):
+                break
+            run.append((context.swipe, context.presented_card()[0], context.identity))
+        if len(run) < MIN_RUN:
+            return None
+        daily_limit = bool(self._config.plan.max_points_per_card_day)
+        return RunReads(run, daily_limit, pending[0][2].moment.business_date)
 
     def _month_closed_meanwhile(self, session: OrmSession, moment: Moment) -> bool:
         """Whether clearing has closed the month of this group's business date: since the
@@ -517,8 +536,7 @@ class Gateway:
         the close has accounted for the month without them, and no later close takes that
         month's items. Asked of the ledger for every transaction, whatever this gateway's
         clock says, inside the transaction (on PostgreSQL after the close's lock)."""
-        day = moment.business_date
-        return hot_ledger(session).month_closed(f"{day.year:04d}-{day.month:02d}")
+        return hot_ledger(session).month_closed(_month_of(moment))
 
     def _too_late(self, request: Request, context: Context) -> Answer:
         """`96` for a request whose month closed meanwhile: nothing changed, and the terminal
@@ -538,11 +556,7 @@ class Gateway:
         the generations again, and a request checked with keys that have ended since is left
         out, to be prepared again after the commit: as if it had come after that sign-on or
         sign-off, so `A0` unless it carries the new keys' MAC. One read per group."""
-        used: dict[str, int] = {}
-        for _, _, context in pending:
-            keys = _checked_with(context)
-            if keys is not None:
-                used[keys.terminal_id] = keys.generation
+        used = _generations_used(pending)
         if not used:
             return pending, []
         held = hot_ledger(session).session_generations(sorted(used))
@@ -611,7 +625,7 @@ class Gateway:
         for attempt in (1, 2):
             try:
                 with unit_of_work(self._engine) as session:
-                    self._lock_rows(session, [context])
+                    self._lock_rows(session, [(0, request, context)])
                     if self._month_closed_meanwhile(session, context.moment):
                         closed = True
                     else:
@@ -794,6 +808,22 @@ def _checked_with(context: Context) -> Session | None:
     """The session whose keys the request was checked with (MAC, PIN, track): every request
     that has one but a sign-on or an echo."""
     return None if context.kind in (Kind.SIGN_ON, Kind.ECHO) else context.session
+
+
+def _generations_used(pending: list[_Pending]) -> dict[str, int]:
+    """The generation of the keys each terminal's requests were checked with."""
+    used: dict[str, int] = {}
+    for _, _, context in pending:
+        keys = _checked_with(context)
+        if keys is not None:
+            used[keys.terminal_id] = keys.generation
+    return used
+
+
+def _month_of(moment: Moment) -> str:
+    """The month ("YYYY-MM") of a moment's business date, as clearing closes it."""
+    day = moment.business_date
+    return f"{day.year:04d}-{day.month:02d}"
 
 
 def _runs_together(context: Context, request: Request) -> bool:

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from gateway.clock import lot_expired
 from gateway.decision import CardSnapshot
-from gateway.ledger.db import joined_connection
+from gateway.ledger.db import CommitOutcomeUnknownError, joined_connection
 from gateway.ledger.journal import RRN_DIGITS, LedgerError, LotChange, Moment
 from gateway.ledger.models import AuthorisationKind, RequestClass
 from gateway.ledger.operations import APPROVED_CODES, Decline, Declined, Redeemed, Swipe
@@ -208,6 +208,23 @@ class GroupView:
             response_code,
             available - points,
         )
+
+
+@dataclass(frozen=True)
+class RunReads:
+    """What `read_group` reads for a run of redemptions: (swipe, card number, identity) of
+    each, whether the daily limit applies, and their business date."""
+
+    requests: Sequence[tuple[Swipe, str, RequestIdentity]]
+    daily_limit: bool
+    business_date: date
+
+    def numbers(self) -> list[str]:
+        return sorted({number for _, number, _ in self.requests})
+
+    def terminals(self, known: Iterable[str]) -> list[str]:
+        """The run's terminals not among `known`, sorted."""
+        return sorted({swipe.terminal_id for swipe, _, _ in self.requests} - set(known))
 
 
 class _Authorisation(NamedTuple):
@@ -520,6 +537,7 @@ class HotLedger:
         postgres = connection.dialect.name == "postgresql"
         self._sql = _POSTGRES if postgres else _SQLITE
         self._group_sql = _GROUP_POSTGRES if postgres else _GROUP_SQLITE
+        self._connection = connection
         self._driver: Any = cast(Any, connection.connection).driver_connection
         self._cursor: Any = self._driver.cursor()
         self._terminals: dict[str, tuple[str, int]] = {}
@@ -570,16 +588,37 @@ class HotLedger:
         for statement, parameters in deferred:
             writer.execute(statement, parameters)
 
-    def _before_commit(self, _session: Session) -> None:
-        """The writes still held back go out before the commit (or fail it)."""
-        if self._deferred:
-            with self._driver_errors("deferred writes"), self._driver.pipeline():
+    def _before_commit(self, session: Session) -> None:
+        """The writes still held back go out before the commit (or fail it); with them the
+        COMMIT itself, in the same round trip, when the ORM has nothing left to flush (it
+        flushes after this hook). The driver then knows the transaction ended, and the
+        connection's own commit sends nothing. A link that breaks during that round trip
+        leaves the commit's outcome unknown (`CommitOutcomeUnknownError`), as it does during
+        a COMMIT sent alone."""
+        if not self._deferred:
+            return
+        committing = not (session.new or session.dirty or session.deleted)
+        try:
+            with self._driver.pipeline():
                 self._send_deferred()
+                if committing:
+                    self._driver.cursor().execute("COMMIT")
+        except self._dbapi_error as error:
+            if committing and (self._driver.broken or self._driver.closed):
+                # Given up, as SQLAlchemy gives up a connection it finds gone: the rollback
+                # that follows then sends nothing, and cannot hide this error behind its own.
+                self._connection.invalidate(error)
+                raise CommitOutcomeUnknownError(
+                    f"the link broke during COMMIT: {type(error).__name__}"
+                ) from error
+            raise self._wrapped("deferred writes", error) from error
 
     # -- reading ---------------------------------------------------------------------------
 
     def _rows(self, statement: str, parameters: tuple[Any, ...]) -> list[Any]:
-        cursor = self._prefetched.pop((statement, parameters), None)
+        cursor = None
+        if self._prefetched:
+            cursor = self._prefetched.pop((statement, _hashable(parameters)), None)
         if cursor is None:
             cursor = self._execute(statement, parameters)
         try:
@@ -637,7 +676,15 @@ class HotLedger:
         SQLite the unit of work holds the one write lock."""
         return self._sql.postgres
 
-    def lock_group(self, terminal_ids: Iterable[str], numbers: Iterable[str]) -> None:
+    def lock_group(
+        self,
+        terminal_ids: Iterable[str],
+        numbers: Iterable[str],
+        *,
+        month: str | None = None,
+        generations_of: Sequence[str] = (),
+        run: RunReads | None = None,
+    ) -> None:
         """Lock a group's terminals and cards at its start, in one order for every group
         (PostgreSQL; SQLite's unit of work holds the one write lock).
 
@@ -652,7 +699,18 @@ class HotLedger:
 
         Groups of one request take them too: the terminal's lock is what makes a reversal on
         one process wait for its original still uncommitted on another (which it would not
-        see, under READ COMMITTED, and would take for one never received)."""
+        see, under READ COMMITTED, and would take for one never received).
+
+        The reads every transaction makes next, after the locks, go in the same round trip:
+        whether `month` is closed (`month_closed`) and the generations of `generations_of`
+        (`session_generations`), and the reads of the group's first run of redemptions
+        (`run`, `read_group`); those calls then answer from what came back. Every round trip
+        here is time the group holds its cards' locks while another group waits. A run that
+        turns out shorter (a request left out because its keys ended) reads again.
+
+        Not sent ahead: the ids `write_group` takes from the sequences. How many the run
+        needs is known only once it is decided, and ids taken and left unused would leave
+        gaps in the RRNs that a run's requests, answered one by one, would not."""
         keys = sorted({terminal_lock_key(terminal_id) for terminal_id in terminal_ids})
         ordered = sorted(numbers)
         if self._sql.postgres:
@@ -662,7 +720,17 @@ class HotLedger:
                 (self._sql.lock_terminals, (keys,)),
                 (self._sql.lock_cards, (ordered,)),
             ]
-            self._read_all(reads)
+            ahead: list[tuple[str, tuple[Any, ...]]] = []
+            if month is not None:
+                ahead.append((self._sql.month_closed, (month,)))
+            if generations_of:
+                ahead.append((self._sql.session_generations, (list(generations_of),)))
+            if run is not None:
+                ahead += self._group_reads(run)
+            cursors = self._send_all(reads + ahead)[len(reads) :]
+            self._prefetched.clear()
+            for (statement, parameters), cursor in zip(ahead, cursors, strict=True):
+                self._prefetched[(statement, _hashable(parameters))] = cursor
 
     def month_closed(self, month: str) -> bool:
         """Whether clearing has closed the month ("YYYY-MM") whose business dates it settles."""
@@ -928,25 +996,12 @@ class HotLedger:
         business_date: date,
     ) -> GroupView:
         """Everything a run of redemptions (swipe, card number, identity) reads, in one
-        statement per table (PostgreSQL: all in one round trip), cards and lots locked."""
-        sql = self._group_sql
-        numbers = sorted({number for _, number, _ in requests})
-        identities = [_identity_row(identity) for _, _, identity in requests]
-        places = [(s.terminal_id, s.batch_number, s.trace) for s, _, _ in requests]
-        batches = sorted({(s.terminal_id, s.batch_number) for s, _, _ in requests})
-        terminals = sorted({s.terminal_id for s, _, _ in requests} - self._terminals.keys())
-        reads: list[tuple[str, tuple[Any, ...]]] = [
-            (sql.logged, self._keys(identities)),
-            (sql.tombstones, self._keys(places)),
-            (sql.cards, self._keys(numbers)),
-            (sql.lots, self._keys(numbers)),
-            (sql.batch_counts, self._keys(batches)),
-        ]
-        if daily_limit:
-            reads.append((sql.redeemed_on, (*self._keys(numbers), self._date(business_date))))
-        if terminals:
-            reads.append((sql.terminals, self._keys(terminals)))
-        results = self._read_all(reads)
+        statement per table (PostgreSQL: all in one round trip, or none when `lock_group`
+        sent them), cards and lots locked."""
+        run = RunReads(requests, daily_limit, business_date)
+        numbers = run.numbers()
+        terminals = run.terminals(self._terminals)
+        results = self._read_all(self._group_reads(run, numbers, terminals))
         if terminals:
             for terminal_id, merchant_id, open_batch in results.pop():
                 self._terminals[terminal_id] = (merchant_id, int(open_batch))
@@ -967,6 +1022,33 @@ class HotLedger:
             redeemed=redeemed,
         )
 
+    def _group_reads(
+        self,
+        run: RunReads,
+        numbers: list[str] | None = None,
+        terminals: list[str] | None = None,
+    ) -> list[tuple[str, tuple[Any, ...]]]:
+        """`read_group`'s statements and their parameters."""
+        sql = self._group_sql
+        requests = run.requests
+        numbers = run.numbers() if numbers is None else numbers
+        terminals = run.terminals(self._terminals) if terminals is None else terminals
+        identities = [_identity_row(identity) for _, _, identity in requests]
+        places = [(s.terminal_id, s.batch_number, s.trace) for s, _, _ in requests]
+        batches = sorted({(s.terminal_id, s.batch_number) for s, _, _ in requests})
+        reads: list[tuple[str, tuple[Any, ...]]] = [
+            (sql.logged, self._keys(identities)),
+            (sql.tombstones, self._keys(places)),
+            (sql.cards, self._keys(numbers)),
+            (sql.lots, self._keys(numbers)),
+            (sql.batch_counts, self._keys(batches)),
+        ]
+        if run.daily_limit:
+            reads.append((sql.redeemed_on, (*self._keys(numbers), self._date(run.business_date))))
+        if terminals:
+            reads.append((sql.terminals, self._keys(terminals)))
+        return reads
+
     def _keys(self, keys: Sequence[Any]) -> tuple[Any, ...]:
         """A run's keys as the group statements take them: one JSON array (SQLite) or one
         array per column (PostgreSQL)."""
@@ -981,6 +1063,15 @@ class HotLedger:
         writes held back so far."""
         if not self._sql.postgres:
             return [list(self._execute(statement, p).fetchall()) for statement, p in reads]
+        cursors = [self._prefetched.pop((s, _hashable(p)), None) for s, p in reads]
+        if not all(cursor is not None for cursor in cursors):
+            cursors = self._send_all(reads)
+        with self._driver_errors("group reads"):
+            return [list(cursor.fetchall()) for cursor in cursors]
+
+    def _send_all(self, reads: Sequence[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """PostgreSQL: the writes held back so far, then each read, in one round trip; a
+        cursor per read, its rows fetched."""
         cursors = []
         with self._driver_errors("group reads"), self._driver.pipeline():
             self._send_deferred()
@@ -988,8 +1079,7 @@ class HotLedger:
                 cursor = self._driver.cursor()
                 cursor.execute(statement, parameters)
                 cursors.append(cursor)
-        with self._driver_errors("group reads"):
-            return [list(cursor.fetchall()) for cursor in cursors]
+        return cursors
 
     def _new_ids(self, counts: dict[str, int]) -> dict[str, list[int]]:
         """Fresh ids for rows about to be inserted: from the sequences on PostgreSQL; on
@@ -1152,6 +1242,11 @@ def _aware(at: datetime) -> datetime:
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError("a naive datetime cannot be stored; give it a time zone")
     return at
+
+
+def _hashable(parameters: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A statement's parameters as a key of `HotLedger._prefetched` (arrays as tuples)."""
+    return tuple(tuple(value) if isinstance(value, list) else value for value in parameters)
 
 
 def _rows_json(rows: Sequence[tuple[Any, ...]]) -> str:
