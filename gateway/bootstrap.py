@@ -86,6 +86,7 @@ def bootstrap(
     check: Check | None = None,
     refuse: Refusal | None = None,
     load: bool = True,
+    switches: bool = False,
     busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
 ) -> Wiring:
     """Read the config, run the command's `check`, open and migrate its database, and load
@@ -96,6 +97,8 @@ def bootstrap(
     that only reads the ledger (`load=False`) does not load the config: run with another
     config than the gateway's (the default `config/demo.toml`, say), a check would otherwise
     write that config's merchants, terminals, cards and points into the ledger it checks.
+    Only with `switches` (`serve`, `ledger load`) does the load change a terminal's `enabled`
+    or a merchant's `active` that the ledger has (`load_into_ledger`).
     """
     config, chosen_clock, chosen_security, engine = _opened(
         config_path,
@@ -108,7 +111,7 @@ def bootstrap(
     )
     try:
         if load:
-            report = _load(engine, config, chosen_security, chosen_clock, refuse)
+            report = _load(engine, config, chosen_security, chosen_clock, refuse, switches=switches)
         else:
             report = NOTHING_LOADED
             if refuse is not None:
@@ -129,6 +132,7 @@ def wired(
     check: Check | None = None,
     refuse: Refusal | None = None,
     load: bool = True,
+    switches: bool = False,
 ) -> Iterator[Wiring]:
     """`bootstrap` (with the command's `check`, `refuse` and `load`) for the length of a
     command, with the database closed afterwards.
@@ -136,7 +140,9 @@ def wired(
     When loading the config changed the ledger, `say` gets a line saying so and one line per
     change; a load that changed nothing stays quiet.
     """
-    wiring = bootstrap(config_path, db_override, check=check, refuse=refuse, load=load)
+    wiring = bootstrap(
+        config_path, db_override, check=check, refuse=refuse, load=load, switches=switches
+    )
     try:
         _announce(config_path, wiring.loaded, say)
         yield wiring
@@ -278,9 +284,11 @@ def _load(
     security: SecurityModule,
     clock: Clock,
     refuse: Refusal | None = None,
+    *,
+    switches: bool = False,
 ) -> LoadReport:
     """The config loaded and committed, unless `refuse` raises after the load."""
-    with _loaded(engine, config, security, clock) as (session, report):
+    with _loaded(engine, config, security, clock, switches=switches) as (session, report):
         if refuse is not None:
             refuse(session, config, clock)
     return report
@@ -288,7 +296,12 @@ def _load(
 
 @contextmanager
 def _loaded(
-    engine: Engine, config: Config, security: SecurityModule, clock: Clock
+    engine: Engine,
+    config: Config,
+    security: SecurityModule,
+    clock: Clock,
+    *,
+    switches: bool = False,
 ) -> Iterator[tuple[Session, LoadReport]]:
     """A unit of work that has loaded the config, for the caller to go on in; it commits when
     the caller's block ends cleanly, else the load is rolled back with the rest."""
@@ -297,7 +310,7 @@ def _loaded(
         loaded = False
         try:
             with unit_of_work(engine) as session:
-                report = load_into_ledger(session, config, security, clock.now())
+                report = load_into_ledger(session, config, security, clock.now(), switches=switches)
                 loaded = True
                 yield session, report
             return

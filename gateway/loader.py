@@ -1,20 +1,22 @@
 """Loading a validated config into the ledger: an upsert by id that never deletes anything.
 
 Every command loads the config before it runs, so loading must be safe to repeat: the same
-config adds nothing the second time. Merchants (with their rules), terminals (the TMK
-sealed by the security module) and demo cards are created or updated in place; every change of a
-merchant's `active` or a terminal's `enabled` goes into its history through the ledger's
-records API (clearing charges terminal fees from it). A demo card's config lots are accrued
-through the journal once each, as `config:<card number>:<index>`; a balance is never set. A lot
-whose figures changed after it was accrued is refused before anything is written: the journal
-is never edited, so a correction has to come as a new accrual.
+config adds nothing the second time. Only `serve` and `ledger load` change the two switches
+(a merchant's `active`, a terminal's `enabled`) of rows the ledger has (`switches`).
+Merchants (with their rules), terminals (the TMK sealed by the security module) and demo
+cards are created or updated in place; every change of a merchant's `active` or a
+terminal's `enabled` goes into its history through the ledger's records API (clearing
+charges terminal fees from it). A demo card's config lots are accrued through the journal
+once each, as `config:<card number>:<index>`; a balance is never set. A lot whose figures
+changed after it was accrued is refused before anything is written: the journal is never
+edited, so a correction has to come as a new accrual.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, time
 from typing import Any, cast
 
@@ -81,10 +83,22 @@ def config_lot_ref(card_number: str, index: int) -> str:
 
 
 def load_into_ledger(
-    session: Session, config: Config, security: SecurityModule, now: datetime
+    session: Session,
+    config: Config,
+    security: SecurityModule,
+    now: datetime,
+    *,
+    switches: bool = True,
 ) -> LoadReport:
     """Upsert the config's merchants, terminals and cards and accrue new config lots; TMKs
     are sealed and PIN references made by `security`.
+
+    Without `switches`, a merchant's `active` and a terminal's `enabled` are set only for one
+    the ledger does not have yet; one it has keeps the ledger's value, and where the config
+    says otherwise a line says so (`KEPT_SWITCH`). Every serving gateway follows the two
+    switches from the ledger within seconds (`gateway.follow`), so only `serve` and `vipgate
+    ledger load` change them: a card or points command run with an older config file must
+    not switch a terminal that was disabled (a stolen one) back on for every gateway.
 
     Runs in the caller's unit of work and raises `BadInput` before writing anything when a
     config lot differs from the lot accrued for it earlier, so a refused load changes nothing.
@@ -94,9 +108,22 @@ def load_into_ledger(
     _refuse_another_pin_key(session, config, security)
     _refuse_another_master_key(session, config, security)
     changes: list[str] = []
-    for merchant in config.merchants:
+    kept: list[str] = []
+    for listed in config.merchants:
+        merchant = listed
+        in_ledger = session.get(Merchant, listed.id)
+        if not switches and in_ledger is not None:
+            if in_ledger.active != listed.active:
+                kept.append(_kept(f"merchant {listed.id}", "active", in_ledger.active))
+            merchant = replace(listed, active=in_ledger.active)
         changes.extend(_load_merchant(session, merchant, now))
-    for terminal in config.terminals:
+    for entry in config.terminals:
+        terminal = entry
+        row = session.get(Terminal, entry.id)
+        if not switches and row is not None:
+            if row.enabled != entry.enabled:
+                kept.append(_kept(f"terminal {entry.id}", "enabled", row.enabled))
+            terminal = replace(entry, enabled=row.enabled)
         changes.extend(_load_terminal(session, terminal, security, now))
     when = moment_at(config, now)
     lots = points = 0
@@ -112,7 +139,18 @@ def load_into_ledger(
         lots_accrued=lots,
         points_accrued=points,
         changes=tuple(changes),
-        notes=tuple(_unlisted(session, config)),
+        notes=tuple(kept + _unlisted(session, config)),
+    )
+
+
+# What a load without `switches` says of a switch the config would have changed.
+KEPT_SWITCH = "{what}: {switch} stays {value} as the ledger has it (the config says {other});"
+KEPT_SWITCH += " only `vipgate ledger load` or `vipgate serve` with this config changes it"
+
+
+def _kept(what: str, switch: str, value: bool) -> str:
+    return KEPT_SWITCH.format(
+        what=what, switch=switch, value=str(value).lower(), other=str(not value).lower()
     )
 
 

@@ -476,7 +476,13 @@ def wire(config_path: Path, db_override: str | None, clock_start: datetime | Non
         _refuse_clock_before_ledger(load_config(config_path, db_override), clock_start)
     clock = StartedClock(clock_start) if clock_start is not None else None
     # A serving gateway waits for the ledger's lock less long than a command does.
-    base = bootstrap(config_path, db_override, clock=clock, busy_timeout_ms=SERVING_BUSY_TIMEOUT_MS)
+    base = bootstrap(
+        config_path,
+        db_override,
+        clock=clock,
+        switches=True,  # serve loads its config whole: the switches with the rest
+        busy_timeout_ms=SERVING_BUSY_TIMEOUT_MS,
+    )
     log.info("config_loaded", summary=base.loaded.summary())
     for note in base.loaded.notes:
         log.warning("config_note", note=note)

@@ -151,6 +151,45 @@ def test_the_first_command_reports_the_config_load_and_later_ones_stay_quiet(cli
     assert third.out.startswith(f"ledger check: all {len(CHECKS)} invariant checks hold")
 
 
+def test_only_ledger_load_switches_a_terminal_the_other_commands_keep_the_ledgers(
+    cli: Cli,
+) -> None:
+    """A stolen terminal disabled with `vipgate ledger load` of an edited config stays
+    disabled when a card command runs with the older config file, which still says enabled:
+    running gateways follow the switch from the ledger (`gateway.follow`), and a routine
+    command must not switch it back on for all of them. The command says so; a deliberate
+    `ledger load` of the older config does switch it back."""
+    enabled = 'id = "20000001"\nmerchant = "898310058120002"\nenabled = true'
+    content = cli.config.read_text(encoding="utf-8")
+    assert enabled in content
+    off = cli.config.with_name("off.toml")
+    off.write_text(content.replace(enabled, enabled.replace("true", "false")), encoding="utf-8")
+    assert main(["ledger", "load", "--config", str(off), "--db", cli.db_url]) == 0
+    status = cli.run("cards", "import", str(SAMPLES / "cards.csv"))
+    assert status.code == 0
+    assert (
+        f"{cli.config}: terminal 20000001: enabled stays false as the ledger has it (the config"
+        " says true); only `vipgate ledger load` or `vipgate serve` with this config changes it"
+    ) in status.out.splitlines()
+
+    def enabled_in_ledger() -> bool:
+        engine = make_engine(cli.db_url)
+        try:
+            with engine.connect() as connection:
+                return bool(
+                    connection.execute(
+                        text("SELECT enabled FROM terminals WHERE id = '20000001'")
+                    ).scalar_one()
+                )
+        finally:
+            engine.dispose()
+
+    assert not enabled_in_ledger()
+    load = cli.run("ledger", "load")
+    assert "  terminal 20000001: enabled false -> true" in load.out.splitlines()
+    assert enabled_in_ledger()
+
+
 def test_bad_csv_exits_2_names_every_bad_line_and_changes_nothing(cli: Cli) -> None:
     """The bad sample files are refused whole (exit 2) in one line naming each bad line."""
     cli.run("cards", "import", str(SAMPLES / "cards.csv"))

@@ -19,7 +19,7 @@ from gateway.clock import SHANGHAI, FixedClock
 from gateway.config import Config, load_config
 from gateway.errors import BadInput
 from gateway.keystore import FileKeyStore
-from gateway.ledger import make_engine, operations, unit_of_work
+from gateway.ledger import make_engine, migrate, operations, unit_of_work
 from gateway.ledger.invariants import check_invariants
 from gateway.ledger.models import (
     Base,
@@ -203,6 +203,56 @@ def test_every_change_of_active_and_enabled_is_recorded_with_its_time(
         ).all()
     assert [tuple(row) for row in merchant_history] == expected
     assert [tuple(row) for row in terminal_history] == expected
+
+
+def test_a_load_without_switches_keeps_the_ledgers_and_says_so(
+    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
+) -> None:
+    """A command's load (`switches=False`) with a config whose switches differ from the
+    ledger's keeps the ledger's, writes no history, and says why in a note; the rest of the
+    config is loaded. A merchant or terminal the ledger does not have yet takes the config's
+    switch."""
+    on = write_config(tmp_path / "on")
+    off = write_config(
+        tmp_path / "off", ("active = true", "active = false"), ("enabled = true", "enabled = false")
+    )
+    load(ledger_engine, off, keystore)
+    before = row_counts(ledger_engine)
+    renamed = write_config(
+        tmp_path / "renamed",
+        ('name = "Nanjing Road Department Store"', 'name = "Nanjing Road Store"'),
+    )
+    with unit_of_work(ledger_engine) as session:
+        report = load_into_ledger(
+            session, renamed, SoftwareSecurityModule(keystore), NOW, switches=False
+        )
+    assert report.changes == (
+        f"merchant {MERCHANT}: name Nanjing Road Department Store -> Nanjing Road Store",
+    )
+    assert report.notes[:2] == (
+        f"merchant {MERCHANT}: active stays false as the ledger has it (the config says true);"
+        " only `vipgate ledger load` or `vipgate serve` with this config changes it",
+        f"terminal {TERMINAL}: enabled stays false as the ledger has it (the config says true);"
+        " only `vipgate ledger load` or `vipgate serve` with this config changes it",
+    )
+    assert row_counts(ledger_engine) == before  # no history row
+    with unit_of_work(ledger_engine) as session:
+        merchant = session.get(Merchant, MERCHANT)
+        terminal = session.get(Terminal, TERMINAL)
+        assert merchant is not None and not merchant.active
+        assert merchant.name == "Nanjing Road Store"
+        assert terminal is not None and not terminal.enabled
+    switched = load(ledger_engine, on, keystore).changes  # `vipgate ledger load`'s way
+    assert f"merchant {MERCHANT}: active false -> true" in switched
+    assert f"terminal {TERMINAL}: enabled false -> true" in switched
+    fresh = make_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+    migrate(fresh)
+    with unit_of_work(fresh) as session:
+        load_into_ledger(session, off, SoftwareSecurityModule(keystore), NOW, switches=False)
+    with unit_of_work(fresh) as session:
+        terminal = session.get(Terminal, TERMINAL)
+        assert terminal is not None and not terminal.enabled  # new: the config's switch
+    fresh.dispose()
 
 
 COFFEE_TERMINAL = """[[terminals]]
@@ -524,9 +574,9 @@ def test_what_fails_after_the_load_is_not_run_again_and_rolls_the_load_back(
     back with the work."""
     runs: list[int] = []
 
-    def counted(*args: object) -> LoadReport:
+    def counted(*args: object, **options: bool) -> LoadReport:
         runs.append(1)
-        return load_into_ledger(*args)  # type: ignore[arg-type]
+        return load_into_ledger(*args, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(bootstrap_module, "load_into_ledger", counted)
     config = write_config(tmp_path)

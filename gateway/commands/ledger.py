@@ -41,7 +41,7 @@ def register(subparsers: Any, common: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace) -> int:
     """The config loaded on purpose (commands that only read the ledger do not load it): a
     line of what it holds and one per change, or that nothing changed."""
-    with wired(args.config, args.db) as wiring:
+    with wired(args.config, args.db, switches=True) as wiring:
         if not wiring.loaded.changed:
             print(f"{args.config}: {wiring.loaded.summary()}")
     return 0
