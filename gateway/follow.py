@@ -17,7 +17,11 @@ charges the terminal's fee for it (`clearing.close`, SERVED). A terminal or merc
 knows and this gateway's config does not stays unknown here (this process has no TMK for it),
 and one the ledger lacks keeps its config's value. A failed read keeps what was known and is
 tried again at the next interval; the sessions' read of the same group reports an unreachable
-ledger (`ledger_unreachable`).
+ledger (`ledger_unreachable`); a group whose read of the sessions failed does not look.
+
+A look is one query of two counts (well under a millisecond); after a change, every
+terminal's and merchant's switch is read again: about 2 ms for 1,000 terminals, and 80-100 ms
+on the ledger thread for 100,000, once per change.
 """
 
 from __future__ import annotations
@@ -68,15 +72,19 @@ class Switches:
         self._merchants = dict(merchants)
         self._counts: tuple[int, int] | None = None
         self._looked: datetime | None = None
+        self._failing = False
         self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
 
-    def current(self) -> tuple[dict[str, TerminalConfig], dict[str, MerchantConfig]]:
+    def current(
+        self, *, reachable: bool = True
+    ) -> tuple[dict[str, TerminalConfig], dict[str, MerchantConfig]]:
         """The terminals and merchants by id, after a look at the ledger when one is due (the
         first call looks at once). The dictionaries are replaced, never changed in place, so
-        a group keeps one view of them."""
+        a group keeps one view of them. Not `reachable` (the group's read of the sessions
+        failed just now): no look, which would only wait for the same outage again."""
         now = self._clock.now()
         looked = self._looked
-        if looked is None or now - looked >= self._every or now < looked:
+        if reachable and (looked is None or now - looked >= self._every or now < looked):
             self._looked = now
             self._look()
         return self._terminals, self._merchants
@@ -89,8 +97,16 @@ class Switches:
                     return
                 enabled = {str(i): bool(on) for i, on in driver.execute(_TERMINALS).fetchall()}
                 active = {str(i): bool(on) for i, on in driver.execute(_MERCHANTS).fetchall()}
-        except (SQLAlchemyError, self._driver_error):
-            return  # kept as known; the group's read of the sessions logs the outage
+        except (SQLAlchemyError, self._driver_error) as error:
+            # Kept as known, and looked at again at the next interval. Said once a failing
+            # spell (an outage is also logged by the sessions' read, `ledger_unreachable`).
+            if not self._failing:
+                self._failing = True
+                log.warning("switches_not_read", error=type(error).__name__)
+            return
+        if self._failing:
+            self._failing = False
+            log.info("switches_read_again")
         self._terminals = _followed(self._terminals, enabled, "enabled", "terminal")
         self._merchants = _followed(self._merchants, active, "active", "merchant")
         self._counts = counts

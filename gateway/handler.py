@@ -270,7 +270,7 @@ class Gateway:
         pending: list[_Pending] = []
         sessions = self._sessions.view(_terminal_ids(decoded))
         # A terminal's `enabled` and a merchant's `active` as the ledger says (`Switches`).
-        self._terminals, self._merchants = self._switches.current()
+        self._terminals, self._merchants = self._switches.current(reachable=sessions.available)
         # One reading of the clock for the group: its requests are answered by one commit,
         # and they share the instant, the business date and the answer's time fields.
         moment = self._moment()

@@ -119,3 +119,19 @@ def test_a_link_broken_under_the_commit_is_an_unknown_outcome(engine: Engine) ->
     with unit_of_work(engine) as session:
         log_one(session, 1)
     assert logged(engine) == 1
+
+
+def test_a_savepoint_released_does_not_commit_the_transaction(engine: Engine) -> None:
+    """SQLAlchemy runs the hook at a savepoint's release too: the held-back writes go out
+    there, but the COMMIT waits for the transaction's own end, so a failure after the
+    savepoint still rolls everything back."""
+    seen: list[TransactionStatus] = []
+    with pytest.raises(RuntimeError), unit_of_work(engine) as session:
+        log_one(session, 1)
+        driver = driver_of(session)
+        with session.begin_nested():
+            log_one(session, 2)
+        seen.append(driver.info.transaction_status)
+        raise RuntimeError("after the savepoint")
+    assert seen == [TransactionStatus.INTRANS]
+    assert logged(engine) == 0

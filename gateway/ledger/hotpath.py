@@ -597,7 +597,11 @@ class HotLedger:
         a COMMIT sent alone."""
         if not self._deferred:
             return
-        committing = not (session.new or session.dirty or session.deleted)
+        # Not at a savepoint's release (SQLAlchemy calls this hook there too), and not with
+        # ORM changes still to flush after it.
+        committing = not (
+            session.in_nested_transaction() or session.new or session.dirty or session.deleted
+        )
         try:
             with self._driver.pipeline():
                 self._send_deferred()
