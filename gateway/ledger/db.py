@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 from weakref import WeakKeyDictionary
@@ -151,9 +152,17 @@ def reading_driver(engine: Engine) -> Iterator[Any]:
 
     On SQLite, a thread that holds a connection (`holding_connection`) reads on it, between
     its units of work: a second connection would find its page cache stale after every
-    commit of the first, and read those pages again."""
+    commit of the first, and read those pages again. On PostgreSQL such a thread keeps a
+    second connection for its reads, in autocommit (`_held_reader`): one round trip a read,
+    where a connection taken from the pool for it cost four (the pool's ping, BEGIN, the
+    statement, and the ROLLBACK as it went back)."""
     ticket = _ticket(engine)
     held: dict[Engine, Connection | None] | None = getattr(_THREAD, "held", None)
+    if held is not None and engine in held and engine.dialect.name == "postgresql":
+        with _held_reader(engine) as driver:
+            yield driver
+        _owe(ticket)
+        return
     connection = held.get(engine) if held is not None and engine.dialect.name == "sqlite" else None
     if connection is not None and not connection.closed and not _in_transaction(connection):
         yield connection.connection.driver_connection
@@ -164,6 +173,61 @@ def reading_driver(engine: Engine) -> Iterator[Any]:
         finally:
             raw.close()
     _owe(ticket)
+
+
+@contextmanager
+def _held_reader(engine: Engine) -> Iterator[Any]:
+    """The holding thread's reading connection on a PostgreSQL engine, in autocommit: each
+    statement its own snapshot, as a read in a transaction of its own was. Taken from the
+    pool (pinged) when there is none; idle for `READER_PING_AFTER_S`, it is asked whether it
+    is still there first (a PostgreSQL restart meanwhile ends it, and the group's read would
+    fail where the pool's ping would have taken another); one whose read failed is given up
+    (invalidated), and the next read takes another."""
+    readers: dict[Engine, _Reader] = _THREAD.__dict__.setdefault("readers", {})
+    reader = readers.get(engine)
+    now = time.monotonic()
+    if reader is not None and now - reader.used > READER_PING_AFTER_S:
+        try:
+            reader.connection.driver_connection.execute("SELECT 1")  # type: ignore[union-attr]
+        except engine.dialect.loaded_dbapi.Error:
+            del readers[engine]
+            reader.connection.invalidate()
+            reader = None
+    if reader is None:
+        connection = engine.raw_connection()
+        try:
+            connection.driver_connection.autocommit = True  # type: ignore[union-attr]
+        except BaseException:
+            connection.invalidate()
+            raise
+        reader = readers[engine] = _Reader(connection)
+    reader.used = now
+    try:
+        yield reader.connection.driver_connection
+    except BaseException:
+        del readers[engine]
+        reader.connection.invalidate()
+        raise
+
+
+# A held reading connection idle this long is pinged before a read (`_held_reader`), as the
+# flush connection is before a commit counts on it (`FLUSH_PING_AFTER_S`).
+READER_PING_AFTER_S = 0.5
+
+
+@dataclass
+class _Reader:
+    connection: PoolProxiedConnection
+    used: float = 0.0
+
+
+def _close_held_reader(engine: Engine) -> None:
+    """The holding thread's reading connection given up when its hold ends (not back to the
+    pool: other users of the pool expect a connection that is not in autocommit)."""
+    readers: dict[Engine, _Reader] | None = getattr(_THREAD, "readers", None)
+    reader = None if readers is None else readers.pop(engine, None)
+    if reader is not None:
+        reader.connection.invalidate()
 
 
 class _WriterLock:
@@ -569,6 +633,7 @@ def holding_connection(engine: Engine) -> Iterator[None]:
         connection = held.pop(engine, None)
         if connection is not None:
             connection.close()
+        _close_held_reader(engine)
 
 
 @contextmanager
