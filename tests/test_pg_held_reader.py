@@ -5,6 +5,7 @@ instead of the pool's ping, BEGIN, the statement and ROLLBACK."""
 from __future__ import annotations
 
 import itertools
+import select
 import time
 from collections.abc import Iterator
 
@@ -68,16 +69,31 @@ def test_reads_share_one_connection_in_autocommit_until_the_hold_ends(engine: En
     assert outside is not first and not outside.autocommit
 
 
-def test_a_read_whose_connection_ended_fails_once_and_the_next_takes_another(
-    engine: Engine,
+def test_a_read_that_fails_gives_its_connection_up(engine: Engine) -> None:
+    """The read fails (for the sessions' read: `96`, nothing changed), and its connection is
+    given up: the next read works on a new one."""
+    with holding_connection(engine):
+        first, _ = read_one(engine)
+        with pytest.raises(psycopg.Error), reading_driver(engine) as driver:
+            driver.execute("SELECT no_such_column FROM no_such_table")
+        again, value = read_one(engine)
+        assert again is not first and value == 1
+        assert first.closed
+
+
+def test_a_connection_the_server_ended_is_replaced_before_the_read(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The read fails (the sessions' read then answers `96`, nothing changed), and its
-    connection is given up: the next read works on a new one."""
+    """The server ended the connection (a restart quicker than the idle ping's 0.5 s, or
+    `pg_terminate_backend`) and said so: the next read sees that without a round trip,
+    pings, and reads on a new connection, instead of failing a group with `96`."""
+    monkeypatch.setattr(db, "READER_PING_AFTER_S", 3600.0)  # only what the server said counts
     with holding_connection(engine):
         first, _ = read_one(engine)
         cut(engine, first)
-        with pytest.raises(psycopg.OperationalError):
-            read_one(engine)
+        watch = select.poll()
+        watch.register(first.fileno(), select.POLLIN)
+        assert watch.poll(10_000), "the server did not close the connection"
         again, value = read_one(engine)
         assert again is not first and value == 1
 

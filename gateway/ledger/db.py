@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import sqlite3
 import threading
 import time
@@ -186,7 +187,9 @@ def _held_reader(engine: Engine) -> Iterator[Any]:
     readers: dict[Engine, _Reader] = _THREAD.__dict__.setdefault("readers", {})
     reader = readers.get(engine)
     now = time.monotonic()
-    if reader is not None and now - reader.used > READER_PING_AFTER_S:
+    if reader is not None and (
+        now - reader.used > READER_PING_AFTER_S or _has_word(reader.connection)
+    ):
         try:
             reader.connection.driver_connection.execute("SELECT 1")  # type: ignore[union-attr]
         except engine.dialect.loaded_dbapi.Error:
@@ -205,13 +208,27 @@ def _held_reader(engine: Engine) -> Iterator[Any]:
     try:
         yield reader.connection.driver_connection
     except BaseException:
-        del readers[engine]
+        readers.pop(engine, None)
         reader.connection.invalidate()
         raise
 
 
+def _has_word(connection: PoolProxiedConnection) -> bool:
+    """Whether the server sent something to an idle connection, without a round trip: a
+    server that stops (a restart, `pg_terminate_backend`) says so and closes the socket,
+    however soon it is back. Then the connection is pinged before a read counts on it."""
+    try:
+        fileno = connection.driver_connection.fileno()  # type: ignore[union-attr]
+    except Exception:  # closed: the ping says so
+        return True
+    watch = select.poll()
+    watch.register(fileno, select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(watch.poll(0))
+
+
 # A held reading connection idle this long is pinged before a read (`_held_reader`), as the
-# flush connection is before a commit counts on it (`FLUSH_PING_AFTER_S`).
+# flush connection is before a commit counts on it (`FLUSH_PING_AFTER_S`); so is one the
+# server sent something to meanwhile (`_has_word`).
 READER_PING_AFTER_S = 0.5
 
 
