@@ -5,6 +5,7 @@ that answers a group only after a flush on a connection open before the group be
 from __future__ import annotations
 
 import itertools
+import select
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -86,11 +87,33 @@ def test_a_lost_flush_connection_confirms_nothing_committed_before_it_was_back(
 ) -> None:
     sync_after_release(engine)
     write(engine, "before")
-    cut(engine)
-    with pytest.raises(CommitOutcomeUnknownError, match="WAL flush failed"):
-        write(engine, "unconfirmed")
+    with (
+        pytest.raises(CommitOutcomeUnknownError, match="WAL flush failed"),
+        unit_of_work(engine) as session,
+    ):
+        session.execute(text("INSERT INTO notes (body) VALUES ('unconfirmed')"))
+        cut(engine)  # after this unit of work took its ticket
     write(engine, "after")  # the flush connection is opened again before this one began
     assert notes(engine) == ["before", "unconfirmed", "after"]
+
+
+def test_a_flush_connection_the_server_ended_is_opened_again_before_the_next_unit(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ended the idle flush connection (a restart quicker than the idle ping's
+    0.5 s) and said so: the next unit of work sees that without a round trip and opens it
+    again before it begins, so its answers are given."""
+    monkeypatch.setattr(db, "FLUSH_PING_AFTER_S", 3600.0)  # only what the server said counts
+    sync_after_release(engine)
+    write(engine, "before")
+    ended = flushing(engine)._driver
+    cut(engine)
+    watch = select.poll()
+    watch.register(ended.fileno(), select.POLLIN)
+    assert watch.poll(10_000), "the server did not close the connection"
+    write(engine, "after")
+    assert flushing(engine)._driver is not ended
+    assert notes(engine) == ["before", "after"]
 
 
 def test_a_ticket_from_before_the_connection_was_opened_again_is_refused(

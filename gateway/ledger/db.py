@@ -217,8 +217,13 @@ def _has_word(connection: PoolProxiedConnection) -> bool:
     """Whether the server sent something to an idle connection, without a round trip: a
     server that stops (a restart, `pg_terminate_backend`) says so and closes the socket,
     however soon it is back. Then the connection is pinged before a read counts on it."""
+    return _socket_has_word(connection.driver_connection)
+
+
+def _socket_has_word(driver: Any) -> bool:
+    """`_has_word` for a driver's connection (`_WalFlush`'s own)."""
     try:
-        fileno = connection.driver_connection.fileno()  # type: ignore[union-attr]
+        fileno = driver.fileno()
     except Exception:  # closed: the ping says so
         return True
     watch = select.poll()
@@ -423,11 +428,17 @@ class _WalFlush:
     def ticket(self) -> _FlushTicket:
         """What a commit made from now on owes: a flush on the connection open now (opened
         again here if it was lost: taken before the commit begins, so it is in time)."""
-        if self._driver is None or time.monotonic() - self._used_at > FLUSH_PING_AFTER_S:
-            # Lost, or idle a while (an outage, a quiet night): is it still there? A server
-            # that restarted meanwhile ended it, and a flush on it would fail the next
-            # answers. Only then the lock: under load a flush holds it while the disk works,
-            # and the ledger thread must not wait for that to begin its next group.
+        if (
+            self._driver is None
+            or time.monotonic() - self._used_at > FLUSH_PING_AFTER_S
+            or (not self._lock.locked() and _socket_has_word(self._driver))
+        ):
+            # Lost, idle a while (an outage, a quiet night), or the server said something
+            # while no flush was running (a restart ends the connection and says so, however
+            # soon the server is back): is it still there? A flush on a connection a restart
+            # ended would fail the next answers. Only then the lock: under load a flush holds
+            # it while the disk works, and the ledger thread must not wait for that to begin
+            # its next group.
             with self._lock:
                 if self._driver is not None:
                     try:
