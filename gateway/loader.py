@@ -18,7 +18,7 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import date, datetime, time
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
@@ -110,20 +110,10 @@ def load_into_ledger(
     changes: list[str] = []
     kept: list[str] = []
     for listed in config.merchants:
-        merchant = listed
-        in_ledger = session.get(Merchant, listed.id)
-        if not switches and in_ledger is not None:
-            if in_ledger.active != listed.active:
-                kept.append(_kept(f"merchant {listed.id}", "active", in_ledger.active))
-            merchant = replace(listed, active=in_ledger.active)
+        merchant = listed if switches else _switch_kept(session, Merchant, listed, "active", kept)
         changes.extend(_load_merchant(session, merchant, now))
     for entry in config.terminals:
-        terminal = entry
-        row = session.get(Terminal, entry.id)
-        if not switches and row is not None:
-            if row.enabled != entry.enabled:
-                kept.append(_kept(f"terminal {entry.id}", "enabled", row.enabled))
-            terminal = replace(entry, enabled=row.enabled)
+        terminal = entry if switches else _switch_kept(session, Terminal, entry, "enabled", kept)
         changes.extend(_load_terminal(session, terminal, security, now))
     when = moment_at(config, now)
     lots = points = 0
@@ -148,10 +138,30 @@ KEPT_SWITCH = "{what}: {switch} stays {value} as the ledger has it (the config s
 KEPT_SWITCH += " only `vipgate ledger load` or `vipgate serve` with this config changes it"
 
 
-def _kept(what: str, switch: str, value: bool) -> str:
-    return KEPT_SWITCH.format(
-        what=what, switch=switch, value=str(value).lower(), other=str(not value).lower()
-    )
+_Switched = TypeVar("_Switched", MerchantConfig, TerminalConfig)
+
+
+def _switch_kept(
+    session: Session,
+    model: type[Merchant | Terminal],
+    listed: _Switched,
+    switch: str,
+    kept: list[str],
+) -> _Switched:
+    """`listed` with its switch as the ledger's row has it (the config's for a new one); a
+    line in `kept` when the two differ."""
+    row = session.get(model, listed.id)
+    if row is None:
+        return listed
+    value: bool = getattr(row, switch)
+    if value != getattr(listed, switch):
+        what = f"{'merchant' if model is Merchant else 'terminal'} {listed.id}"
+        kept.append(
+            KEPT_SWITCH.format(
+                what=what, switch=switch, value=str(value).lower(), other=str(not value).lower()
+            )
+        )
+    return replace(listed, **{switch: value})  # type: ignore[arg-type]
 
 
 # --- refusals before any write ---------------------------------------------------------------

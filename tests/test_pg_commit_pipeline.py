@@ -37,6 +37,19 @@ def log_one(session: Session, trace: int, at: datetime = START) -> None:
     hot_ledger(session).log_requests([(identity, b"\x01" * 32, {"39": "00"}, at)])
 
 
+def orm_row(trace: int, digest_byte: bytes) -> LoggedRequest:
+    """A request log entry written through the ORM (flushed at the commit)."""
+    return LoggedRequest(
+        terminal_id=TERMINAL_ID,
+        batch_number=1,
+        trace=trace,
+        request_class=RequestClass.REQUEST,
+        digest=digest_byte * 32,
+        answer={"39": "00"},
+        recorded_at=START,
+    )
+
+
 def logged(engine: Engine) -> int:
     with unit_of_work(engine) as session:
         return int(session.scalar(select(func.count()).select_from(LoggedRequest)) or 0)
@@ -70,17 +83,7 @@ def test_orm_changes_left_to_flush_commit_with_the_held_back_writes(engine: Engi
     with holding_connection(engine), unit_of_work(engine) as session:
         log_one(session, 1)
         driver = driver_of(session)
-        session.add(
-            LoggedRequest(
-                terminal_id=TERMINAL_ID,
-                batch_number=1,
-                trace=2,
-                request_class=RequestClass.REQUEST,
-                digest=b"\x02" * 32,
-                answer={"39": "00"},
-                recorded_at=START,
-            )
-        )
+        session.add(orm_row(2, b"\x02"))
         event.listen(
             session, "before_commit", lambda _: seen.append(driver.info.transaction_status)
         )
@@ -92,17 +95,7 @@ def test_orm_changes_left_to_flush_commit_with_the_held_back_writes(engine: Engi
         unit_of_work(engine) as session,
     ):
         log_one(session, 3)
-        session.add(  # the same identity as trace 2: the flush fails
-            LoggedRequest(
-                terminal_id=TERMINAL_ID,
-                batch_number=1,
-                trace=2,
-                request_class=RequestClass.REQUEST,
-                digest=b"\x03" * 32,
-                answer={"39": "00"},
-                recorded_at=START,
-            )
-        )
+        session.add(orm_row(2, b"\x03"))  # the same identity as trace 2: the flush fails
     assert logged(engine) == 2  # trace 3's held-back write rolled back with it
 
 
