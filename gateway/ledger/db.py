@@ -180,15 +180,16 @@ def reading_driver(engine: Engine) -> Iterator[Any]:
 def _held_reader(engine: Engine) -> Iterator[Any]:
     """The holding thread's reading connection on a PostgreSQL engine, in autocommit: each
     statement its own snapshot, as a read in a transaction of its own was. Taken from the
-    pool (pinged) when there is none; idle for `READER_PING_AFTER_S`, it is asked whether it
-    is still there first (a PostgreSQL restart meanwhile ends it, and the group's read would
-    fail where the pool's ping would have taken another); one whose read failed is given up
-    (invalidated), and the next read takes another."""
+    pool (pinged) when there is none; idle for `READER_PING_AFTER_S`, or told something by
+    the server meanwhile (`_has_word`), it is asked whether it is still there first (a
+    PostgreSQL restart ends it, and the group's read would fail where the pool's ping would
+    have taken another); one whose read failed is given up (invalidated), and the next read
+    takes another."""
     readers: dict[Engine, _Reader] = _THREAD.__dict__.setdefault("readers", {})
     reader = readers.get(engine)
     now = time.monotonic()
     if reader is not None and (
-        now - reader.used > READER_PING_AFTER_S or _has_word(reader.connection)
+        now - reader.used > READER_PING_AFTER_S or _has_word(reader.connection.driver_connection)
     ):
         try:
             reader.connection.driver_connection.execute("SELECT 1")  # type: ignore[union-attr]
@@ -213,15 +214,11 @@ def _held_reader(engine: Engine) -> Iterator[Any]:
         raise
 
 
-def _has_word(connection: PoolProxiedConnection) -> bool:
-    """Whether the server sent something to an idle connection, without a round trip: a
-    server that stops (a restart, `pg_terminate_backend`) says so and closes the socket,
-    however soon it is back. Then the connection is pinged before a read counts on it."""
-    return _socket_has_word(connection.driver_connection)
-
-
-def _socket_has_word(driver: Any) -> bool:
-    """`_has_word` for a driver's connection (`_WalFlush`'s own)."""
+def _has_word(driver: Any) -> bool:
+    """Whether the server sent something to an idle driver connection, without a round
+    trip: a server that stops (a restart, `pg_terminate_backend`) says so and closes the
+    socket, however soon it is back. Then the connection is pinged before it is counted on
+    (`_held_reader`, `_WalFlush.ticket`)."""
     try:
         fileno = driver.fileno()
     except Exception:  # closed: the ping says so
@@ -431,7 +428,7 @@ class _WalFlush:
         if (
             self._driver is None
             or time.monotonic() - self._used_at > FLUSH_PING_AFTER_S
-            or (not self._lock.locked() and _socket_has_word(self._driver))
+            or (not self._lock.locked() and _has_word(self._driver))
         ):
             # Lost, idle a while (an outage, a quiet night), or the server said something
             # while no flush was running (a restart ends the connection and says so, however
