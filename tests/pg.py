@@ -36,6 +36,9 @@ class PgServer:
     folder: Path
     port: int
     durable: bool = False
+    host: str = "127.0.0.1"
+    # The process whose network namespace the server runs in (`nsenter`), or None for ours.
+    netns: int | None = None
 
     @property
     def data(self) -> Path:
@@ -43,12 +46,12 @@ class PgServer:
 
     def url(self, database: str) -> str:
         """A SQLAlchemy URL for one database of this server."""
-        return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql+psycopg://{SUPERUSER}@{self.host}:{self.port}/{database}"
 
     def admin(self) -> psycopg.Connection[tuple[object, ...]]:
         """An autocommit connection to the maintenance database, for CREATE/DROP DATABASE."""
         return psycopg.connect(
-            host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres", autocommit=True
+            host=self.host, port=self.port, user=SUPERUSER, dbname="postgres", autocommit=True
         )
 
     def create_database(self, name: str, template: str | None = None) -> str:
@@ -70,10 +73,13 @@ def missing_binaries() -> str | None:
     return None
 
 
-def _as_server_user(command: list[str]) -> list[str]:
-    """PostgreSQL will not run as root: when we are root, run it as the postgres user."""
+def _as_server_user(command: list[str], netns: int | None = None) -> list[str]:
+    """PostgreSQL will not run as root: when we are root, run it as the postgres user; in
+    the network namespace of process `netns` when given."""
     if os.geteuid() == 0:
-        return ["runuser", "-u", RUN_AS, "--", *command]
+        command = ["runuser", "-u", RUN_AS, "--", *command]
+    if netns is not None:
+        command = ["nsenter", "-t", str(netns), "-n", "--", *command]
     return command
 
 
@@ -84,16 +90,18 @@ def _free_port() -> int:
         return port
 
 
-def start(*, durable: bool = False) -> PgServer:
+def start(*, durable: bool = False, host: str = "127.0.0.1", netns: int | None = None) -> PgServer:
     """initdb into a new temporary folder and start the server; the caller must `stop` it.
     With `durable`, commits are synced to disk (fsync, synchronous_commit and
-    full_page_writes as PostgreSQL's defaults have them); without, they are not."""
+    full_page_writes as PostgreSQL's defaults have them); without, they are not. The server
+    listens on `host`, in the network namespace of process `netns` when given."""
     folder = Path(tempfile.mkdtemp(prefix="vipgate-pg-"))
     if os.geteuid() == 0:
         shutil.chown(folder, RUN_AS, RUN_AS)
-    server = PgServer(folder, _free_port(), durable)
+    server = PgServer(folder, _free_port(), durable, host, netns)
     try:
         _run(
+            server,
             [
                 str(PG_BIN / "initdb"),
                 "-D", str(server.data),
@@ -104,6 +112,9 @@ def start(*, durable: bool = False) -> PgServer:
                 "--no-sync",
             ]
         )  # fmt: skip
+        if host != "127.0.0.1":  # initdb trusts loopback only: the subnet of `host` too
+            with (server.data / "pg_hba.conf").open("a") as rules:
+                rules.write("host all all samenet trust\n")
         _start_server(server)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -112,11 +123,12 @@ def start(*, durable: bool = False) -> PgServer:
 
 
 def _start_server(server: PgServer) -> None:
-    options = f"-c listen_addresses=127.0.0.1 -p {server.port} -k {server.folder} "
+    options = f"-c listen_addresses={server.host} -p {server.port} -k {server.folder} "
     if not server.durable:
         options += "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
     options += "-c max_connections=200"
     _run(
+        server,
         [
             str(PG_BIN / "pg_ctl"),
             "-D", str(server.data),
@@ -149,7 +161,7 @@ def check_durable(server: PgServer) -> None:
 
 def pause(server: PgServer) -> None:
     """Stop the server but keep its data, as an outage would (`resume` brings it back)."""
-    _run([str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-m", "fast", "-w", "stop"])
+    _run(server, [str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-m", "fast", "-w", "stop"])
 
 
 def resume(server: PgServer) -> None:
@@ -160,14 +172,14 @@ def resume(server: PgServer) -> None:
 def stop(server: PgServer) -> None:
     """Stop the server (fast shutdown: open sessions are ended) and remove its folder."""
     try:
-        _run([str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-m", "fast", "-w", "stop"])
+        _run(server, [str(PG_BIN / "pg_ctl"), "-D", str(server.data), "-m", "fast", "-w", "stop"])
     finally:
         shutil.rmtree(server.folder, ignore_errors=True)
 
 
-def _run(command: list[str]) -> None:
+def _run(server: PgServer, command: list[str]) -> None:
     completed = subprocess.run(
-        _as_server_user(command), capture_output=True, text=True, check=False, cwd="/"
+        _as_server_user(command, server.netns), capture_output=True, text=True, check=False, cwd="/"
     )
     if completed.returncode != 0:
         raise RuntimeError(

@@ -42,6 +42,22 @@ POSTGRES_POOL_SIZE = 5
 POSTGRES_MAX_OVERFLOW = 10
 POSTGRES_POOL_TIMEOUT_S = 30
 POSTGRES_CONNECT_TIMEOUT_S = 10
+# libpq's options for every PostgreSQL connection, unless the database URL names them
+# (`?tcp_user_timeout=20000`). A server whose host stops answering (a crash, a cable, a
+# failover) drops packets rather than refusing them, and the kernel would retransmit for
+# minutes while a ledger thread waits on its socket: data the server has not acknowledged
+# for `tcp_user_timeout` ms ends the link, and an idle link is probed after
+# `keepalives_idle` s, every `keepalives_interval` s, given up after `keepalives_count`
+# probes unanswered. A server that is only slow still acknowledges at once (its kernel
+# does), so a long statement is not cut short.
+POSTGRES_LINK_OPTIONS: dict[str, int] = {
+    "connect_timeout": POSTGRES_CONNECT_TIMEOUT_S,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -576,13 +592,15 @@ EXIT_LOG_SYNC_FAILED = 74
 
 
 def _postgres_engine(url: str) -> Engine:
+    named = make_url(url).query
     return create_engine(
         url,
         pool_size=POSTGRES_POOL_SIZE,
         max_overflow=POSTGRES_MAX_OVERFLOW,
         pool_timeout=POSTGRES_POOL_TIMEOUT_S,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": POSTGRES_CONNECT_TIMEOUT_S},
+        # (SQLAlchemy lets `connect_args` override the URL's own options: the URL's win here.)
+        connect_args={k: v for k, v in POSTGRES_LINK_OPTIONS.items() if k not in named},
     )
 
 

@@ -1,0 +1,141 @@
+"""A PostgreSQL server whose host goes silent, played in network namespaces of our own.
+
+Run as root inside a new network namespace (`unshare --net -- python -m tests.link_loss`):
+it links that namespace to a second one by a virtual Ethernet pair (nothing leaves the
+machine, nothing touches the host's own interfaces), starts a real PostgreSQL in the second,
+and connects to it with the ledger's own engine (`gateway.ledger.db.make_engine`). Then the
+server's namespace drops everything it would send back (a blackhole route: its links stay
+up), which is what a crashed or cut-off host looks like from the client's side: no reset,
+no refusal, nothing. It prints one JSON object: for each case, the seconds until the
+ledger's connection gave up, or null when it still waited at `GIVE_UP_S`.
+
+The ledger's link options (`db.POSTGRES_LINK_OPTIONS`) are made shorter here, the same
+options at a few seconds each, so the cases take seconds rather than the production values'
+tens of seconds. Exit status 77: this machine cannot make the namespaces (the test skips).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import text
+
+from gateway.ledger import db
+from tests import pg
+
+CANNOT = 77
+GIVE_UP_S = 15.0
+CLIENT, SERVER = "10.203.0.1", "10.203.0.2"
+SHORT = {
+    "connect_timeout": 2,
+    "keepalives_idle": 1,
+    "keepalives_interval": 1,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 2_000,
+}
+
+
+def _ip(*command: str, netns: int | None = None) -> None:
+    prefix = ["nsenter", "-t", str(netns), "-n", "--"] if netns is not None else []
+    subprocess.run([*prefix, "ip", *command], check=True, capture_output=True, text=True)
+
+
+def _second_namespace() -> subprocess.Popen[bytes]:
+    """A process holding a network namespace of its own, linked to ours by a veth pair."""
+    own = os.readlink("/proc/self/ns/net")
+    holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "600"])
+    deadline = time.monotonic() + 10
+    while os.readlink(f"/proc/{holder.pid}/ns/net") == own:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the second namespace was not made")
+        time.sleep(0.01)
+    _ip("link", "set", "lo", "up")
+    _ip("link", "add", "vgate", "type", "veth", "peer", "name", "vledger")
+    _ip("link", "set", "vledger", "netns", str(holder.pid))
+    _ip("addr", "add", f"{CLIENT}/30", "dev", "vgate")
+    _ip("link", "set", "vgate", "up")
+    for command in (
+        ("link", "set", "lo", "up"),
+        ("addr", "add", f"{SERVER}/30", "dev", "vledger"),
+        ("link", "set", "vledger", "up"),
+    ):
+        _ip(*command, netns=holder.pid)
+    return holder
+
+
+def _timed(work: Callable[[], object]) -> dict[str, Any]:
+    """Seconds until `work` raised or returned, on a thread of its own; null if still at it."""
+    ended: dict[str, Any] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            work()
+            ended["outcome"] = "returned"
+        except Exception as error:  # what ended it is the finding
+            ended["outcome"] = type(error).__name__
+        ended["seconds"] = round(time.monotonic() - started, 2)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(GIVE_UP_S)
+    return ended if ended else {"outcome": "still waiting", "seconds": None}
+
+
+def _cases(server: pg.PgServer) -> dict[str, dict[str, Any]]:
+    silence = ("route", "add", "blackhole", f"{CLIENT}/32")
+    speak = ("route", "del", "blackhole", f"{CLIENT}/32")
+    engine = db.make_engine(server.url("postgres"))
+    found: dict[str, dict[str, Any]] = {}
+    # A connection whose wait did not end is left as it is: closing it would wait too.
+    # A statement sent after the host went silent: unacknowledged data.
+    connection = engine.connect()
+    connection.execute(text("SELECT 1"))
+    _ip(*silence, netns=server.netns)
+    found["statement_into_silence"] = _timed(lambda: connection.execute(text("SELECT 1")))
+    _ip(*speak, netns=server.netns)
+    # A statement the server took (its kernel acknowledged it) before the host went silent:
+    # the client only waits for an answer, with nothing unacknowledged.
+    other = engine.connect()
+    other.execute(text("SELECT 1"))
+    threading.Timer(0.5, lambda: _ip(*silence, netns=server.netns)).start()
+    found["answer_from_silence"] = _timed(lambda: other.execute(text("SELECT pg_sleep(1)")))
+    # A new connection to the silent host.
+    found["connecting_into_silence"] = _timed(engine.connect)
+    _ip(*speak, netns=server.netns)
+    return found
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        print("link_loss: needs root for network namespaces", file=sys.stderr)
+        sys.exit(CANNOT)
+    try:
+        holder = _second_namespace()
+    except (OSError, subprocess.CalledProcessError, RuntimeError) as error:
+        print(f"link_loss: no namespaces here: {error}", file=sys.stderr)
+        sys.exit(CANNOT)
+    server: pg.PgServer | None = None
+    try:
+        server = pg.start(host=SERVER, netns=holder.pid)
+        db.POSTGRES_LINK_OPTIONS.update(SHORT)
+        print(json.dumps(_cases(server)), flush=True)
+    finally:
+        if server is not None:
+            _ip("route", "flush", "type", "blackhole", netns=holder.pid)
+            pg.stop(server)
+        holder.kill()
+        holder.wait()
+    # A thread still waiting on a silent socket must not keep the process.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
