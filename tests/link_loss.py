@@ -7,7 +7,8 @@ and connects to it with the ledger's own engine (`gateway.ledger.db.make_engine`
 server's namespace drops everything it would send back (a blackhole route: its links stay
 up), which is what a crashed or cut-off host looks like from the client's side: no reset,
 no refusal, nothing. It prints one JSON object: for each case, the seconds until the
-ledger's connection gave up, or null when it still waited at `GIVE_UP_S`.
+ledger's connection gave up, or null when it still waited at `GIVE_UP_S`; and what a
+terminal of `vipgate serve` was answered before, during and after the silence.
 
 The ledger's link options (`db.POSTGRES_LINK_OPTIONS`) are made shorter here, the same
 options at a few seconds each, so the cases take seconds rather than the production values'
@@ -18,17 +19,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import text
 
 from gateway.ledger import db
 from tests import pg
+from tests.gateway_harness import DEMO, DIAMOND, TMKS
+from tests.spec_terminal import Link, SpecTerminal
 
 CANNOT = 77
 GIVE_UP_S = 15.0
@@ -113,6 +120,67 @@ def _cases(server: pg.PgServer) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _served(server: pg.PgServer) -> dict[str, Any]:
+    """`vipgate serve` on that server (the same options, shortened, in its database URL: a
+    process of its own cannot be patched): a redemption approved, then one sent into the
+    silence, then one after the server's host speaks again."""
+    url = server.create_database("ledger") + "?" + "&".join(f"{k}={v}" for k, v in SHORT.items())
+    folder = Path(tempfile.mkdtemp(prefix="vipgate-link-loss-"))
+    config = folder / "demo.toml"
+    shutil.copy(DEMO, config)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(Path(sys.executable).with_name("vipgate")), "serve", "--config", str(config)]
+    command += ["--db", url, "--listen", f"127.0.0.1:{port}"]
+    command += ["--clock", "2026-11-21T11:00:00+08:00"]
+    log = (folder / "serve.log").open("w")
+    gateway = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    found: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 60
+        while '"listening"' not in (folder / "serve.log").read_text():
+            if time.monotonic() > deadline or gateway.poll() is not None:
+                raise RuntimeError(
+                    "vipgate serve did not start: " + (folder / "serve.log").read_text()
+                )
+            time.sleep(0.1)
+        merchant, suite, tmk = TMKS["10000001"]
+        terminal = SpecTerminal("10000001", merchant, suite, bytes.fromhex(tmk))
+        link = Link("127.0.0.1", port, timeout=GIVE_UP_S)
+        terminal.adopt_sign_on(
+            terminal.check(request := terminal.sign_on(), link.exchange(request))
+        )
+
+        def redeem() -> str:
+            card = terminal.card_fields(DIAMOND, "2906")
+            request = terminal.financial("0200", "000000", "22", card, amount_fen=100)
+            return terminal.check(request, link.exchange(request)).code
+
+        found["before"] = redeem()
+        _ip("route", "add", "blackhole", f"{CLIENT}/32", netns=server.netns)
+        started = time.monotonic()
+        try:
+            found["in_silence"] = redeem()
+        except OSError as error:  # no answer at all within GIVE_UP_S
+            found["in_silence"] = type(error).__name__
+        found["in_silence_seconds"] = round(time.monotonic() - started, 2)
+        _ip("route", "del", "blackhole", f"{CLIENT}/32", netns=server.netns)
+        time.sleep(1)
+        found["after"] = redeem()
+        found["serving"] = gateway.poll() is None
+        link.close()
+    finally:
+        gateway.terminate()
+        try:
+            gateway.wait(30)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+        log.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    return found
+
+
 def main() -> None:
     if os.geteuid() != 0:
         print("link_loss: needs root for network namespaces", file=sys.stderr)
@@ -126,7 +194,9 @@ def main() -> None:
     try:
         server = pg.start(host=SERVER, netns=holder.pid)
         db.POSTGRES_LINK_OPTIONS.update(SHORT)
-        print(json.dumps(_cases(server)), flush=True)
+        found: dict[str, Any] = dict(_cases(server))
+        found["served"] = _served(server)
+        print(json.dumps(found), flush=True)
     finally:
         if server is not None:
             _ip("route", "flush", "type", "blackhole", netns=holder.pid)

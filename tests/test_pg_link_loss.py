@@ -61,6 +61,8 @@ def test_the_database_url_s_own_options_win(postgres_ledger: str) -> None:
 
 
 def test_a_silent_server_host_ends_every_kind_of_wait_within_seconds() -> None:
+    """In network namespaces of the test's own (`tests/link_loss.py`): the ledger's engine,
+    then `vipgate serve`, against a PostgreSQL whose host stops answering."""
     if pg.missing_binaries() is not None:
         pytest.skip(pg.missing_binaries() or "")
     if os.geteuid() != 0 or not all(map(shutil.which, ("unshare", "nsenter", "ip"))):
@@ -77,6 +79,7 @@ def test_a_silent_server_host_ends_every_kind_of_wait_within_seconds() -> None:
         pytest.skip(completed.stderr.strip())
     assert completed.returncode == 0, completed.stderr
     cases = json.loads(completed.stdout.strip().splitlines()[-1])
+    served = cases.pop("served")
     assert set(cases) == {
         "statement_into_silence",
         "answer_from_silence",
@@ -87,3 +90,9 @@ def test_a_silent_server_host_ends_every_kind_of_wait_within_seconds() -> None:
         assert ended["outcome"] == "OperationalError", (name, ended)
         # Ended by the timeouts, not refused at once, and long before the kernel's minutes.
         assert shortest <= ended["seconds"] <= 8, (name, ended)
+    # `vipgate serve`: a redemption sent into the silence is answered `96` (its group's
+    # link ended, the request ran again alone and could not connect), in seconds, and the
+    # gateway approves again once the host speaks.
+    assert (served["before"], served["in_silence"], served["after"]) == ("00", "96", "00")
+    assert served["in_silence_seconds"] <= 12, served
+    assert served["serving"]
