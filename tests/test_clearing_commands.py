@@ -185,7 +185,40 @@ def test_reconcile_of_a_month_not_closed_changes_nothing(
     finally:
         engine.dispose()
     assert main(["clear", *arguments, "--out", str(out)]) == 0
-    assert f"{config_path}: 2 merchants, 3 terminals, 5 cards" in capsys.readouterr().out
+    assert str(config_path) not in capsys.readouterr().out  # `clear` loads no config either
+
+
+def test_clear_takes_nothing_from_its_config_into_the_ledger(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The month's figures are the ledger's: `clear` run with a config whose fee differs
+    from the rate the gateways loaded (and charged) changes no merchant's fee, so the close's
+    M records say the rate the month was charged at; nor does it write the config's cards."""
+    arguments = ["--config", str(config_path)]
+    assert main(["ledger", "load", *arguments]) == 0
+    text = config_path.read_text(encoding="utf-8")
+    config_path.write_text(text.replace("fee_bp = 80\n", "fee_bp = 30\n", 1), encoding="utf-8")
+    capsys.readouterr()
+    out = config_path.parent / "out"
+    assert main(["clear", *arguments, "--month", "2026-11", "--out", str(out)]) == 0
+    assert "fee_bp" not in capsys.readouterr().out
+    engine = make_engine(f"sqlite:///{config_path.parent / 'var' / 'vipgate.db'}")
+    try:
+        with unit_of_work(engine) as session:
+            fees = {m.id: m.fee_bp for m in session.scalars(select(Merchant))}
+    finally:
+        engine.dispose()
+    assert fees == {"898310048990001": 80, "898310058120002": 60}
+    # A ledger `clear` finds empty stays empty: no demo merchants, terminals or cards.
+    other = config_path.parent / "empty.db"
+    empty = ["--config", str(DEMO), "--db", f"sqlite:///{other}", "--month", "2026-11"]
+    assert main(["clear", *empty, "--out", str(config_path.parent / "out2")]) == 0
+    engine = make_engine(f"sqlite:///{other}")
+    try:
+        with unit_of_work(engine) as session:
+            assert session.scalar(select(func.count()).select_from(Merchant)) == 0
+    finally:
+        engine.dispose()
 
 
 def test_an_out_that_cannot_be_made_is_refused_before_the_config_load(

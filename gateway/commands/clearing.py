@@ -80,6 +80,11 @@ def clear_command(args: argparse.Namespace) -> int:
         args.db,
         check=check,
         refuse=lambda session, _config, _clock: refuse_unclosable(session, month),
+        # The month's figures are the ledger's: the rates the gateways charged and the
+        # merchants they served. A config loaded here would change a merchant's fee in the
+        # M records the close writes (rates no request was charged at), and one left at its
+        # default (config/demo.toml) would write demo cards and merchants into the ledger.
+        load=False,
     ) as wiring:
         cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
     _report_cleared(cleared)
