@@ -15,6 +15,7 @@ import hashlib
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from gateway.ledger.db import (
     CommitOutcomeUnknownError,
     holding_connection,
     ledger_busy,
+    link_lost,
     settle_log_syncs,
 )
 from gateway.ledger.hotpath import RunReads, hot_ledger
@@ -227,6 +229,7 @@ class Gateway:
         )
         self._terminals: dict[str, TerminalConfig] = {}
         self._merchants: dict[str, MerchantConfig] = {}
+        self._silence_met = False  # a transaction's link was lost by a timeout (`_silent`)
         self._transactions = Transactions(config, self._sessions, security, random_bytes)
 
     # -- entry ---------------------------------------------------------------------------
@@ -315,16 +318,19 @@ class Gateway:
         self, payload: bytes, decoded: Message | CodecError, sessions: SessionView, moment: Moment
     ) -> Reply | tuple[Request, Context]:
         """Run the checks that need no ledger transaction: an answer, or a ledger context."""
+        # A ledger whose sessions could not be read is not asked for an RRN either: each
+        # would be a unit of work of its own, waiting as long for the ledger once more.
+        allocate = sessions.available
         if isinstance(decoded, CodecError):
-            return self._undecodable(decoded, moment)
+            return self._undecodable(decoded, moment, allocate=allocate)
         request = Request(decoded, payload, None, None, sessions=sessions)
         try:
             self._first_checks(request)
             context = self._context(request, moment)
         except DeclinedEarly as rejected:
-            return self._rejected(request, rejected, moment)
+            return self._rejected(request, rejected, moment, allocate=allocate)
         except CodecError:  # a sub-field that does not fit its shape
-            return self._rejected(request, DeclinedEarly(Decline.FORMAT), moment)
+            return self._rejected(request, DeclinedEarly(Decline.FORMAT), moment, allocate=allocate)
         if _runs_together(context, request):
             _work_out_early(request, context)
         return request, context
@@ -438,7 +444,14 @@ class Gateway:
     ) -> tuple[list[tuple[int, Answer]], list[_Pending]]:
         """The group's ledger transaction: the answers of its requests, and the requests left
         out of it because the keys they were checked with had ended (`_keys_ended`).
-        `unknown`: an earlier COMMIT of these requests may have gone through (`_alone`)."""
+        `unknown`: an earlier COMMIT of these requests may have gone through (`_alone`).
+
+        A group whose link to the ledger was lost by a timeout (`link_lost`: the server's
+        host went silent) is answered at once, every request as `_alone` would answer it
+        having failed: each run again alone would wait out the timeouts once more, on the
+        one ledger thread, and the group's answers, all given together, would come after
+        the terminal's 60 s (§1)."""
+        began = time.monotonic()
         try:
             with unit_of_work(self._engine) as session:
                 self._lock_rows(session, pending)
@@ -454,6 +467,11 @@ class Gateway:
             unknown = unknown or isinstance(error, CommitOutcomeUnknownError)
             if not unknown and ledger_busy(error):
                 return self._busy(pending, error), []
+            if self._silent(error, time.monotonic() - began):
+                return [
+                    (index, self._failed_alone(request, context.moment, error, unknown=unknown))
+                    for index, request, context in pending
+                ], []
             if len(pending) > 1:
                 # The driver's message may name rows' keys; its class and SQLSTATE say enough.
                 log.warning(
@@ -462,10 +480,22 @@ class Gateway:
                     error=type(getattr(error, "orig", None) or error).__name__,
                     sqlstate=getattr(getattr(error, "orig", None), "sqlstate", None),
                 )
-                alone = [self._in_ledger([item], unknown=unknown) for item in pending]
-                return [a for answered, _ in alone for a in answered], [
-                    item for _, left in alone for item in left
-                ]
+                answered: list[tuple[int, Answer]] = []
+                left: list[_Pending] = []
+                for number, item in enumerate(pending):
+                    self._silence_met = False
+                    answered_alone, left_alone = self._in_ledger([item], unknown=unknown)
+                    answered += answered_alone
+                    left += left_alone
+                    if self._silence_met:
+                        # Lost again, by a timeout: the rest are answered without trying.
+                        for index, request, context in pending[number + 1 :]:
+                            failed = self._failed_alone(
+                                request, context.moment, error, unknown=unknown
+                            )
+                            answered.append((index, failed))
+                        break
+                return answered, left
             index, request, context = pending[0]
             answer = self._alone(request, context, unknown=unknown)
             return ([(index, answer)], []) if answer is not None else ([], pending)
@@ -623,6 +653,7 @@ class Gateway:
         no answer: the link closes, and the terminal reverses (§4.6) or sends it again."""
         failure: SQLAlchemyError | None = None
         for attempt in (1, 2):
+            began = time.monotonic()
             try:
                 with unit_of_work(self._engine) as session:
                     self._lock_rows(session, [(0, request, context)])
@@ -644,10 +675,38 @@ class Gateway:
             except SQLAlchemyError as error:
                 unknown = unknown or isinstance(error, CommitOutcomeUnknownError)
                 failure = error
+                self._silent(error, time.monotonic() - began)
                 break
             if outcome.after_commit is not None:
                 outcome.after_commit()
             return self._send(request, outcome, context.moment)
+        return self._failed_alone(request, context.moment, failure, unknown=unknown)
+
+    def _silent(self, error: SQLAlchemyError, waited_s: float) -> bool:
+        """Whether a transaction's failure was the link to PostgreSQL lost by a timeout
+        (`link_lost`): no answer from the server (no SQLSTATE), after waiting. Noted for the
+        group's requests run alone (`_silence_met`)."""
+        orig = getattr(error, "orig", None)
+        silent = (
+            self._engine.dialect.name == "postgresql"
+            and not isinstance(error, IntegrityError)
+            and getattr(orig, "sqlstate", None) is None
+            and link_lost(waited_s)
+        )
+        if silent:
+            self._silence_met = True
+        return silent
+
+    def _failed_alone(
+        self,
+        request: Request,
+        moment: Moment,
+        failure: SQLAlchemyError | None,
+        *,
+        unknown: bool,
+    ) -> Reply:
+        """The answer of a request whose transaction failed: none when its COMMIT may have
+        gone through (the link closes), else `96` with nothing changed."""
         terminal = request.message.fields.get(41)
         if unknown:
             log.error("ledger_outcome_unknown", terminal=terminal)
@@ -664,9 +723,7 @@ class Gateway:
             sqlstate=getattr(orig, "sqlstate", None),
             reason=str(orig).splitlines()[0] if _safe_reason(orig) else None,
         )
-        return self._rejected(
-            request, DeclinedEarly(Decline.SYSTEM), context.moment, allocate=False
-        )
+        return self._rejected(request, DeclinedEarly(Decline.SYSTEM), moment, allocate=False)
 
     def _run(self, session: OrmSession, request: Request, context: Context) -> Outcome:
         """One request inside the group's transaction: the request log, then the kind."""
@@ -757,12 +814,13 @@ class Gateway:
             event["why"] = rejected.why
         return Reply(encode_message(answer), event)
 
-    def _undecodable(self, error: CodecError, moment: Moment) -> Reply:
+    def _undecodable(self, error: CodecError, moment: Moment, *, allocate: bool = True) -> Reply:
         partial = error.partial
         if partial is None or not {11, 41, 42}.issubset(partial.fields):
             return Reply(None, {"event": "closed", "reason": error.part})
         request = Request(partial, b"", None, None)
-        return self._rejected(request, DeclinedEarly(Decline.FORMAT, why=error.part), moment)
+        rejected = DeclinedEarly(Decline.FORMAT, why=error.part)
+        return self._rejected(request, rejected, moment, allocate=allocate)
 
     def _stamp(self, moment: Moment) -> Stamp:
         return Stamp(moment.local, moment.business_date, self._config.gateway.acquirer_institution)

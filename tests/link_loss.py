@@ -17,6 +17,7 @@ tens of seconds. Exit status 77: this machine cannot make the namespaces (the te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,9 +33,10 @@ from typing import Any
 
 from sqlalchemy import text
 
+from gateway.handler import finish
 from gateway.ledger import db
 from tests import pg
-from tests.gateway_harness import DEMO, DIAMOND, TMKS
+from tests.gateway_harness import DEMO, DIAMOND, EXPIRY, TMKS, Harness, demo_config
 from tests.spec_terminal import Link, SpecTerminal
 
 CANNOT = 77
@@ -120,6 +122,59 @@ def _cases(server: pg.PgServer) -> dict[str, dict[str, Any]]:
     return found
 
 
+GROUP = 6  # requests in the group the host goes silent under
+
+
+def _group(server: pg.PgServer) -> dict[str, Any]:
+    """The ledger thread as the server runs it (a held connection, deferred flushes): a group
+    of `GROUP` redemptions prepared while the host answers, decided once it has gone silent;
+    then the next group, still in the silence. Seconds each took, and the codes."""
+    folder = Path(tempfile.mkdtemp(prefix="vipgate-link-loss-"))
+    harness = Harness(demo_config(folder, server.create_database("grouped")))
+    db.sync_after_release(harness.engine)
+    gateway = harness.gateway
+    terminals = [harness.signed_on(terminal_id) for terminal_id in TMKS]
+    found: dict[str, Any] = {}
+
+    def group(size: int) -> list[tuple[SpecTerminal, bytes]]:
+        sent = []
+        for number in range(size):
+            terminal = terminals[number % len(terminals)]
+            fields = terminal.card_fields(DIAMOND, EXPIRY[DIAMOND])
+            request = terminal.financial("0200", "000000", "22", fields, amount_fen=100)
+            sent.append((terminal, request))
+        return sent
+
+    def decided(sent: list[tuple[SpecTerminal, bytes]], name: str, *, silence: bool) -> None:
+        started = time.monotonic()
+        prepared = gateway.prepare_group([request for _, request in sent])
+        if silence:  # after the sessions' read: the group's own transaction meets it
+            _ip("route", "add", "blackhole", f"{CLIENT}/32", netns=server.netns)
+            started = time.monotonic()
+        answers = [finish(answer) for answer in gateway.decide_prepared(prepared)]
+        with contextlib.suppress(Exception):  # a flush into the silence fails: no answers
+            for owed in db.take_owed_log_syncs():
+                owed()
+        found[f"{name}_seconds"] = round(time.monotonic() - started, 2)
+        found[f"{name}_codes"] = [
+            terminal.check(request, answer.payload).code if answer.payload else "closed"
+            for (terminal, request), answer in zip(sent, answers, strict=True)
+        ]
+
+    def ledger_thread() -> None:
+        with db.holding_connection(harness.engine), db.deferring_log_syncs():
+            decided(group(len(terminals)), "warm", silence=False)
+            decided(group(GROUP), "group", silence=True)
+            decided(group(GROUP), "next_group", silence=False)
+
+    thread = threading.Thread(target=ledger_thread, daemon=True)
+    thread.start()
+    thread.join(GIVE_UP_S * 4)
+    _ip("route", "flush", "type", "blackhole", netns=server.netns)
+    shutil.rmtree(folder, ignore_errors=True)
+    return found
+
+
 def _served(server: pg.PgServer) -> dict[str, Any]:
     """`vipgate serve` on that server (the same options, shortened, in its database URL: a
     process of its own cannot be patched): a redemption approved, then one sent into the
@@ -195,6 +250,7 @@ def main() -> None:
         server = pg.start(host=SERVER, netns=holder.pid)
         db.POSTGRES_LINK_OPTIONS.update(SHORT)
         found: dict[str, Any] = dict(_cases(server))
+        found["group"] = _group(server)
         found["served"] = _served(server)
         print(json.dumps(found), flush=True)
     finally:

@@ -50,6 +50,13 @@ POSTGRES_CONNECT_TIMEOUT_S = 10
 # `keepalives_idle` s, every `keepalives_interval` s, given up after `keepalives_count`
 # probes unanswered. A server that is only slow still acknowledges at once (its kernel
 # does), so a long statement is not cut short.
+# A failure of the link itself (no answer from the server) that took this long was a wait
+# for one of those timeouts, not a refusal: the server's host is silent, and trying again at
+# once would only wait as long again (`link_lost`).
+LINK_LOST_AFTER_S = 1.0
+# After such a failure the WAL flush connection is not opened again for this long: every unit
+# of work takes a ticket, and each would otherwise wait a `connect_timeout` for it.
+FLUSH_REOPEN_AFTER_S = 5.0
 POSTGRES_LINK_OPTIONS: dict[str, int] = {
     "connect_timeout": POSTGRES_CONNECT_TIMEOUT_S,
     "keepalives": 1,
@@ -213,6 +220,8 @@ def _held_reader(engine: Engine) -> Iterator[Any]:
             del readers[engine]
             reader.connection.invalidate()
             reader = None
+            if link_lost(time.monotonic() - now):
+                raise  # a silent server: a new connection would wait as long again
     if reader is None:
         connection = engine.raw_connection()
         try:
@@ -436,6 +445,7 @@ class _WalFlush:
         self._driver: Any = None
         self._generation = 0  # how many times the connection was opened
         self._used_at = 0.0  # monotonic: when the connection last answered
+        self._silent_until = 0.0  # monotonic: no connection opened before then
         self._open()
 
     def ticket(self) -> _FlushTicket:
@@ -454,12 +464,14 @@ class _WalFlush:
             # its next group.
             with self._lock:
                 if self._driver is not None:
+                    began = time.monotonic()
                     try:
                         self._driver.execute("SELECT 1")
                         self._used_at = time.monotonic()
                     except Exception:
                         self._close()
-                if self._driver is None:
+                        self._silent_if_slow(began)
+                if self._driver is None and time.monotonic() >= self._silent_until:
                     self._open_quietly()
         # The generation first: a connection closed after this read fails the flush, and one
         # opened after it has a generation of its own, so the ticket never vouches too much.
@@ -492,10 +504,22 @@ class _WalFlush:
         self._used_at = time.monotonic()
 
     def _open_quietly(self) -> None:
+        began = time.monotonic()
         try:
             self._open()
         except Exception:  # the server is still away: the next flush tries again
             self._driver = None
+            self._silent_if_slow(began)
+
+    def _silent_if_slow(self, began: float) -> None:
+        """After a failure that waited out a link timeout (a silent server host), open no
+        connection for `FLUSH_REOPEN_AFTER_S`: the units of work's tickets meanwhile vouch for
+        nothing (their answers are not given, as after any lost flush connection) rather
+        than each waiting for a connection. A refusal (a restart) fails at once, and the
+        next ticket tries again."""
+        now = time.monotonic()
+        if link_lost(now - began):
+            self._silent_until = now + FLUSH_REOPEN_AFTER_S
 
     def _close(self) -> None:
         driver, self._driver = self._driver, None
@@ -731,6 +755,13 @@ def writers_queue(connection: PoolProxiedConnection) -> _WriterLock | None:
     `BEGIN IMMEDIATE` (`_WriterLock`); None for any other database."""
     lock: _WriterLock | None = connection.info.get(_WRITER_LOCK)
     return lock
+
+
+def link_lost(waited_s: float) -> bool:
+    """Whether a failure of the link to the database that took `waited_s` was a wait for the
+    link's timeouts (`POSTGRES_LINK_OPTIONS`): the server's host is silent. A refused or
+    reset connection fails at once."""
+    return waited_s >= LINK_LOST_AFTER_S
 
 
 def ledger_busy(error: BaseException) -> bool:
