@@ -3,6 +3,7 @@ driven by a terminal written from the spec alone."""
 
 from __future__ import annotations
 
+import copy
 from datetime import timedelta
 from pathlib import Path
 
@@ -384,6 +385,25 @@ def test_the_log_tells_the_a0s_and_30s_apart(harness: Harness) -> None:
 
 def _tampered(payload: bytes) -> bytes:
     return payload[:-1] + bytes([payload[-1] ^ 1])
+
+
+def test_an_encrypted_track_under_keys_the_terminal_never_took_is_a0_not_30(
+    harness: Harness,
+) -> None:
+    """A terminal that missed a sign-on's answer encrypts its track and MACs under the old
+    keys: the track decrypted under the new TDK is garbage, which says nothing of its format.
+    `A0` with header digit 3 sends it to sign on again (a `30` would leave it failing every
+    request); nothing changes."""
+    terminal = harness.signed_on(with_tdk=True)
+    stale = copy.deepcopy(terminal)
+    harness.signed_on(with_tdk=True)  # keys the stale terminal never adopted
+    stale.trace = 500
+    _, answer = harness.redeem(stale, DIAMOND, 1000, encrypted=True)
+    assert (answer.code, answer.header.hex()) == ("A0", "603103310000")
+    assert 64 not in answer.fields
+    again = harness.signed_on(with_tdk=True)
+    _, approved = harness.redeem(again, DIAMOND, 1000, encrypted=True)
+    assert (approved.code, approved.balance) == ("00", 50000 - 500)
 
 
 @pytest.mark.parametrize("kind", ["void", "refund", "reversal", "settlement", "upload", "sign_off"])
