@@ -129,8 +129,9 @@ def _group(server: pg.PgServer) -> dict[str, Any]:
     """The ledger thread as the server runs it (a held connection, deferred flushes): a group
     of `GROUP` redemptions prepared while the host answers, decided once it has gone silent;
     then the next group, still in the silence. Seconds each took, and the codes."""
+    url = server.create_database("grouped")
     folder = Path(tempfile.mkdtemp(prefix="vipgate-link-loss-"))
-    harness = Harness(demo_config(folder, server.create_database("grouped")))
+    harness = Harness(demo_config(folder, url))
     db.sync_after_release(harness.engine)
     gateway = harness.gateway
     terminals = [harness.signed_on(terminal_id) for terminal_id in TMKS]
