@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from clearing import signing
 from gateway.cli import main
@@ -178,12 +178,7 @@ def test_reconcile_of_a_month_not_closed_changes_nothing(
         " 2026-11 first\n"
     )
     assert captured.out == ""
-    engine = make_engine(f"sqlite:///{config_path.parent / 'var' / 'vipgate.db'}")
-    try:
-        with unit_of_work(engine) as session:
-            assert session.scalar(select(func.count()).select_from(Merchant)) == 0
-    finally:
-        engine.dispose()
+    assert _fees(config_path.parent / "var" / "vipgate.db") == {}
     assert main(["clear", *arguments, "--out", str(out)]) == 0
     assert str(config_path) not in capsys.readouterr().out  # `clear` loads no config either
 
@@ -202,21 +197,21 @@ def test_clear_takes_nothing_from_its_config_into_the_ledger(
     out = config_path.parent / "out"
     assert main(["clear", *arguments, "--month", "2026-11", "--out", str(out)]) == 0
     assert "fee_bp" not in capsys.readouterr().out
-    engine = make_engine(f"sqlite:///{config_path.parent / 'var' / 'vipgate.db'}")
-    try:
-        with unit_of_work(engine) as session:
-            fees = {m.id: m.fee_bp for m in session.scalars(select(Merchant))}
-    finally:
-        engine.dispose()
+    fees = _fees(config_path.parent / "var" / "vipgate.db")
     assert fees == {"898310048990001": 80, "898310058120002": 60}
     # A ledger `clear` finds empty stays empty: no demo merchants, terminals or cards.
     other = config_path.parent / "empty.db"
     empty = ["--config", str(DEMO), "--db", f"sqlite:///{other}", "--month", "2026-11"]
     assert main(["clear", *empty, "--out", str(config_path.parent / "out2")]) == 0
-    engine = make_engine(f"sqlite:///{other}")
+    assert _fees(other) == {}
+
+
+def _fees(database: Path) -> dict[str, int]:
+    """Each merchant of a SQLite ledger, with its fee rate."""
+    engine = make_engine(f"sqlite:///{database}")
     try:
         with unit_of_work(engine) as session:
-            assert session.scalar(select(func.count()).select_from(Merchant)) == 0
+            return {m.id: m.fee_bp for m in session.scalars(select(Merchant))}
     finally:
         engine.dispose()
 
