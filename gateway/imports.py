@@ -38,6 +38,7 @@ from gateway.ledger import operations, unit_of_work
 from gateway.ledger.db import deadlocked
 from gateway.ledger.models import Card, CardStatus
 from gateway.loader import CONFIG_REF_PREFIX, moment_at
+from gateway.points import MAX_CARD_POINTS
 from gateway.rules import TIERS
 
 FEED_HEADER = ("card_number", "earned_on", "points", "source_ref")
@@ -222,14 +223,14 @@ class FeedReport:
 def import_points(session: Session, path: Path, config: Config, now: datetime) -> FeedReport:
     """Check every line of an accrual feed, then accrue them all in the caller's transaction."""
     feed = read_feed(path, config, now)
-    refuse_unknown_cards(session, feed)
+    refuse_bad_lines(session, feed)
     return _accrued(feed, [_accrue(session, feed.accruals, config, now)])
 
 
 @dataclass(frozen=True)
 class CheckedFeed:
     """A feed read and checked as far as it can be without the ledger; `problems` holds what
-    was found (not raised yet: `refuse_unknown_cards` adds the unknown cards and raises)."""
+    was found (not raised yet: `refuse_bad_lines` adds what needs the ledger and raises)."""
 
     path: Path
     accruals: list[Accrual]
@@ -261,14 +262,46 @@ def read_feed(path: Path, config: Config, now: datetime) -> CheckedFeed:
     return CheckedFeed(path, accruals, problems, numbers)
 
 
-def refuse_unknown_cards(session: Session, feed: CheckedFeed) -> None:
-    """`BadInput` naming every bad line of the feed: those `read_feed` found, and the lines
-    of cards the ledger does not know (read in `session`)."""
+def refuse_bad_lines(session: Session, feed: CheckedFeed) -> None:
+    """`BadInput` naming every bad line of the feed: those `read_feed` found, the lines of
+    cards the ledger does not know, and the lines that would take a card past what an answer
+    can carry (read in `session`, before anything is applied: the commands apply a feed a
+    batch at a time, and a line refused there would leave the batches before it applied)."""
     known = _known_cards(session, {number for _, number in feed.numbers})
     for line, number in feed.numbers:
         if number not in known:
             feed.problems.add(line, f"card {mask_card_number(number)}: unknown card")
+    _refuse_past_the_cap(session, feed, known)
     feed.problems.raise_if_any()
+
+
+def _refuse_past_the_cap(session: Session, feed: CheckedFeed, known: set[str]) -> None:
+    """Each line that, with the lines before it for the same card, would take the card past
+    `MAX_CARD_POINTS` (the bound `operations.accrue` keeps), counting what the card holds and
+    what its approved redemptions may give back; lines applied before are skipped, as the
+    apply skips them."""
+    accruals = [accrual for accrual in feed.accruals if accrual.card_number in known]
+    refs = sorted({accrual.source_ref for accrual in accruals})
+    applied: set[str] = set()
+    for start in range(0, len(refs), LOOKUP_CHUNK):
+        applied |= operations.accruals_applied(session, refs[start : start + LOOKUP_CHUNK])
+    numbers = sorted({accrual.card_number for accrual in accruals})
+    totals: dict[str, int] = {}
+    for start in range(0, len(numbers), LOOKUP_CHUNK):
+        totals.update(operations.accrual_bases(session, numbers[start : start + LOOKUP_CHUNK]))
+    for accrual in accruals:
+        if accrual.source_ref in applied:
+            continue
+        number = accrual.card_number
+        totals[number] += accrual.points
+        if totals[number] > MAX_CARD_POINTS:
+            feed.problems.add(
+                accrual.line,
+                f"card {mask_card_number(number)}: with this line the card would hold"
+                f" {totals[number]} points, counting the lines before it and what its"
+                f" approved redemptions may give back, more than the {MAX_CARD_POINTS}"
+                " an answer can carry",
+            )
 
 
 def apply_feed(
@@ -287,11 +320,21 @@ def apply_feed(
     accruals = feed.accruals
     for start in range(0, len(accruals), APPLY_LINES):
         batch = accruals[start : start + APPLY_LINES]
-        batches.append(
-            _in_transaction(
-                engine, functools.partial(_accrue, accruals=batch, config=config, now=now)
+        try:
+            batches.append(
+                _in_transaction(
+                    engine, functools.partial(_accrue, accruals=batch, config=config, now=now)
+                )
             )
-        )
+        except BadInput as error:
+            # Checked before (`refuse_bad_lines`), so only a ledger changed since (another
+            # feed for the same card, applied meanwhile): say what stands.
+            if not batches:
+                raise
+            raise BadInput(
+                f"{feed.path}: {error} (nothing from line {batch[0].line} on was applied;"
+                f" the lines before it were, and the same file sent again skips them)"
+            ) from error
         if progress is not None:
             progress(min(start + APPLY_LINES, len(accruals)), len(accruals))
     return _accrued(feed, batches)

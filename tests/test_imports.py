@@ -27,7 +27,7 @@ from gateway.imports import (
     import_cards,
     import_points,
     read_feed,
-    refuse_unknown_cards,
+    refuse_bad_lines,
     shown,
 )
 from gateway.keystore import FileKeyStore
@@ -240,11 +240,81 @@ def test_a_feed_that_would_take_a_card_past_what_an_answer_carries_applies_nothi
     )
     message = refused(ledger, run_feed, path, config)
     assert message == (
-        "accrual R3: the card would hold 10000000000 points, more than the 9999999999 an"
-        " answer can carry"
+        f"{path} line 4: card 668800*********0014: with this line the card would hold"
+        " 10000000000 points, counting the lines before it and what its approved redemptions"
+        " may give back, more than the 9999999999 an answer can carry (1 bad line; nothing"
+        " from the file was applied)"
     )
     path = csv_file(tmp_path, "fits.csv", *Path(path).read_text().splitlines()[:3])
     assert run_feed(ledger, path, config).applied_points == 9_999_999_999 - held
+
+
+def test_a_card_past_the_cap_late_in_a_feed_applied_in_batches_refuses_the_whole_file(
+    ledger: Engine, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commands apply a feed a batch at a time: a line that would take a card past what
+    an answer carries is found before the first batch, not in the batch that holds it, so
+    nothing is applied; every such line is named, lines applied before do not count (they
+    are skipped), and what the card's approved redemptions may give back does."""
+    monkeypatch.setattr("gateway.imports.APPLY_LINES", 2)
+    with unit_of_work(ledger) as session:
+        held = operations.balances(session, GOLD, NOW).ledger_points
+    applied = csv_file(tmp_path, "before.csv", FEED_HEADER, f"{GOLD},2026-06-30,500,OLD")
+    run_feed(ledger, applied, config)
+    room = 9_999_999_999 - held - 500
+    lines = [f"{DEMO_CARDS[1]},2026-06-30,1,OTHER{n}" for n in range(5)]
+    lines += [
+        f"{GOLD},2026-06-30,500,OLD",  # applied before: skipped, so not counted again
+        f"{GOLD},2026-06-30,{room},FILL",
+        f"{GOLD},2026-06-30,1,OVER1",
+        f"{GOLD},2026-06-30,2,OVER2",
+    ]
+    path = csv_file(tmp_path, "feed.csv", FEED_HEADER, *lines)
+
+    def through_the_command(engine: Engine, path: Path, config: Config) -> FeedReport:
+        feed = read_feed(path, config, NOW)
+        with unit_of_work(engine) as session:
+            refuse_bad_lines(session, feed)
+        return apply_feed(engine, feed, config, NOW)
+
+    message = refused(ledger, through_the_command, path, config)
+    assert named_lines(message) == [9, 10]
+    assert "would hold 10000000000 points" in message
+    assert "would hold 10000000002 points" in message
+    fits = csv_file(tmp_path, "fits.csv", *path.read_text().splitlines()[:8])
+    report = through_the_command(ledger, fits, config)
+    assert (report.applied_lots, report.applied_points) == (6, 5 + room)
+    with unit_of_work(ledger) as session:
+        assert operations.balances(session, GOLD, NOW).ledger_points == 9_999_999_999
+
+
+def test_a_feed_overtaken_between_its_check_and_its_batches_says_what_was_applied(
+    ledger: Engine, config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another feed for the same card applied after this one was checked can still take the
+    card past the bound in a later batch: the error then says which lines stand (the batches
+    before it), and the same file sent again, once fixed, skips them."""
+    monkeypatch.setattr("gateway.imports.APPLY_LINES", 2)
+    with unit_of_work(ledger) as session:
+        held = operations.balances(session, GOLD, NOW).ledger_points
+    lines = [f"{DEMO_CARDS[1]},2026-06-30,1,A{n}" for n in range(2)]
+    lines += [f"{GOLD},2026-06-30,{9_999_999_999 - held},ALL"]
+    path = csv_file(tmp_path, "feed.csv", FEED_HEADER, *lines)
+    feed = read_feed(path, config, NOW)
+    with unit_of_work(ledger) as session:
+        refuse_bad_lines(session, feed)
+    run_feed(ledger, csv_file(tmp_path, "other.csv", FEED_HEADER, f"{GOLD},2026-06-30,1,B"), config)
+    with pytest.raises(BadInput) as raised:
+        apply_feed(ledger, feed, config, NOW)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: accrual ALL: the card would hold 10000000000 points")
+    assert message.endswith(
+        "(nothing from line 4 on was applied; the lines before it were, and the same file sent"
+        " again skips them)"
+    )
+    assert GOLD not in message
+    with unit_of_work(ledger) as session:
+        assert operations.accruals_applied(session, ["A0", "A1", "ALL"]) == {"A0", "A1"}
 
 
 def test_one_line_with_several_faults_names_each(
@@ -382,7 +452,7 @@ def test_a_feed_is_applied_a_batch_to_a_transaction_and_a_stopped_one_finishes_w
     path = csv_file(tmp_path, "feed.csv", FEED_HEADER, *lines)
     feed = read_feed(path, config, NOW)
     with unit_of_work(ledger) as session:
-        refuse_unknown_cards(session, feed)
+        refuse_bad_lines(session, feed)
     seen = []
 
     def between(done: int, total: int) -> None:

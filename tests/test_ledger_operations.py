@@ -24,7 +24,7 @@ from gateway.ledger.operations import (
     Restored,
     ReversalEffect,
 )
-from gateway.points import convert
+from gateway.points import MAX_CARD_POINTS, convert
 from tests.conftest import LedgerWorld, moment
 
 # With one expiry year: earned in points year 2026 (Dec 2025 - Nov 2026) -> 2027-11-30;
@@ -383,6 +383,26 @@ def test_a_posting_refused_masks_a_card_number_in_its_key(world: LedgerWorld) ->
     assert str(refused.value) == (
         f"unbalanced or empty legs for transaction accrual:config:{card[:6]}*********{card[-4:]}:0"
     )
+
+
+def test_the_feed_check_counts_the_base_accrue_bounds(world: LedgerWorld) -> None:
+    """`accrual_bases` (what the feed check adds a file's lines to) is what `accrue` adds one
+    accrual to: the lots' points and what approved redemptions may still give back (less
+    what refunds returned; a voided redemption's points are back in a lot, counted once)."""
+    card = world.add_card(lots=[(LATE, 10_000)])
+    empty = world.add_card(serial=2)
+    kept = redeemed(world.redeem(card, 3_000))
+    voided = redeemed(world.redeem(card, 1_000))
+    assert isinstance(world.void(voided.authorisation_id), operations.Restored)
+    assert isinstance(world.refund(kept.authorisation_id, 2_000), Refunded)  # 1,000 points back
+    with unit_of_work(world.engine) as session:
+        bases = operations.accrual_bases(session, [card, empty])
+        assert operations.accruals_applied(session, ["test:1", "never"]) == {"test:1"}
+    assert bases == {card: 8_000 + 2_000, empty: 0}
+    room = MAX_CARD_POINTS - bases[card]
+    with pytest.raises(BadInput, match="would hold"):
+        world.accrue(card, LATE, room + 1)
+    assert isinstance(world.accrue(card, LATE, room), operations.Accrued)
 
 
 def test_accrual_refuses_bad_input(world: LedgerWorld) -> None:

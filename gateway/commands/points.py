@@ -20,7 +20,7 @@ from gateway.clock import Clock
 from gateway.commands import progress
 from gateway.config import Config
 from gateway.errors import BadInput
-from gateway.imports import CheckedFeed, apply_feed, read_feed, refuse_unknown_cards, shown
+from gateway.imports import CheckedFeed, apply_feed, read_feed, refuse_bad_lines, shown
 from gateway.ledger import operations
 
 SKIPPED_SHOWN = 20  # skipped lines named one by one; the rest are counted
@@ -59,7 +59,7 @@ def import_command(args: argparse.Namespace) -> int:
         read.append(read_feed(args.file, config, clock.now()))
 
     def refuse(session: Session, _config: Config, _clock: Clock) -> None:
-        refuse_unknown_cards(session, read[0])
+        refuse_bad_lines(session, read[0])
 
     with wired(args.config, args.db, check=check, refuse=refuse) as wiring:
         report = apply_feed(wiring.engine, read[0], wiring.config, wiring.now(), progress)

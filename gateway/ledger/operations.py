@@ -21,6 +21,7 @@ the current points year.
 from __future__ import annotations
 
 import enum
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import date, datetime, time
 
@@ -708,6 +709,45 @@ def _points_to_come_back(session: Session, card_number: str) -> int:
         Authorisation.state == AuthorisationState.APPROVED,
     )
     return int(session.scalar(query) or 0)
+
+
+def accrual_bases(session: Session, numbers: Collection[str]) -> dict[str, int]:
+    """For each card, what `accrue` adds an accrual to before comparing with
+    `MAX_CARD_POINTS`: the points its lots hold and what its approved redemptions could
+    still give back; two grouped statements for all of them (the caller bounds `numbers`)."""
+    bases = dict.fromkeys(numbers, 0)
+    if not bases:
+        return bases
+    held = (
+        select(PointLot.card_number, func.sum(PointLot.remaining_points))
+        .where(PointLot.card_number.in_(bases))
+        .group_by(PointLot.card_number)
+    )
+    coming = (
+        select(
+            Authorisation.card_number,
+            func.sum(Authorisation.points - Authorisation.points_returned),
+        )
+        .where(
+            Authorisation.card_number.in_(bases),
+            Authorisation.kind == AuthorisationKind.REDEMPTION,
+            Authorisation.state == AuthorisationState.APPROVED,
+        )
+        .group_by(Authorisation.card_number)
+    )
+    for query in (held, coming):
+        for number, points in session.execute(query):
+            if number is not None:
+                bases[number] += int(points or 0)
+    return bases
+
+
+def accruals_applied(session: Session, source_refs: Collection[str]) -> set[str]:
+    """Which of these accrual source_refs a lot already carries (`accrue` skips them)."""
+    query = select(PointLot.source_ref).where(
+        PointLot.origin == LotOrigin.ACCRUAL, PointLot.source_ref.in_(source_refs)
+    )
+    return set(session.scalars(query))
 
 
 def _accrual_applied(session: Session, source_ref: str) -> bool:
