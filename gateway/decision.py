@@ -123,12 +123,16 @@ def keyed_entry_decline(keyed: bool, pin: PinEntry, card: CardSnapshot | None) -
 def pin_decision(
     card: CardSnapshot, pin: PinEntry, entered_matches: Callable[[], bool]
 ) -> tuple[Decline | None, PinEffect]:
-    """`99`, `75`, `55` for a card that needs a PIN (§5.3); a card without one ignores it.
+    """`99`, `75`, `55` for a card that needs a PIN (§5.3); a card without one ignores a
+    valid block, and answers one that is not `A0` (`Decline.PIN_BLOCK_UNSOUND`): a terminal
+    makes a valid block under its PIK whatever the card, so one that is not was not made by
+    the terminal, and the MAC, an XOR of the message's blocks (§5.1), does not tell.
 
     `entered_matches` is asked only when a valid PIN block was sent for an unlocked card.
     """
     if not card.needs_pin:
-        return None, PinEffect.NONE
+        unsound = pin is PinEntry.INVALID_BLOCK
+        return (Decline.PIN_BLOCK_UNSOUND if unsound else None), PinEffect.NONE
     if pin is PinEntry.NONE:
         return Decline.NO_PIN, PinEffect.NONE
     if pin is PinEntry.INVALID_BLOCK:

@@ -757,7 +757,7 @@ class Gateway:
             if previous is not None:
                 return self._repeat(session, request, context, previous.digest, previous.answer)
         outcome = self._transactions.run(session, context)
-        if identity is not None:
+        if identity is not None and not outcome.unrecorded:
             hot_ledger(session).log_request(
                 identity,
                 request.digest,

@@ -31,6 +31,9 @@ class Decline(enum.Enum):
     AMOUNT_DIFFERS = "amount differs from the original"
     BAD_AMOUNT = "bad amount"
     PIN_BLOCK = "PIN block error"
+    # A PIN block that is not a valid one, on a card without a PIN (docs/gateway.md, "A PIN
+    # block the card does not need"): ranked where the PIN is decided, answered `A0`.
+    PIN_BLOCK_UNSOUND = "PIN block not sound, on a card without a PIN"
     PIN_LOCKED = "PIN locked"
     WRONG_PIN = "wrong PIN"
     NO_PIN = "PIN required, none entered"
@@ -59,6 +62,7 @@ RESPONSE_CODES: dict[Decline, str] = {
     Decline.AMOUNT_DIFFERS: "64",
     Decline.BAD_AMOUNT: "13",
     Decline.PIN_BLOCK: "99",
+    Decline.PIN_BLOCK_UNSOUND: "A0",
     Decline.PIN_LOCKED: "75",
     Decline.WRONG_PIN: "55",
     Decline.NO_PIN: "55",

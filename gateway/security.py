@@ -59,6 +59,7 @@ class PinCheck(enum.Enum):
     MATCH = "match"
     NO_MATCH = "no match"
     BAD_BLOCK = "bad block"  # not a valid format 0 block under this PIK: `99`, not a try
+    SOUND = "sound"  # a valid block, for a card without a PIN (none to compare it with)
 
 
 class KeyHandle(Protocol):
@@ -145,11 +146,12 @@ class SecurityModule(Protocol):
         ...
 
     def check_pin(
-        self, keys: KeyHandle, block: bytes, card_number: str, pin_reference: bytes
+        self, keys: KeyHandle, block: bytes, card_number: str, pin_reference: bytes | None
     ) -> PinCheck:
         """Whether the PIN block, under the session's PIK, holds the PIN whose reference is
         stored for the card (§5.3); `SecurityModuleError` when the PIN key cannot be had
-        (the request is then `96`)."""
+        (the request is then `96`). Without a reference (a card without a PIN), only whether
+        the block is a valid one for that card: `SOUND` or `BAD_BLOCK`."""
         ...
 
     # -- loading the config ----------------------------------------------------------------
@@ -245,13 +247,15 @@ class SoftwareSecurityModule:
         return decrypt_track(held.suite, held.keys.tdk, track)
 
     def check_pin(
-        self, keys: KeyHandle, block: bytes, card_number: str, pin_reference: bytes
+        self, keys: KeyHandle, block: bytes, card_number: str, pin_reference: bytes | None
     ) -> PinCheck:
         held = _held(keys)
         try:
             pin = decrypt_pin(held.suite, held.keys.pik, block, card_number)
         except PinBlockError:
             return PinCheck.BAD_BLOCK
+        if pin_reference is None:
+            return PinCheck.SOUND
         try:
             matches = self._keystore.pin_matches(card_number, pin, pin_reference)
         except BadInput as error:  # the PIN key file: missing and not makeable, or not opening

@@ -162,6 +162,7 @@ class Context:
 _PIN_ENTRIES = {
     None: PinEntry.NONE,
     PinCheck.BAD_BLOCK: PinEntry.INVALID_BLOCK,
+    PinCheck.SOUND: PinEntry.ENTERED,
     PinCheck.MATCH: PinEntry.ENTERED,
     PinCheck.NO_MATCH: PinEntry.ENTERED,
 }
@@ -216,6 +217,7 @@ class Outcome:
     mac_session: Session | None = None  # the keys to MAC with when they end with this request
     after_commit: Callable[[], None] | None = None
     why: str | None = None  # a decline's reason, for the log (never a value)
+    unrecorded: bool = False  # an `A0`: the request is not logged (§7), as one the MAC failed
 
     # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
     def __init__(  # noqa: PLR0917 (the fields, in order, as the dataclass's own)
@@ -226,6 +228,7 @@ class Outcome:
         mac_session: Session | None = None,
         after_commit: Callable[[], None] | None = None,
         why: str | None = None,
+        unrecorded: bool = False,
     ) -> None:
         self.answer = answer
         self.card_number = card_number
@@ -233,6 +236,7 @@ class Outcome:
         self.mac_session = mac_session
         self.after_commit = after_commit
         self.why = why
+        self.unrecorded = unrecorded
 
 
 class Transactions:
@@ -323,9 +327,19 @@ class Transactions:
     def _declined(
         self, orm: OrmSession, context: Context, decline: Decline, card: str | None = None
     ) -> Outcome:
-        """A decline after the first checks: recorded (financial kinds) and answered."""
+        """A decline after the first checks: recorded (financial kinds) and answered; an
+        unsound PIN block is answered as a failed MAC is, recorded nowhere."""
         code = response_code(decline)
         extra: dict[int, FieldValue] = {}
+        if decline is Decline.PIN_BLOCK_UNSOUND:
+            log.warning(
+                "pin_block_unsound",
+                terminal=context.terminal.id,
+                card=None if card is None else mask_card_number(card),
+            )
+            extra[37] = next_rrn(orm, context.moment.at)
+            answer = self._answer(context, code, extra, sign_on_again=True)
+            return Outcome(answer, card_number=card, why=decline.value, unrecorded=True)
         recorded_kind = RECORDED_KINDS.get(context.kind)
         if recorded_kind is not None:
             requested = context.amount_fen if 4 in context.message.fields else None
@@ -413,10 +427,10 @@ class Transactions:
         return found if found is not None else (None, 0)
 
     def _pin(self, context: Context, card: CardSnapshot) -> PinCheck | None:
-        """What the PIN block says, asked of the security module only for a card with a PIN
-        (a block for a card without one is ignored, never `99`); None when none was sent."""
+        """What the PIN block says; for a card without a PIN, only whether it is a valid
+        block (`pin_decision`); None when none was sent."""
         session = context.session
-        if 26 not in context.message.fields or session is None or card.pin_hmac is None:
+        if 26 not in context.message.fields or session is None:
             return None
         block = context.message.binary(52 if session.suite is Suite.TDES else 62)
         return self._security.check_pin(session.keys, block, card.number, card.pin_hmac)

@@ -364,6 +364,86 @@ def test_wrong_mac_is_a0_with_sign_on_again_and_changes_nothing(harness: Harness
     assert approved.balance == 50000 - 500
 
 
+def _xor_fold(data: bytes, size: int) -> bytes:
+    """§5.1's R: the MAC input padded with zero bytes and its blocks XORed together."""
+    data += bytes(-len(data) % size)
+    folded = bytearray(size)
+    for start in range(0, len(data), size):
+        for index in range(size):
+            folded[index] ^= data[start + index]
+    return bytes(folded)
+
+
+def _forged_with_a_pin_block(captured: bytes, size: int, amount_fen: int, trace: int) -> bytes:
+    """What an attacker on the wire, holding no key, makes of a captured redemption without a
+    PIN: a new trace and amount, "PIN entered", and a PIN block chosen so that the MAC
+    input's XOR fold is the captured one's, so that the captured field 64 still verifies."""
+    mti, fields, _, _ = parse(captured)
+    pin_field = 52 if size == 8 else 62
+    forged = {number: value for number, value in fields.items() if number != 64}
+    forged[4], forged[11] = f"{amount_fen:012d}", f"{trace:06d}"
+    forged[22], forged[26] = str(forged[22])[:2] + "1", "06"
+    forged[53] = "2" + str(forged[53])[1:]
+    marker = bytes(range(0xE0, 0xE0 + size))
+    forged[pin_field], forged[64] = marker, bytes(8)
+    mac_input = build(mti, forged)[11:-8]
+    at = mac_input.index(marker)
+    difference = bytes(
+        a ^ b
+        for a, b in zip(_xor_fold(mac_input, size), _xor_fold(captured[11:-8], size), strict=True)
+    )
+    block = bytearray(marker)
+    for index in range(size):
+        block[(index - at) % size] ^= difference[index]
+    forged[pin_field], forged[64] = bytes(block), fields[64]
+    payload = build(mti, forged)
+    assert _xor_fold(payload[11:-8], size) == _xor_fold(captured[11:-8], size)
+    return payload
+
+
+@pytest.mark.parametrize(("terminal_id", "size"), [("10000001", 8), ("10000002", 16)])
+def test_a_pin_block_that_is_not_one_on_a_card_without_a_pin_is_a0_and_not_recorded(
+    harness: Harness, terminal_id: str, size: int
+) -> None:
+    """§5.1's MAC XORs the message's blocks before it encrypts them, and a PIN block sent for
+    a card without a PIN is not checked against a PIN (§8): left unchecked, its 8 (3DES) or 16
+    (SM4) bytes would be free to make up for any change, so that a captured redemption, its
+    track encrypted, could be sent again with a new trace and forty times the amount under
+    its own MAC, and approved. Such a block must at least be a valid one under the
+    terminal's PIK (a terminal makes one whatever the card): one that is not is `A0` with the
+    sign-on digit, no MAC, recorded nowhere (§7: as a failed MAC), points untouched. A valid
+    block on that card is still ignored (never `99`)."""
+    terminal = harness.signed_on(terminal_id, with_tdk=True)
+    fields = terminal.card_fields(DIAMOND, "2906", encrypt_track_data=True)
+    captured = terminal.financial("0200", "000000", "22", fields, amount_fen=100)
+    assert harness.send(terminal, captured).code == "00"
+    with unit_of_work(harness.engine) as session:
+        balance = operations.balances(session, DIAMOND, harness.clock.now()).ledger_points
+        rows = session.query(Authorisation).count()
+    forged = _forged_with_a_pin_block(captured, size, 4000, terminal.trace + 1)
+    with capture_logs() as logs:
+        reply = harness.gateway.handle(forged)
+    assert reply.payload is not None
+    _, answer, _, header = parse(reply.payload)
+    assert answer[39] == "A0"
+    assert header.hex() == "603103310000"
+    assert 64 not in answer
+    assert reply.event["why"] == "PIN block not sound, on a card without a PIN"
+    assert [line["card"] for line in logs if line["event"] == "pin_block_unsound"] == [
+        "668800*********0124"
+    ]
+    with unit_of_work(harness.engine) as session:
+        now = harness.clock.now()
+        assert operations.balances(session, DIAMOND, now).ledger_points == balance
+        assert session.query(Authorisation).count() == rows
+    # Not recorded: the terminal's own request with that trace is answered, not `94`.
+    fields = terminal.card_fields(DIAMOND, "2906", pin="1234", encrypt_track_data=True)
+    honest = terminal.financial("0200", "000000", "22", fields, amount_fen=100)
+    assert parse(honest)[1][11] == parse(forged)[1][11]
+    answer = harness.send(terminal, honest)
+    assert (answer.code, answer.balance) == ("00", balance - 50)
+
+
 def test_the_log_tells_the_a0s_and_30s_apart(harness: Harness) -> None:
     """A redemption without its MAC (`30`: which field), with a MAC that does not verify and
     from a terminal not signed on (both `A0`) each say why in the log (`why`), never a

@@ -125,6 +125,17 @@ def test_a_block_that_is_not_format_0_is_a_bad_block(store: FileKeyStore, suite:
     garbage = encrypt_ecb(suite, case.pik, b"\xff" * suite.block_size)
     stored = store.pin_hmac(case.card_number, case.pin)
     assert module.check_pin(keys, garbage, case.card_number, stored) is PinCheck.BAD_BLOCK
+    assert module.check_pin(keys, garbage, case.card_number, None) is PinCheck.BAD_BLOCK
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.id)
+def test_without_a_pin_reference_a_valid_block_is_only_sound(
+    store: FileKeyStore, case: SuiteCase
+) -> None:
+    """For a card without a PIN there is nothing to compare: a valid block is SOUND."""
+    module, keys = issued_handle(store, case)
+    block = case.frame("pin_block_encrypted")
+    assert module.check_pin(keys, block, case.card_number, None) is PinCheck.SOUND
 
 
 @pytest.mark.parametrize("with_tdk", [False, True])
