@@ -39,10 +39,12 @@ Handler = Callable[[argparse.Namespace], int]
 class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose usage errors are one line (operations.md: a one-line error
     naming what and where, exit 2) rather than the usage block and then the error.
-    `--help` still prints the usage. Sub-command parsers are of this class too."""
+    `--help` still prints the usage. Sub-command parsers are of this class too. argparse
+    quotes the argument it refused as typed: a card number or a track given in the wrong
+    place is masked there as everywhere else."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+        self.exit(2, f"{self.prog}: error: {mask_card_data(' '.join(message.split()))}\n")
 
 
 def common_options(*, defaults: bool = True) -> argparse.ArgumentParser:

@@ -97,7 +97,9 @@ class FileRecorder(Recorder):
     The frames carry card numbers, tracks, PIN blocks and the working keys' cryptograms: the
     file is readable by its owner only (mode 0600), one that existed with a wider mode
     included. It must be a regular file, and not a symbolic link (one planted where the log
-    is to go would send the frames elsewhere)."""
+    is to go would send the frames elsewhere), owned by this process's user: its owner can
+    always change its mode back, so a file another user planted is never adopted (root's
+    `fchmod` would succeed on it)."""
 
     def __init__(self, path: Path, clock: Callable[[], datetime] = _utc_now) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
@@ -107,8 +109,14 @@ class FileRecorder(Recorder):
             reason = "a symbolic link" if error.errno == errno.ELOOP else error.strerror
             raise BadInput(f"{path}: cannot open for recording: {reason}") from None
         try:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            status = os.fstat(descriptor)
+            if not stat.S_ISREG(status.st_mode):
                 raise BadInput(f"{path}: cannot open for recording: not a regular file")
+            if status.st_uid != os.geteuid():
+                raise BadInput(
+                    f"{path}: cannot open for recording: owned by user {status.st_uid}, not"
+                    f" by this one ({os.geteuid()})"
+                )
             os.fchmod(descriptor, 0o600)
             self._file = os.fdopen(descriptor, "a", encoding="utf-8")
         except OSError as error:

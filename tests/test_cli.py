@@ -66,6 +66,31 @@ def test_an_error_line_never_shows_a_card_number_whatever_built_it(
     assert "668800*********0014" in error
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cards", "status", "active", "6688000000000000014"],
+        ["cards", "status", "active", "6688000000000000014=28121010000012345678"],
+        ["cards", "show", "6688000000000000014", "6688000000000000014=2812101"],
+        ["cards", "6688000000000000014"],
+        ["sim", "load", "--terminals", "1", "--rate", "1", "--duration", "1",
+         "--seed", "6688000000000000014=2812"],
+    ],
+)  # fmt: skip
+def test_a_card_number_the_command_line_refuses_is_masked(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A card number or a track typed where the command line does not take one is refused
+    by argparse, which quotes it: masked in that line too, what a track adds hidden."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert error.count("\n") == 1
+    assert "668800*********0014" in error
+    assert "6688000000000000014" not in error and "2812" not in error
+
+
 def test_a_database_gone_under_a_command_is_one_line_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import stat
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -71,6 +72,23 @@ def test_a_symbolic_link_or_a_folder_is_refused_and_nothing_written(tmp_path: Pa
     with pytest.raises(BadInput) as refused:
         FileRecorder(tmp_path, fixed_clock)
     assert str(refused.value).startswith(f"{tmp_path}: cannot open for recording: ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_log_another_user_owns_is_refused_and_keeps_its_mode(tmp_path: Path) -> None:
+    """Run as root, `fchmod` succeeds on anyone's file, and its owner could widen the mode
+    again and read the frames: a file another user made where the log is to go is refused,
+    untouched."""
+    path = tmp_path / "traffic.jsonl"
+    path.write_text("")
+    path.chmod(0o666)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(BadInput) as refused:
+        FileRecorder(path, fixed_clock)
+    assert str(refused.value) == (
+        f"{path}: cannot open for recording: owned by user 65534, not by this one (0)"
+    )
+    assert (stat.S_IMODE(path.stat().st_mode), path.read_text()) == (0o666, "")
 
 
 def test_each_record_is_one_json_line_with_the_wire_frame_in_hex() -> None:
