@@ -10,6 +10,7 @@ module without patching anything deeper.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -247,7 +248,11 @@ def _announce(config_path: Path, report: LoadReport, say: Callable[[str], None])
 
 
 def open_database(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
-    """An engine on a migrated ledger; a SQLite file's folder is made when missing."""
+    """An engine on a migrated ledger; a SQLite file's folder is made when missing.
+
+    A SQLite ledger holds card numbers: a folder or a file made here is its owner's only
+    (0700, 0600; SQLite gives the file's `-wal` and `-shm` the file's mode). Ones that exist
+    keep theirs."""
     folder: Path | None = None
     try:
         parsed = make_url(url)
@@ -257,8 +262,11 @@ def open_database(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) ->
                 " name a file (sqlite:///PATH)"
             )
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            folder = Path(parsed.database).parent
-            folder.mkdir(parents=True, exist_ok=True)
+            database = Path(parsed.database)
+            folder = database.parent
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if not parsed.database.startswith("file:"):  # a URI: SQLite's to read
+                _make_owner_only(database)
         engine = make_engine(url, busy_timeout_ms=busy_timeout_ms)
     except (ArgumentError, ValueError) as error:
         # The URL may hold a password: name the problem, never the URL.
@@ -276,6 +284,16 @@ def open_database(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) ->
             raise BadInput(LEDGER_BUSY) from None
         raise BadInput(f"database: cannot open it: {_first_line(error.orig)}") from None
     return engine
+
+
+def _make_owner_only(database: Path) -> None:
+    """An empty file (an empty SQLite database) of mode 0600 where none is."""
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as error:
+        raise BadInput(f"database: cannot make {database}: {error.strerror}") from None
 
 
 def _load(

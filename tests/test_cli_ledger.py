@@ -4,8 +4,10 @@ and no full card number in anything the commands print."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import tzinfo
@@ -457,6 +459,34 @@ def test_missing_key_files_are_refused_and_not_made_anew(
     assert cli.run("ledger", "check").code == 0
     assert cli.run("cards", "show", GOLD).code == 0
     assert not any((folder / name).exists() for name in removed)
+
+
+def test_a_sqlite_ledger_made_by_a_command_is_its_owners_only(cli: Cli, tmp_path: Path) -> None:
+    """The ledger holds card numbers: the folder and file a command makes for it are 0700
+    and 0600 whatever the umask, and SQLite gives its log and shared-memory files the
+    file's mode. A folder that existed keeps its own."""
+    old = os.umask(0o022)
+    try:
+        assert cli.run("ledger", "load").code == 0
+        folder = tmp_path / "db"
+        made = [folder / "ledger.db", folder / "ledger.db-wal", folder / "ledger.db-shm"]
+        connection = sqlite3.connect(made[0])  # the log and shared memory, while it is open
+        try:
+            assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert connection.execute("SELECT count(*) FROM cards").fetchone()[0] > 0
+            modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in made}
+        finally:
+            connection.close()
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert modes == dict.fromkeys(modes, 0o600)
+        kept = tmp_path / "kept"
+        kept.mkdir(mode=0o755)
+        url = f"sqlite:///{kept / 'ledger.db'}"
+        assert main(["ledger", "check", "--config", str(cli.config), "--db", url]) == 0
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o755
+        assert stat.S_IMODE((kept / "ledger.db").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
 
 
 def test_a_sqlite_folder_that_cannot_be_made_is_named(
