@@ -6,14 +6,16 @@ Exit statuses (operations.md): 0 success, 1 a check found a fault, 2 bad input o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import os
 import select
 import sys
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sqlalchemy.exc import OperationalError
 
@@ -85,6 +87,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    if getattr(args, "command", None) == "serve":  # runs for months: said as it happens
+        return _run(handler, args)
+    with _unraisable_held() as held:
+        status = _run(handler, args)
+        if status == EXIT_INTERRUPTED:
+            held.clear()
+    return status
+
+
+@contextlib.contextmanager
+def _unraisable_held() -> Iterator[list[str]]:
+    """Errors Python cannot raise (a `__del__`'s, a weak reference callback's: printed with
+    their traceback as they happen) held back until the command ends, then printed as
+    usual; dropped when Ctrl-C ended it. An interrupt that lands inside the ORM's
+    bookkeeping leaves such an error in a garbage-collected object (SQLAlchemy's
+    `InstanceState._cleanup`), and its traceback would come before the one line that says
+    what the interrupt left (`EXIT_INTERRUPTED`). Each is held as the text Python's own
+    hook writes (holding the object would bring a finalised one back)."""
+    held: list[str] = []
+
+    def hold(unraisable: Any) -> None:
+        text = io.StringIO()
+        with contextlib.redirect_stderr(text):
+            sys.__unraisablehook__(unraisable)
+        held.append(text.getvalue())
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = hold
+    try:
+        yield held
+    finally:
+        sys.unraisablehook = previous
+        for text in held:
+            sys.stderr.write(text)
+
+
+def _run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except BadInput as error:

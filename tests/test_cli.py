@@ -53,6 +53,37 @@ def test_a_reader_that_stops_early_ends_the_command_with_141_and_no_traceback(
     assert check.returncode == 0 and "changes" not in check.stdout  # loaded the first time
 
 
+class _FailsWhenCollected:
+    def __del__(self) -> None:
+        raise AssertionError("left by the interrupted bookkeeping")
+
+
+@pytest.mark.parametrize("interrupted", [True, False])
+def test_an_error_python_cannot_raise_waits_for_the_end_and_ctrl_c_drops_it(
+    interrupted: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C inside the ORM's bookkeeping can leave an error in a collected object, which
+    Python prints with its traceback: interrupted, the command's stderr is its one line; run
+    to its end, the error is printed after the command, as Python would have."""
+
+    def handler(_args: object) -> int:
+        _FailsWhenCollected()  # collected at once: its error cannot be raised
+        if interrupted:
+            raise KeyboardInterrupt
+        return 0
+
+    monkeypatch.setattr("gateway.commands.ledger.check", handler)
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)  # pytest's collects them
+    status = main(["ledger", "check"])
+    error = capsys.readouterr().err
+    if interrupted:
+        assert status == 130
+        assert error.startswith("vipgate: interrupted: ") and error.count("\n") == 1
+    else:
+        assert status == 0
+        assert "Exception ignored in" in error and "left by the interrupted" in error
+
+
 def test_an_error_line_never_shows_a_card_number_whatever_built_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
