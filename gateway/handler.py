@@ -547,13 +547,18 @@ class Gateway:
         hot = hot_ledger(session)
         if hot.locks_rows:
             contexts = [context for _, _, context in pending]
+            terminals = [context.terminal.id for context in contexts]
+            reversals = any(context.kind is Kind.REVERSAL for context in contexts)
+            if reversals:  # their originals' cards are read under the terminals' locks
+                hot.lock_terminals(terminals)
             cards = (self._transactions.card_of(session, context) for context in contexts)
             hot.lock_group(
-                (context.terminal.id for context in contexts),
+                terminals,
                 {card for card in cards if card},
                 month=_month_of(contexts[0].moment),
                 generations_of=sorted(_generations_used(pending)),
                 run=self._first_run(pending),
+                terminals_held=reversals,
             )
 
     def _first_run(self, pending: list[_Pending]) -> RunReads | None:

@@ -295,8 +295,8 @@ class Transactions:
     @staticmethod
     def card_of(orm: OrmSession, context: Context) -> str | None:
         """The card a request will lock: the one it presents, or a reversal's original's
-        (read now, unlocked: the reversal locks it again when it runs); None for the kinds
-        that lock none."""
+        (read under its terminal's lock, `HotLedger.lock_terminals`, so that an original
+        committed by another process meanwhile is seen); None for the kinds that lock none."""
         if context.kind in CARD_KINDS:
             return context.presented_card()[0]
         if context.kind is Kind.REVERSAL:

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -259,6 +260,65 @@ def test_a_reversal_waits_for_its_original_still_in_the_other_process(
     assert codes == ["00", "00"]
     after = world.harness.send(world.terminals[0], world.balance(0, X)).balance
     assert after == before  # the points came back
+
+
+def test_a_reversal_whose_original_commits_while_its_group_waits_locks_its_card_in_order(
+    world: TwoProcesses, postgres_server: pg.PgServer
+) -> None:
+    """The reversal's group, on the second process, waits for its terminal's lock while the
+    original is uncommitted on the first. Its original's card was read before that wait,
+    found nowhere, and so not locked with the group's other card; the reversal then locked
+    it when it ran, behind that other card. A third group holding the reversal's card and
+    waiting for the other one deadlocked with it (a second in which neither answered, then
+    `group_ran_alone`). The card is now read once the terminal's lock is held, and locked
+    with the others, in order: the third group waits instead."""
+    third = Gateway(
+        config=world.harness.gateway._config,
+        engine=make_engine(world.harness.engine.url),
+        clock=world.harness.clock,
+        security=world.second._security,
+    )
+    original = world.redemption(0, X)
+    group = [world.redemption(1, Y), world.reversal(0, original)]
+    other = [world.redemption(2, X), world.redemption(3, Y)]
+    handlers = world.second._transactions._handlers
+    reverse, go = handlers[Kind.REVERSAL], threading.Event()
+
+    def gated(orm: object, context: object) -> object:
+        go.wait(30)  # until the third group holds or waits for X
+        return reverse(orm, context)  # type: ignore[arg-type]
+
+    handlers[Kind.REVERSAL] = gated  # type: ignore[assignment]
+    replies: dict[str, list[str]] = {}
+
+    def decide(name: str, gateway: Gateway, payloads: list[bytes]) -> None:
+        answers = gateway.handle_group(payloads)
+        replies[name] = [str(parse(a.payload)[1][39]) if a.payload else "-" for a in answers]
+
+    before = deadlocks(postgres_server)
+    threads = [
+        threading.Thread(target=decide, args=("group", world.second, group)),
+        threading.Thread(target=decide, args=("other", third, other)),
+    ]
+    held: dict[str, bytes | None] = {}
+    try:
+        with capture_logs() as logs:
+            with decided_and_held_open(world.first, original, held, "original"):
+                threads[0].start()
+                threads[0].join(0.5)  # waiting for terminal 0's lock
+            time.sleep(0.5)  # the original committed: the group takes its cards
+            threads[1].start()
+            threads[1].join(0.5)  # the third group takes X, or waits for it
+            go.set()
+            for thread in threads:
+                thread.join(30)
+    finally:
+        go.set()
+        third._engine.dispose()
+    assert [line for line in logs if line["event"] == "group_ran_alone"] == []
+    assert deadlocks(postgres_server) == before
+    assert parse(held["original"] or b"")[1][39] == "00"
+    assert replies == {"group": ["00", "00"], "other": ["00", "00"]}
 
 
 def test_a_reversal_run_alone_after_its_group_failed_waits_too(

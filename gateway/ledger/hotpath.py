@@ -688,9 +688,11 @@ class HotLedger:
         month: str | None = None,
         generations_of: Sequence[str] = (),
         run: RunReads | None = None,
+        terminals_held: bool = False,
     ) -> None:
         """Lock a group's terminals and cards at its start, in one order for every group
-        (PostgreSQL; SQLite's unit of work holds the one write lock).
+        (PostgreSQL; SQLite's unit of work holds the one write lock). With `terminals_held`,
+        `lock_terminals` took the terminals' locks already, and only the cards' are taken.
 
         Each request locks its card as it runs, and rows keyed by its terminal (the batch's
         count, the request log, a reversal's tombstone, the terminal's row at settlement)
@@ -718,12 +720,8 @@ class HotLedger:
         keys = sorted({terminal_lock_key(terminal_id) for terminal_id in terminal_ids})
         ordered = sorted(numbers)
         if self._sql.postgres:
-            reads = [
-                # Shared: gateways never wait for each other on it, only for a month's close.
-                (self._sql.lock_close_shared, (CLOSE_LOCK_KEY,)),
-                (self._sql.lock_terminals, (keys,)),
-                (self._sql.lock_cards, (ordered,)),
-            ]
+            reads = [] if terminals_held else self._terminal_locks(keys)
+            reads.append((self._sql.lock_cards, (ordered,)))
             ahead: list[tuple[str, tuple[Any, ...]]] = []
             if month is not None:
                 ahead.append((self._sql.month_closed, (month,)))
@@ -735,6 +733,27 @@ class HotLedger:
             self._prefetched.clear()
             for (statement, parameters), cursor in zip(ahead, cursors, strict=True):
                 self._prefetched[(statement, _hashable(parameters))] = cursor
+
+    def lock_terminals(self, terminal_ids: Iterable[str]) -> None:
+        """`lock_group`'s first locks alone, the close's and the terminals', for a group with
+        a reversal: its original's card is known only once its terminal's lock is held. An
+        original still uncommitted on another process holds that lock; read before, the
+        original is not there, its card is not locked with the group's, and the reversal
+        then locks it out of order, behind cards the group holds: another group holding it
+        and waiting for one of those deadlocks with this one (PostgreSQL breaks it after
+        `deadlock_timeout`, a second in which neither answers). Read after, the original is
+        committed, or not sent yet (its terminal waits for this group). One round trip
+        more, for groups with a reversal only."""
+        if self._sql.postgres:
+            keys = sorted({terminal_lock_key(terminal_id) for terminal_id in terminal_ids})
+            self._send_all(self._terminal_locks(keys))
+
+    def _terminal_locks(self, keys: list[int]) -> list[tuple[str, tuple[Any, ...]]]:
+        return [
+            # Shared: gateways never wait for each other on it, only for a month's close.
+            (self._sql.lock_close_shared, (CLOSE_LOCK_KEY,)),
+            (self._sql.lock_terminals, (keys,)),
+        ]
 
     def month_closed(self, month: str) -> bool:
         """Whether clearing has closed the month ("YYYY-MM") whose business dates it settles."""
