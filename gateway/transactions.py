@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from cardcodec.cards import card_number_problem, mask_card_number
 from cardcodec.crypto import Suite
+from cardcodec.errors import CodecError
 from cardcodec.message import FieldValue, Message
 from cardcodec.profile import FINANCIAL_MTIS, Kind
 from cardcodec.subfields import (
@@ -327,19 +328,33 @@ class Transactions:
     def _declined(
         self, orm: OrmSession, context: Context, decline: Decline, card: str | None = None
     ) -> Outcome:
-        """A decline after the first checks: recorded (financial kinds) and answered; an
-        unsound PIN block is answered as a failed MAC is, recorded nowhere."""
+        """A decline after the first checks: recorded (financial kinds) and answered.
+
+        Not recorded when the request's PIN block is not a valid one (`_pin_block_unsound`),
+        whatever the decline: the terminal did not make that block, so the request was
+        altered on the way, its MAC made good by the block's free bytes (§5.1 XORs the
+        blocks), and recording it would take its identity from the terminal's own request
+        (`94`). On a card without a PIN that block is the decline (`A0`), and it also ends the
+        terminal's session: every try at a block that happens to be valid then needs the
+        terminal to sign on again, and a captured request under the new keys."""
         code = response_code(decline)
         extra: dict[int, FieldValue] = {}
-        if decline is Decline.PIN_BLOCK_UNSOUND:
+        if decline is Decline.PIN_BLOCK_UNSOUND or self._pin_block_unsound(context):
             log.warning(
                 "pin_block_unsound",
                 terminal=context.terminal.id,
                 card=None if card is None else mask_card_number(card),
+                code=code,
             )
             extra[37] = next_rrn(orm, context.moment.at)
+            if decline is not Decline.PIN_BLOCK_UNSOUND:
+                answer = self._answer(context, code, extra)
+                return Outcome(answer, card_number=card, why=decline.value, unrecorded=True)
             answer = self._answer(context, code, extra, sign_on_again=True)
-            return Outcome(answer, card_number=card, why=decline.value, unrecorded=True)
+            ended = self._sessions.sign_off(orm, context.terminal.id)
+            return Outcome(
+                answer, card_number=card, after_commit=ended, why=decline.value, unrecorded=True
+            )
         recorded_kind = RECORDED_KINDS.get(context.kind)
         if recorded_kind is not None:
             requested = context.amount_fen if 4 in context.message.fields else None
@@ -434,6 +449,20 @@ class Transactions:
             return None
         block = context.message.binary(52 if session.suite is Suite.TDES else 62)
         return self._security.check_pin(session.keys, block, card.number, card.pin_hmac)
+
+    def _pin_block_unsound(self, context: Context) -> bool:
+        """Whether the request carries a PIN block that is not a valid one for the card it
+        presents, under the session's PIK."""
+        session = context.session
+        if 26 not in context.message.fields or session is None:
+            return False
+        block = context.message.binary(52 if session.suite is Suite.TDES else 62)
+        number, _ = context.presented_card()
+        try:
+            checked = self._security.check_pin(session.keys, block, number, None)
+        except (SecurityModuleError, CodecError):  # no PIK, or no card number to XOR with
+            return False
+        return checked is PinCheck.BAD_BLOCK
 
     def _pin_verdict(
         self, context: Context, card: CardSnapshot

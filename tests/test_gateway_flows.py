@@ -411,8 +411,10 @@ def test_a_pin_block_that_is_not_one_on_a_card_without_a_pin_is_a0_and_not_recor
     track encrypted, could be sent again with a new trace and forty times the amount under
     its own MAC, and approved. Such a block must at least be a valid one under the
     terminal's PIK (a terminal makes one whatever the card): one that is not is `A0` with the
-    sign-on digit, no MAC, recorded nowhere (§7: as a failed MAC), points untouched. A valid
-    block on that card is still ignored (never `99`)."""
+    sign-on digit, no MAC, recorded nowhere (§7: as a failed MAC), points untouched, and the
+    terminal's session ends (a block that happens to be valid, one try in about 10^7 under
+    3DES, then needs a sign-on and a new capture for every try). A valid block on that card
+    is still ignored (never `99`)."""
     terminal = harness.signed_on(terminal_id, with_tdk=True)
     fields = terminal.card_fields(DIAMOND, "2906", encrypt_track_data=True)
     captured = terminal.financial("0200", "000000", "22", fields, amount_fen=100)
@@ -436,12 +438,46 @@ def test_a_pin_block_that_is_not_one_on_a_card_without_a_pin_is_a0_and_not_recor
         now = harness.clock.now()
         assert operations.balances(session, DIAMOND, now).ledger_points == balance
         assert session.query(Authorisation).count() == rows
+    # The session ended: the terminal's next request is `A0`, and it signs on again.
+    fields = terminal.card_fields(DIAMOND, "2906", encrypt_track_data=True)
+    stale = harness.send(terminal, terminal.financial("0200", "310000", "01", fields))
+    assert (stale.code, stale.header.hex()) == ("A0", "603103310000")
+    answer = harness.send(terminal, terminal.sign_on(True))
+    terminal.adopt_sign_on(answer)
     # Not recorded: the terminal's own request with that trace is answered, not `94`.
+    terminal.trace = int(parse(forged)[1][11]) - 1
     fields = terminal.card_fields(DIAMOND, "2906", pin="1234", encrypt_track_data=True)
     honest = terminal.financial("0200", "000000", "22", fields, amount_fen=100)
-    assert parse(honest)[1][11] == parse(forged)[1][11]
     answer = harness.send(terminal, honest)
     assert (answer.code, answer.balance) == ("00", balance - 50)
+
+
+@pytest.mark.parametrize(("card", "expiry", "amount", "code"), [
+    (DIAMOND, "2906", 0, "13"),  # no PIN: the amount's decline ranks before the block's
+    (GOLD_PIN, "2812", 100, "99"),  # a PIN: the block's own decline
+])  # fmt: skip
+def test_a_decline_of_a_request_whose_pin_block_is_not_one_is_recorded_nowhere(
+    harness: Harness, card: str, expiry: str, amount: int, code: str
+) -> None:
+    """A request altered on the way, its MAC made good by the PIN block's bytes, gets the
+    decline §6 ranks first, but is not recorded: recorded, each such request would take a
+    trace the terminal has yet to use, and the terminal's own request with it would get
+    `94`. Its session stays."""
+    terminal = harness.signed_on("10000001", with_tdk=True)
+    fields = terminal.card_fields(card, expiry, pin="123456", encrypt_track_data=True)
+    captured = terminal.financial("0200", "000000", "22", fields, amount_fen=100)
+    assert harness.send(terminal, captured).code == "00"
+    with unit_of_work(harness.engine) as session:
+        rows = session.query(Authorisation).count()
+    forged = _forged_with_a_pin_block(captured, 8, amount, terminal.trace + 1)
+    reply = harness.gateway.handle(forged)
+    assert reply.payload is not None and parse(reply.payload)[1][39] == code
+    with unit_of_work(harness.engine) as session:
+        assert session.query(Authorisation).count() == rows
+    fields = terminal.card_fields(card, expiry, pin="123456", encrypt_track_data=True)
+    honest = terminal.financial("0200", "000000", "22", fields, amount_fen=100)
+    assert parse(honest)[1][11] == parse(forged)[1][11]
+    assert harness.send(terminal, honest).code == "00"
 
 
 def test_the_log_tells_the_a0s_and_30s_apart(harness: Harness) -> None:
