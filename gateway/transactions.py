@@ -218,7 +218,7 @@ class Outcome:
     mac_session: Session | None = None  # the keys to MAC with when they end with this request
     after_commit: Callable[[], None] | None = None
     why: str | None = None  # a decline's reason, for the log (never a value)
-    unrecorded: bool = False  # an `A0`: the request is not logged (§7), as one the MAC failed
+    unrecorded: bool = False  # not logged (§7): its PIN block was not one (`_declined`)
 
     # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
     def __init__(  # noqa: PLR0917 (the fields, in order, as the dataclass's own)
@@ -444,19 +444,17 @@ class Transactions:
     def _pin(self, context: Context, card: CardSnapshot) -> PinCheck | None:
         """What the PIN block says; for a card without a PIN, only whether it is a valid
         block (`pin_decision`); None when none was sent."""
-        session = context.session
-        if 26 not in context.message.fields or session is None:
+        session, block = _pin_block(context)
+        if session is None:
             return None
-        block = context.message.binary(52 if session.suite is Suite.TDES else 62)
         return self._security.check_pin(session.keys, block, card.number, card.pin_hmac)
 
     def _pin_block_unsound(self, context: Context) -> bool:
         """Whether the request carries a PIN block that is not a valid one for the card it
         presents, under the session's PIK."""
-        session = context.session
-        if 26 not in context.message.fields or session is None:
+        session, block = _pin_block(context)
+        if session is None:
             return False
-        block = context.message.binary(52 if session.suite is Suite.TDES else 62)
         number, _ = context.presented_card()
         try:
             checked = self._security.check_pin(session.keys, block, number, None)
@@ -994,6 +992,15 @@ CREDIT_VALUES = (AuthorisationKind.VOID.value, AuthorisationKind.REFUND.value)
 
 def _pin_sent(context: Context) -> PinEntry:
     return PinEntry.ENTERED if 26 in context.message.fields else PinEntry.NONE
+
+
+def _pin_block(context: Context) -> tuple[Session | None, bytes]:
+    """The session and the PIN block a request carries (52, or 62 under SM4); no session
+    when it carries none (or its terminal is not signed on)."""
+    session = context.session
+    if 26 not in context.message.fields or session is None:
+        return None, b""
+    return session, context.message.binary(52 if session.suite is Suite.TDES else 62)
 
 
 def _open_batch(orm: OrmSession, terminal_id: str) -> int:
