@@ -653,10 +653,10 @@ def accrue(
         raise BadInput("an accrual needs a source_ref")
     if lock_card(session, card_number) is None:
         raise BadInput(f"accrual {source_ref}: unknown card")
-    if _accrual_applied(session, source_ref):
+    if accruals_applied(session, [source_ref]):
         return AccrualSkipped(source_ref)
-    held = _points_held(session, card_number)
-    coming = _points_to_come_back(session, card_number)
+    held = _points_held(session, [card_number]).get(card_number, 0)
+    coming = _points_to_come_back(session, [card_number]).get(card_number, 0)
     if held + coming + points > MAX_CARD_POINTS:
         shown = source_ref.replace(card_number, mask_card_number(card_number))  # config lots
         back = f" and {coming} more its approved redemptions may give back" if coming else ""
@@ -689,57 +689,46 @@ def accrue(
     return Accrued(lot.id, transaction.id, lot.expires_on)
 
 
-def _points_held(session: Session, card_number: str) -> int:
-    """The card's ledger balance: what is left in its lots, expired or not."""
-    query = select(func.coalesce(func.sum(PointLot.remaining_points), 0)).where(
-        PointLot.card_number == card_number
+def _points_held(session: Session, numbers: Collection[str]) -> dict[str, int]:
+    """Each card's ledger balance: what is left in its lots, expired or not (cards without
+    lots left out)."""
+    query = (
+        select(PointLot.card_number, func.sum(PointLot.remaining_points))
+        .where(PointLot.card_number.in_(numbers))
+        .group_by(PointLot.card_number)
     )
-    return int(session.scalar(query) or 0)
+    return {number: int(points or 0) for number, points in session.execute(query)}
 
 
-def _points_to_come_back(session: Session, card_number: str) -> int:
-    """What the card's approved redemptions could still give back (void, reversal or
+def _points_to_come_back(session: Session, numbers: Collection[str]) -> dict[str, int]:
+    """What each card's approved redemptions could still give back (void, reversal or
     refunds): their points less what refunds already returned. An accrual counts them, so
     that no later give-back takes the balance past what field 63 can carry."""
-    query = select(
-        func.coalesce(func.sum(Authorisation.points - Authorisation.points_returned), 0)
-    ).where(
-        Authorisation.card_number == card_number,
-        Authorisation.kind == AuthorisationKind.REDEMPTION,
-        Authorisation.state == AuthorisationState.APPROVED,
+    query = (
+        select(
+            Authorisation.card_number,
+            func.sum(Authorisation.points - Authorisation.points_returned),
+        )
+        .where(
+            Authorisation.card_number.in_(numbers),
+            Authorisation.kind == AuthorisationKind.REDEMPTION,
+            Authorisation.state == AuthorisationState.APPROVED,
+        )
+        .group_by(Authorisation.card_number)
     )
-    return int(session.scalar(query) or 0)
+    rows = session.execute(query)
+    return {number: int(points or 0) for number, points in rows if number is not None}
 
 
 def accrual_bases(session: Session, numbers: Collection[str]) -> dict[str, int]:
     """For each card, what `accrue` adds an accrual to before comparing with
     `MAX_CARD_POINTS`: the points its lots hold and what its approved redemptions could
     still give back; two grouped statements for all of them (the caller bounds `numbers`)."""
-    bases = dict.fromkeys(numbers, 0)
-    if not bases:
-        return bases
-    held = (
-        select(PointLot.card_number, func.sum(PointLot.remaining_points))
-        .where(PointLot.card_number.in_(bases))
-        .group_by(PointLot.card_number)
-    )
-    coming = (
-        select(
-            Authorisation.card_number,
-            func.sum(Authorisation.points - Authorisation.points_returned),
-        )
-        .where(
-            Authorisation.card_number.in_(bases),
-            Authorisation.kind == AuthorisationKind.REDEMPTION,
-            Authorisation.state == AuthorisationState.APPROVED,
-        )
-        .group_by(Authorisation.card_number)
-    )
-    for query in (held, coming):
-        for number, points in session.execute(query):
-            if number is not None:
-                bases[number] += int(points or 0)
-    return bases
+    if not numbers:
+        return {}
+    held = _points_held(session, numbers)
+    coming = _points_to_come_back(session, numbers)
+    return {number: held.get(number, 0) + coming.get(number, 0) for number in numbers}
 
 
 def accruals_applied(session: Session, source_refs: Collection[str]) -> set[str]:
@@ -748,13 +737,6 @@ def accruals_applied(session: Session, source_refs: Collection[str]) -> set[str]
         PointLot.origin == LotOrigin.ACCRUAL, PointLot.source_ref.in_(source_refs)
     )
     return set(session.scalars(query))
-
-
-def _accrual_applied(session: Session, source_ref: str) -> bool:
-    query = select(PointLot.id).where(
-        PointLot.origin == LotOrigin.ACCRUAL, PointLot.source_ref == source_ref
-    )
-    return session.scalars(query).first() is not None
 
 
 def refuse_unbegun(as_of: date, now: datetime) -> None:
