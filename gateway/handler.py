@@ -469,7 +469,8 @@ class Gateway:
                 closed = self._month_closed_meanwhile(session, pending[0][2].moment)
                 if not closed:
                     current, ended = self._keys_ended(session, pending)
-                    outcomes = self._outcomes(session, current)
+                    current, outcomes, behind = self._outcomes(session, current)
+                    ended += behind
             if closed:
                 return [
                     (index, self._too_late(request, context)) for index, request, context in pending
@@ -619,10 +620,18 @@ class Gateway:
             (ended if keys is not None and keys.terminal_id in gone else current).append(item)
         return current, ended
 
-    def _outcomes(self, session: OrmSession, pending: list[_Pending]) -> list[Outcome]:
+    def _outcomes(
+        self, session: OrmSession, pending: list[_Pending]
+    ) -> tuple[list[_Pending], list[Outcome], list[_Pending]]:
         """Every request of the group in order: runs of redemptions together
-        (`Transactions.redeem_run`), the others, and whatever a run leaves, one by one."""
+        (`Transactions.redeem_run`), the others, and whatever a run leaves, one by one. The
+        requests run, their outcomes, and those left out: a request that ends its terminal's
+        session (`Outcome.ends_session`) leaves that terminal's later requests checked with
+        the ended keys to be prepared again after the commit, as `_keys_ended` does, and as
+        each would be had it come in a group of its own (`A0`, header digit `3`)."""
+        run_ones: list[_Pending] = []
         outcomes: list[Outcome] = []
+        left: list[_Pending] = []
         start = 0
         while start < len(pending):
             end = start
@@ -630,14 +639,22 @@ class Gateway:
                 end += 1
             if end - start >= MIN_RUN:
                 done = self._run_together(session, pending[start:end])
+                run_ones += pending[start : start + len(done)]
                 outcomes += done
                 start += len(done)
                 if start == end:
                     continue
-            _, request, context = pending[start]
-            outcomes.append(self._run(session, request, context))
+            item = pending[start]
+            outcome = self._run(session, item[1], item[2])
+            run_ones.append(item)
+            outcomes.append(outcome)
             start += 1
-        return outcomes
+            if outcome.ends_session:
+                ended = item[2].terminal.id
+                rest = pending[start:]
+                pending = pending[:start] + [i for i in rest if not _keys_of(i, ended)]
+                left += [i for i in rest if _keys_of(i, ended)]
+        return run_ones, outcomes, left
 
     def _run_together(self, session: OrmSession, run: list[_Pending]) -> list[Outcome]:
         """A run of redemptions: the outcomes of its first requests, logged together."""
@@ -882,6 +899,12 @@ def _checked_with(context: Context) -> Session | None:
     """The session whose keys the request was checked with (MAC, PIN, track): every request
     that has one but a sign-on or an echo."""
     return None if context.kind in (Kind.SIGN_ON, Kind.ECHO) else context.session
+
+
+def _keys_of(item: _Pending, terminal_id: str) -> bool:
+    """Whether the request was checked with keys of the terminal `terminal_id`."""
+    keys = _checked_with(item[2])
+    return keys is not None and keys.terminal_id == terminal_id
 
 
 def _generations_used(pending: list[_Pending]) -> dict[str, int]:

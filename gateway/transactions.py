@@ -219,6 +219,7 @@ class Outcome:
     after_commit: Callable[[], None] | None = None
     why: str | None = None  # a decline's reason, for the log (never a value)
     unrecorded: bool = False  # not logged (§7): its PIN block was not one (`_declined`)
+    ends_session: bool = False  # its terminal's later requests of the group wait (`_declined`)
 
     # Written out so that mypyc compiles it (docs/gateway.md, "The native build").
     def __init__(  # noqa: PLR0917 (the fields, in order, as the dataclass's own)
@@ -230,6 +231,7 @@ class Outcome:
         after_commit: Callable[[], None] | None = None,
         why: str | None = None,
         unrecorded: bool = False,
+        ends_session: bool = False,
     ) -> None:
         self.answer = answer
         self.card_number = card_number
@@ -238,6 +240,7 @@ class Outcome:
         self.after_commit = after_commit
         self.why = why
         self.unrecorded = unrecorded
+        self.ends_session = ends_session
 
 
 class Transactions:
@@ -353,7 +356,12 @@ class Transactions:
             answer = self._answer(context, code, extra, sign_on_again=True)
             ended = self._sessions.sign_off(orm, context.terminal.id)
             return Outcome(
-                answer, card_number=card, after_commit=ended, why=decline.value, unrecorded=True
+                answer,
+                card_number=card,
+                after_commit=ended,
+                why=decline.value,
+                unrecorded=True,
+                ends_session=True,
             )
         recorded_kind = RECORDED_KINDS.get(context.kind)
         if recorded_kind is not None:
