@@ -53,6 +53,7 @@ class Redemption:
 class Void:
     redemption: Redemption
     state: State = State.APPROVED
+    credited: dict[int, int] = field(default_factory=dict)  # lot index -> points put in
 
 
 @dataclass
@@ -115,9 +116,9 @@ class LedgerModel:
     def void(self, redemption: Redemption, now: datetime) -> Void | None:
         if not self._undoable(redemption):
             return None
-        self._give_back(redemption, dict(redemption.held), now)
+        credited = self._give_back(redemption, dict(redemption.held), now)
         redemption.state = State.VOIDED
-        return Void(redemption)
+        return Void(redemption, credited=credited)
 
     def reverse_redemption(self, redemption: Redemption, now: datetime) -> bool:
         if not self._undoable(redemption):
@@ -132,9 +133,20 @@ class LedgerModel:
             return "nothing"
         redemption = void.redemption
         points = redemption.conversion.points
-        if self.spendable_points(redemption.card, now) < points:
+        # First from the lots the void put them in, as much as each still holds (expired or
+        # not), then whatever those no longer hold from the spendable lots.
+        own = {i: min(p, self.lots[i].remaining) for i, p in void.credited.items()}
+        spendable = sum(
+            lot.remaining - own.get(lot.index, 0) for lot in self._spendable(redemption.card, now)
+        )
+        if sum(own.values()) + spendable < points:
             return "stands"
-        self._take(redemption, points, now)
+        for index, share in own.items():
+            self.lots[index].remaining -= share
+            if share:
+                redemption.held[index] = redemption.held.get(index, 0) + share
+        if points - sum(own.values()):
+            self._take(redemption, points - sum(own.values()), now)
         redemption.state = State.APPROVED
         void.state = State.REVERSED
         return "undone"
@@ -179,10 +191,14 @@ class LedgerModel:
     def _undoable(self, redemption: Redemption) -> bool:
         return redemption.state is State.APPROVED and redemption.refunded_fen == 0
 
-    def _give_back(self, redemption: Redemption, shares: dict[int, int], now: datetime) -> None:
-        """Points back to their lots; those of expired lots into one new lot."""
+    def _give_back(
+        self, redemption: Redemption, shares: dict[int, int], now: datetime
+    ) -> dict[int, int]:
+        """Points back to their lots; those of expired lots into one new lot. Where they went:
+        lot index -> points."""
         local = now.astimezone(SHANGHAI)
         into_new = 0
+        credited: dict[int, int] = {}
         for index, points in sorted(shares.items()):
             redemption.held[index] -= points
             if redemption.held[index] == 0:
@@ -192,8 +208,11 @@ class LedgerModel:
                 into_new += points
             else:
                 lot.remaining += points
+                credited[index] = credited.get(index, 0) + points
         if into_new:
             today = local.date()
             expires_on = current_year_expires_on(today)
             new = Lot(len(self.lots), redemption.card, today, expires_on, into_new, into_new)
             self.lots.append(new)
+            credited[new.index] = into_new
+        return credited

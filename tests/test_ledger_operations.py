@@ -255,6 +255,53 @@ def test_reversal_of_a_void_stands_when_the_points_are_gone(world: LedgerWorld) 
     assert world.violations() == []
 
 
+@pytest.mark.parametrize("later_lot", [True, False])
+def test_reversal_of_a_void_after_its_lot_expired_takes_the_points_from_that_lot(
+    world: LedgerWorld, later_lot: bool
+) -> None:
+    """A void put its points back into a lot that expired at midnight, before the void's
+    reversal: the reversal takes them from that lot (its points still the card's until the
+    expiry job books them), as if the void had never been, and the job then books what the
+    redemption left in it. Taken in spending order instead, they came out of the card's
+    later lot, and the void's points expired besides: the member lost them twice. Without
+    a later lot, the void is undone all the same (the card still holds its points)."""
+    card = world.add_card(lots=[(EARLY, 100), (LATE, 1000)] if later_lot else [(EARLY, 100)])
+    world.now = local(2026, 11, 30, 23, 59)
+    outcome = redeemed(world.redeem(card, 60))
+    voided = world.void(outcome.authorisation_id)
+    assert isinstance(voided, Restored)
+    world.now = local(2026, 12, 1, 0, 0, 30)
+    reversal = world.reverse(voided.authorisation_id)
+    assert (reversal.effect, reversal.points) == (ReversalEffect.VOID_UNDONE, 60)
+    assert [(change.points, change.expires_on) for change in reversal.lots] == [
+        (60, date(2026, 11, 30))
+    ]
+    assert state_of(world, outcome.authorisation_id).state is AuthorisationState.APPROVED
+    assert world.expire(date(2026, 12, 1)).points == 40
+    assert world.balances(card).spendable_points == (1000 if later_lot else 0)
+    assert world.violations() == []
+
+
+def test_reversal_of_a_void_takes_what_its_lot_no_longer_holds_in_spending_order(
+    world: LedgerWorld,
+) -> None:
+    """Points the void put back and the card has spent since are taken from its other lots,
+    earliest-expiring first, once the void's own lot has given what it still holds."""
+    card = world.add_card(lots=[(EARLY, 100), (LATE, 1000)])
+    outcome = redeemed(world.redeem(card, 60))  # from the early lot
+    voided = world.void(outcome.authorisation_id)
+    assert isinstance(voided, Restored)
+    redeemed(world.redeem(card, 80))  # the early lot keeps 20
+    reversal = world.reverse(voided.authorisation_id)
+    assert reversal.effect is ReversalEffect.VOID_UNDONE
+    assert [(change.points, change.expires_on) for change in reversal.lots] == [
+        (20, date(2026, 11, 30)),
+        (40, date(2027, 11, 30)),
+    ]
+    assert world.balances(card).spendable_points == 1100 - 140
+    assert world.violations() == []
+
+
 def test_refunded_redemption_cannot_be_voided_or_reversed(world: LedgerWorld) -> None:
     """Once partly refunded, a redemption is neither voided nor undone by a reversal."""
     card = world.add_card(lots=[(LATE, 100)])

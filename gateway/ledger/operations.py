@@ -56,6 +56,7 @@ from gateway.ledger.models import (
     Card,
     CardStatus,
     JournalTransaction,
+    LotMovement,
     LotOrigin,
     PointLot,
     RequestClass,
@@ -320,10 +321,10 @@ def reverse(session: Session, swipe: Swipe, original_id: int) -> Reversed:
     """Undo a redemption or a void that the terminal got no valid answer for (pos-8583 §4.6).
 
     A redemption: its points come back as a void's would. A void: its points are taken again
-    if the card's spendable points still cover them, else the void stands (`VOID_STANDS`, a
-    reconciliation exception). Anything else changes nothing. The reversal is recorded
-    (answered `00`) in every case; `swipe` is the reversal's own identity (the original's
-    terminal, batch and trace, reversal class).
+    if the card still holds them, first from the lots the void put them in (`_reverse_void`),
+    else the void stands (`VOID_STANDS`, a reconciliation exception). Anything else changes
+    nothing. The reversal is recorded (answered `00`) in every case; `swipe` is the
+    reversal's own identity (the original's terminal, batch and trace, reversal class).
     """
     original = _lock_authorisation(session, original_id)
     authorisation = _new_authorisation(
@@ -474,12 +475,21 @@ def _restore_redemption(
 def _reverse_void(
     session: Session, swipe: Swipe, void_: Authorisation, authorisation: Authorisation
 ) -> Reversed:
-    """Take a void's points again, in spending order, if the card still holds them."""
+    """Take a void's points again if the card still holds them (pos-8583 §4.6), undoing the
+    void lot by lot (points-and-clearing §3): first from the lots the void put them in, as
+    much as each still holds, an expired lot the expiry job has not booked included (the
+    card's ledger balance holds it); then whatever those no longer hold, in spending order.
+    Taken from spending order alone, a void whose lot expired at midnight before its
+    reversal left the void's points in the expired lot and took as many again from the
+    card's other lots. Not enough in both: the void stands."""
     card_number = _card_of(void_)
     redemption = _lock_authorisation(session, _original_of(void_))
+    own = _still_held(session, card_number, void_)
+    from_own = sum(share for _, share in own)
     lots = spendable_lots(session, card_number, swipe.when.local)
-    available = sum(lot.remaining_points for lot in lots)
-    if available < void_.points:
+    in_own = {lot.id: share for lot, share in own}
+    available = sum(lot.remaining_points - in_own.get(lot.id, 0) for lot in lots)
+    if from_own + available < void_.points:
         authorisation.exception = ReversalEffect.VOID_STANDS.value
         return _reversal_without_effect(session, authorisation, ReversalEffect.VOID_STANDS, swipe)
     transaction = card_transfer(
@@ -492,7 +502,10 @@ def _reverse_void(
         points_to_card=-void_.points,
     )
     authorisation.journal_transaction_id = transaction.id
-    taken = take(session, lots, void_.points, transaction.id, redemption.id)
+    taken: tuple[LotChange, ...] = ()
+    for lot, share in own:
+        taken += take(session, [lot], share, transaction.id, redemption.id)
+    taken += take(session, lots, void_.points - from_own, transaction.id, redemption.id)
     void_.state = AuthorisationState.REVERSED
     redemption.state = AuthorisationState.APPROVED
     return Reversed(
@@ -503,8 +516,29 @@ def _reverse_void(
         void_.points,
         taken,
         None,
-        available - void_.points,
+        sum(lot.remaining_points for lot in lots),
     )
+
+
+def _still_held(
+    session: Session, card_number: str, void_: Authorisation
+) -> list[tuple[PointLot, int]]:
+    """The lots a void put points in, locked, each with as many of those points as it still
+    holds, in spending order."""
+    query = (
+        select(LotMovement.lot_id, sum_of(LotMovement.points))
+        .where(
+            LotMovement.transaction_id == void_.journal_transaction_id,
+            LotMovement.points > 0,
+        )
+        .group_by(LotMovement.lot_id)
+    )
+    credited = {lot_id: int(points) for lot_id, points in session.execute(query)}
+    shares = [
+        (lot, min(credited[lot.id], lot.remaining_points))
+        for lot in lock_lots(session, card_number, credited)
+    ]
+    return [(lot, share) for lot, share in shares if share > 0]
 
 
 def _reversal_without_effect(
