@@ -5,6 +5,7 @@ group only after that sync (`gateway/server.py`, `GroupWorker`)."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -176,6 +177,53 @@ def test_a_failed_sync_goes_to_the_failure_hook(
     with pytest.raises(StoppedError):
         write(engine)
     assert [error.errno for error in failures] == [5]
+
+
+def _removed(tmp_path: Path) -> None:
+    for name in ("ledger.db", "ledger.db-wal", "ledger.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+
+
+def _renamed_over(tmp_path: Path) -> None:
+    other = tmp_path / "backup.db"
+    sqlite3.connect(other).close()
+    other.replace(tmp_path / "ledger.db")
+
+
+def _log_removed(tmp_path: Path) -> None:
+    (tmp_path / "ledger.db-wal").unlink()
+
+
+@pytest.mark.parametrize("fault", [_removed, _renamed_over, _log_removed])
+def test_a_ledger_file_removed_or_replaced_while_open_is_a_failed_sync(
+    engine: Engine, tmp_path: Path, fault: Any
+) -> None:
+    """`rm ledger.db*` or a backup renamed over the ledger while the gateway has it open:
+    its connections go on writing to files no path names, so each commit would be answered
+    and lost at the next start. The sync says so instead (by default the process ends, exit
+    74), naming the file, and nothing more is answered."""
+    failures: list[OSError] = []
+
+    class StoppedError(Exception):
+        pass
+
+    def stop(error: OSError) -> NoReturn:
+        failures.append(error)
+        raise StoppedError
+
+    sync_after_release(engine, on_failure=stop)
+    write(engine)
+    held = engine.connect()  # connections open, as the serving gateway always has
+    engine.connect().close()  # the next write's, pooled, open on the file
+    try:
+        fault(tmp_path)
+        with pytest.raises(StoppedError):
+            write(engine)
+    finally:
+        held.close()
+    assert len(failures) == 1
+    assert "ledger.db" in str(failures[0].filename)
+    assert "while the ledger was open" in str(failures[0].strerror)
 
 
 def test_by_default_a_failed_sync_ends_the_process(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ card and its lots). Everything that opens a connection to the ledger goes throug
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import select
@@ -383,24 +384,52 @@ def sync_after_release(
         return
     if database.startswith("file:"):
         return
-    _LOG_SYNCS[engine] = _LogSync(Path(database), on_failure or _end_process)
+    engine.dispose()  # connections already open were told FULL; none is open from here
+    _LOG_SYNCS[engine] = _LogSync(engine, Path(database), on_failure or _end_process)
     event.listen(engine, "connect", _commit_without_sync)
-    engine.dispose()  # connections already open were told FULL
 
 
 class _LogSync:
-    """`fdatasync` of a SQLite database's write-ahead log (`PATH-wal`)."""
+    """`fdatasync` of a SQLite database's write-ahead log (`PATH-wal`), once the database
+    file at PATH is seen to be still the one the engine opened.
 
-    def __init__(self, database: Path, on_failure: Callable[[OSError], NoReturn]) -> None:
+    A database file removed or replaced while the engine's connections have it open (`rm`,
+    a backup renamed over it) leaves them writing to a file no path names: each commit would
+    go on being answered, and be lost at the next start. So is a log removed while any
+    connection is open (SQLite removes it only when the last one closes). Either is a failed
+    sync (`on_failure`)."""
+
+    def __init__(
+        self, engine: Engine, database: Path, on_failure: Callable[[OSError], NoReturn]
+    ) -> None:
         self.path = database.with_name(database.name + "-wal")
+        self._database = database
+        self._identity = _file_identity(os.stat(database))
         self._on_failure = on_failure
+        self._open = 0  # the engine's connections open now
+        self._counting = threading.Lock()
+        event.listen(engine, "connect", self._opened)
+        event.listen(engine, "close", self._closed)
+        event.listen(engine, "close_detached", self._closed)
+
+    def _opened(self, _dbapi_connection: Any, _record: Any) -> None:
+        with self._counting:
+            self._open += 1
+
+    def _closed(self, _dbapi_connection: Any, _record: Any = None) -> None:
+        with self._counting:
+            self._open -= 1
 
     def __call__(self) -> None:
         try:
+            if _file_identity(os.stat(self._database)) != self._identity:
+                self._on_failure(_gone(self._database, "replaced"))
             descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            # No log: the last connection checkpointed it into the database file, synced
-            # that file, and removed it. Every commit is in the synced file.
+        except FileNotFoundError as error:
+            if self._open > 0 or error.filename != str(self.path):
+                self._on_failure(_gone(Path(str(error.filename)), "removed"))
+            # No log and no connection: the last one to close checkpointed the log into the
+            # database file, synced that file, and removed it. Every commit is in that file.
             return
         except OSError as error:
             self._on_failure(error)
@@ -602,6 +631,14 @@ def deferring_log_syncs() -> Iterator[None]:
 
 def _commit_without_sync(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.execute("PRAGMA synchronous=NORMAL")
+
+
+def _file_identity(status: os.stat_result) -> tuple[int, int]:
+    return status.st_dev, status.st_ino
+
+
+def _gone(path: Path, how: str) -> OSError:
+    return OSError(errno.ESTALE, f"{path} was {how} while the ledger was open", str(path))
 
 
 def _end_process(error: OSError) -> NoReturn:
