@@ -7,8 +7,10 @@ SIGINT stops accepting, lets the requests in flight finish and be answered, then
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import queue
+import signal
 import socket
 import threading
 import time
@@ -24,7 +26,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.protocol import Factory
 
 from gateway import build, logs
@@ -511,6 +513,7 @@ def run(
     With `adopt`, accept on that already listening socket instead of binding `listen`; with
     `metrics` (`vipgate serve --metrics`), measure into them.
     """
+    _stop_on_signals(reactor)
     server = GatewayServer(wiring.gateway, reactor, wiring.config, record, metrics)
     port = server.listen(*listen) if adopt is None else server.adopt(adopt)
     _log_listening(port)
@@ -524,12 +527,34 @@ def _serve_ledger_until_stopped(wiring: Wiring, reactor: Any) -> int:
     """Run the reactor of a process that writes the ledger, then close the ledger; exit 0."""
     checkpointer = _serving_ledger(wiring.engine)
     _settle_garbage_collector()
-    reactor.run()
+    reactor.run(installSignalHandlers=False)  # `_stop_on_signals`
     if checkpointer is not None:
         checkpointer.stop()
     wiring.engine.dispose()
     log.info("stopped")
     return 0
+
+
+def _stop_on_signals(reactor: Any) -> None:
+    """SIGTERM and SIGINT stop the reactor, once: from before the `listening` line until
+    the process exits. Twisted's own handlers, installed only once the reactor runs, left a
+    signal just before (or after, during the wind-down) to Python's default, which killed
+    the process without its drain; and a second signal while the reactor stopped raised
+    `ReactorNotRunning`, a traceback on stdout among the JSON lines. A SIGINT a worker
+    ignores (its parent forwards Ctrl-C as SIGTERM) stays ignored."""
+
+    def on_signal(_signum: int, _frame: Any) -> None:
+        reactor.callFromThread(_stop_once, reactor)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, on_signal)
+
+
+def _stop_once(reactor: Any) -> None:
+    """Stop the reactor unless it is stopping already."""
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
 
 
 def _log_listening(port: Any) -> None:
@@ -562,8 +587,9 @@ def run_front(
             log.error("ledger_link_lost")
             lost.append(True)
             if reactor.running:
-                reactor.stop()
+                _stop_once(reactor)
 
+    _stop_on_signals(reactor)
     link = FrontLink(reactor, on_lost)
     worker = LinkWorker(link)
     reactor.adoptStreamConnection(ledger.fileno(), ledger.family, _One(link))
@@ -573,7 +599,7 @@ def run_front(
     _log_listening(port)
     reactor.addSystemEventTrigger("before", "shutdown", server.stop)
     _settle_garbage_collector()
-    reactor.run()
+    reactor.run(installSignalHandlers=False)  # `_stop_on_signals`
     log.info("stopped")
     return EXIT_LINK_LOST if lost else 0
 
@@ -588,6 +614,7 @@ def run_ledger(
     once every front has stopped): stop accepting links, decide what was submitted, exit 0
     (1 if the hub failed)."""
     hub: LedgerHub
+    _stop_on_signals(reactor)
 
     def decide(prepared: Any) -> list[Reply]:
         # The answers are encoded and MAC'd here, on the ledger thread, not on the log-sync
@@ -607,7 +634,9 @@ def run_ledger(
         hold=wiring.gateway.holding_connection,
         deliver=send_answers,
     )
-    hub = LedgerHub(adopt, worker.put, on_failed=lambda: reactor.callFromThread(reactor.stop))
+    hub = LedgerHub(
+        adopt, worker.put, on_failed=lambda: reactor.callFromThread(_stop_once, reactor)
+    )
     worker.start()
     hub.start()
 
