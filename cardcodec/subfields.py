@@ -314,6 +314,12 @@ class UploadRecord:
         )
 
 
+# A card number is 13-19 digits (right-aligned in the record's n20, zero-filled): a 20th
+# significant digit, or none at all, is no card the terminal could have read.
+MIN_UPLOAD_CARD_DIGITS = 13
+MAX_UPLOAD_CARD_DIGITS = 19
+
+
 def parse_upload(value: str) -> tuple[UploadRecord, ...]:
     """Field 48 of a 0320 with 60.3 `201`: count n2 (1-8) then the records."""
     if not value.isdigit() or len(value) < 2:
@@ -326,7 +332,11 @@ def parse_upload(value: str) -> tuple[UploadRecord, ...]:
         chunk = value[start : start + UPLOAD_RECORD_DIGITS]
         if chunk[0:2] != "00":
             raise CodecError("batch upload record must start with 00", field=48)
+        if chunk[2:8] == "000000":  # a trace runs 000001-999999 (field 11)
+            raise CodecError("batch upload record's trace must not be 000000", field=48)
         card = chunk[8:28].lstrip("0")
+        if not MIN_UPLOAD_CARD_DIGITS <= len(card) <= MAX_UPLOAD_CARD_DIGITS:
+            raise CodecError("batch upload record's card number must be 13 to 19 digits", field=48)
         records.append(UploadRecord(chunk[2:8], card, int(chunk[28:40])))
     return tuple(records)
 

@@ -118,6 +118,27 @@ def test_upload_records_round_trip_and_bounds() -> None:
     assert parse_upload_end(format_upload_end(17)) == 17
 
 
+@pytest.mark.parametrize(
+    ("trace", "card"),
+    [
+        ("000000", "06688000000000000014"),  # no trace is 000000 (field 11)
+        ("000001", "66880000000000000148"),  # 20 significant digits: no card has them
+        ("000001", "00000000006688000001"),  # 10: none has so few
+        ("000001", "00000000000000000000"),  # no card at all
+    ],
+)
+def test_an_upload_record_without_a_trace_or_a_card_number_is_refused(
+    trace: str, card: str
+) -> None:
+    """The records are the terminal's view of its batch, kept for reconciliation: one that
+    names no trace or no card number a terminal could have read is a format error (`30`),
+    not a record for the pack to list."""
+    text = "01" + "00" + trace + card + "000000000100"
+    with pytest.raises(CodecError, match=r"trace|card number") as refused:
+        parse_upload(text)
+    assert refused.value.field == 48
+
+
 def test_upload_record_repr_masks_the_card() -> None:
     """A record printed in a log shows the card masked."""
     record = UploadRecord("000001", "6688000000000000014", 1)
