@@ -107,7 +107,7 @@ def bootstrap(
         clock,
         security,
         check,
-        uses_keys=load,
+        load=load,
         busy_timeout_ms=busy_timeout_ms,
     )
     try:
@@ -166,7 +166,7 @@ def wired_unit(
     The load's lines go to `say` once the unit has committed. With `load=False` (a command
     that only reads the ledger) the unit loads nothing."""
     config, clock, security, engine = _opened(
-        config_path, db_override, None, None, check, uses_keys=load
+        config_path, db_override, None, None, check, load=load
     )
     try:
         if not load:
@@ -187,19 +187,22 @@ def _opened(
     security: SecurityModule | None,
     check: Check | None,
     *,
-    uses_keys: bool = True,
+    load: bool = True,
     busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
 ) -> tuple[Config, Clock, SecurityModule, Engine]:
     """The config read, the command's `check` run, the security module made and the database
-    opened and migrated, in that order (`bootstrap`). A command that loads no config uses no
-    key, so missing key files are no reason to refuse it (an audit host has none)."""
+    opened and migrated, in that order (`bootstrap`). A command that loads no config (`load`
+    false) only reads the ledger: it uses no key, so missing key files are no reason to
+    refuse it (an audit host has none), and it makes no ledger where none is."""
     config = load_config(config_path, db_override)
     chosen_clock = clock or system_clock(config.gateway.timezone)
     if check is not None:
         check(config, chosen_clock)
     chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
-    engine = open_database(config.gateway.database, busy_timeout_ms=busy_timeout_ms)
-    if security is None and uses_keys:
+    engine = open_database(
+        config.gateway.database, busy_timeout_ms=busy_timeout_ms, existing=not load
+    )
+    if security is None and load:
         try:
             _refuse_key_files_made_anew(engine, config.issuer.master_key)
         except BaseException:
@@ -247,12 +250,17 @@ def _announce(config_path: Path, report: LoadReport, say: Callable[[str], None])
         say(f"{config_path}: {note}")
 
 
-def open_database(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> Engine:
-    """An engine on a migrated ledger; a SQLite file's folder is made when missing.
+def open_database(
+    url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS, existing: bool = False
+) -> Engine:
+    """An engine on a migrated ledger; a SQLite file's folder is made when missing, unless
+    the ledger must be there already (`existing`: a command that only reads it).
 
     A SQLite ledger holds card numbers: a folder or a file made here is its owner's only
     (0700, 0600; SQLite gives the file's `-wal` and `-shm` the file's mode). Ones that exist
-    keep theirs."""
+    keep theirs. A command that only reads the ledger (`ledger check`, `clear`, `reconcile`,
+    `cards show`) refuses a SQLite file that is not there: made anew, an empty ledger would
+    pass every check, and close and reconcile an empty month, for a mistyped `--db`."""
     folder: Path | None = None
     try:
         parsed = make_url(url)
@@ -263,6 +271,11 @@ def open_database(url: str, *, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) ->
             )
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             database = Path(parsed.database)
+            if existing and not parsed.database.startswith("file:") and not database.exists():
+                raise BadInput(
+                    f"database: no ledger at {database}; this command reads a ledger and makes"
+                    " none (check --db or the config's database)"
+                )
             folder = database.parent
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not parsed.database.startswith("file:"):  # a URI: SQLite's to read

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from sqlalchemy import select
 
 from clearing import signing
+from gateway.bootstrap import open_database
 from gateway.cli import main
 from gateway.clock import SHANGHAI, FixedClock
 from gateway.errors import BadInput
@@ -33,6 +34,11 @@ def config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     shutil.copyfile(DEMO, path)
     set_clock(monkeypatch, datetime(2026, 12, 1, 9, 0, tzinfo=SHANGHAI))
     return path
+
+
+def made_ledger(config_path: Path) -> None:
+    """The config's ledger made, migrated and empty (`clear` and `reconcile` make none)."""
+    open_database(f"sqlite:///{config_path.parent / 'var' / 'vipgate.db'}").dispose()
 
 
 def set_clock(monkeypatch: pytest.MonkeyPatch, instant: datetime) -> None:
@@ -129,6 +135,7 @@ def test_an_out_folder_that_cannot_be_written_closes_nothing(
     """Where the run cannot write its statements, exit 2 before the month is closed; where
     the file itself cannot be written (a folder in its place), exit 2 with the month closed,
     and a run into a good folder writes the same bytes."""
+    made_ledger(config_path)
     out = config_path.parent / "out"
     out.mkdir()
     (out / ".statements-202611.partial").write_text("in the way")
@@ -154,6 +161,7 @@ def test_reconcile_into_a_file_is_bad_input(
     config_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """--out naming a file, not a folder: exit 2 and one line, as for clear."""
+    made_ledger(config_path)
     arguments = ["--config", str(config_path), "--month", "2026-11"]
     assert main(["clear", *arguments, "--out", str(config_path.parent / "out")]) == 0
     capsys.readouterr()
@@ -168,6 +176,7 @@ def test_reconcile_of_a_month_not_closed_changes_nothing(
 ) -> None:
     """`reconcile` before `clear`: exit 2, one line, and the config load it began with rolled
     back, so the ledger holds nothing and the first `clear` reports the load."""
+    made_ledger(config_path)
     arguments = ["--config", str(config_path), "--month", "2026-11"]
     out = config_path.parent / "out" / "deep"
     assert main(["reconcile", *arguments, "--out", str(out)]) == 2
@@ -201,6 +210,7 @@ def test_clear_takes_nothing_from_its_config_into_the_ledger(
     assert fees == {"898310048990001": 80, "898310058120002": 60}
     # A ledger `clear` finds empty stays empty: no demo merchants, terminals or cards.
     other = config_path.parent / "empty.db"
+    open_database(f"sqlite:///{other}").dispose()
     empty = ["--config", str(DEMO), "--db", f"sqlite:///{other}", "--month", "2026-11"]
     assert main(["clear", *empty, "--out", str(config_path.parent / "out2")]) == 0
     assert _fees(other) == {}
@@ -252,6 +262,7 @@ def test_clear_then_verify_from_the_command_line(
     config_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An empty November cleared, verified with the default key and an exported one."""
+    made_ledger(config_path)
     out = config_path.parent / "out"
     arguments = ["--config", str(config_path)]
     assert main(["clear", *arguments, "--month", "2026-11", "--out", str(out)]) == 0
@@ -273,6 +284,7 @@ def test_verify_names_each_fault_and_exits_1(
     config_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A changed byte, then a key that is not the issuer's: exit 1 with the faults printed."""
+    made_ledger(config_path)
     out = config_path.parent / "out"
     arguments = ["--config", str(config_path)]
     assert main(["clear", *arguments, "--month", "2026-11", "--out", str(out)]) == 0
@@ -311,6 +323,7 @@ def test_reconcile_on_a_host_without_the_issuer_key_makes_none(
     """An audit host with the ledger but not the issuer's signing key: `reconcile` is refused
     with one line, and makes no key of its own (a pack checked against a key made on the spot
     said RECONCILED over a signature the acquirer's key rejects)."""
+    made_ledger(config_path)
     arguments = ["--config", str(config_path), "--month", "2026-11"]
     assert main(["clear", *arguments, "--out", str(config_path.parent / "out")]) == 0
     key = config_path.parent / "var" / "issuer-ed25519.pem"

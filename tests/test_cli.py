@@ -37,20 +37,20 @@ def test_defaults_when_not_given() -> None:
 def test_a_reader_that_stops_early_ends_the_command_with_141_and_no_traceback(
     tmp_path: Path,
 ) -> None:
-    """`vipgate ledger check | head -1`: the reader goes away before the command writes; the
+    """`vipgate ledger load | head -1`: the reader goes away before the command writes; the
     command ends with 141 (as a SIGPIPE would end it), never 1 (a check found a fault) and
     never with a traceback. What it did stands: the config is loaded."""
     config = tmp_path / "demo.toml"
     shutil.copy(Path(__file__).resolve().parents[1] / DEFAULT_CONFIG, config)
-    command = [str(VIPGATE), "ledger", "check", "--config", str(config)]
+    command = [str(VIPGATE), "ledger", "load", "--config", str(config)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout is not None and process.stderr is not None
     process.stdout.close()  # before the command has written anything
     errors = process.stderr.read()
     assert process.wait(timeout=120) == 141
     assert errors == b""
-    check = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-    assert check.returncode == 0 and "changes" not in check.stdout  # loaded the first time
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0 and "no change" in again.stdout  # loaded the first time
 
 
 class _FailsWhenCollected:

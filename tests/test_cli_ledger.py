@@ -52,13 +52,15 @@ class Cli:
 
 @pytest.fixture
 def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Cli:
-    """`vipgate` on a copy of the demo config, a fresh SQLite file and a clock fixed at NOW;
-    every run checks that no full card number was printed."""
+    """`vipgate` on a copy of the demo config, a fresh SQLite ledger (migrated, nothing
+    loaded: the commands that only read a ledger make none) and a clock fixed at NOW; every
+    run checks that no full card number was printed."""
     folder = tmp_path / "config"
     folder.mkdir()
     config = folder / "demo.toml"
     shutil.copyfile(DEMO, config)
     db_url = f"sqlite:///{tmp_path / 'db' / 'ledger.db'}"
+    bootstrap.open_database(db_url).dispose()
 
     def fixed_clock(_timezone: tzinfo) -> Clock:
         return FixedClock(NOW)
@@ -265,12 +267,13 @@ def test_a_malformed_card_exits_2_without_echoing_it(cli: Cli, card: str, reason
 )
 def test_a_bad_expiry_date_exits_2(cli: Cli, as_of: str, reason: str) -> None:
     """`points expire` refuses a malformed date and one whose midnight is still to come,
-    before the config is loaded: the ledger was never made."""
+    before the config is loaded: the ledger is left empty."""
     result = cli.run("points", "expire", "--as-of", as_of)
     assert result.code == 2
     assert one_error_line(result) == f"vipgate: error: {reason}"
     assert result.out == ""
-    assert not Path(cli.db_url.removeprefix("sqlite:///")).exists()
+    counts = table_counts(cli.db_url)
+    assert [counts[table] for table in ("merchants", "terminals", "cards", "point_lots")] == [0] * 4
 
 
 def test_a_bad_date_in_the_feed_exits_2(cli: Cli, tmp_path: Path) -> None:
@@ -482,7 +485,7 @@ def test_a_sqlite_ledger_made_by_a_command_is_its_owners_only(cli: Cli, tmp_path
         kept = tmp_path / "kept"
         kept.mkdir(mode=0o755)
         url = f"sqlite:///{kept / 'ledger.db'}"
-        assert main(["ledger", "check", "--config", str(cli.config), "--db", url]) == 0
+        assert main(["ledger", "load", "--config", str(cli.config), "--db", url]) == 0
         assert stat.S_IMODE(kept.stat().st_mode) == 0o755
         assert stat.S_IMODE((kept / "ledger.db").stat().st_mode) == 0o600
     finally:
@@ -496,10 +499,37 @@ def test_a_sqlite_folder_that_cannot_be_made_is_named(
     blocker = tmp_path / "a-file"
     blocker.write_text("", encoding="utf-8")
     url = f"sqlite:///{blocker / 'ledger.db'}"
-    assert main(["ledger", "check", "--config", str(cli.config), "--db", url]) == 2
+    assert main(["ledger", "load", "--config", str(cli.config), "--db", url]) == 2
     assert capsys.readouterr().err == (
         f"vipgate: error: database: cannot make its folder {blocker}: File exists\n"
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("ledger", "check"),
+        ("cards", "show", "6688000000000000014"),
+        ("clear", "--month", "2026-10", "--out", "OUT"),
+        ("reconcile", "--month", "2026-10", "--out", "OUT"),
+    ],
+)
+def test_a_command_that_reads_the_ledger_refuses_one_that_is_not_there(
+    cli: Cli, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    """A mistyped `--db` for a command that only reads the ledger: exit 2, one line naming
+    the path, and no ledger made. Made anew, an empty ledger passed every check, and would
+    have been closed and reconciled as an empty month."""
+    missing = tmp_path / "typo" / "ledger.db"
+    arguments = [str(tmp_path / "out") if part == "OUT" else part for part in command]
+    url = f"sqlite:///{missing}"
+    assert main([*arguments, "--config", str(cli.config), "--db", url]) == 2
+    assert capsys.readouterr().err == (
+        f"vipgate: error: database: no ledger at {missing}; this command reads a ledger and"
+        " makes none (check --db or the config's database)\n"
+    )
+    assert not missing.parent.exists()
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
@@ -565,6 +595,7 @@ def test_ctrl_c_is_one_line_and_exit_130(
     def interrupted(*_args: object) -> None:
         raise KeyboardInterrupt
 
+    assert cli.run("ledger", "load").code == 0
     monkeypatch.setattr("gateway.commands.ledger.check_invariants", interrupted)
     assert main(["ledger", "check", "--config", str(cli.config), "--db", cli.db_url]) == 130
     assert capsys.readouterr().err == (
