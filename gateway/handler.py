@@ -626,9 +626,9 @@ class Gateway:
         """Every request of the group in order: runs of redemptions together
         (`Transactions.redeem_run`), the others, and whatever a run leaves, one by one. The
         requests run, their outcomes, and those left out: a request that ends its terminal's
-        session (`Outcome.ends_session`) leaves that terminal's later requests checked with
-        the ended keys to be prepared again after the commit, as `_keys_ended` does, and as
-        each would be had it come in a group of its own (`A0`, header digit `3`)."""
+        session (`Outcome.ends_session`) leaves that terminal's later requests (a sign-on's
+        aside) to be prepared again after the commit, as `_keys_ended` does, and as each
+        would be had it come in a group of its own (`A0`, or an echo's header digit `3`)."""
         run_ones: list[_Pending] = []
         outcomes: list[Outcome] = []
         left: list[_Pending] = []
@@ -652,8 +652,8 @@ class Gateway:
             if outcome.ends_session:
                 ended = item[2].terminal.id
                 rest = pending[start:]
-                pending = pending[:start] + [i for i in rest if not _keys_of(i, ended)]
-                left += [i for i in rest if _keys_of(i, ended)]
+                pending = pending[:start] + [i for i in rest if not _behind_the_end(i, ended)]
+                left += [i for i in rest if _behind_the_end(i, ended)]
         return run_ones, outcomes, left
 
     def _run_together(self, session: OrmSession, run: list[_Pending]) -> list[Outcome]:
@@ -901,10 +901,12 @@ def _checked_with(context: Context) -> Session | None:
     return None if context.kind in (Kind.SIGN_ON, Kind.ECHO) else context.session
 
 
-def _keys_of(item: _Pending, terminal_id: str) -> bool:
-    """Whether the request was checked with keys of the terminal `terminal_id`."""
-    keys = _checked_with(item[2])
-    return keys is not None and keys.terminal_id == terminal_id
+def _behind_the_end(item: _Pending, terminal_id: str) -> bool:
+    """Whether a request behind one that ended `terminal_id`'s session must wait for that
+    commit: every request of that terminal but a sign-on, which needs no session (an echo's
+    header digit says whether the terminal is signed on)."""
+    context = item[2]
+    return context.terminal.id == terminal_id and context.kind is not Kind.SIGN_ON
 
 
 def _generations_used(pending: list[_Pending]) -> dict[str, int]:

@@ -458,10 +458,11 @@ def test_requests_behind_an_a0_that_ends_the_session_in_their_group_are_a0(
 ) -> None:
     """The session a PIN block that is not one ends is ended for the rest of its group too:
     the terminal's requests behind it, checked with the keys it ended, are `A0` with the
-    sign-on digit and take no points, as each would one group later. Decided under those
-    keys, one write of many forged frames would have had as many tries at a valid block for
-    one sign-on, and honest requests behind it approved under keys the terminal was told
-    were gone. Another terminal's requests in the group are unaffected."""
+    sign-on digit and take no points, and an echo behind it says the terminal is not signed
+    on, as each would one group later. Decided under those keys, one write of many forged
+    frames would have had as many tries at a valid block for one sign-on, and honest
+    requests behind it approved under keys the terminal was told were gone. Another
+    terminal's requests in the group are unaffected."""
     terminal, other = harness.signed_on(with_tdk=True), harness.signed_on("20000001")
     fields = terminal.card_fields(DIAMOND, "2906", encrypt_track_data=True)
     captured = terminal.financial("0200", "000000", "22", fields, amount_fen=100)
@@ -474,18 +475,21 @@ def test_requests_behind_an_a0_that_ends_the_session_in_their_group_are_a0(
         )
         for _ in range(behind_in_a_run)
     ]
+    echo = build("0820", {11: terminal.next_trace(), **terminal.ids(), 60: "00000001301"})
     elsewhere = other.financial(
         "0200", "000000", "22", other.card_fields(DIAMOND, "2906"), amount_fen=1000
     )
-    replies = harness.gateway.handle_group([forged, *behind, elsewhere])
+    replies = harness.gateway.handle_group([forged, *behind, echo, elsewhere])
     assert all(reply.payload is not None for reply in replies)
     payloads = [reply.payload for reply in replies if reply.payload is not None]
     _, answer, _, header = parse(payloads[0])
     assert (answer[39], header.hex()) == ("A0", "603103310000")
-    for request, payload in zip(behind, payloads[1:-1], strict=True):
+    for request, payload in zip(behind, payloads[1:-2], strict=True):
         stale = terminal.check(request, payload)
         assert (stale.code, stale.header.hex()) == ("A0", "603103310000")
         assert 64 not in stale.fields
+    echoed = terminal.check(echo, payloads[-2])  # answered, saying "sign on again"
+    assert (echoed.code, echoed.header.hex()) == ("00", "603103310000")
     approved = other.check(elsewhere, payloads[-1])
     assert approved.code == "00"
     assert harness.redeem(other, DIAMOND, 2)[1].balance == approved.balance - 1  # none taken
