@@ -27,6 +27,7 @@ class Lot:
     expires_on: date
     original: int
     remaining: int
+    booked: int = 0  # points the expiry job took from it
 
     def spending_key(self) -> tuple[date, date, int]:
         return (self.expires_on, self.earned_on, self.index)
@@ -54,6 +55,7 @@ class Void:
     redemption: Redemption
     state: State = State.APPROVED
     credited: dict[int, int] = field(default_factory=dict)  # lot index -> points put in
+    booked_before: dict[int, int] = field(default_factory=dict)  # those lots' bookings then
 
 
 @dataclass
@@ -118,7 +120,8 @@ class LedgerModel:
             return None
         credited = self._give_back(redemption, dict(redemption.held), now)
         redemption.state = State.VOIDED
-        return Void(redemption, credited=credited)
+        booked = {index: self.lots[index].booked for index in credited}
+        return Void(redemption, credited=credited, booked_before=booked)
 
     def reverse_redemption(self, redemption: Redemption, now: datetime) -> bool:
         if not self._undoable(redemption):
@@ -134,8 +137,13 @@ class LedgerModel:
         redemption = void.redemption
         points = redemption.conversion.points
         # First from the lots the void put them in, as much as each still holds (expired or
-        # not), then whatever those no longer hold from the spendable lots.
+        # not), then what was spent from them since from the spendable lots; points of them
+        # the expiry job booked are no longer the card's: the void stands.
         own = {i: min(p, self.lots[i].remaining) for i, p in void.credited.items()}
+        for index, put_in in void.credited.items():
+            booked = self.lots[index].booked - void.booked_before[index]
+            if min(put_in - own[index], booked) > 0:
+                return "stands"
         spendable = sum(
             lot.remaining - own.get(lot.index, 0) for lot in self._spendable(redemption.card, now)
         )
@@ -185,6 +193,7 @@ class LedgerModel:
         for lot in self.lots:
             if lot.expires_on < as_of and lot.remaining > 0:
                 booked += lot.remaining
+                lot.booked += lot.remaining
                 lot.remaining = 0
         return booked
 

@@ -282,6 +282,29 @@ def test_reversal_of_a_void_after_its_lot_expired_takes_the_points_from_that_lot
     assert world.violations() == []
 
 
+def test_reversal_of_a_void_whose_points_the_expiry_job_booked_lets_the_void_stand(
+    world: LedgerWorld,
+) -> None:
+    """The same void and reversal with the expiry job run between them: the void's points
+    have expired and been booked, so the card no longer holds them (§4.6) and the void
+    stands, as a reconciliation exception. Taken from the card's later lot instead, the
+    member would lose them twice, and the job's running before or after the reversal would
+    change the card's balance (§3: the job's result does not depend on when it runs)."""
+    card = world.add_card(lots=[(EARLY, 100), (LATE, 1000)])
+    world.now = local(2026, 11, 30, 23, 59)
+    outcome = redeemed(world.redeem(card, 60))
+    voided = world.void(outcome.authorisation_id)
+    assert isinstance(voided, Restored)
+    world.now = local(2026, 12, 1, 0, 0, 30)
+    assert world.expire(date(2026, 12, 1)).points == 100
+    reversal = world.reverse(voided.authorisation_id)
+    assert (reversal.effect, reversal.transaction_id) == (ReversalEffect.VOID_STANDS, None)
+    assert state_of(world, reversal.authorisation_id).exception == "void_stands"
+    assert state_of(world, outcome.authorisation_id).state is AuthorisationState.VOIDED
+    assert world.balances(card) == operations.Balances(1000, 1000)
+    assert world.violations() == []
+
+
 def test_reversal_of_a_void_takes_what_its_lot_no_longer_holds_in_spending_order(
     world: LedgerWorld,
 ) -> None:

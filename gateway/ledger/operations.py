@@ -478,18 +478,19 @@ def _reverse_void(
     """Take a void's points again if the card still holds them (pos-8583 §4.6), undoing the
     void lot by lot (points-and-clearing §3): first from the lots the void put them in, as
     much as each still holds, an expired lot the expiry job has not booked included (the
-    card's ledger balance holds it); then whatever those no longer hold, in spending order.
-    Taken from spending order alone, a void whose lot expired at midnight before its
-    reversal left the void's points in the expired lot and took as many again from the
-    card's other lots. Not enough in both: the void stands."""
+    card's ledger balance holds it); then what was spent from those lots since, in spending
+    order. Points of them the expiry job has booked since are no longer the card's, nor are
+    those spent if its spendable lots fall short: the void stands. Taken from spending order
+    alone, a void whose lot expired at midnight before its reversal left the void's points
+    to expire and took as many again from the card's later lots."""
     card_number = _card_of(void_)
     redemption = _lock_authorisation(session, _original_of(void_))
-    own = _still_held(session, card_number, void_)
+    own, booked = _still_held(session, card_number, void_)
     from_own = sum(share for _, share in own)
     lots = spendable_lots(session, card_number, swipe.when.local)
     in_own = {lot.id: share for lot, share in own}
     available = sum(lot.remaining_points - in_own.get(lot.id, 0) for lot in lots)
-    if from_own + available < void_.points:
+    if booked or from_own + available < void_.points:
         authorisation.exception = ReversalEffect.VOID_STANDS.value
         return _reversal_without_effect(session, authorisation, ReversalEffect.VOID_STANDS, swipe)
     transaction = card_transfer(
@@ -522,9 +523,10 @@ def _reverse_void(
 
 def _still_held(
     session: Session, card_number: str, void_: Authorisation
-) -> list[tuple[PointLot, int]]:
+) -> tuple[list[tuple[PointLot, int]], int]:
     """The lots a void put points in, locked, each with as many of those points as it still
-    holds, in spending order."""
+    holds, in spending order; and how many of them the expiry job has booked since (of a
+    lot's points no longer there, as many as it booked from the lot after the void)."""
     query = (
         select(LotMovement.lot_id, sum_of(LotMovement.points))
         .where(
@@ -534,11 +536,25 @@ def _still_held(
         .group_by(LotMovement.lot_id)
     )
     credited = {lot_id: int(points) for lot_id, points in session.execute(query)}
-    shares = [
-        (lot, min(credited[lot.id], lot.remaining_points))
-        for lot in lock_lots(session, card_number, credited)
-    ]
-    return [(lot, share) for lot, share in shares if share > 0]
+    expired = (
+        select(LotMovement.lot_id, sum_of(LotMovement.points))
+        .join(JournalTransaction, JournalTransaction.id == LotMovement.transaction_id)
+        .where(
+            LotMovement.lot_id.in_(list(credited)),
+            LotMovement.transaction_id > void_.journal_transaction_id,
+            JournalTransaction.kind == TransactionKind.EXPIRY,
+        )
+        .group_by(LotMovement.lot_id)
+    )
+    booked_since = {lot_id: -int(points) for lot_id, points in session.execute(expired)}
+    shares = []
+    booked = 0
+    for lot in lock_lots(session, card_number, credited):
+        held = min(credited[lot.id], lot.remaining_points)
+        booked += min(credited[lot.id] - held, booked_since.get(lot.id, 0))
+        if held > 0:
+            shares.append((lot, held))
+    return shares, booked
 
 
 def _reversal_without_effect(
