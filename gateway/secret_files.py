@@ -46,7 +46,9 @@ def read_private_file(path: Path, what: str, max_bytes: int) -> bytes:
     mounted secret), so a key another user planted, as a file or a link to theirs, is never
     adopted."""
     try:
-        descriptor = os.open(path, os.O_RDONLY)
+        # Non-blocking: a named pipe put at the path would otherwise hold the open until a
+        # writer came, and the command would hang before its "not a regular file".
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as error:
         raise BadInput(f"{what} {path}: cannot read it: {error.strerror}") from None
     try:

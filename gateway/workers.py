@@ -93,14 +93,16 @@ def check_count(workers: int) -> int:
     return workers
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket the workers share, non-blocking as `adoptStreamPort` needs."""
+def bind(host: str, port: int, source: str = "--listen") -> socket.socket:
+    """The listening socket the workers share, non-blocking as `adoptStreamPort` needs.
+    `source` names where HOST:PORT came from, for the error: `--listen`, or the config's
+    `gateway.listen`."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
         listening = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise BadInput(f"--listen: cannot listen on {host}:{port}: {reason}") from None
+    except (OSError, UnicodeError) as error:  # UnicodeError: a name IDNA cannot encode
+        reason = getattr(error, "strerror", None) or str(error)
+        raise BadInput(f"{source}: cannot listen on {host}:{port}: {reason}") from None
     listening.setblocking(False)
     return listening
 

@@ -254,6 +254,33 @@ def test_a_port_already_taken_is_a_one_line_error(tmp_path: Path, workers: str) 
     assert not (tmp_path / "ledger.db").exists()  # refused before the ledger was touched
 
 
+@pytest.mark.parametrize(
+    ("from_config", "host"),
+    [(True, "gw..example"), (False, "h" * 64 + ".example")],
+)
+def test_a_host_no_name_can_have_is_a_one_line_error_naming_its_source(
+    tmp_path: Path, from_config: bool, host: str
+) -> None:
+    """A listen host with an empty label, or one over 63 characters, is no name the
+    resolver can even encode: exit 2 and one line naming where it came from (the config's
+    `gateway.listen`, or `--listen`), not a traceback and exit 1 ("a check found a fault")."""
+    config = tmp_path / "demo.toml"
+    text = DEMO.read_text(encoding="utf-8")
+    if from_config:
+        text = text.replace('listen = "127.0.0.1:8583"', f'listen = "{host}:18594"', 1)
+    config.write_text(text, encoding="utf-8")
+    command = [str(VIPGATE), "serve", "--config", str(config)]
+    command += ["--db", f"sqlite:///{tmp_path / 'ledger.db'}"]
+    if not from_config:
+        command += ["--listen", f"{host}:18594"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    source = f"{config}: gateway.listen" if from_config else "--listen"
+    assert line.startswith(f"vipgate: error: {source}: cannot listen on {host}:18594: ")
+    assert not (tmp_path / "ledger.db").exists()
+
+
 def test_a_traffic_log_that_cannot_be_opened_leaves_the_ledger_as_it_was(
     tmp_path: Path,
 ) -> None:

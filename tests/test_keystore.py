@@ -109,6 +109,16 @@ def test_master_key_that_is_not_a_file_is_refused(key_path: Path) -> None:
         FileKeyStore(key_path).encrypt_tmk("10000001", TMK)
 
 
+def test_a_named_pipe_where_the_key_should_be_is_refused_at_once(key_path: Path) -> None:
+    """A FIFO at the key's path is refused as not a regular file, without waiting: opened
+    for reading as a file is, it held the command until a writer came (a gateway start that
+    never started, and never said why)."""
+    key_path.parent.mkdir(parents=True)
+    os.mkfifo(key_path, 0o600)
+    with pytest.raises(BadInput, match=f"master key {key_path}: not a regular file"):
+        FileKeyStore(key_path).encrypt_tmk("10000001", TMK)
+
+
 def test_master_key_behind_a_link_is_judged_by_its_file(tmp_path: Path) -> None:
     """A link to the key (a mounted secret) works when the file it names is private."""
     target = tmp_path / "secrets" / "master.key"

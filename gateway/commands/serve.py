@@ -68,7 +68,8 @@ def serve(args: argparse.Namespace) -> int:
     clock_start = server.parse_clock(args.clock) if args.clock else None
     # The port and the traffic log are had before the ledger is touched: a port taken or a
     # log that cannot be opened is refused (exit 2) with the ledger as it was.
-    listening = workers.bind(*listen)
+    source = "--listen" if args.listen else f"{args.config}: gateway.listen"
+    listening = workers.bind(*listen, source)
     try:
         with _recording(args.record) as recorder:
             logs.configure()
