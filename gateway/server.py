@@ -540,8 +540,9 @@ def _stop_on_signals(reactor: Any) -> None:
     the process exits. Twisted's own handlers, installed only once the reactor runs, left a
     signal just before (or after, during the wind-down) to Python's default, which killed
     the process without its drain; and a second signal while the reactor stopped raised
-    `ReactorNotRunning`, a traceback on stdout among the JSON lines. A SIGINT a worker
-    ignores (its parent forwards Ctrl-C as SIGTERM) stays ignored."""
+    `ReactorNotRunning`, a traceback on stdout among the JSON lines. A SIGINT the process
+    was started ignoring (a background job; a worker, whose parent forwards Ctrl-C as
+    SIGTERM) stays ignored, as Twisted's handlers left it."""
 
     def on_signal(_signum: int, _frame: Any) -> None:
         reactor.callFromThread(_stop_once, reactor)

@@ -24,6 +24,13 @@ from tests.logscan import LeakWatch
 from tests.spec_terminal import Answer, Link, SpecTerminal, build
 
 VIPGATE = Path(sys.executable).with_name("vipgate")
+# `vipgate` with Ctrl-C's default handling: a process started in the background by a
+# non-interactive shell (a CI runner, `cmd &`) inherits SIGINT ignored, and Python then
+# installs no handler for it, so the signal would do nothing.
+CTRL_C_AS_USUAL = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 FULL_CARD = re.compile(r"(?<!\d)6688\d{15}(?!\d)")
 
 
@@ -54,7 +61,9 @@ def served(tmp_path: Path, ledger_url: str, leak_watch: LeakWatch) -> Iterator[S
     config = tmp_path / "demo.toml"
     shutil.copy(DEMO, config)
     port = free_port()
-    command = [str(VIPGATE), "serve", "--config", str(config), "--db", ledger_url]
+    # Ctrl-C as an operator's shell leaves it, whatever a background test run inherited.
+    command = [str(VIPGATE.parent / "python"), "-c", CTRL_C_AS_USUAL, "serve"]
+    command += ["--config", str(config), "--db", ledger_url]
     command += ["--listen", f"127.0.0.1:{port}", "--clock", "2026-11-21T11:00:00+08:00"]
     recording = tmp_path / "traffic.jsonl"
     command += ["--record", str(recording)]

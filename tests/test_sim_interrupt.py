@@ -18,7 +18,7 @@ from cardcodec.frame import add_length
 from cardcodec.message import decode_frame
 from simulators.recording import read_recording
 from tests.gateway_harness import DEMO
-from tests.test_gateway_e2e import VIPGATE
+from tests.test_gateway_e2e import CTRL_C_AS_USUAL, VIPGATE
 from tests.test_sim_commands import FULL_CARD, HarnessServer
 
 WAIT_S = 30.0  # for the command to get as far as the test needs, or to end
@@ -35,15 +35,6 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., HarnessServer]]:
     yield start
     for server in servers:
         server.stop()
-
-
-# `vipgate` with Ctrl-C's default handling: a process started in the background by a
-# non-interactive shell (a CI runner, `cmd &`) inherits SIGINT ignored, and Python then
-# installs no handler for it, so the signal would do nothing.
-CTRL_C_AS_USUAL = (
-    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
-)
 
 
 def sim(server: HarnessServer, *argv: str) -> subprocess.Popen[str]:
