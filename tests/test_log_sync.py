@@ -157,17 +157,26 @@ def test_with_no_log_there_is_nothing_to_sync(
     assert journal.events == []
 
 
+class StoppedError(Exception):
+    """What `FailureHook` raises where the default hook would end the process."""
+
+
+class FailureHook:
+    """A failure hook for `sync_after_release` that keeps each failure and stops the unit of
+    work (`StoppedError`) instead of the process."""
+
+    def __init__(self) -> None:
+        self.failures: list[OSError] = []
+
+    def __call__(self, error: OSError) -> NoReturn:
+        self.failures.append(error)
+        raise StoppedError
+
+
 def test_a_failed_sync_goes_to_the_failure_hook(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    failures: list[OSError] = []
-
-    class StoppedError(Exception):
-        pass
-
-    def stop(error: OSError) -> NoReturn:
-        failures.append(error)
-        raise StoppedError
+    stop = FailureHook()
 
     def broken(_descriptor: int) -> None:
         raise OSError(5, "Input/output error")
@@ -176,7 +185,7 @@ def test_a_failed_sync_goes_to_the_failure_hook(
     monkeypatch.setattr(db.os, "fdatasync", broken)
     with pytest.raises(StoppedError):
         write(engine)
-    assert [error.errno for error in failures] == [5]
+    assert [error.errno for error in stop.failures] == [5]
 
 
 def _removed(tmp_path: Path) -> None:
@@ -202,15 +211,7 @@ def test_a_ledger_file_removed_or_replaced_while_open_is_a_failed_sync(
     its connections go on writing to files no path names, so each commit would be answered
     and lost at the next start. The sync says so instead (by default the process ends, exit
     74), naming the file, and nothing more is answered."""
-    failures: list[OSError] = []
-
-    class StoppedError(Exception):
-        pass
-
-    def stop(error: OSError) -> NoReturn:
-        failures.append(error)
-        raise StoppedError
-
+    stop = FailureHook()
     sync_after_release(engine, on_failure=stop)
     write(engine)
     held = engine.connect()  # connections open, as the serving gateway always has
@@ -221,9 +222,9 @@ def test_a_ledger_file_removed_or_replaced_while_open_is_a_failed_sync(
             write(engine)
     finally:
         held.close()
-    assert len(failures) == 1
-    assert "ledger.db" in str(failures[0].filename)
-    assert "while the ledger was open" in str(failures[0].strerror)
+    [failure] = stop.failures
+    assert "ledger.db" in str(failure.filename)
+    assert "while the ledger was open" in str(failure.strerror)
 
 
 def test_by_default_a_failed_sync_ends_the_process(tmp_path: Path) -> None:
