@@ -46,6 +46,9 @@ _DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _LISTEN_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})")
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
 _SQLITE_RE = re.compile(r"(sqlite(\+\w+)?:///)(.*)")
+# The merchants.name column: a longer name is refused with the config, before any ledger is
+# opened (or made).
+MERCHANT_NAME_MAX_CHARS = 200
 _RULE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,31}")
 _TOML_TYPES = {
     bool: "boolean",
@@ -574,6 +577,8 @@ def _merchant(table: _Table) -> MerchantConfig:
     name: str = table.string("name")
     if not name.strip() or not name.isprintable():
         table.fail("name", "must be a non-empty line of text")
+    if len(name) > MERCHANT_NAME_MAX_CHARS:
+        table.fail("name", f"longer than {MERCHANT_NAME_MAX_CHARS} characters")
     fee_bp: int = table.integer("fee_bp", high=MAX_FEE_BP)
     bank_card_fee_bp: int = table.integer("bank_card_fee_bp", high=BP_WHOLE)
     if fee_bp > bank_card_fee_bp:

@@ -43,7 +43,6 @@ from gateway.rules import DAY_NAMES, END_OF_DAY, Rule
 from gateway.security import SecurityModule, SecurityModuleError
 
 CONFIG_REF_PREFIX = "config:"
-MERCHANT_NAME_MAX_CHARS = 200  # the merchants.name column
 
 
 @dataclass(frozen=True)
@@ -103,7 +102,6 @@ def load_into_ledger(
     Runs in the caller's unit of work and raises `BadInput` before writing anything when a
     config lot differs from the lot accrued for it earlier, so a refused load changes nothing.
     """
-    _refuse_unstorable(config)
     _refuse_changed_lots(session, config, now.astimezone(config.gateway.timezone).date())
     _refuse_another_pin_key(session, config, security)
     _refuse_another_master_key(session, config, security)
@@ -165,15 +163,6 @@ def _switch_kept(
 
 
 # --- refusals before any write ---------------------------------------------------------------
-
-
-def _refuse_unstorable(config: Config) -> None:
-    for index, merchant in enumerate(config.merchants):
-        if len(merchant.name) > MERCHANT_NAME_MAX_CHARS:
-            raise BadInput(
-                f"{config.path}: merchants[{index}] ({merchant.id}).name: longer than "
-                f"{MERCHANT_NAME_MAX_CHARS} characters"
-            )
 
 
 def _refuse_changed_lots(session: Session, config: Config, today: date) -> None:

@@ -290,6 +290,17 @@ def test_unknown_names_are_refused(refuse: Refuse, old: str, new: str, place: st
     assert "is not one of" in message
 
 
+def test_a_merchant_name_longer_than_its_column_is_refused_with_the_config(
+    refuse: Refuse,
+) -> None:
+    """The ledger stores a merchant's name in 200 characters: a longer one is refused with
+    the config, at its place, before any ledger is opened, let alone made."""
+    message = refuse(
+        ('name = "Nanjing Road Department Store"', f'name = "{"N" * 201}"'),
+    )
+    assert f"{M0}.name: longer than 200 characters" in message
+
+
 @pytest.mark.parametrize(
     "hours", ["10-22", "10:00-24:01", "24:00-24:00", "10:0-22:00", "25:00-26:00", ""]
 )
