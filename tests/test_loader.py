@@ -510,18 +510,6 @@ def test_rules_are_stored_as_json_that_reads_back_as_the_same_rules(
     assert rule_from_json(rule_to_json(every)) == every
 
 
-def test_a_merchant_name_the_ledger_cannot_hold_is_refused(
-    ledger_engine: Engine, tmp_path: Path, keystore: FileKeyStore
-) -> None:
-    """A name over the column's 200 characters is refused by place before anything is written."""
-    config = write_config(
-        tmp_path, ('name = "Nanjing Road Department Store"', f'name = "{"N" * 201}"')
-    )
-    with pytest.raises(BadInput, match=r"merchants\[0\] \(898310048990001\)\.name"):
-        load(ledger_engine, config, keystore)
-    assert row_counts(ledger_engine)["merchants"] == 0
-
-
 def test_a_load_that_deadlocks_with_a_serving_gateway_runs_again(
     tmp_path: Path, keystore: FileKeyStore, postgres_ledger: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
