@@ -29,7 +29,7 @@ from gateway.keystore import FileKeyStore
 from gateway.ledger import Moment, make_engine, migrate, unit_of_work
 from gateway.ledger.db import LEDGER_BUSY, SQLITE_BUSY_TIMEOUT_MS, deadlocked, ledger_busy
 from gateway.ledger.models import KeyCheck
-from gateway.loader import LoadReport, load_into_ledger, moment_at
+from gateway.loader import LoadReport, load_into_ledger, moment_at, refuse_lots_after_today
 from gateway.security import SecurityModule, SoftwareSecurityModule
 
 # Two commands loading the same new config at once on PostgreSQL can both try to insert the
@@ -199,6 +199,8 @@ def _opened(
     if check is not None:
         check(config, chosen_clock)
     chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
+    if load and sqlite_ledger_to_make(config.gateway.database):
+        refuse_lots_after_today(config, chosen_clock.now())
     engine = open_database(
         config.gateway.database, busy_timeout_ms=busy_timeout_ms, existing=not load
     )
@@ -209,6 +211,21 @@ def _opened(
             engine.dispose()
             raise
     return config, chosen_clock, chosen_security, engine
+
+
+def sqlite_ledger_to_make(url: str) -> bool:
+    """Whether `url` names a SQLite file that is not there yet (opening it makes it)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False  # `open_database` names the fault
+    database = parsed.database or ""
+    return (
+        parsed.get_backend_name() == "sqlite"
+        and not _in_memory(parsed.database, parsed.query)
+        and not database.startswith("file:")
+        and not Path(database).exists()
+    )
 
 
 def _in_memory(database: str | None, query: Mapping[str, object]) -> bool:

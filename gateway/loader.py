@@ -165,6 +165,30 @@ def _switch_kept(
 # --- refusals before any write ---------------------------------------------------------------
 
 
+def refuse_lots_after_today(config: Config, now: datetime) -> None:
+    """`BadInput` naming each config lot earned after today, for a ledger about to be made:
+    refused before the ledger file is made, the load leaves nothing behind. (On a ledger
+    that exists, `load_into_ledger` refuses only the lots it has not accrued yet.)"""
+    today = now.astimezone(config.gateway.timezone).date()
+    future = [
+        _after_today(card_index, card.number, index, lot.earned_on, today)
+        for card_index, card in enumerate(config.cards)
+        for index, lot in enumerate(card.lots)
+        if lot.earned_on > today
+    ]
+    if future:
+        raise BadInput(f"{config.path}: " + "; ".join(future))
+
+
+def _lot_place(card_index: int, card_number: str, index: int) -> str:
+    return f"cards[{card_index}] ({mask_card_number(card_number)}).lots[{index}]"
+
+
+def _after_today(card_index: int, card_number: str, index: int, earned: date, today: date) -> str:
+    place = _lot_place(card_index, card_number, index)
+    return f"{place}.earned_on: {earned} is after today ({today})"
+
+
 def _refuse_changed_lots(session: Session, config: Config, today: date) -> None:
     """Every config lot accrued before must still say what it said then, and one to accrue
     now must not be earned after today (as in the accrual feed); name each that not."""
@@ -172,11 +196,13 @@ def _refuse_changed_lots(session: Session, config: Config, today: date) -> None:
     for card_index, card in enumerate(config.cards):
         accrued = _accrued_config_lots(session, card.number)
         for index, lot in enumerate(card.lots):
-            place = f"cards[{card_index}] ({mask_card_number(card.number)}).lots[{index}]"
+            place = _lot_place(card_index, card.number, index)
             before = accrued.get(config_lot_ref(card.number, index))
             if before is None:
                 if lot.earned_on > today:
-                    future.append(f"{place}.earned_on: {lot.earned_on} is after today ({today})")
+                    future.append(
+                        _after_today(card_index, card.number, index, lot.earned_on, today)
+                    )
                 continue
             if (before.original_points, before.earned_on) == (lot.points, lot.earned_on):
                 continue

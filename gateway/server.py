@@ -30,7 +30,7 @@ from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.protocol import Factory
 
 from gateway import build, logs
-from gateway.bootstrap import bootstrap, open_database
+from gateway.bootstrap import bootstrap, open_database, sqlite_ledger_to_make
 from gateway.clock import Clock, StartedClock, business_date
 from gateway.config import Config, load_config
 from gateway.errors import BadInput
@@ -451,7 +451,10 @@ def latest_closed_month(engine: Engine) -> str | None:
 def _refuse_clock_before_ledger(config: Config, clock_start: datetime) -> None:
     """`--clock` may not start before what the ledger holds: a transaction later than the
     start, or a month closed by clearing that the clock's business date has not left (its
-    requests would all be `96`, the month being settled without them)."""
+    requests would all be `96`, the month being settled without them). A SQLite ledger not
+    made yet holds neither, and is not made here: the config's load may still refuse."""
+    if sqlite_ledger_to_make(config.gateway.database):
+        return
     engine = open_database(config.gateway.database)
     try:
         latest = latest_transaction(engine)

@@ -8,6 +8,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import tzinfo
@@ -33,6 +35,7 @@ from tests.test_imports import (
 )
 from tests.test_loader import DEMO, GOLD, NOW
 
+VIPGATE = Path(sys.executable).with_name("vipgate")
 SILVER_IN_CONFIG = "6688000000000000022"
 
 
@@ -530,6 +533,31 @@ def test_a_command_that_reads_the_ledger_refuses_one_that_is_not_there(
     )
     assert not missing.parent.exists()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", [("ledger", "load"), ("serve", "--clock", "CLOCK")])
+def test_a_config_lot_after_today_is_refused_before_a_new_ledger_is_made(
+    cli: Cli, tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """A config lot earned after today, for a SQLite ledger not made yet: exit 2, the lot
+    named, and no ledger file or folder left behind (a refused load changes nothing). For
+    `serve --clock`, the clock's check of the ledger makes none either."""
+    text = cli.config.read_text(encoding="utf-8")
+    cli.config.write_text(text.replace('"2026-03-01"', '"2099-03-01"', 1), encoding="utf-8")
+    missing = tmp_path / "new" / "ledger.db"
+    arguments = [NOW.isoformat() if part == "CLOCK" else part for part in command]
+    result = subprocess.run(
+        [str(VIPGATE), *arguments, "--config", str(cli.config), "--db", f"sqlite:///{missing}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cards[0] (668800*********0014).lots[0].earned_on: 2099-03-01 is after today (" in (
+        result.stderr
+    )
+    assert not missing.parent.exists()
 
 
 @pytest.mark.parametrize(
