@@ -565,10 +565,19 @@ def _refuse_duplicates(tables: list[_Table], values: list[str], key: str) -> Non
         first_place[value] = table.place
 
 
-def _rules(merchant: _Table) -> tuple[Rule, ...]:
+def _rules(merchant: _Table, max_amount_fen: int) -> tuple[Rule, ...]:
+    """The merchant's rules; one whose minimum is above the merchant's largest amount could
+    never apply (every such amount is declined) and is refused as the mistake it is."""
     tables = merchant.tables("rules", RULE_KEYS)
     rules = [_rule(table) for table in tables]
     _refuse_duplicates(tables, [rule.id for rule in rules], "id")
+    for table, rule in zip(tables, rules, strict=True):
+        if rule.min_amount_fen > max_amount_fen:
+            table.fail(
+                "min_amount_fen",
+                f"{rule.min_amount_fen} is above the merchant's max_amount_fen"
+                f" {max_amount_fen}: the rule could never apply",
+            )
     return tuple(rules)
 
 
@@ -583,6 +592,9 @@ def _merchant(table: _Table) -> MerchantConfig:
     bank_card_fee_bp: int = table.integer("bank_card_fee_bp", high=BP_WHOLE)
     if fee_bp > bank_card_fee_bp:
         table.fail("fee_bp", f"{fee_bp} is above bank_card_fee_bp {bank_card_fee_bp}")
+    max_amount_fen: int = table.integer(
+        "max_amount_fen", MAX_AMOUNT_FEN, low=1, high=MAX_AMOUNT_FEN
+    )
     return MerchantConfig(
         id=merchant_id,
         name=name,
@@ -591,8 +603,8 @@ def _merchant(table: _Table) -> MerchantConfig:
         bank_card_fee_bp=bank_card_fee_bp,
         allow_partial=table.boolean("allow_partial", False),
         refund_window_days=table.integer("refund_window_days", 30, high=3660),
-        max_amount_fen=table.integer("max_amount_fen", MAX_AMOUNT_FEN, low=1, high=MAX_AMOUNT_FEN),
-        rules=_rules(table),
+        max_amount_fen=max_amount_fen,
+        rules=_rules(table, max_amount_fen),
     )
 
 

@@ -248,6 +248,21 @@ def test_negative_discount_is_refused(refuse: Refuse) -> None:
     assert message == f"{FILE}: {M0}.rules[1] (vip-lunch).discount_bp: -1 is outside 0-9999"
 
 
+def test_a_rule_whose_minimum_is_above_the_merchants_largest_amount_is_refused(
+    refuse: Refuse, edit: Edit
+) -> None:
+    """A rule's min_amount_fen above the merchant's max_amount_fen could never apply (every
+    such amount is declined): refused at the rule. Equal to it, the rule applies to that
+    amount alone, and loads."""
+    message = refuse(("max_amount_fen = 5000000", "max_amount_fen = 9999"))
+    assert message == (
+        f"{FILE}: {M0}.rules[0] (diamond-weekend).min_amount_fen: 10000 is above the"
+        " merchant's max_amount_fen 9999: the rule could never apply"
+    )
+    config = edit(("max_amount_fen = 5000000", "max_amount_fen = 10000"))
+    assert config.merchants[0].rules[0].min_amount_fen == config.merchants[0].max_amount_fen
+
+
 def test_fee_above_bank_card_fee_is_refused(refuse: Refuse) -> None:
     """A merchant's fee_bp above its bank_card_fee_bp is refused."""
     message = refuse(("\nfee_bp = 80\n", "\nfee_bp = 120\n"))
