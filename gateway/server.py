@@ -545,14 +545,19 @@ def _stop_on_signals(reactor: Any) -> None:
     the process without its drain; and a second signal while the reactor stopped raised
     `ReactorNotRunning`, a traceback on stdout among the JSON lines. A SIGINT the process
     was started ignoring (a background job; a worker, whose parent forwards Ctrl-C as
-    SIGTERM) stays ignored, as Twisted's handlers left it."""
+    SIGTERM) stays ignored, as Twisted's handlers left it.
+
+    SIGHUP (the operator's terminal or SSH session gone) drains as SIGTERM does: by default
+    it killed the process mid-request, its committed approvals unanswered. One the process
+    was started ignoring (`nohup`; a worker, whose parent forwards it) stays ignored."""
 
     def on_signal(_signum: int, _frame: Any) -> None:
         reactor.callFromThread(_stop_once, reactor)
 
     signal.signal(signal.SIGTERM, on_signal)
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-        signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, on_signal)
 
 
 def _stop_once(reactor: Any) -> None:

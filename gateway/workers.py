@@ -27,10 +27,11 @@ parent holds no database connection, runs no thread and has no reactor: it dispo
 engine's pool before the first fork, never starts a reactor (checked before every fork), and
 only waits for its children, so forking again to replace a dead worker is as safe as the first.
 
-Signals: SIGTERM or SIGINT to the parent is forwarded as SIGTERM to every worker, which drains
-as a single `vipgate serve` does (stop accepting, answer what is in flight) and exits 0; the
-parent exits 0 when every worker did. Workers ignore SIGINT, so a Ctrl-C typed at a terminal,
-which reaches the whole process group, is acted on once, through the parent. A worker that dies
+Signals: SIGTERM, SIGINT or SIGHUP to the parent is forwarded as SIGTERM to every worker,
+which drains as a single `vipgate serve` does (stop accepting, answer what is in flight) and
+exits 0; the parent exits 0 when every worker did. Workers ignore SIGINT and SIGHUP, so a
+Ctrl-C typed at a terminal, or the terminal's hang-up, which reach the whole process group, is
+acted on once, through the parent. A worker that dies
 unexpectedly is logged and replaced (at most `MAX_RESTARTS` in `RESTART_WINDOW_S`); the parent
 then exits 1 when it stops, because a worker did not exit cleanly. A worker that stopped
 because the disk failed to sync the ledger's log (exit 74) is not replaced: every worker is
@@ -80,7 +81,7 @@ POLL_S: Final = 0.05  # how often the parent looks for exited workers
 STOP_TIMEOUT_S: Final = 60.0  # a worker still draining after this is killed
 MAX_RESTARTS: Final = 5  # replacements of dead workers within RESTART_WINDOW_S, at most
 RESTART_WINDOW_S: Final = 60.0
-STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG: Final = 1  # linux/prctl.h
 LEDGER: Final = 0  # the worker number of the ledger process (SQLite, more than one worker)
 LEDGER_SOCKET: Final = "ledger.sock"
@@ -255,7 +256,11 @@ class Supervisor:
         return [LEDGER, *range(1, self.count)]
 
     def run(self) -> int:
-        previous = {signum: signal.signal(signum, self._on_stop_signal) for signum in STOP_SIGNALS}
+        previous = {
+            signum: signal.signal(signum, self._on_stop_signal)
+            for signum in STOP_SIGNALS
+            if signum != signal.SIGHUP or signal.getsignal(signum) is not signal.SIG_IGN
+        }  # a SIGHUP the parent was started ignoring (`nohup`) stays ignored
         try:
             for number in self.numbers():
                 self._spawn(number)
@@ -431,6 +436,7 @@ def _worker_main(  # noqa: PLR0917 (one call, in `Supervisor._spawn`)
 def _become_worker(number: int, parent: int, role: str) -> None:
     """Signals as a worker needs them, its number on every log line, the parent watched."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards Ctrl-C as SIGTERM
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # and a hang-up, which reaches the group
     signal.signal(signal.SIGTERM, _early_stop)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _tag_log_lines(number, role)

@@ -222,15 +222,15 @@ def test_sigterm_answers_every_request_in_flight(served: Served) -> None:
     assert served.process.returncode == 0
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_stop_signals_at_the_listening_line_and_again_drain_once_and_exit_0(
     served: Served, stop: signal.Signals
 ) -> None:
     """A stop signal the moment `listening` is logged, and a second one during the drain (an
     operator pressing Ctrl-C twice): one drain, a `stopped` line, exit 0, and nothing on
-    stdout but JSON lines. Twisted's handlers came only once the reactor ran: the first
-    signal killed the process without a drain, and a second during the stop printed a
-    `ReactorNotRunning` traceback."""
+    stdout but JSON lines. A hang-up (SIGHUP: the operator's session gone) drains as well.
+    Twisted's handlers came only once the reactor ran: the first signal killed the process
+    without a drain, and a second during the stop printed a `ReactorNotRunning` traceback."""
     served.process.send_signal(stop)
     time.sleep(0.02)
     served.process.send_signal(stop)

@@ -76,6 +76,7 @@ class Workers:
             stderr=subprocess.STDOUT,
             text=True,
             env={**env, "TMPDIR": str(self.tmp)},
+            start_new_session=True,  # its own process group, as a login session's job is
         )
         self.events: list[dict[str, Any]] = []
         self.raw: list[str] = []
@@ -220,6 +221,25 @@ def test_two_workers_share_the_port_answer_terminals_and_drain_on_sigterm(
     if two_workers.ledger_process:  # the ledger process stops last, after every front
         exits = [entry["worker"] for entry in two_workers.named("worker_exited")]
         assert exits[-1] == 0
+
+
+def test_a_hang_up_to_the_whole_group_drains_once_and_exits_0(
+    tmp_path: Path, start_workers: StartWorkers
+) -> None:
+    """SIGHUP to the process group (the operator's terminal or SSH session gone: the kernel
+    hangs up every process of the job): the workers ignore it, the parent forwards it once
+    as SIGTERM, and every worker drains and exits 0. By default it killed every process at
+    once, a worker mid-request with its committed approvals unanswered."""
+    served = start_workers(f"sqlite:///{tmp_path / 'ledger.db'}", 2)
+    link = Link("127.0.0.1", served.port)
+    sign_on(link)
+    os.killpg(served.process.pid, signal.SIGHUP)
+    assert served.process.wait(timeout=60) == 0
+    served.kill()  # joins the reader
+    assert link.socket.recv(100) == b""
+    link.close()
+    assert {entry["worker"] for entry in served.named("worker_exited")} == {0, 1}
+    assert len(served.named("workers_stopped")) == 1
 
 
 def test_the_ledger_process_answers_a_fronts_terminal_with_macd_answers(
