@@ -112,10 +112,13 @@ def card_decline(
 
 
 def keyed_entry_decline(keyed: bool, pin: PinEntry, card: CardSnapshot | None) -> Decline | None:
-    """Keyed entry is for cards with a PIN, with that PIN; otherwise `12` (§4.4, §8)."""
+    """Keyed entry is for cards with a PIN, with that PIN; otherwise `12` (§4.4, §8). A
+    number the ledger has no card for is no card with a PIN: `12`, which §6 ranks before
+    `14` (and which tells a prober keying numbers no more than it tells of a real card
+    without a PIN)."""
     if not keyed:
         return None
-    if pin is PinEntry.NONE or (card is not None and not card.needs_pin):
+    if pin is PinEntry.NONE or card is None or not card.needs_pin:
         return Decline.NOT_SUPPORTED
     return None
 

@@ -340,10 +340,15 @@ def test_right_pin_resets_the_run_of_wrong_ones(harness: Harness) -> None:
 
 
 def test_keyed_entry_needs_a_pin_card_and_its_pin(harness: Harness) -> None:
-    """Keyed without PIN 12; keyed for a card with no PIN 12; keyed with the PIN approved."""
+    """Keyed without PIN 12; keyed for a card with no PIN 12; keyed, with a PIN, for a number
+    the ledger has no card for (its check digit right or wrong) 12, before 14 (§6); keyed
+    with the PIN approved."""
     terminal = harness.signed_on()
     assert harness.redeem(terminal, GOLD_PIN, 100, keyed=True)[1].code == "12"
     assert harness.redeem(terminal, DIAMOND, 100, keyed=True, pin="123456")[1].code == "12"
+    for unknown in ("6688000000000000097", "6688000000000000098"):  # Luhn right, wrong
+        assert harness.redeem(terminal, unknown, 100, keyed=True, pin="123456")[1].code == "12"
+        assert harness.redeem(terminal, unknown, 100)[1].code == "14"  # swiped
     _, answer = harness.redeem(terminal, GOLD_PIN, 100, keyed=True, pin="123456")
     assert answer.code == "00"
     assert answer.fields[2] == GOLD_PIN
