@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
 from cardcodec.cards import mask_card_data
 from gateway.errors import BadInput, CheckFailed
-from gateway.ledger.db import LEDGER_BUSY, ledger_busy
+from gateway.ledger.db import LEDGER_BUSY, ledger_busy, ledger_damaged
 
 DEFAULT_CONFIG = Path("config/demo.toml")
 
@@ -158,12 +158,36 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+        if ledger_damaged(error):
+            return _damaged(error)
         if not ledger_busy(error):
             raise
         # Not a fault a check found (1): the command could not be done, and changed nothing
         # in the unit of work that waited. One line, as for bad input.
         print(f"vipgate: error: {LEDGER_BUSY}", file=sys.stderr)
         return 2
+    except DatabaseError as error:
+        if not ledger_damaged(error):
+            raise
+        return _damaged(error)
+
+
+def _damage(error: DatabaseError) -> str:
+    text = str(error.orig).strip()
+    return text.splitlines()[0] if text else type(error.orig).__name__
+
+
+def _damaged(error: DatabaseError) -> int:
+    """A SQLite ledger file SQLite finds damaged, met by a command's statement: one line (a
+    traceback would show the statement), exit 2 as for a ledger that cannot be opened. The
+    statement's unit of work was rolled back."""
+    print(
+        f"vipgate: error: database: the ledger file is damaged ({_damage(error)});"
+        " the command stopped, its unit of work rolled back: run `vipgate ledger check`,"
+        " and restore the ledger from a backup",
+        file=sys.stderr,
+    )
+    return 2
 
 
 # The status of a command stopped by Ctrl-C (128 + SIGINT), as a shell reports it.

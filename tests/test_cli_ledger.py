@@ -433,6 +433,62 @@ def test_ledger_check_exits_1_listing_every_violation(cli: Cli) -> None:
     assert one_error_line(result) == "vipgate: ledger check: 2 violations"
 
 
+def _ledger_file(cli: Cli) -> Path:
+    return Path(cli.db_url.removeprefix("sqlite:///"))
+
+
+def test_ledger_check_lists_what_sqlites_integrity_check_finds_and_exits_1(cli: Cli) -> None:
+    """An index that no longer matches its table (the invariants read through it, and saw
+    nothing amiss): SQLite's own findings listed, exit 1, the invariants not run on it."""
+    cli.run("ledger", "load")
+    with sqlite3.connect(_ledger_file(cli)) as connection:
+        connection.execute("PRAGMA writable_schema = ON")
+        connection.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX ix_point_lots_card_number"
+            " ON point_lots (earned_on)' WHERE name = 'ix_point_lots_card_number'"
+        )
+    connection.close()
+    result = cli.run("ledger", "check")
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert lines and all(line.startswith("storage_sound: ledger file: ") for line in lines)
+    assert "ix_point_lots_card_number" in result.out
+    assert one_error_line(result) == (
+        "vipgate: ledger check: the ledger file is damaged (SQLite's integrity check);"
+        " the invariants were not checked: restore the ledger from a backup"
+    )
+
+
+def test_a_damaged_page_is_one_line_for_every_command_and_a_fault_for_ledger_check(
+    cli: Cli,
+) -> None:
+    """The cards table's first page overwritten: `ledger check` lists SQLite's error and
+    exits 1; a command that reads or writes the card says the file is damaged in one line
+    and exits 2, where it printed a traceback (with the statement) and exited 1."""
+    cli.run("ledger", "load")
+    with sqlite3.connect(_ledger_file(cli)) as connection:
+        (page,) = connection.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'cards'"
+        ).fetchone()
+        (size,) = connection.execute("PRAGMA page_size").fetchone()
+        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    connection.close()
+    with _ledger_file(cli).open("r+b") as ledger:
+        ledger.seek((page - 1) * size)
+        ledger.write(bytes([0xA5]) * size)
+    check = cli.run("ledger", "check")
+    assert check.code == 1
+    assert check.out == "storage_sound: ledger file: database disk image is malformed\n"
+    for command in (("cards", "show", GOLD), ("cards", "block", SILVER_IN_CONFIG)):
+        result = cli.run(*command)
+        assert result.code == 2, result.err
+        assert one_error_line(result) == (
+            "vipgate: error: database: the ledger file is damaged (database disk image is"
+            " malformed); the command stopped, its unit of work rolled back: run `vipgate"
+            " ledger check`, and restore the ledger from a backup"
+        )
+
+
 def test_a_master_key_open_to_others_exits_2_naming_it(cli: Cli) -> None:
     """A master key file others can read stops every command that uses it (each that loads
     the config) with exit 2, naming the file."""

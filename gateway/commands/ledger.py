@@ -19,7 +19,7 @@ from clearing.clear import snapshot_isolation
 from gateway.bootstrap import wired
 from gateway.errors import CheckFailed
 from gateway.ledger import unit_of_work
-from gateway.ledger.invariants import CHECKS, check_invariants
+from gateway.ledger.invariants import CHECKS, Violation, check_invariants, storage_faults
 from gateway.ledger.models import Card, JournalTransaction, PointLot
 
 
@@ -48,23 +48,27 @@ def load(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    # The checks compare figures that separate statements read (the journal's and the
-    # lots', say): on PostgreSQL, with a gateway committing meanwhile, they read one snapshot
-    # (REPEATABLE READ), else a redemption committed between two of them looks like a fault.
-    # SQLite's unit of work holds the write lock already.
-    with (
-        wired(args.config, args.db, load=False) as wiring,
-        unit_of_work(wiring.engine) as session,
-    ):
-        snapshot_isolation(session)
-        violations = check_invariants(session)
-        counts = [
-            session.scalar(select(func.count()).select_from(model)) or 0
-            for model in (Card, PointLot, JournalTransaction)
-        ]
+    with wired(args.config, args.db, load=False) as wiring:
+        damage = storage_faults(wiring.engine)
+        if damage:  # the invariants cannot be trusted on it, and may stop with its error
+            _report(damage)
+            raise CheckFailed(
+                "ledger check: the ledger file is damaged (SQLite's integrity check);"
+                " the invariants were not checked: restore the ledger from a backup"
+            )
+        # The checks compare figures that separate statements read (the journal's and the
+        # lots', say): on PostgreSQL, with a gateway committing meanwhile, they read one
+        # snapshot (REPEATABLE READ), else a redemption committed between two of them looks
+        # like a fault. SQLite's unit of work holds the write lock already.
+        with unit_of_work(wiring.engine) as session:
+            snapshot_isolation(session)
+            violations = check_invariants(session)
+            counts = [
+                session.scalar(select(func.count()).select_from(model)) or 0
+                for model in (Card, PointLot, JournalTransaction)
+            ]
     if violations:
-        for violation in violations:
-            print(f"{violation.rule}: {violation.subject}: {violation.detail}")
+        _report(violations)
         noun = "violation" if len(violations) == 1 else "violations"
         raise CheckFailed(f"ledger check: {len(violations)} {noun}")
     cards, lots, transactions = counts
@@ -73,3 +77,8 @@ def check(args: argparse.Namespace) -> int:
         f"({cards} cards, {lots} lots, {transactions} journal transactions)"
     )
     return 0
+
+
+def _report(violations: list[Violation]) -> None:
+    for violation in violations:
+        print(f"{violation.rule}: {violation.subject}: {violation.detail}")

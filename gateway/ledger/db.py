@@ -809,6 +809,17 @@ def ledger_busy(error: BaseException) -> bool:
     return "database is locked" in str(orig) or getattr(orig, "sqlstate", None) == "55P03"
 
 
+# SQLite's primary result codes for a damaged file: SQLITE_CORRUPT and SQLITE_NOTADB.
+_DAMAGED_CODES = (11, 26)
+
+
+def ledger_damaged(error: BaseException) -> bool:
+    """Whether a driver error is SQLite finding the ledger file damaged ("database disk
+    image is malformed", "file is not a database")."""
+    code = getattr(getattr(error, "orig", error), "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in _DAMAGED_CODES
+
+
 def deadlocked(error: BaseException) -> bool:
     """PostgreSQL chose this transaction to break a deadlock or a serialisation conflict: it
     was rolled back whole, and running it again is the remedy."""

@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, not_, or_, select, text, union
+from sqlalchemy import Engine, Select, and_, case, func, not_, or_, select, text, union
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, aliased
 
 from cardcodec.cards import mask_card_data
+from gateway.ledger.db import reading
 from gateway.ledger.journal import sum_of
 from gateway.ledger.models import (
     BATCH_COUNTED,
@@ -41,6 +43,34 @@ class Violation:
     rule: str
     subject: str
     detail: str
+
+
+# At most this many of SQLite's own findings are listed: one damaged page can give thousands.
+STORAGE_FAULTS_LISTED = 20
+
+
+def storage_faults(engine: Engine) -> list[Violation]:
+    """SQLite's own check of the ledger file (`PRAGMA integrity_check`: every page, every
+    index against its table), on a snapshot that takes no write lock, so a serving gateway
+    goes on committing meanwhile. The invariants read rows through the indexes: on a
+    damaged file they can pass over what they cannot see, or stop with SQLite's error. None
+    on PostgreSQL, whose pages the server checks as it reads them."""
+    if engine.dialect.name != "sqlite":
+        return []
+    try:
+        with reading(engine) as connection:
+            found = (
+                connection.exec_driver_sql(f"PRAGMA integrity_check({STORAGE_FAULTS_LISTED})")
+                .scalars()
+                .all()
+            )
+    except DatabaseError as error:  # damage that stops the check itself
+        found = [str(error.orig).splitlines()[0] if error.orig is not None else str(error)]
+    return [
+        Violation("storage_sound", "ledger file", str(finding))
+        for finding in found
+        if finding != "ok"
+    ]
 
 
 def _totals(session: Session, query: Select[Any, int]) -> dict[Any, int]:
