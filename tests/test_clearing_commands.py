@@ -22,6 +22,7 @@ from gateway.clock import SHANGHAI, FixedClock
 from gateway.errors import BadInput
 from gateway.ledger import make_engine, unit_of_work
 from gateway.ledger.models import Merchant
+from tests.damage import overwrite_first_page
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
 
@@ -256,6 +257,32 @@ def test_a_signing_key_that_is_not_one_is_refused_before_the_config_load(
     )
     assert not (config_path.parent / "var" / "vipgate.db").exists()
     assert not (config_path.parent / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["clear", "reconcile"])
+def test_clear_and_reconcile_refuse_a_damaged_ledger_file_and_write_nothing(
+    config_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Money leaves on the settlement file's figures: on a ledger file SQLite finds damaged,
+    `clear` closes nothing and writes nothing (nor does `reconcile`), exit 1 with what
+    SQLite found. Before, the figures were read past the damage as if it were not there."""
+    assert main(["ledger", "load", "--config", str(config_path)]) == 0
+    out = config_path.parent / "out"
+    arguments = ["--config", str(config_path), "--month", "2026-11", "--out", str(out)]
+    if command == "reconcile":  # of a month closed before the damage
+        closed = str(config_path.parent / "closed")
+        assert main(["clear", *arguments[:-1], closed]) == 0
+    overwrite_first_page(config_path.parent / "var" / "vipgate.db", "journal_entries")
+    capsys.readouterr()
+    assert main([command, *arguments]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "storage_sound: ledger file: database disk image is malformed\n"
+    done = "nothing was closed or written" if command == "clear" else "no pack was written"
+    assert captured.err == (
+        f"vipgate: {command}: the ledger file is damaged (SQLite's integrity check); {done}:"
+        " restore the ledger from a backup\n"
+    )
+    assert not out.exists()
 
 
 def test_clear_then_verify_from_the_command_line(

@@ -25,6 +25,7 @@ from gateway.clock import Clock, FixedClock
 from gateway.ledger import make_engine, operations, unit_of_work
 from gateway.ledger.invariants import CHECKS
 from tests.conftest import empty_postgres_ledger
+from tests.damage import overwrite_first_page
 from tests.test_imports import (
     EVERY_CARD,
     NEW_GOLD,
@@ -454,8 +455,8 @@ def test_ledger_check_lists_what_sqlites_integrity_check_finds_and_exits_1(cli: 
     assert lines and all(line.startswith("storage_sound: ledger file: ") for line in lines)
     assert "ix_point_lots_card_number" in result.out
     assert one_error_line(result) == (
-        "vipgate: ledger check: the ledger file is damaged (SQLite's integrity check);"
-        " the invariants were not checked: restore the ledger from a backup"
+        "vipgate: ledger check: the ledger file is damaged (SQLite's integrity check); the"
+        " invariants were not checked: restore the ledger from a backup"
     )
 
 
@@ -466,16 +467,7 @@ def test_a_damaged_page_is_one_line_for_every_command_and_a_fault_for_ledger_che
     exits 1; a command that reads or writes the card says the file is damaged in one line
     and exits 2, where it printed a traceback (with the statement) and exited 1."""
     cli.run("ledger", "load")
-    with sqlite3.connect(_ledger_file(cli)) as connection:
-        (page,) = connection.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'cards'"
-        ).fetchone()
-        (size,) = connection.execute("PRAGMA page_size").fetchone()
-        connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    connection.close()
-    with _ledger_file(cli).open("r+b") as ledger:
-        ledger.seek((page - 1) * size)
-        ledger.write(bytes([0xA5]) * size)
+    overwrite_first_page(_ledger_file(cli), "cards")
     check = cli.run("ledger", "check")
     assert check.code == 1
     assert check.out == "storage_sound: ledger file: database disk image is malformed\n"

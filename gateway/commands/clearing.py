@@ -22,6 +22,7 @@ from clearing.reconcile import reconcile, refuse_unclosed
 from clearing.verify import Verification, verify_file
 from gateway.bootstrap import Check, wired, wired_unit
 from gateway.clock import SHANGHAI, Clock
+from gateway.commands.ledger import refuse_damaged_ledger
 from gateway.config import Config, load_config
 from gateway.errors import BadInput, CheckFailed
 from gateway.rotation import reseal
@@ -86,6 +87,8 @@ def clear_command(args: argparse.Namespace) -> int:
         # default (config/demo.toml) would write demo cards and merchants into the ledger.
         load=False,
     ) as wiring:
+        # Money leaves on these figures: never from a file SQLite finds damaged.
+        refuse_damaged_ledger(wiring.engine, "clear", "nothing was closed or written")
         cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
     _report_cleared(cleared)
     return 0
@@ -137,6 +140,7 @@ def reconcile_command(args: argparse.Namespace) -> int:
         refuse=lambda session, _config, _clock: refuse_unclosed(session, month),
         load=False,
     ) as wiring:
+        refuse_damaged_ledger(wiring.engine, "reconcile", "no pack was written")
         pack = reconcile(wiring.engine, wiring.config, month, args.out, wiring.now())
     for line in pack.summary_lines():
         print(line)

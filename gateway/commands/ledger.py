@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from clearing.clear import snapshot_isolation
 from gateway.bootstrap import wired
@@ -49,13 +49,8 @@ def load(args: argparse.Namespace) -> int:
 
 def check(args: argparse.Namespace) -> int:
     with wired(args.config, args.db, load=False) as wiring:
-        damage = storage_faults(wiring.engine)
-        if damage:  # the invariants cannot be trusted on it, and may stop with its error
-            _report(damage)
-            raise CheckFailed(
-                "ledger check: the ledger file is damaged (SQLite's integrity check);"
-                " the invariants were not checked: restore the ledger from a backup"
-            )
+        # The invariants cannot be trusted on a damaged file, and may stop with its error.
+        refuse_damaged_ledger(wiring.engine, "ledger check", "the invariants were not checked")
         # The checks compare figures that separate statements read (the journal's and the
         # lots', say): on PostgreSQL, with a gateway committing meanwhile, they read one
         # snapshot (REPEATABLE READ), else a redemption committed between two of them looks
@@ -82,3 +77,16 @@ def check(args: argparse.Namespace) -> int:
 def _report(violations: list[Violation]) -> None:
     for violation in violations:
         print(f"{violation.rule}: {violation.subject}: {violation.detail}")
+
+
+def refuse_damaged_ledger(engine: Engine, command: str, so: str) -> None:
+    """On SQLite, SQLite's own check of the ledger file (`storage_faults`); a damaged file
+    has what it found printed, a line each, and `CheckFailed` (exit 1) saying what `so`
+    the `command` did not do."""
+    damage = storage_faults(engine)
+    if damage:
+        _report(damage)
+        raise CheckFailed(
+            f"{command}: the ledger file is damaged (SQLite's integrity check); {so}:"
+            " restore the ledger from a backup"
+        )
