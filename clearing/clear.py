@@ -148,8 +148,8 @@ def _sqlstate(error: OperationalError) -> str | None:
 def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime) -> Cleared:
     """Refuse an unfinished month, close it if needed, and write everything into `out`."""
     refuse_unfinished(month, now, config.gateway.timezone, config.gateway.cutoff)
+    key = signing.load_or_create(config.issuer.signing_key)  # refused: no `out` made
     make_folder(out)
-    key = signing.load_or_create(config.issuer.signing_key)
     pending = _pending(out, month)
     with _writing_in(out):
         return _clear_into(engine, config, month, (out, pending), now=now, key=key)

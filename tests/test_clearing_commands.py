@@ -359,3 +359,25 @@ def test_reconcile_on_a_host_without_the_issuer_key_makes_none(
     assert main(["reconcile", *arguments, "--out", str(config_path.parent / "pack")]) == 2
     assert capsys.readouterr().err.startswith(f"vipgate: error: signing key {key}: ")
     assert not key.exists()
+    assert not (config_path.parent / "pack").exists()  # refused: no folder left behind
+
+
+def test_a_signing_key_that_cannot_be_made_leaves_no_out_folder(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signing key whose folder cannot be made (a file is in the way): `clear` is refused
+    with one line (exit 2), closes nothing, and leaves no `--out` folder behind."""
+    made_ledger(config_path)
+    text = config_path.read_text(encoding="utf-8")
+    (config_path.parent / "a-file").write_text("", encoding="utf-8")
+    missing = config_path.parent / "a-file" / "issuer.pem"
+    old = 'signing_key = "var/issuer-ed25519.pem"'
+    assert old in text
+    config_path.write_text(text.replace(old, f'signing_key = "{missing}"'), encoding="utf-8")
+    out = config_path.parent / "out"
+    arguments = ["--config", str(config_path), "--month", "2026-11", "--out", str(out)]
+    assert main(["clear", *arguments]) == 2
+    assert capsys.readouterr().err.startswith(f"vipgate: error: signing key {missing}: ")
+    assert not out.exists()
+    assert main(["reconcile", *arguments]) == 2  # the month was not closed
+    assert "the month is not closed" in capsys.readouterr().err

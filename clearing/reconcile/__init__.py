@@ -53,14 +53,15 @@ def reconcile(engine: Engine, config: Config, month: Month, out: Path, now: date
     """Build the month's pack in `out`; the month must have been closed by `clear`."""
     with unit_of_work(engine) as session:
         closed = refuse_unclosed(session, month)
+    # The issuer's own key, never one made here: a pack checked against a key made on the spot
+    # would say RECONCILED over a signature the acquirer's public key rejects. Read before
+    # `out` is made, so a refusal leaves no folder behind.
+    key = signing.load_private(config.issuer.signing_key).public_key()
     make_folder(out)
     lists = {
         name: FindingList(name, title, first, second, out) for name, title, first, second in LISTS
     }
     pack = Pack(month, out, now, closed, lists)
-    # The issuer's own key, never one made here: a pack checked against a key made on the spot
-    # would say RECONCILED over a signature the acquirer's public key rejects.
-    key = signing.load_private(config.issuer.signing_key).public_key()
     path = _settlement_file(engine, config, pack)
     tz, cutoff = config.gateway.timezone, config.gateway.cutoff
     span = (month_begins(month, tz, cutoff), month_ends(month, tz, cutoff))
