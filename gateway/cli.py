@@ -21,7 +21,13 @@ from sqlalchemy.exc import DatabaseError, OperationalError
 
 from cardcodec.cards import mask_card_data
 from gateway.errors import BadInput, CheckFailed
-from gateway.ledger.db import LEDGER_BUSY, ledger_busy, ledger_damaged
+from gateway.ledger.db import (
+    LEDGER_BUSY,
+    STORAGE_FAULTS,
+    STORAGE_REMEDIES,
+    ledger_busy,
+    storage_fault,
+)
 
 DEFAULT_CONFIG = Path("config/demo.toml")
 
@@ -158,8 +164,8 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        if ledger_damaged(error):
-            return _damaged(error)
+        if (code := storage_fault(error)) is not None:
+            return _storage_failed(error, code)
         if not ledger_busy(error):
             raise
         # Not a fault a check found (1): the command could not be done, and changed nothing
@@ -167,24 +173,22 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
         print(f"vipgate: error: {LEDGER_BUSY}", file=sys.stderr)
         return 2
     except DatabaseError as error:
-        if not ledger_damaged(error):
+        if (code := storage_fault(error)) is None:
             raise
-        return _damaged(error)
+        return _storage_failed(error, code)
 
 
-def _damage(error: DatabaseError) -> str:
+def _storage_failed(error: DatabaseError, code: int) -> int:
+    """SQLite's error about the ledger's file (damaged, disk full, I/O, read-only), met by a
+    command's statement: one line saying what and what to do (a traceback would show the
+    statement), exit 2 as for a ledger that cannot be opened. The unit of work it was in
+    was rolled back; what committed before stands (an import's whole batches)."""
     text = str(error.orig).strip()
-    return text.splitlines()[0] if text else type(error.orig).__name__
-
-
-def _damaged(error: DatabaseError) -> int:
-    """A SQLite ledger file SQLite finds damaged, met by a command's statement: one line (a
-    traceback would show the statement), exit 2 as for a ledger that cannot be opened. The
-    statement's unit of work was rolled back."""
+    said = text.splitlines()[0] if text else type(error.orig).__name__
     print(
-        f"vipgate: error: database: the ledger file is damaged ({_damage(error)});"
-        " the command stopped, its unit of work rolled back: run `vipgate ledger check`,"
-        " and restore the ledger from a backup",
+        f"vipgate: error: database: {STORAGE_FAULTS[code]} ({said}); the command stopped:"
+        " what was committed stands, the rest was rolled back;"
+        f" {STORAGE_REMEDIES[code]}",
         file=sys.stderr,
     )
     return 2

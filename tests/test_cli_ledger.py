@@ -5,7 +5,9 @@ and no full card number in anything the commands print."""
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from cardcodec.cards import luhn_check_digit
 from gateway import bootstrap
 from gateway.cli import main
 from gateway.clock import Clock, FixedClock
@@ -476,9 +479,44 @@ def test_a_damaged_page_is_one_line_for_every_command_and_a_fault_for_ledger_che
         assert result.code == 2, result.err
         assert one_error_line(result) == (
             "vipgate: error: database: the ledger file is damaged (database disk image is"
-            " malformed); the command stopped, its unit of work rolled back: run `vipgate"
-            " ledger check`, and restore the ledger from a backup"
+            " malformed); the command stopped: what was committed stands, the rest was rolled"
+            " back; run `vipgate ledger check`, and restore the ledger from a backup"
         )
+
+
+def _file_size_limit(limit: int) -> Callable[[], None]:
+    def limited() -> None:  # in the child: a write past `limit` fails (EFBIG), no signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limited
+
+
+def test_a_write_the_disk_refuses_is_one_line_and_exit_2(cli: Cli, tmp_path: Path) -> None:
+    """A cards import whose writes the file system refuses past a size (as a full disk
+    refuses them): one line naming the fault and what to do, exit 2, no traceback with the
+    statement; the ledger still passes its check afterwards."""
+    cli.run("ledger", "load")
+    feed = tmp_path / "cards.csv"
+    numbers = (f"668800{index:012d}" for index in range(100, 20_100))
+    rows = (f"{number}{luhn_check_digit(number)},2812,gold,active,false" for number in numbers)
+    feed.write_text("number,expiry,tier,status,enrolled\n" + "\n".join(rows) + "\n")
+    command = [str(VIPGATE), "cards", "import", str(feed), "--config", str(cli.config)]
+    result = subprocess.run(
+        [*command, "--db", cli.db_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        preexec_fn=_file_size_limit(1_000_000),
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "vipgate: error: database: the ledger file could not be read or written (disk I/O"
+        " error); the command stopped: what was committed stands, the rest was rolled back;"
+        " check its disk, then run the command again\n"
+    )
+    assert cli.run("ledger", "check").code == 0
 
 
 def test_a_master_key_open_to_others_exits_2_naming_it(cli: Cli) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 from weakref import WeakKeyDictionary
 
 from alembic import command
@@ -809,15 +809,36 @@ def ledger_busy(error: BaseException) -> bool:
     return "database is locked" in str(orig) or getattr(orig, "sqlstate", None) == "55P03"
 
 
-# SQLite's primary result codes for a damaged file: SQLITE_CORRUPT and SQLITE_NOTADB.
-_DAMAGED_CODES = (11, 26)
+# What a SQLite error says of the ledger's file, by its primary result code, and what to do.
+STORAGE_FAULTS: Final = {
+    11: "the ledger file is damaged",  # SQLITE_CORRUPT
+    26: "the ledger file is damaged",  # SQLITE_NOTADB
+    13: "the disk is full",  # SQLITE_FULL
+    10: "the ledger file could not be read or written",  # SQLITE_IOERR
+    8: "the ledger file cannot be written",  # SQLITE_READONLY
+}
+STORAGE_REMEDIES: Final = {
+    11: "run `vipgate ledger check`, and restore the ledger from a backup",
+    26: "run `vipgate ledger check`, and restore the ledger from a backup",
+    13: "free space on its disk and run the command again",
+    10: "check its disk, then run the command again",
+    8: "check the file's and its folder's owner and mode, then run the command again",
+}
+
+
+def storage_fault(error: BaseException) -> int | None:
+    """The SQLite primary result code of a driver error that is about the ledger's file
+    (damaged, disk full, I/O error, read-only: `STORAGE_FAULTS`), or None."""
+    code = getattr(getattr(error, "orig", error), "sqlite_errorcode", None)
+    if not isinstance(code, int) or code & 0xFF not in STORAGE_FAULTS:
+        return None
+    return code & 0xFF
 
 
 def ledger_damaged(error: BaseException) -> bool:
     """Whether a driver error is SQLite finding the ledger file damaged ("database disk
     image is malformed", "file is not a database")."""
-    code = getattr(getattr(error, "orig", error), "sqlite_errorcode", None)
-    return isinstance(code, int) and code & 0xFF in _DAMAGED_CODES
+    return storage_fault(error) in (11, 26)
 
 
 def deadlocked(error: BaseException) -> bool:
