@@ -24,7 +24,6 @@ from gateway.errors import BadInput, CheckFailed
 from gateway.ledger.db import (
     LEDGER_BUSY,
     STORAGE_FAULTS,
-    STORAGE_REMEDIES,
     ledger_busy,
     storage_fault,
 )
@@ -178,17 +177,17 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
         return _storage_failed(error, code)
 
 
-def _storage_failed(error: DatabaseError, code: int) -> int:
-    """SQLite's error about the ledger's file (damaged, disk full, I/O, read-only), met by a
-    command's statement: one line saying what and what to do (a traceback would show the
+def _storage_failed(error: DatabaseError, code: str) -> int:
+    """A driver's error about the ledger's storage (`STORAGE_FAULTS`), met by a command's
+    statement: one line saying what and what to do (a traceback would show the
     statement), exit 2 as for a ledger that cannot be opened. The unit of work it was in
     was rolled back; what committed before stands (an import's whole batches)."""
     text = str(error.orig).strip()
     said = text.splitlines()[0] if text else type(error.orig).__name__
+    what, remedy = STORAGE_FAULTS[code]
     print(
-        f"vipgate: error: database: {STORAGE_FAULTS[code]} ({said}); the command stopped:"
-        " what was committed stands, the rest was rolled back;"
-        f" {STORAGE_REMEDIES[code]}",
+        f"vipgate: error: database: {what} ({said}); the command stopped: what was committed"
+        f" stands, the rest was rolled back; {remedy}",
         file=sys.stderr,
     )
     return 2

@@ -185,3 +185,37 @@ def test_fallback_rrns_of_two_workers_at_one_instant_differ() -> None:
     assert len(set(given)) == 6
     assert all(len(rrn) == 12 and rrn[0] == "9" for rrn in given)
     assert given[:3] == sorted(given[:3])
+
+
+class _DriverError(Exception):
+    def __init__(self, *, sqlite_errorcode: int | None = None, sqlstate: str | None = None):
+        super().__init__("driver error")
+        if sqlite_errorcode is not None:
+            self.sqlite_errorcode = sqlite_errorcode
+        if sqlstate is not None:
+            self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("driver", "fault"),
+    [
+        (_DriverError(sqlite_errorcode=11), "damaged"),  # SQLITE_CORRUPT
+        (_DriverError(sqlite_errorcode=26), "damaged"),  # SQLITE_NOTADB
+        (_DriverError(sqlite_errorcode=13), "full"),  # SQLITE_FULL
+        (_DriverError(sqlite_errorcode=10 | 3 << 8), "io"),  # SQLITE_IOERR_WRITE
+        (_DriverError(sqlite_errorcode=8), "read-only"),  # SQLITE_READONLY
+        (_DriverError(sqlite_errorcode=5), None),  # SQLITE_BUSY: the lock's, not the file's
+        (_DriverError(sqlstate="53100"), "server-full"),  # disk_full
+        (_DriverError(sqlstate="58030"), "server-io"),  # io_error
+        (_DriverError(sqlstate="40P01"), None),  # a deadlock
+        (_DriverError(), None),
+    ],
+)
+def test_storage_faults_are_told_by_the_drivers_code(
+    driver: _DriverError, fault: str | None
+) -> None:
+    """Which storage fault a driver error is, by SQLite's primary result code or
+    PostgreSQL's SQLSTATE, as the command line reports it (one line, what to do)."""
+    error = OperationalError("statement", None, driver)
+    assert db.storage_fault(error) == fault
+    assert fault is None or fault in db.STORAGE_FAULTS

@@ -809,36 +809,43 @@ def ledger_busy(error: BaseException) -> bool:
     return "database is locked" in str(orig) or getattr(orig, "sqlstate", None) == "55P03"
 
 
-# What a SQLite error says of the ledger's file, by its primary result code, and what to do.
+# What a driver error says of the ledger's storage, and what to do: by SQLite's primary
+# result code, or PostgreSQL's SQLSTATE (the server's disk full; its files unreadable).
 STORAGE_FAULTS: Final = {
-    11: "the ledger file is damaged",  # SQLITE_CORRUPT
-    26: "the ledger file is damaged",  # SQLITE_NOTADB
-    13: "the disk is full",  # SQLITE_FULL
-    10: "the ledger file could not be read or written",  # SQLITE_IOERR
-    8: "the ledger file cannot be written",  # SQLITE_READONLY
+    "damaged": (
+        "the ledger file is damaged",
+        "run `vipgate ledger check`, and restore the ledger from a backup",
+    ),
+    "full": ("the disk is full", "free space on its disk and run the command again"),
+    "io": (
+        "the ledger file could not be read or written",
+        "check its disk, then run the command again",
+    ),
+    "read-only": (
+        "the ledger file cannot be written",
+        "check the file's and its folder's owner and mode, then run the command again",
+    ),
+    "server-full": (
+        "the database server's disk is full",
+        "free space on the server's disk and run the command again",
+    ),
+    "server-io": (
+        "the database server could not read or write its files",
+        "check the server's disk and log, then run the command again",
+    ),
 }
-STORAGE_REMEDIES: Final = {
-    11: "run `vipgate ledger check`, and restore the ledger from a backup",
-    26: "run `vipgate ledger check`, and restore the ledger from a backup",
-    13: "free space on its disk and run the command again",
-    10: "check its disk, then run the command again",
-    8: "check the file's and its folder's owner and mode, then run the command again",
-}
+_SQLITE_FAULTS: Final = {11: "damaged", 26: "damaged", 13: "full", 10: "io", 8: "read-only"}
+_POSTGRESQL_FAULTS: Final = {"53100": "server-full", "58030": "server-io"}
 
 
-def storage_fault(error: BaseException) -> int | None:
-    """The SQLite primary result code of a driver error that is about the ledger's file
-    (damaged, disk full, I/O error, read-only: `STORAGE_FAULTS`), or None."""
-    code = getattr(getattr(error, "orig", error), "sqlite_errorcode", None)
-    if not isinstance(code, int) or code & 0xFF not in STORAGE_FAULTS:
-        return None
-    return code & 0xFF
-
-
-def ledger_damaged(error: BaseException) -> bool:
-    """Whether a driver error is SQLite finding the ledger file damaged ("database disk
-    image is malformed", "file is not a database")."""
-    return storage_fault(error) in (11, 26)
+def storage_fault(error: BaseException) -> str | None:
+    """Which of `STORAGE_FAULTS` a driver error is (SQLite: damaged, disk full, I/O error,
+    read-only; PostgreSQL: the server's disk full, an I/O error), or None."""
+    orig = getattr(error, "orig", error)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return _SQLITE_FAULTS.get(code & 0xFF)
+    return _POSTGRESQL_FAULTS.get(str(getattr(orig, "sqlstate", None)))
 
 
 def deadlocked(error: BaseException) -> bool:
