@@ -38,6 +38,9 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import choose_encoder
 from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -217,17 +220,57 @@ class MetricsPage(Resource):
         return encode(self._registry)
 
 
-class _QuietSite(Site):
-    """No access log: a scrape every few seconds is not news, and the log is for terminals."""
+# The scrape endpoint shares the terminals' reactor, so nothing a scraper sends may cost it
+# more than a scrape: at most this many scrape connections at once (a scraper needs one), one
+# request on each (answered, then closed: a pipelined flood is never read past its first
+# request, nor its answers piled up unread), and a connection idle this long is closed.
+MAX_SCRAPE_CONNECTIONS: Final = 4
+SCRAPE_IDLE_TIMEOUT_S: Final = 10
+
+
+class _OneScrapeChannel(HTTPChannel):
+    """An HTTP connection for one scrape: its answer says `Connection: close`, and the
+    connection closes once it is written; what the scraper sent after that request is not
+    read. Counted by its site while open."""
+
+    site: _ScrapeSite
+
+    def checkPersistence(self, request: HTTPRequest, version: bytes) -> bool:  # noqa: N802
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        self.site.open_connections -= 1
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+
+
+class _ScrapeSite(Site):
+    """No access log (a scrape every few seconds is not news, and the log is for terminals);
+    at most `MAX_SCRAPE_CONNECTIONS` open, one scrape each."""
+
+    # Plain HTTP/1.1 (HTTP/2 is only ever negotiated over TLS, which this port does not speak).
+    protocol = _OneScrapeChannel  # type: ignore[assignment]
+
+    def __init__(self, resource: Resource, reactor: Any) -> None:
+        super().__init__(  # type: ignore[no-untyped-call]
+            resource, timeout=SCRAPE_IDLE_TIMEOUT_S, reactor=reactor
+        )
+        self.noisy = False
+        self.open_connections = 0
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted's name)
+        if self.open_connections >= MAX_SCRAPE_CONNECTIONS:
+            return None  # the connection is closed at once
+        channel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        self.open_connections += 1
+        return channel
 
     def log(self, request: HTTPRequest) -> None:
         return
 
 
-def _site(registry: CollectorRegistry) -> Site:
-    site = _QuietSite(MetricsPage(registry))  # type: ignore[no-untyped-call]
-    site.noisy = False
-    return site
+def _site(registry: CollectorRegistry, reactor: Any) -> Site:
+    return _ScrapeSite(MetricsPage(registry), reactor)
 
 
 def _close_after_drain(reactor: Any, listening: Any) -> Any:
@@ -240,7 +283,7 @@ def _close_after_drain(reactor: Any, listening: Any) -> Any:
 def serve(host: str, port: int, reactor: Any, registry: CollectorRegistry) -> Any:
     """Listen on HOST:PORT for scrapes; returns the listening port."""
     try:
-        listening = reactor.listenTCP(port, _site(registry), interface=host)
+        listening = reactor.listenTCP(port, _site(registry, reactor), interface=host)
     except CannotListenError as error:
         raise BadInput(f"--metrics: cannot listen on {host}:{port} ({error.socketError})") from None
     return _close_after_drain(reactor, listening)
@@ -248,7 +291,7 @@ def serve(host: str, port: int, reactor: Any, registry: CollectorRegistry) -> An
 
 def serve_on(listening: socket.socket, reactor: Any, registry: CollectorRegistry) -> Any:
     """Accept scrapes on a socket bound by another process (`bind`); returns the port."""
-    port = reactor.adoptStreamPort(listening.fileno(), listening.family, _site(registry))
+    port = reactor.adoptStreamPort(listening.fileno(), listening.family, _site(registry, reactor))
     listening.close()  # the port holds its own duplicate of the descriptor
     return _close_after_drain(reactor, port)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -23,8 +24,9 @@ from typing import Any, cast
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from gateway import metrics as gateway_metrics
@@ -372,6 +374,57 @@ def test_endpoint_listens_and_closes_after_the_drain(registry: CollectorRegistry
     assert len(reactor.triggers["during"]["shutdown"]) == 1
 
 
+def _scrape_site(registry: CollectorRegistry) -> tuple[Any, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    gateway_metrics.serve("127.0.0.1", 9464, reactor, registry)
+    return reactor.tcpServers[0][1], reactor
+
+
+def _scrape_connection(site: Any) -> tuple[Any, StringTransport]:
+    channel = site.buildProtocol(None)
+    assert channel is not None
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+SCRAPE = b"GET /metrics HTTP/1.1\r\nHost: gateway\r\n\r\n"
+
+
+def test_a_pipelined_flood_of_scrapes_gets_one_answer_and_the_connection_closed(
+    registry: CollectorRegistry,
+) -> None:
+    """The endpoint shares the terminals' reactor: a scraper that sends a thousand requests
+    in one write and reads nothing gets one answer (`Connection: close`), and the rest is
+    never read. Before, each was answered and its answer piled up unread, holding the
+    reactor for seconds and the process's memory without bound."""
+    site, _ = _scrape_site(registry)
+    channel, transport = _scrape_connection(site)
+    channel.dataReceived(SCRAPE * 1000)
+    written = transport.value()
+    assert written.count(b"HTTP/1.1 200") == 1
+    assert b"\r\nConnection: close\r\n" in written
+    assert transport.disconnecting
+
+
+def test_scrape_connections_are_bounded_and_an_idle_one_is_closed(
+    registry: CollectorRegistry,
+) -> None:
+    """At most `MAX_SCRAPE_CONNECTIONS` open at once (one more is closed at once, and can
+    connect again once one has gone); one that sends nothing is closed after
+    `SCRAPE_IDLE_TIMEOUT_S`."""
+    site, reactor = _scrape_site(registry)
+    held = [_scrape_connection(site) for _ in range(gateway_metrics.MAX_SCRAPE_CONNECTIONS)]
+    assert site.buildProtocol(None) is None
+    channel, transport = held[0]
+    reactor.advance(gateway_metrics.SCRAPE_IDLE_TIMEOUT_S - 1)
+    assert not transport.disconnecting
+    reactor.advance(1)
+    assert transport.disconnecting
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert site.buildProtocol(None) is not None
+
+
 def test_endpoint_port_in_use_is_bad_input(registry: CollectorRegistry) -> None:
     """A port that cannot be had is bad input naming --metrics (exit 2)."""
 
@@ -554,6 +607,12 @@ def test_serve_with_metrics_answers_a_scrape_with_the_traffic_it_saw(
     assert samples["vipgate_group_commit_seconds_count"] == samples["vipgate_group_size_count"]
     assert "process_cpu_seconds_total" in samples
     assert not any(DIAMOND in name for name in samples)
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=30) as flood:
+        flood.sendall(SCRAPE * 200)  # pipelined: one answer, then the connection closes
+        answered = b"".join(iter(lambda: flood.recv(65536), b""))
+    assert answered.count(b"HTTP/1.1 200") == 1
+    balance = terminal.financial("0200", "310000", "01", card)
+    assert exchange(link, terminal, balance).code == "00"  # the terminal's link is served
     link.close()
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=30)
