@@ -112,20 +112,19 @@ def serve(
     wiring: server.Wiring,
     listening: socket.socket,
     workers: int,
-    metrics_at: tuple[str, int] | None = None,
+    shared: SharedMetrics | None = None,
 ) -> int:
     """Fork `workers` workers on `listening` (from `bind`) and supervise them until
-    SIGTERM/SIGINT; the exit status. With `metrics_at` (`--metrics HOST:PORT`) the workers
-    also serve the sum of their metrics. On SQLite one of the workers is the ledger process
-    and the others are fronts."""
+    SIGTERM/SIGINT; the exit status. With `shared` (`--metrics HOST:PORT`, bound by the
+    caller with `SharedMetrics.open` before the ledger was touched) the workers also serve
+    the sum of their metrics; it is closed here. On SQLite one of the workers is the ledger
+    process and the others are fronts."""
     check_count(workers)
     _whole_line_writes()
     # The workers open their own connections; none may be inherited from the parent's pool.
     wiring.engine.dispose()
-    shared: SharedMetrics | None = None
     ledger: LedgerSocket | None = None
     try:
-        shared = SharedMetrics.open(*metrics_at) if metrics_at is not None else None
         if wiring.engine.dialect.name == "sqlite" and workers > 1:
             ledger = LedgerSocket.open()
         host, port = listening.getsockname()[:2]

@@ -447,6 +447,31 @@ def test_a_busy_metrics_port_for_the_workers_is_bad_input() -> None:
         taken.close()
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_busy_metrics_port_is_refused_before_the_ledger_is_touched(
+    tmp_path: Path, workers: str
+) -> None:
+    """`serve --metrics` on a port another program holds: exit 2, one line naming
+    --metrics, and no ledger made or loaded, with one process as with several. With
+    several, the port was bound only after the config's load, whose terminal and merchant
+    switches every running instance follows."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(DEMO, config)
+    ledger = tmp_path / "ledger.db"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        command = [str(VIPGATE), "serve", "--config", str(config), "--workers", workers]
+        command += ["--db", f"sqlite:///{ledger}", "--listen", f"127.0.0.1:{free_port()}"]
+        command += ["--metrics", f"127.0.0.1:{busy}"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"vipgate: error: --metrics: cannot listen on 127.0.0.1:{busy}")
+    assert not ledger.exists()
+
+
 # -- several worker processes -----------------------------------------------------------------
 
 # Run in its own interpreter: multiprocess mode changes process-wide state (an environment

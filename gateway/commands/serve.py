@@ -66,11 +66,14 @@ def serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.db)
     listen = parse_listen(args.listen) if args.listen else config.gateway.listen
     clock_start = server.parse_clock(args.clock) if args.clock else None
-    # The port and the traffic log are had before the ledger is touched: a port taken or a
+    # The ports and the traffic log are had before the ledger is touched: a port taken or a
     # log that cannot be opened is refused (exit 2) with the ledger as it was.
     source = "--listen" if args.listen else f"{args.config}: gateway.listen"
     listening = workers.bind(*listen, source)
+    shared: workers.SharedMetrics | None = None
     try:
+        if metrics_at is not None:
+            shared = workers.SharedMetrics.open(*metrics_at)
         with _recording(args.record) as recorder:
             logs.configure()
             wiring = server.wire(args.config, args.db, clock_start)
@@ -85,7 +88,7 @@ def serve(args: argparse.Namespace) -> int:
                 record=args.record,
             )
             if args.workers > 1:
-                return workers.serve(wiring, listening, args.workers, metrics_at)
+                return workers.serve(wiring, listening, args.workers, shared)
             # The reactor is imported when it is needed, never at module level (Twisted's
             # standard).
             from twisted.internet import reactor  # noqa: PLC0415
@@ -96,6 +99,8 @@ def serve(args: argparse.Namespace) -> int:
             )
     finally:
         listening.close()  # (the reactor or the workers hold their own descriptors)
+        if shared is not None:
+            shared.close()  # (again, if the workers ran: closing it twice is harmless)
 
 
 @contextlib.contextmanager
