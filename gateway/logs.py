@@ -7,8 +7,10 @@ on every line, so a careless `log.info(card=...)` still prints only the first 6 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -186,8 +188,32 @@ def _write(lines: list[tuple[TextIO, str]]) -> None:
     with _writing:
         for stream, texts in streams.values():
             for chunk in _chunks(texts):
-                stream.write(chunk)
-                stream.flush()  # one write: the chunk fits the stream's buffer
+                try:
+                    stream.write(chunk)
+                    stream.flush()  # one write: the chunk fits the stream's buffer
+                except OSError:
+                    _lost(stream)
+                    break
+
+
+def _lost(stream: TextIO) -> None:
+    """The log's stream can no longer be written: the operator's terminal hung up (EIO), or
+    the reader of its pipe went away (EPIPE). Logging must never stop the gateway from
+    answering (its drain starts with a log line, and a drain cut short leaves committed
+    approvals unanswered): the stream's descriptor is pointed at /dev/null, so this and every
+    later line, and the interpreter's own flush at exit, are written to nothing and succeed.
+    There is nowhere left to say so; the ledger keeps the record of every request."""
+    try:
+        descriptor = stream.fileno()
+        null = os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError):  # no descriptor (a test's stream), or none to be had
+        return
+    try:
+        os.dup2(null, descriptor)
+    finally:
+        os.close(null)
+    with contextlib.suppress(OSError):
+        stream.flush()  # what the failed write left in the buffer, to nothing
 
 
 def _chunks(texts: list[str]) -> Iterator[str]:

@@ -222,6 +222,41 @@ def test_sigterm_answers_every_request_in_flight(served: Served) -> None:
     assert served.process.returncode == 0
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGHUP])
+def test_a_log_reader_gone_costs_no_answer_and_the_drain_still_ends_in_0(
+    served: Served, stop: signal.Signals
+) -> None:
+    """The log's reader goes away (`vipgate serve | tee`, the session that ran it hung up):
+    every request sent is still answered, and a stop signal then drains and exits 0. A log
+    line that could not be written raised: an answer's log line cost its link, and the
+    drain, which begins with one, was cut short (committed approvals unanswered), exit 1 or
+    141."""
+    assert served.process.stdout is not None
+    served.process.stdout.close()  # the gateway's next line meets a pipe without a reader
+    link = Link("127.0.0.1", served.port)
+    terminal = terminal_for("10000001")
+    signed_on = exchange(link, terminal, terminal.sign_on())
+    assert signed_on.code == "00"
+    terminal.adopt_sign_on(signed_on)
+    card = terminal.card_fields(DIAMOND, "2906")
+    assert (
+        exchange(
+            link, terminal, terminal.financial("0200", "000000", "22", card, amount_fen=100)
+        ).code
+        == "00"
+    )
+    requests = [terminal.financial("0200", "000000", "22", card, amount_fen=100) for _ in range(5)]
+    for request in requests:
+        link.send(request)
+    codes = [terminal.check(request, link.receive()).code for request in requests]
+    assert codes == ["00"] * 5
+    served.process.send_signal(stop)
+    assert served.process.wait(timeout=60) == 0
+    with pytest.raises(ConnectionError):
+        link.receive()  # closed by the drain, once nothing was in flight
+    link.close()
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_stop_signals_at_the_listening_line_and_again_drain_once_and_exit_0(
     served: Served, stop: signal.Signals

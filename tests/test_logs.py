@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -179,3 +180,26 @@ def test_worker_processes_log_through_lines_that_hold_a_groups_lines() -> None:
         assert isinstance(structlog.get_config()["logger_factory"](), logs.Lines)
     finally:
         structlog.configure(**saved)
+
+
+def test_a_stream_that_can_no_longer_be_written_is_pointed_at_nothing() -> None:
+    """The log's pipe loses its reader (or its terminal hangs up): the failed line and every
+    later one go to /dev/null, and logging raises nothing. A drain begins with a log line:
+    raised there, it was cut short, committed approvals unanswered."""
+    reader, writer = os.pipe()
+    stream = os.fdopen(writer, "w", encoding="utf-8")
+    saved = structlog.get_config()
+    logs.configure(stream)
+    try:
+        log = structlog.get_logger("t")
+        log.info("before")
+        assert json.loads(os.read(reader, 4096))["event"] == "before"
+        os.close(reader)  # the reader goes away
+        log.info("stopping")  # EPIPE: no exception
+        with logs.together():
+            log.info("answered")
+        log.info("stopped")
+        assert os.readlink(f"/proc/self/fd/{writer}") == os.devnull
+    finally:
+        structlog.configure(**saved)
+        stream.close()
