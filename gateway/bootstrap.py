@@ -24,10 +24,15 @@ from sqlalchemy.orm import Session
 
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load_config
-from gateway.errors import BadInput
+from gateway.errors import BadInput, LedgerDamaged
 from gateway.keystore import FileKeyStore
 from gateway.ledger import Moment, make_engine, migrate, unit_of_work
-from gateway.ledger.db import LEDGER_BUSY, SQLITE_BUSY_TIMEOUT_MS, deadlocked, ledger_busy
+from gateway.ledger.db import (
+    LEDGER_BUSY,
+    SQLITE_BUSY_TIMEOUT_MS,
+    deadlocked,
+    ledger_busy,
+)
 from gateway.ledger.models import KeyCheck
 from gateway.loader import LoadReport, load_into_ledger, moment_at, refuse_lots_after_today
 from gateway.security import SecurityModule, SoftwareSecurityModule
@@ -312,8 +317,25 @@ def open_database(
         engine.dispose()
         if ledger_busy(error):
             raise BadInput(LEDGER_BUSY) from None
-        raise BadInput(f"database: cannot open it: {_first_line(error.orig)}") from None
+        finding = _first_line(error.orig)
+        if _corrupt(error):
+            raise LedgerDamaged(
+                f"database: cannot open it: the ledger file is damaged ({finding}); restore"
+                " the ledger from a backup",
+                finding,
+            ) from None
+        raise BadInput(f"database: cannot open it: {finding}") from None
     return engine
+
+
+# SQLITE_CORRUPT: a damaged file. (A file that is no database at all, SQLITE_NOTADB, is more
+# likely the wrong file, the config say, than a damaged ledger: bad input.)
+_SQLITE_CORRUPT = 11
+
+
+def _corrupt(error: DBAPIError) -> bool:
+    code = getattr(error.orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_CORRUPT
 
 
 def _make_owner_only(database: Path) -> None:

@@ -12,3 +12,13 @@ class BadInput(Exception):
 
 class CheckFailed(Exception):
     """A check that ran and found a fault (ledger, scenario, verification); exit status 1."""
+
+
+class LedgerDamaged(BadInput):
+    """A SQLite ledger file that cannot even be opened, SQLite finding it damaged (its schema
+    or header): exit 2 for a command that would use it, a fault found (exit 1) for `vipgate
+    ledger check`. `finding` is SQLite's own line."""
+
+    def __init__(self, message: str, finding: str) -> None:
+        super().__init__(message)
+        self.finding = finding

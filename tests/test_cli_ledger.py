@@ -484,6 +484,24 @@ def test_a_damaged_page_is_one_line_for_every_command_and_a_fault_for_ledger_che
         )
 
 
+def test_damage_that_stops_the_ledger_opening_is_a_fault_for_ledger_check(cli: Cli) -> None:
+    """A damaged page every command reads at its start (the migrations' own table):
+    `ledger check` lists SQLite's finding and exits 1, as for damage it finds itself; a
+    command that would use the ledger says it is damaged and exits 2."""
+    cli.run("ledger", "load")
+    overwrite_first_page(_ledger_file(cli), "alembic_version")
+    check = cli.run("ledger", "check")
+    assert check.code == 1
+    assert check.out == "storage_sound: ledger file: database disk image is malformed\n"
+    assert "vipgate: ledger check: the ledger file is damaged" in check.err
+    show = cli.run("cards", "show", GOLD)
+    assert show.code == 2
+    assert one_error_line(show) == (
+        "vipgate: error: database: cannot open it: the ledger file is damaged (database disk"
+        " image is malformed); restore the ledger from a backup"
+    )
+
+
 def _file_size_limit(limit: int) -> Callable[[], None]:
     def limited() -> None:  # in the child: a write past `limit` fails (EFBIG), no signal
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, func, select
 
 from clearing.clear import snapshot_isolation
 from gateway.bootstrap import wired
-from gateway.errors import CheckFailed
+from gateway.errors import CheckFailed, LedgerDamaged
 from gateway.ledger import unit_of_work
 from gateway.ledger.invariants import CHECKS, Violation, check_invariants, storage_faults
 from gateway.ledger.models import Card, JournalTransaction, PointLot
@@ -48,9 +48,29 @@ def load(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
+    try:
+        violations, counts = _checked(args)
+    except LedgerDamaged as damaged:  # its schema or header: it cannot even be opened
+        _report([Violation("storage_sound", "ledger file", damaged.finding)])
+        raise CheckFailed(_DAMAGED.format(command="ledger check", so=_NOT_CHECKED)) from None
+    if violations:
+        _report(violations)
+        noun = "violation" if len(violations) == 1 else "violations"
+        raise CheckFailed(f"ledger check: {len(violations)} {noun}")
+    cards, lots, transactions = counts
+    print(
+        f"ledger check: all {len(CHECKS)} invariant checks hold "
+        f"({cards} cards, {lots} lots, {transactions} journal transactions)"
+    )
+    return 0
+
+
+def _checked(args: argparse.Namespace) -> tuple[list[Violation], list[int]]:
+    """The invariants' violations, and the ledger's counts of cards, lots and journal
+    transactions."""
     with wired(args.config, args.db, load=False) as wiring:
         # The invariants cannot be trusted on a damaged file, and may stop with its error.
-        refuse_damaged_ledger(wiring.engine, "ledger check", "the invariants were not checked")
+        refuse_damaged_ledger(wiring.engine, "ledger check", _NOT_CHECKED)
         # The checks compare figures that separate statements read (the journal's and the
         # lots', say): on PostgreSQL, with a gateway committing meanwhile, they read one
         # snapshot (REPEATABLE READ), else a redemption committed between two of them looks
@@ -62,16 +82,7 @@ def check(args: argparse.Namespace) -> int:
                 session.scalar(select(func.count()).select_from(model)) or 0
                 for model in (Card, PointLot, JournalTransaction)
             ]
-    if violations:
-        _report(violations)
-        noun = "violation" if len(violations) == 1 else "violations"
-        raise CheckFailed(f"ledger check: {len(violations)} {noun}")
-    cards, lots, transactions = counts
-    print(
-        f"ledger check: all {len(CHECKS)} invariant checks hold "
-        f"({cards} cards, {lots} lots, {transactions} journal transactions)"
-    )
-    return 0
+    return violations, counts
 
 
 def _report(violations: list[Violation]) -> None:
@@ -86,7 +97,11 @@ def refuse_damaged_ledger(engine: Engine, command: str, so: str) -> None:
     damage = storage_faults(engine)
     if damage:
         _report(damage)
-        raise CheckFailed(
-            f"{command}: the ledger file is damaged (SQLite's integrity check); {so}:"
-            " restore the ledger from a backup"
-        )
+        raise CheckFailed(_DAMAGED.format(command=command, so=so))
+
+
+_DAMAGED = (
+    "{command}: the ledger file is damaged (SQLite's integrity check); {so}: restore the"
+    " ledger from a backup"
+)
+_NOT_CHECKED = "the invariants were not checked"
