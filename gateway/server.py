@@ -538,7 +538,7 @@ def _serve_ledger_until_stopped(wiring: Wiring, reactor: Any) -> int:
     return 0
 
 
-def _stop_on_signals(reactor: Any) -> None:
+def _stop_on_signals(reactor: Any, stop: Callable[[], None] | None = None) -> None:
     """SIGTERM and SIGINT stop the reactor, once: from before the `listening` line until
     the process exits. Twisted's own handlers, installed only once the reactor runs, left a
     signal just before (or after, during the wind-down) to Python's default, which killed
@@ -552,7 +552,10 @@ def _stop_on_signals(reactor: Any) -> None:
     was started ignoring (`nohup`; a worker, whose parent forwards it) stays ignored."""
 
     def on_signal(_signum: int, _frame: Any) -> None:
-        reactor.callFromThread(_stop_once, reactor)
+        if stop is None:
+            reactor.callFromThread(_stop_once, reactor)
+        else:
+            reactor.callFromThread(stop)
 
     signal.signal(signal.SIGTERM, on_signal)
     for signum in (signal.SIGINT, signal.SIGHUP):
@@ -623,7 +626,14 @@ def run_ledger(
     once every front has stopped): stop accepting links, decide what was submitted, exit 0
     (1 if the hub failed)."""
     hub: LedgerHub
-    _stop_on_signals(reactor)
+    told: list[bool] = []
+
+    def on_stop_signal() -> None:  # once: a second signal changes nothing
+        if not told:
+            told.append(True)
+            _stop_after_fronts(reactor, hub)
+
+    _stop_on_signals(reactor, on_stop_signal)
 
     def decide(prepared: Any) -> list[Reply]:
         # The answers are encoded and MAC'd here, on the ledger thread, not on the log-sync
@@ -659,6 +669,29 @@ def run_ledger(
     log.info("ledger_listening", build=build())
     status = _serve_ledger_until_stopped(wiring, reactor)
     return 1 if hub.failed is not None else status
+
+
+# How long a ledger process told to stop waits for its fronts to go first (their drains end
+# within seconds; the parent itself tells it only once they have all exited).
+FRONTS_GONE_WAIT_S = 30.0
+FRONTS_GONE_POLL_S = 0.05
+
+
+def _stop_after_fronts(reactor: Any, hub: LedgerHub, waited_s: float = 0.0) -> None:
+    """A stop signal to the ledger process: stop once no front is linked to it, or after
+    `FRONTS_GONE_WAIT_S`. The parent sends it once every front has exited, and it stops at
+    once; a SIGTERM to the whole process group (`pkill vipgate`, a service manager without
+    `KillMode=mixed`) reaches it with the fronts, which then drain: the requests they have
+    in flight still need it. Stopping at once, it left each front its link gone mid-drain
+    (exit 75), those requests unanswered."""
+    if hub.links == 0 or waited_s >= FRONTS_GONE_WAIT_S:
+        _stop_once(reactor)
+        return
+    if waited_s == 0.0:
+        log.info("stopping_after_fronts", links=hub.links)
+    reactor.callLater(
+        FRONTS_GONE_POLL_S, _stop_after_fronts, reactor, hub, waited_s + FRONTS_GONE_POLL_S
+    )
 
 
 class _One(Factory):
