@@ -201,11 +201,14 @@ class FileKeyStore:
 
     def _load(self) -> dict[bytes, _Master]:
         if self._masters is None:
-            current = _Master(_read_or_create(self.path))
+            if self._loaded_files is None:  # the first load: the key is made on first use
+                current = _Master(_read_or_create(self.path))
+            else:  # again, the files having changed: never a new key under running work
+                current = _Master(self._read_again(self.path))
             masters = {current.id: current}
             self._newest = current
             if self.next_path.exists():
-                following = _Master(_read(self.next_path))
+                following = _Master(self._read_again(self.next_path))
                 masters[following.id] = following
                 self._newest = following
             self._masters = masters
@@ -215,6 +218,22 @@ class FileKeyStore:
     def _files(self) -> tuple[object, object]:
         """What identifies the key files on disk: a rotation by another process changes it."""
         return (_identity(self.path), _identity(self.next_path))
+
+    def _read_again(self, path: Path) -> _Secret:
+        """A master key file read once more, after it changed on disk (a rotation by another
+        process): a file gone or unreadable is a `KeyStoreError` naming it (the request that
+        needed it is declined `96`), never a new key made in its place. A gateway that made
+        one sealed a terminal's working keys under a key no other instance holds, and
+        stopped opening every TMK the ledger had."""
+        if self._loaded_files is None:
+            return _read(path)
+        try:
+            return _read(path)
+        except BadInput as error:
+            self._masters = None  # looked at again on the next use
+            raise KeyStoreError(
+                f"{error}; give it back (it is not made anew while serving)"
+            ) from None
 
     def _newest_master(self) -> _Master:
         """The key new blobs are sealed under. Sealing is rare (a sign-on, a load), so the

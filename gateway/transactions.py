@@ -420,8 +420,8 @@ class Transactions:
                 row.tmk_encrypted,
                 with_tdk=context.data.management_code in TDK_SIGN_ONS,
             )
-        except SecurityModuleError:
-            log.error("sign_on_keys_failed", terminal=terminal.id)
+        except SecurityModuleError as error:  # names a file or a terminal, never a key
+            log.error("sign_on_keys_failed", terminal=terminal.id, why=str(error))
             return Outcome(self._answer(context, response_code(Decline.SYSTEM), {37: rrn}))
         extra: dict[int, FieldValue] = {
             37: rrn,

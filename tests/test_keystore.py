@@ -211,3 +211,23 @@ def test_a_store_sees_a_rotation_made_by_another_process(key_path: Path) -> None
     for sealed in (resealed, during, after):
         assert running.open_session_keys("10000001", sealed) == bytes(32)
         assert fresh.open_session_keys("10000001", sealed) == bytes(32)
+
+
+def test_a_master_key_gone_while_serving_is_never_made_anew(key_path: Path) -> None:
+    """The master key file moved away under a running store: sealing is refused with an
+    error naming the file, and no new key is made in its place (one was: a terminal's
+    working keys went under a key no other instance held, and no stored TMK opened under
+    it); with the file given back, the store seals and opens as before."""
+    running = FileKeyStore(key_path)
+    before = running.seal_session_keys("10000001", bytes(32))
+    aside = key_path.with_name("aside.key")
+    key_path.rename(aside)
+    with pytest.raises(KeyStoreError, match=f"master key {key_path}: .*not made anew"):
+        running.seal_session_keys("10000001", bytes(32))
+    with pytest.raises(KeyStoreError, match=f"master key {key_path}"):
+        running.open_session_keys("10000001", before)
+    assert not key_path.exists()
+    aside.rename(key_path)
+    after = running.seal_session_keys("10000001", bytes(32))
+    for sealed in (before, after):
+        assert FileKeyStore(key_path).open_session_keys("10000001", sealed) == bytes(32)
