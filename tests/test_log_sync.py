@@ -5,6 +5,7 @@ group only after that sync (`gateway/server.py`, `GroupWorker`)."""
 from __future__ import annotations
 
 import os
+import resource
 import sqlite3
 import subprocess
 import sys
@@ -225,6 +226,31 @@ def test_a_ledger_file_removed_or_replaced_while_open_is_a_failed_sync(
     [failure] = stop.failures
     assert "ledger.db" in str(failure.filename)
     assert "while the ledger was open" in str(failure.strerror)
+
+
+def test_a_process_out_of_descriptors_still_syncs_the_log(engine: Engine) -> None:
+    """A flood of terminal connections can take every descriptor the process may have: the
+    log's sync needs none of its own (it holds the log's), so the commits are synced and
+    answered. It opened the log for every sync: EMFILE, taken for a failed disk, ended the
+    gateway with exit 74, which a service manager does not restart."""
+    stop = FailureHook()
+    sync_after_release(engine, on_failure=stop)
+    held = engine.connect()  # as the serving gateway holds one
+    write(engine)  # the log's descriptor taken
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    spent: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        with pytest.raises(OSError, match="Too many open files"):
+            while True:
+                spent.append(os.open(os.devnull, os.O_RDONLY))
+        db._LOG_SYNCS[engine]()  # as after a commit
+    finally:
+        for descriptor in spent:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        held.close()
+    assert stop.failures == []
 
 
 def test_by_default_a_failed_sync_ends_the_process(tmp_path: Path) -> None:

@@ -408,6 +408,12 @@ class _LogSync:
         self._on_failure = on_failure
         self._open = 0  # the engine's connections open now
         self._counting = threading.Lock()
+        # The log's descriptor, held from one sync to the next: a sync then needs no new
+        # descriptor, which a process out of them (a flood of connections) could not have;
+        # opened again only when the log at the path is another file (SQLite made it anew).
+        self._descriptor: int | None = None
+        self._held: tuple[int, int] | None = None
+        self._syncing = threading.Lock()
         event.listen(engine, "connect", self._opened)
         event.listen(engine, "close", self._closed)
         event.listen(engine, "close_detached", self._closed)
@@ -419,26 +425,45 @@ class _LogSync:
     def _closed(self, _dbapi_connection: Any, _record: Any = None) -> None:
         with self._counting:
             self._open -= 1
+            last = self._open == 0
+        if last:  # SQLite removes the log as the last connection closes: let it go
+            with self._syncing:
+                self._let_go()
 
     def __call__(self) -> None:
-        try:
-            if _file_identity(os.stat(self._database)) != self._identity:
-                self._on_failure(_gone(self._database, "replaced"))
-            descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError as error:
-            if self._open > 0 or error.filename != str(self.path):
-                self._on_failure(_gone(Path(str(error.filename)), "removed"))
-            # No log and no connection: the last one to close checkpointed the log into the
-            # database file, synced that file, and removed it. Every commit is in that file.
-            return
-        except OSError as error:
-            self._on_failure(error)
-        try:
-            os.fdatasync(descriptor)
-        except OSError as error:
-            self._on_failure(error)
-        finally:
-            os.close(descriptor)
+        with self._syncing:
+            try:
+                if _file_identity(os.stat(self._database)) != self._identity:
+                    self._on_failure(_gone(self._database, "replaced"))
+                descriptor = self._log_descriptor()
+            except FileNotFoundError as error:
+                if self._open > 0 or error.filename != str(self.path):
+                    self._on_failure(_gone(Path(str(error.filename)), "removed"))
+                # No log and no connection: the last one to close checkpointed the log into
+                # the database file, synced that file, and removed it. Every commit is there.
+                self._let_go()
+                return
+            except OSError as error:
+                self._on_failure(error)
+            try:
+                os.fdatasync(descriptor)
+            except OSError as error:
+                self._on_failure(error)
+
+    def _log_descriptor(self) -> int:
+        """The held descriptor of the log at `path`, opened again if that is another file."""
+        at_path = _file_identity(os.stat(self.path))
+        if self._descriptor is not None and at_path == self._held:
+            return self._descriptor
+        self._let_go()
+        descriptor = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self._descriptor, self._held = descriptor, _file_identity(os.fstat(descriptor))
+        return descriptor
+
+    def _let_go(self) -> None:
+        if self._descriptor is not None:
+            os.close(self._descriptor)
+            self._descriptor = self._held = None
 
     def ticket(self) -> _LogSync:
         """What a commit made from now on owes: the log's sync (any later one covers it)."""
