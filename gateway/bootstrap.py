@@ -30,8 +30,10 @@ from gateway.ledger import Moment, make_engine, migrate, unit_of_work
 from gateway.ledger.db import (
     LEDGER_BUSY,
     SQLITE_BUSY_TIMEOUT_MS,
+    STORAGE_FAULTS,
     deadlocked,
     ledger_busy,
+    storage_fault,
 )
 from gateway.ledger.models import KeyCheck
 from gateway.loader import LoadReport, load_into_ledger, moment_at, refuse_lots_after_today
@@ -209,13 +211,34 @@ def _opened(
     engine = open_database(
         config.gateway.database, busy_timeout_ms=busy_timeout_ms, existing=not load
     )
-    if security is None and load:
-        try:
+    try:
+        if load:
+            _refuse_unwritable(engine)
+        if security is None and load:
             _refuse_key_files_made_anew(engine, config.issuer.master_key)
-        except BaseException:
-            engine.dispose()
-            raise
+    except BaseException:
+        engine.dispose()
+        raise
     return config, chosen_clock, chosen_security, engine
+
+
+def _refuse_unwritable(engine: Engine) -> None:
+    """`BadInput` unless the ledger takes a write: a command that loads the config writes to
+    it. A load that changes nothing writes nothing, so a ledger opened read-only (a SQLite
+    file its user may not write, a PostgreSQL standby) was found out only by the first
+    request: `vipgate serve` listened and answered `96` to every one, and did not recover
+    once the file was made writable (SQLite keeps a file it opened read-only so). One
+    statement that changes nothing, rolled back."""
+    try:
+        with engine.connect() as connection, connection.begin() as transaction:
+            connection.exec_driver_sql("UPDATE alembic_version SET version_num = version_num")
+            transaction.rollback()
+    except DBAPIError as error:
+        fault = storage_fault(error)
+        if fault is None:
+            raise
+        what, remedy = STORAGE_FAULTS[fault]
+        raise BadInput(f"database: {what} ({_first_line(error.orig)}); {remedy}") from None
 
 
 def sqlite_ledger_to_make(url: str) -> bool:

@@ -502,6 +502,33 @@ def test_damage_that_stops_the_ledger_opening_is_a_fault_for_ledger_check(cli: C
     )
 
 
+@pytest.mark.parametrize("command", [("ledger", "load"), ("serve", "--listen", "127.0.0.1:0")])
+def test_a_ledger_that_takes_no_write_is_refused_before_serving(
+    cli: Cli, command: tuple[str, ...]
+) -> None:
+    """A ledger opened read-only (here by SQLite's `mode=ro`; a file its user may not write,
+    or a PostgreSQL standby, alike): a command that loads the config says so in one line and
+    exits 2, `serve` before it listens. A load that changed nothing wrote nothing, so `serve`
+    listened and answered every request `96`, and went on so once the file was writable."""
+    cli.run("ledger", "load")
+    database = _ledger_file(cli)
+    read_only = f"sqlite:///file:{database}?mode=ro&uri=true"
+    result = subprocess.run(
+        [str(VIPGATE), *command, "--config", str(cli.config), "--db", read_only],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "vipgate: error: database: the ledger file cannot be written (attempt to write a"
+        " readonly database); check the file's and its folder's owner and mode, then run the"
+        " command again\n"
+    )
+    assert '"listening"' not in result.stdout
+
+
 def _file_size_limit(limit: int) -> Callable[[], None]:
     def limited() -> None:  # in the child: a write past `limit` fails (EFBIG), no signal
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

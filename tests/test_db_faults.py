@@ -207,6 +207,7 @@ class _DriverError(Exception):
         (_DriverError(sqlite_errorcode=5), None),  # SQLITE_BUSY: the lock's, not the file's
         (_DriverError(sqlstate="53100"), "server-full"),  # disk_full
         (_DriverError(sqlstate="58030"), "server-io"),  # io_error
+        (_DriverError(sqlstate="25006"), "server-read-only"),  # a standby, say
         (_DriverError(sqlstate="40P01"), None),  # a deadlock
         (_DriverError(), None),
     ],

@@ -858,14 +858,22 @@ STORAGE_FAULTS: Final = {
         "the database server could not read or write its files",
         "check the server's disk and log, then run the command again",
     ),
+    "server-read-only": (
+        "the database is read-only (a standby, or read-only transactions by default)",
+        "point the config's database (or --db) at the primary",
+    ),
 }
 _SQLITE_FAULTS: Final = {11: "damaged", 26: "damaged", 13: "full", 10: "io", 8: "read-only"}
-_POSTGRESQL_FAULTS: Final = {"53100": "server-full", "58030": "server-io"}
+_POSTGRESQL_FAULTS: Final = {
+    "53100": "server-full",
+    "58030": "server-io",
+    "25006": "server-read-only",
+}
 
 
 def storage_fault(error: BaseException) -> str | None:
     """Which of `STORAGE_FAULTS` a driver error is (SQLite: damaged, disk full, I/O error,
-    read-only; PostgreSQL: the server's disk full, an I/O error), or None."""
+    read-only; PostgreSQL: the server's disk full, an I/O error, read-only), or None."""
     orig = getattr(error, "orig", error)
     code = getattr(orig, "sqlite_errorcode", None)
     if isinstance(code, int):
