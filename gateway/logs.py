@@ -8,6 +8,7 @@ on every line, so a careless `log.info(card=...)` still prints only the first 6 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
 import structlog
 
@@ -186,14 +187,28 @@ def _write(lines: list[tuple[TextIO, str]]) -> None:
     for stream, line in lines:
         streams.setdefault(id(stream), (stream, []))[1].append(line)
     with _writing:
-        for stream, texts in streams.values():
+        for stream, logged in streams.values():
+            dropped = _dropped.pop(id(stream), 0)
+            texts = [_dropped_line(dropped), *logged] if dropped else logged
             for chunk in _chunks(texts):
                 try:
                     stream.write(chunk)
                     stream.flush()  # one write: the chunk fits the stream's buffer
-                except OSError:
-                    _lost(stream)
-                    break
+                except OSError as error:
+                    if error.errno in _STREAM_GONE:
+                        _lost(stream)
+                        break
+                    # Full for now (a disk out of space, a quota): these lines are dropped
+                    # and counted, and the first line that goes out again says how many.
+                    # What the stream's buffer kept of a line goes out then, whole.
+                    _dropped[id(stream)] = _dropped.get(id(stream), 0) + chunk.count("\n")
+
+
+# The errors of a stream that will never take a line again: its pipe's reader gone, its
+# terminal hung up, its descriptor closed. Any other (ENOSPC, EDQUOT, EFBIG) may pass.
+_STREAM_GONE: Final = frozenset({errno.EPIPE, errno.EIO, errno.EBADF, errno.ENXIO})
+# Lines a stream could not take for now, by stream, until one goes out again.
+_dropped: dict[int, int] = {}
 
 
 def _lost(stream: TextIO) -> None:
@@ -214,6 +229,11 @@ def _lost(stream: TextIO) -> None:
         os.close(null)
     with contextlib.suppress(OSError):
         stream.flush()  # what the failed write left in the buffer, to nothing
+
+
+def _dropped_line(count: int) -> str:
+    event: dict[str, Any] = {"lines": count, "event": "log_lines_dropped", "level": "warning"}
+    return render_json(None, "", add_timestamp(None, "", event))
 
 
 def _chunks(texts: list[str]) -> Iterator[str]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import threading
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import structlog
@@ -203,3 +205,51 @@ def test_a_stream_that_can_no_longer_be_written_is_pointed_at_nothing() -> None:
     finally:
         structlog.configure(**saved)
         stream.close()
+
+
+class _FullForAWhile(io.StringIO):
+    """A stream whose disk is full until `full` is cleared: each write fails with ENOSPC.
+    Its descriptor is a real file's, which giving the stream up would point at /dev/null."""
+
+    full = True
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+
+    def fileno(self) -> int:
+        return self._descriptor
+
+    def write(self, text: str) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(text)
+
+
+def test_lines_a_full_disk_refuses_are_counted_and_said_once_it_takes_them_again(
+    tmp_path: Path,
+) -> None:
+    """A disk full for a while under the log (ENOSPC): the lines it refuses are dropped, the
+    stream is kept, and the first line written again says how many were dropped. (The whole
+    stream was given up for nothing at the first refusal: nothing more was logged, even once
+    the disk had room.)"""
+    saved = structlog.get_config()
+    stream = _FullForAWhile(str(tmp_path / "log"))
+    logs.configure(stream)
+    try:
+        log = structlog.get_logger("t")
+        log.info("answered", n=1)
+        with logs.together():
+            log.info("answered", n=2)
+            log.info("answered", n=3)
+        stream.full = False
+        log.info("answered", n=4)
+        log.info("answered", n=5)
+    finally:
+        structlog.configure(**saved)
+    written = lines(stream)
+    assert [line["event"] for line in written] == ["log_lines_dropped", "answered", "answered"]
+    assert (written[0]["lines"], written[0]["level"]) == (3, "warning")
+    assert [line["n"] for line in written[1:]] == [4, 5]
+    assert os.readlink(f"/proc/self/fd/{stream.fileno()}") == stream.path  # kept
