@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import io
 import os
@@ -175,6 +176,32 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
         if (code := storage_fault(error)) is None:
             raise
         return _storage_failed(error, code)
+    except OSError as error:
+        if error.errno not in _WRITES_REFUSED:
+            raise
+        return _write_refused(error)
+
+
+# The errors of a file (or standard output) that refuses what a command writes: a full disk, a
+# quota, a file-size limit, a failing disk, a read-only file system.
+_WRITES_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
+def _write_refused(error: OSError) -> int:
+    """A command's output refused (its `--out` files, or standard output on a full disk):
+    one line naming what and why, exit 2, where it was a traceback and exit 1 (which says a
+    check found a fault). What it committed to the ledger stands; a file it was writing may
+    be cut short, and running it again writes it whole."""
+    what = error.filename  # a command names the folder it writes into (`clear --out`)
+    if what is None:
+        _drop_stdout()  # else the interpreter's last flush fails again, with a traceback
+        what = "standard output"
+    print(
+        f"vipgate: error: cannot write {what}: {error.strerror}; what was committed stands,"
+        " and a file being written may be cut short: make room and run the command again",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def _storage_failed(error: DatabaseError, code: str) -> int:
@@ -238,10 +265,21 @@ def _stdout_closed() -> bool:
     poller.register(descriptor, select.POLLOUT)
     if not any(events & select.POLLERR for _, events in poller.poll(0)):
         return False
+    _drop_stdout()
+    return True
+
+
+def _drop_stdout() -> None:
+    """Standard output pointed at /dev/null, what its buffer holds with it."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a test, or closed
+        return
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, descriptor)
     os.close(devnull)
-    return True
+    with contextlib.suppress(OSError):
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,9 +3,12 @@ person sees, and the exit statuses operations.md promises."""
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from gateway.ledger.models import Merchant
 from tests.damage import overwrite_first_page
 
 DEMO = Path(__file__).resolve().parents[1] / "config" / "demo.toml"
+VIPGATE = Path(sys.executable).with_name("vipgate")
 
 
 @pytest.fixture
@@ -283,6 +287,46 @@ def test_clear_and_reconcile_refuse_a_damaged_ledger_file_and_write_nothing(
         " restore the ledger from a backup\n"
     )
     assert not out.exists()
+
+
+def test_output_a_full_disk_refuses_is_one_line_and_exit_2(
+    config_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Standard output on a full disk (`> /dev/full`), and the page `reconcile` writes on
+    one: one line naming what could not be written and why, exit 2 (it was a traceback and
+    exit 1, which says a check found a fault)."""
+    with open(os.devnull, "rb") as nothing, open("/dev/full", "wb") as full:
+        printed = subprocess.run(
+            [str(VIPGATE), "keys", "export-public", "--config", str(config_path)],
+            stdin=nothing,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert printed.returncode == 2
+    assert printed.stderr == (
+        "vipgate: error: cannot write standard output: No space left on device; what was"
+        " committed stands, and a file being written may be cut short: make room and run the"
+        " command again\n"
+    )
+    made_ledger(config_path)
+    out = config_path.parent / "out"
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a file's write says it
+
+    arguments = ["--config", str(config_path), "--month", "2026-11", "--out", str(out)]
+    assert main(["clear", *arguments]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("clearing.reconcile.write_page", full)
+    assert main(["reconcile", *arguments]) == 2
+    assert capsys.readouterr().err == (
+        f"vipgate: error: cannot write {out}: No space left on device; what was committed"
+        " stands, and a file being written may be cut short: make room and run the command"
+        " again\n"
+    )
 
 
 def test_clear_then_verify_from_the_command_line(

@@ -11,6 +11,8 @@ change), 2 bad input (a malformed month, an unfinished month, an unreadable key)
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +91,22 @@ def clear_command(args: argparse.Namespace) -> int:
     ) as wiring:
         # Money leaves on these figures: never from a file SQLite finds damaged.
         refuse_damaged_ledger(wiring.engine, "clear", "nothing was closed or written")
-        cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
+        with _writing_into(args.out):
+            cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
     _report_cleared(cleared)
     return 0
+
+
+@contextlib.contextmanager
+def _writing_into(out: Path) -> Iterator[None]:
+    """A write into `out` that fails names `out` (a file's write error names no file, and
+    the command line would take it for standard output's)."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(out)) from None
 
 
 def _over_and_writable(month: Month, out: Path) -> Check:
@@ -141,7 +156,8 @@ def reconcile_command(args: argparse.Namespace) -> int:
         load=False,
     ) as wiring:
         refuse_damaged_ledger(wiring.engine, "reconcile", "no pack was written")
-        pack = reconcile(wiring.engine, wiring.config, month, args.out, wiring.now())
+        with _writing_into(args.out):
+            pack = reconcile(wiring.engine, wiring.config, month, args.out, wiring.now())
     for line in pack.summary_lines():
         print(line)
     print(pack.verdict)
