@@ -13,9 +13,11 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@
 
+# LISTEN=HOST:PORT serves elsewhere than the config's 127.0.0.1:8583 (`vipgate serve --listen`).
+LISTEN ?=
 run: $(BIN)/.installed
 	@echo "==> starting the gateway from config/demo.toml"
-	$(BIN)/vipgate serve --config config/demo.toml
+	$(BIN)/vipgate serve --config config/demo.toml $(if $(LISTEN),--listen $(LISTEN))
 
 lint: $(BIN)/.installed
 	@echo "==> ruff check, ruff format --check, mypy --strict"

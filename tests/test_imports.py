@@ -484,9 +484,9 @@ def test_a_long_import_says_how_far_it_is(capsys: pytest.CaptureFixture[str]) ->
         progress(done, 25_000)
     progress(200, 400)
     assert capsys.readouterr().err.splitlines() == [
-        "applied 10000 of 25000 lines",
-        "applied 20000 of 25000 lines",
-        "applied 25000 of 25000 lines",
+        "10000 of 25000 lines done",
+        "20000 of 25000 lines done",
+        "25000 of 25000 lines done",
     ]
 
 

@@ -163,7 +163,9 @@ def test_an_unreachable_gateway_is_refused_with_exit_2(
     """Nothing listening: one line saying where, exit 2, for each command."""
     target = closed_port()
     assert sim(config, "run", str(MERCHANT_DAY), "--target", target) == 2
-    assert f"cannot connect to the gateway at {target}" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"cannot connect to the gateway at {target}" in error
+    assert "--target HOST:PORT" in error
     argv = ["--terminals", "1", "--rate", "1", "--duration", "1", "--target", target]
     assert sim(config, "load", *argv) == 2
 

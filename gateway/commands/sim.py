@@ -116,7 +116,7 @@ def reachable_target(args: argparse.Namespace, config: Config) -> tuple[str, int
         reason = error.strerror or str(error) or type(error).__name__
         raise BadInput(
             f"cannot connect to the gateway at {_show(target)}: {reason} "
-            "(is `vipgate serve` running there?)"
+            "(is `vipgate serve` running there? One serving elsewhere: --target HOST:PORT)"
         ) from None
     return target
 
