@@ -123,6 +123,31 @@ def configure(stream: TextIO = sys.stdout, level: int = logging.INFO) -> None:
         logger_factory=lines_to(stream),
         cache_logger_on_first_use=False,
     )
+    _libraries_log_here()
+
+
+class _Forwarded(logging.Handler):
+    """A library's own log record (Python's `logging`: psycopg's, SQLAlchemy's) as one of
+    the gateway's JSON lines, `library_said`, masked like any other: by default Python
+    wrote it to stderr as plain text, the one line of the log no reader could parse."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            said = record.getMessage()
+        except Exception:  # a record whose arguments do not fit its message
+            said = str(record.msg)
+        structlog.get_logger(record.name).log(
+            record.levelno, "library_said", library=record.name, said=said
+        )
+
+
+def _libraries_log_here() -> None:
+    """Warnings and errors of the libraries go to the JSON lines (`_Forwarded`), once."""
+    root = logging.getLogger()
+    if not any(isinstance(handler, _Forwarded) for handler in root.handlers):
+        root.addHandler(_Forwarded(logging.WARNING))
+    if root.level > logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
 
 
 def lines_to(stream: TextIO) -> Callable[..., Lines]:
