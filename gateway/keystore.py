@@ -108,7 +108,8 @@ class FileKeyStore:
         self.path = path
         self._masters: dict[bytes, _Master] | None = None
         self._newest: _Master | None = None
-        self._loaded_files: tuple[object, object] | None = None
+        self._loaded_files: object = None  # `_files()` when loaded, or `_CHANGED_WHILE_READ`
+        self._loaded_once = False
         self._pin_key: _Secret | None = None
 
     def __repr__(self) -> str:
@@ -201,7 +202,12 @@ class FileKeyStore:
 
     def _load(self) -> dict[bytes, _Master]:
         if self._masters is None:
-            if self._loaded_files is None:  # the first load: the key is made on first use
+            # The files as they are before they are read, and after: a rotation that
+            # finishes while they are read (or the key made here) leaves the two different,
+            # and then the next seal reads them again. (Taken after only, a rotation in
+            # between matched the new files with the old key held, sealing under a key gone.)
+            before = self._files()
+            if not self._loaded_once:  # the first load: the key is made on first use
                 current = _Master(_read_or_create(self.path))
             else:  # again, the files having changed: never a new key under running work
                 current = _Master(self._read_again(self.path))
@@ -212,7 +218,9 @@ class FileKeyStore:
                 masters[following.id] = following
                 self._newest = following
             self._masters = masters
-            self._loaded_files = self._files()
+            self._loaded_once = True
+            after = self._files()
+            self._loaded_files = after if after == before else _CHANGED_WHILE_READ
         return self._masters
 
     def _files(self) -> tuple[object, object]:
@@ -225,7 +233,7 @@ class FileKeyStore:
         needed it is declined `96`), never a new key made in its place. A gateway that made
         one sealed a terminal's working keys under a key no other instance holds, and
         stopped opening every TMK the ledger had."""
-        if self._loaded_files is None:
+        if not self._loaded_once:
             return _read(path)
         try:
             return _read(path)
@@ -313,6 +321,10 @@ def _pin_message(card_number: str, pin: str) -> bytes:
 
 
 # --- the master key file ------------------------------------------------------------------
+
+
+# Never equal to `FileKeyStore._files()`: files that changed while they were read are read again.
+_CHANGED_WHILE_READ = object()
 
 
 def _read_or_create(path: Path) -> _Secret:

@@ -217,7 +217,10 @@ class SoftwareSecurityModule:
             raise SecurityModuleError(str(error)) from None
         keys = generate_working_keys(suite, with_tdk, self._random)
         field62 = wrap_working_keys(suite, tmk, keys)
-        sealed = self._keystore.seal_session_keys(terminal_id, _pack(suite, keys))
+        try:
+            sealed = self._keystore.seal_session_keys(terminal_id, _pack(suite, keys))
+        except KeyStoreError as error:  # the master key file gone while serving, say
+            raise SecurityModuleError(str(error)) from None
         return IssuedKeys(field62, sealed, _SoftwareKeys(suite, keys))
 
     def open_keys(self, terminal_id: str, suite: Suite, sealed: bytes) -> KeyHandle:

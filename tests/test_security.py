@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidTag
@@ -28,6 +29,7 @@ from cardcodec.crypto import (
     wrap_working_keys,
 )
 from cardcodec.errors import CodecError, PinBlockError
+from gateway import keystore
 from gateway.keystore import FileKeyStore
 from gateway.ledger import unit_of_work
 from gateway.ledger.models import Terminal
@@ -193,6 +195,42 @@ def test_a_tmk_that_does_not_open_is_a_module_error(store: FileKeyStore, tmp_pat
     with pytest.raises(SecurityModuleError, match=f"terminal {TERMINAL}") as raised:
         module.issue_working_keys(TERMINAL, Suite.TDES, sealed, with_tdk=False)
     assert CASES[0].tmk.hex() not in str(raised.value).lower()
+
+
+def test_a_master_key_gone_at_a_sign_on_is_a_module_error(store: FileKeyStore) -> None:
+    """The master key file moved away while serving: the TMK still opens (the key is held),
+    but the new working keys cannot be sealed: a module error naming the file (the sign-on
+    is answered `96`), where a bare store error failed the group and closed the link."""
+    module = SoftwareSecurityModule(store)
+    sealed = store.encrypt_tmk(TERMINAL, CASES[0].tmk)
+    store.path.rename(store.path.with_name("aside.key"))
+    with pytest.raises(SecurityModuleError, match=f"master key {store.path}"):
+        module.issue_working_keys(TERMINAL, Suite.TDES, sealed, with_tdk=False)
+
+
+def test_a_rotation_finished_while_the_keys_are_read_is_seen_at_the_next_seal(
+    store: FileKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process finishes a rotation between this store's read of the master key and
+    its look for the next one: the store holds the old key, and its next seal reads the
+    files again, so nothing is sealed under a key that is gone."""
+    store.encrypt_tmk(TERMINAL, CASES[0].tmk)  # the key made, and the store loaded
+    rotating = FileKeyStore(store.path)
+    rotating.begin_rotation()
+    fresh = FileKeyStore(store.path)
+    real_read, real_read_or_create = keystore._read, keystore._read_or_create
+
+    def read_then_finish(path: Path) -> Any:
+        key = real_read(path)
+        if path == store.path:
+            rotating.finish_rotation()  # between the read and the look for `.next`
+        return key
+
+    monkeypatch.setattr(keystore, "_read_or_create", read_then_finish)
+    fresh.encrypt_tmk(TERMINAL, CASES[0].tmk)  # loads: the old key, then the rotation ends
+    monkeypatch.setattr(keystore, "_read_or_create", real_read_or_create)
+    sealed = fresh.encrypt_tmk(TERMINAL, CASES[0].tmk)
+    assert FileKeyStore(store.path).decrypt_tmk(TERMINAL, sealed) == CASES[0].tmk
 
 
 def test_a_sealed_tmk_matches_only_its_key_and_terminal(store: FileKeyStore) -> None:
