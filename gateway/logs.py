@@ -213,27 +213,80 @@ def _write(lines: list[tuple[TextIO, str]]) -> None:
         streams.setdefault(id(stream), (stream, []))[1].append(line)
     with _writing:
         for stream, logged in streams.values():
-            dropped = _dropped.pop(id(stream), 0)
-            texts = [_dropped_line(dropped), *logged] if dropped else logged
-            for chunk in _chunks(texts):
-                try:
-                    stream.write(chunk)
-                    stream.flush()  # one write: the chunk fits the stream's buffer
-                except OSError as error:
-                    if error.errno in _STREAM_GONE:
-                        _lost(stream)
-                        break
-                    # Full for now (a disk out of space, a quota): these lines are dropped
-                    # and counted, and the first line that goes out again says how many.
-                    # What the stream's buffer kept of a line goes out then, whole.
-                    _dropped[id(stream)] = _dropped.get(id(stream), 0) + chunk.count("\n")
+            _write_lines(stream, logged)
+
+
+def _write_lines(stream: TextIO, logged: list[str]) -> None:
+    """The lines, in chunks (`_chunks`); lines a stream refuses for now are counted, and the
+    first chunk that goes out again begins with the count (`log_lines_dropped`)."""
+    unsaid = _dropped.pop(id(stream), 0)  # lines dropped before, not said yet
+    texts = [_dropped_line(unsaid), *logged] if unsaid else logged
+    lost = 0
+    for index, chunk in enumerate(_chunks(texts)):
+        notice = 1 if unsaid and index == 0 else 0  # the count's own line leads the first
+        try:
+            _put(stream, chunk)
+        except _Refused as refused:
+            if refused.gone:  # never again: see `_lost`
+                _lost(stream)
+                return
+            # Full for now (a disk out of space, a quota, a non-blocking pipe full): the
+            # lines not written are dropped and counted.
+            lost += refused.unwritten_lines - (notice if refused.unwritten_lines else 0)
+            continue
+        if notice:
+            unsaid = 0
+    if unsaid or lost:
+        _dropped[id(stream)] = unsaid + lost
+
+
+class _Refused(Exception):  # noqa: N818 (what a stream did, not a program error)
+    """A chunk a stream did not take whole: how many of its lines did not go out, and
+    whether the stream is gone for good (`_STREAM_GONE`)."""
+
+    def __init__(self, unwritten_lines: int, gone: bool) -> None:
+        super().__init__(unwritten_lines)
+        self.unwritten_lines = unwritten_lines
+        self.gone = gone
+
+
+def _put(stream: TextIO, chunk: str) -> None:
+    """One chunk onto the stream. A stream with a descriptor (standard output) is written
+    with `os.write`, which says how much went out: a line a full disk cut short is ended
+    (a newline) before the next chunk, so every later line is whole JSON again; Python's
+    buffer, which drops or keeps a failed write's bytes as it may, is not in the way."""
+    try:
+        descriptor = stream.fileno()
+    except (OSError, ValueError, AttributeError):  # a test's stream: all or nothing
+        try:
+            stream.write(chunk)
+            stream.flush()
+        except OSError as error:
+            raise _Refused(chunk.count("\n"), error.errno in _STREAM_GONE) from None
+        return
+    data = chunk.encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
+    if _cut.get(descriptor):
+        data = b"\n" + data
+    written = 0
+    try:
+        stream.flush()  # anything the stream itself holds goes first (nothing, here)
+        while written < len(data):
+            written += os.write(descriptor, data[written:])
+    except OSError as error:
+        if written:
+            _cut[descriptor] = data[written - 1] != _NEWLINE
+        raise _Refused(data[written:].count(b"\n"), error.errno in _STREAM_GONE) from None
+    _cut[descriptor] = False
 
 
 # The errors of a stream that will never take a line again: its pipe's reader gone, its
-# terminal hung up, its descriptor closed. Any other (ENOSPC, EDQUOT, EFBIG) may pass.
+# terminal hung up, its descriptor closed. Any other (ENOSPC, EDQUOT, EFBIG, EAGAIN) may pass.
 _STREAM_GONE: Final = frozenset({errno.EPIPE, errno.EIO, errno.EBADF, errno.ENXIO})
+_NEWLINE: Final = ord("\n")
 # Lines a stream could not take for now, by stream, until one goes out again.
 _dropped: dict[int, int] = {}
+# Descriptors whose last write ended inside a line (a full disk took part of a chunk).
+_cut: dict[int, bool] = {}
 
 
 def _lost(stream: TextIO) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import io
 import json
 import logging
@@ -10,7 +10,6 @@ import os
 import threading
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 import structlog
@@ -219,52 +218,64 @@ def test_a_stream_that_can_no_longer_be_written_is_pointed_at_nothing() -> None:
         stream.close()
 
 
-class _FullForAWhile(io.StringIO):
-    """A stream whose disk is full until `full` is cleared: each write fails with ENOSPC.
-    Its descriptor is a real file's, which giving the stream up would point at /dev/null."""
-
-    full = True
-
-    def __init__(self, path: str) -> None:
-        super().__init__()
-        self.path = path
-        self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-
-    def fileno(self) -> int:
-        return self._descriptor
-
-    def write(self, text: str) -> int:
-        if self.full:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return super().write(text)
+def _fill(descriptor: int) -> None:
+    """A non-blocking pipe filled to the brim with empty lines."""
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(descriptor, b"\n" * 4096)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(descriptor, b"\n")
 
 
-def test_lines_a_full_disk_refuses_are_counted_and_said_once_it_takes_them_again(
-    tmp_path: Path,
-) -> None:
-    """A disk full for a while under the log (ENOSPC): the lines it refuses are dropped, the
-    stream is kept, and the first line written again says how many were dropped. (The whole
-    stream was given up for nothing at the first refusal: nothing more was logged, even once
-    the disk had room.)"""
+def _drain(descriptor: int) -> bytes:
+    read = b""
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            read += os.read(descriptor, 65536)
+    return read
+
+
+def test_lines_a_full_stream_refuses_are_counted_and_the_rest_stay_whole_json() -> None:
+    """A stream that takes nothing for a while (a full disk, a quota; here a full pipe, as a
+    slow reader leaves it): the lines it refuses are dropped, the stream is kept, and the
+    first chunk written again begins with how many (`log_lines_dropped`), counted across
+    every refusal. A line it took only the start of is ended before the next, so every
+    later line is whole JSON. (The first refusal gave the stream up for good; then the
+    count was of the last refusal only, and a cut line ran into the next.)"""
+    reader, writer = os.pipe()
+    os.set_blocking(writer, False)
+    os.set_blocking(reader, False)
+    stream = os.fdopen(writer, "w", encoding="utf-8")
     saved = structlog.get_config()
-    stream = _FullForAWhile(str(tmp_path / "log"))
     logs.configure(stream)
     try:
         log = structlog.get_logger("t")
+        _fill(writer)
         log.info("answered", n=1)
         with logs.together():
             log.info("answered", n=2)
             log.info("answered", n=3)
-        stream.full = False
-        log.info("answered", n=4)
+        _drain(reader)
+        _fill(writer)
+        os.read(reader, 4096)  # a page of room: the start of the next line only
+        log.info("answered", n=4, note="x" * 6000)  # longer than a pipe writes at once
+        written = _drain(reader)
         log.info("answered", n=5)
+        log.info("answered", n=6)
+        written += _drain(reader)
+        assert os.readlink(f"/proc/self/fd/{writer}").startswith("pipe:")  # kept
     finally:
         structlog.configure(**saved)
-    written = lines(stream)
-    assert [line["event"] for line in written] == ["log_lines_dropped", "answered", "answered"]
-    assert (written[0]["lines"], written[0]["level"]) == (3, "warning")
-    assert [line["n"] for line in written[1:]] == [4, 5]
-    assert os.readlink(f"/proc/self/fd/{stream.fileno()}") == stream.path  # kept
+        stream.close()
+        os.close(reader)
+    said, cut, *whole = [line for line in written.decode().split("\n") if line.strip()]
+    assert (json.loads(said)["event"], json.loads(said)["lines"]) == ("log_lines_dropped", 3)
+    assert cut.startswith('{"n": 4, "note": "xxx') and not cut.endswith("}")  # its start only
+    parsed = [json.loads(line) for line in whole]  # ended, the next lines are whole again
+    assert [line["event"] for line in parsed] == ["log_lines_dropped", "answered", "answered"]
+    assert (parsed[0]["lines"], parsed[0]["level"]) == (1, "warning")  # the cut one
+    assert [line["n"] for line in parsed[1:]] == [5, 6]
 
 
 def test_a_librarys_own_warning_is_a_json_line_masked_like_the_rest(
