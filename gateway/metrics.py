@@ -223,9 +223,12 @@ class MetricsPage(Resource):
 # The scrape endpoint shares the terminals' reactor, so nothing a scraper sends may cost it
 # more than a scrape: at most this many scrape connections at once (a scraper needs one), one
 # request on each (answered, then closed: a pipelined flood is never read past its first
-# request, nor its answers piled up unread), and a connection idle this long is closed.
+# request, nor its answers piled up unread), and a connection idle this long, or open this
+# long at all, is closed. (Four clients that keep reconnecting can still hold every slot:
+# the port belongs on a management address, docs/gateway.md.)
 MAX_SCRAPE_CONNECTIONS: Final = 4
 SCRAPE_IDLE_TIMEOUT_S: Final = 10
+SCRAPE_CONNECTION_MAX_S: Final = 10  # open at most this long, however it trickles
 
 
 class _OneScrapeChannel(HTTPChannel):
@@ -239,8 +242,23 @@ class _OneScrapeChannel(HTTPChannel):
         request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         return False
 
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's name)
+        super().connectionMade()  # type: ignore[no-untyped-call]
+        # However it trickles: a byte every few seconds restarts the idle timer, and four
+        # such connections held every slot, every real scrape refused, for as long as
+        # they went on.
+        self._lifetime = self.callLater(  # type: ignore[no-untyped-call]
+            SCRAPE_CONNECTION_MAX_S, self._expired
+        )
+
+    def _expired(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.site.open_connections -= 1
+        if self._lifetime.active():
+            self._lifetime.cancel()
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
 

@@ -425,6 +425,24 @@ def test_scrape_connections_are_bounded_and_an_idle_one_is_closed(
     assert site.buildProtocol(None) is not None
 
 
+def test_a_scrape_connection_that_trickles_is_closed_all_the_same(
+    registry: CollectorRegistry,
+) -> None:
+    """A byte every few seconds restarts the idle timer, never finishing a request: the
+    connection is cut `SCRAPE_CONNECTION_MAX_S` after it opened all the same, so four of them
+    cannot hold every slot, and every real scrape refused, for as long as they go on."""
+    site, reactor = _scrape_site(registry)
+    channel, transport = _scrape_connection(site)
+    for byte in b"GET /metr":
+        channel.dataReceived(bytes([byte]))
+        reactor.advance(1)
+    assert not transport.disconnecting
+    reactor.advance(gateway_metrics.SCRAPE_CONNECTION_MAX_S - 9)
+    assert transport.disconnected  # aborted (the idle timer alone would wait on)
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert site.open_connections == 0
+
+
 def test_endpoint_port_in_use_is_bad_input(registry: CollectorRegistry) -> None:
     """A port that cannot be had is bad input naming --metrics (exit 2)."""
 
