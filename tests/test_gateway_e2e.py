@@ -24,11 +24,13 @@ from tests.logscan import LeakWatch
 from tests.spec_terminal import Answer, Link, SpecTerminal, build
 
 VIPGATE = Path(sys.executable).with_name("vipgate")
-# `vipgate` with Ctrl-C's default handling: a process started in the background by a
-# non-interactive shell (a CI runner, `cmd &`) inherits SIGINT ignored, and Python then
-# installs no handler for it, so the signal would do nothing.
+# `vipgate` with Ctrl-C's and a hang-up's default handling: a process started in the
+# background by a non-interactive shell (a CI runner, `cmd &`) inherits SIGINT ignored, and
+# one under `nohup` SIGHUP, and the gateway keeps an inherited ignore, so the signal would
+# do nothing.
 CTRL_C_AS_USUAL = (
     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "signal.signal(signal.SIGHUP, signal.SIG_DFL); "
     "from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 FULL_CARD = re.compile(r"(?<!\d)6688\d{15}(?!\d)")

@@ -30,7 +30,7 @@ from gateway.workers import MAX_WORKERS, Supervisor
 from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN
 from tests.logscan import LeakWatch
 from tests.spec_terminal import Link
-from tests.test_gateway_e2e import VIPGATE, exchange, free_port, terminal_for
+from tests.test_gateway_e2e import CTRL_C_AS_USUAL, VIPGATE, exchange, free_port, terminal_for
 from tests.test_metrics import scrape
 
 START_TIMEOUT_S = 60.0
@@ -62,7 +62,9 @@ class Workers:
         shutil.copy(DEMO, config)
         self.port = free_port()
         self.metrics_port = metrics_port
-        command = [str(VIPGATE), "serve", "--config", str(config), "--db", database]
+        # Ctrl-C and a hang-up as a login session has them, whatever the test run inherited.
+        command = [str(VIPGATE.parent / "python"), "-c", CTRL_C_AS_USUAL, "serve"]
+        command += ["--config", str(config), "--db", database]
         command += ["--listen", f"127.0.0.1:{self.port}", "--workers", str(count)]
         command += ["--clock", "2026-11-21T11:00:00+08:00"]
         if metrics_port is not None:
