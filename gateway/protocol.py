@@ -89,6 +89,21 @@ class TokenBucket:
         return self.tokens >= self.rate
 
 
+# Recordings that failed (`--record` on a full disk, say); said once, then every so many.
+_record_failures: list[int] = [0]
+RECORD_FAILURES_SAID_EVERY = 1000
+
+
+def _record_failed(error: OSError) -> None:
+    """The traffic log could not take a frame: said on the log (the first time and every
+    `RECORD_FAILURES_SAID_EVERY` after), never in the answer's way. An answer held back by
+    its recording left an approval committed and unanswered."""
+    _record_failures[0] += 1
+    count = _record_failures[0]
+    if count == 1 or count % RECORD_FAILURES_SAID_EVERY == 0:
+        log.error("record_failed", file=error.filename, error=error.strerror, failures=count)
+
+
 class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
     """One terminal connection."""
 
@@ -288,9 +303,12 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         if record is None:
             return
         terminal = str(reply.event.get("terminal") or "")
-        record("out", terminal, len(slot.request).to_bytes(2, "big") + slot.request)
-        if written and reply.payload is not None:
-            record("in", terminal, len(reply.payload).to_bytes(2, "big") + reply.payload)
+        try:
+            record("out", terminal, len(slot.request).to_bytes(2, "big") + slot.request)
+            if written and reply.payload is not None:
+                record("in", terminal, len(reply.payload).to_bytes(2, "big") + reply.payload)
+        except OSError as error:  # a full disk under the recording: the answer goes all the same
+            _record_failed(error)
 
     def _close(self, cause: CloseCause) -> None:
         if self._factory.metrics is not None and not self._closing:

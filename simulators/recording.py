@@ -77,17 +77,25 @@ class Recorder:
     Several terminals (threads) may share one recorder; a lock keeps their lines whole.
     """
 
-    def __init__(self, stream: TextIO, clock: Callable[[], datetime] = _utc_now) -> None:
+    def __init__(
+        self, stream: TextIO, clock: Callable[[], datetime] = _utc_now, name: str | None = None
+    ) -> None:
         self._stream = stream
         self._clock = clock
         self._lock = threading.Lock()
+        self._name = name  # the file's, for an error that names none (a full disk's)
 
     def record(self, direction: Direction, terminal: str, frame: bytes) -> RecordedFrame:
         entry = RecordedFrame(self._clock(), direction, terminal, bytes(frame))
         line = entry.to_json() + "\n"
         with self._lock:
-            self._stream.write(line)
-            self._stream.flush()
+            try:
+                self._stream.write(line)
+                self._stream.flush()
+            except OSError as error:
+                if self._name is None or error.filename is not None or error.errno is None:
+                    raise
+                raise OSError(error.errno, error.strerror, self._name) from None
         return entry
 
 
@@ -125,7 +133,7 @@ class FileRecorder(Recorder):
         except BaseException:
             os.close(descriptor)
             raise
-        super().__init__(self._file, clock)
+        super().__init__(self._file, clock, name=str(path))
 
     def close(self) -> None:
         self._file.close()

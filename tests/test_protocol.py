@@ -281,6 +281,35 @@ def test_recording_keeps_each_request_and_answer_in_order() -> None:
     ]
 
 
+def test_a_recording_the_disk_refuses_costs_no_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve --record` on a full disk: every answer is written all the same, and the log
+    says the recording failed (once, not for every frame). An answer held back by its
+    recording left a committed approval unanswered."""
+
+    def full(_direction: str, _terminal: str, _data: bytes) -> None:
+        raise OSError(28, "No space left on device", "/var/rec.jsonl")
+
+    monkeypatch.setattr("gateway.protocol._record_failures", [0])
+
+    factory = TerminalFactory(
+        lambda payload: succeed(Reply(b"re:" + payload, {"terminal": "10000001"})),
+        MemoryReactorClock(),
+        idle_timeout_s=300,
+        max_pending=32,
+        record=full,
+    )
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    with capture_logs() as logs:
+        protocol.dataReceived(frame(b"a") + frame(b"b"))
+    assert transport.value() == frame(b"re:a") + frame(b"re:b")
+    failed = [line for line in logs if line["event"] == "record_failed"]
+    assert [(line["file"], line["error"], line["failures"]) for line in failed] == [
+        ("/var/rec.jsonl", "No space left on device", 1)
+    ]
+
+
 def test_an_answer_that_never_left_is_not_recorded_as_received() -> None:
     """The link closed before the answer was decided: the request is recorded, its answer
     not, since the terminal never received it (it reverses that request)."""

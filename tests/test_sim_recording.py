@@ -199,3 +199,18 @@ def test_any_records_round_trip(frames: list[tuple[str, str, bytes, datetime]]) 
         recorder = Recorder(stream, lambda at=at: at)
         written.append(recorder.record("in" if direction == "in" else "out", terminal, frame))
     assert list(iter_recording(stream.getvalue().splitlines(), "mem")) == written
+
+
+def test_a_recording_the_disk_refuses_names_its_file(tmp_path: Path) -> None:
+    """A write error names no file: the recorder's names the recording, so `vipgate sim run
+    --record` on a full disk says which file it could not write (it blamed standard output,
+    and silenced it, the scenario's report with it)."""
+
+    class Full(io.StringIO):
+        def write(self, _text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+    recorder = Recorder(Full(), name=str(tmp_path / "day.jsonl"))
+    with pytest.raises(OSError) as raised:
+        recorder.record("out", "10000001", b"\x00\x01a")
+    assert (raised.value.errno, raised.value.filename) == (28, str(tmp_path / "day.jsonl"))
