@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 
 from cardcodec.cards import luhn_check_digit
-from gateway import bootstrap
+from gateway import bootstrap, imports
 from gateway.cli import main
 from gateway.clock import Clock, FixedClock
 from gateway.ledger import make_engine, operations, unit_of_work
@@ -33,6 +33,7 @@ from tests.test_imports import (
     EVERY_CARD,
     NEW_GOLD,
     NEW_SILVER,
+    SAMPLE_CARDS,
     SAMPLES,
     UNKNOWN,
     csv_file,
@@ -343,6 +344,39 @@ def test_expire_books_expired_lots_once(cli: Cli, tmp_path: Path) -> None:
     again = cli.run("points", "expire", "--as-of", "2026-11-22")
     assert again.out == "expiry as of 2026-11-22: 0 lots booked (0 points) on 0 cards\n"
     assert "  ledger balance: 0 points\n" in cli.run("cards", "show", NEW_GOLD).out
+    assert cli.run("ledger", "check").code == 0
+
+
+def test_expiry_books_a_few_cards_to_a_transaction_and_a_stopped_run_finishes(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The expiry job books `EXPIRY_CARDS` cards to a transaction, pausing after each so
+    that a serving gateway waiting for the ledger goes first: it held the whole ledger for
+    its run (a minute and a half for 20,000 lots, no terminal answered meanwhile). Stopped
+    in its second batch, the first stands, and a run again books the rest."""
+    cli.run("cards", "import", str(SAMPLES / "cards.csv"))
+    lines = [f"{card},2024-06-01,100,OLD-{index}" for index, card in enumerate(SAMPLE_CARDS[:3])]
+    feed = csv_file(tmp_path, "old.csv", "card_number,earned_on,points,source_ref", *lines)
+    assert cli.run("points", "import", str(feed)).code == 0
+    monkeypatch.setattr("gateway.commands.points.EXPIRY_CARDS", 2)
+    pauses: list[float] = []
+    monkeypatch.setattr("gateway.imports.time.sleep", pauses.append)
+    real = operations.expire_cards
+    batches: list[list[str]] = []
+
+    def stopped_in_the_second(session: Any, card_numbers: list[str], **kwargs: Any) -> Any:
+        batches.append(list(card_numbers))
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        return real(session, card_numbers, **kwargs)
+
+    monkeypatch.setattr(operations, "expire_cards", stopped_in_the_second)
+    assert cli.run("points", "expire", "--as-of", "2026-11-22").code == 130
+    assert [len(batch) for batch in batches] == [2, 1]
+    assert pauses == [imports.BATCH_PAUSE_S]  # after the one batch committed
+    monkeypatch.setattr(operations, "expire_cards", real)
+    again = cli.run("points", "expire", "--as-of", "2026-11-22")
+    assert again.out == "expiry as of 2026-11-22: 1 lots booked (100 points) on 1 cards\n"
     assert cli.run("ledger", "check").code == 0
 
 

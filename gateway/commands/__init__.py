@@ -8,9 +8,10 @@ import sys
 PROGRESS_LINES = 10_000
 
 
-def progress(done: int, total: int) -> None:
+def progress(done: int, total: int, what: str = "lines") -> None:
     """After each batch an import has gone through (its lines applied, or skipped as applied
     before: "done", not "applied", which a file sent again would contradict): a line every
-    `PROGRESS_LINES` lines of a file that long, and at its end; nothing for a shorter one."""
+    `PROGRESS_LINES` lines of a file that long (or cards of an expiry run), and at its end;
+    nothing for a shorter one."""
     if total >= PROGRESS_LINES and (done % PROGRESS_LINES == 0 or done == total):
-        print(f"{done} of {total} lines done", file=sys.stderr, flush=True)
+        print(f"{done} of {total} {what} done", file=sys.stderr, flush=True)
