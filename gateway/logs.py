@@ -231,8 +231,12 @@ def _write_lines(stream: TextIO, logged: list[str]) -> None:
                 _lost(stream)
                 return
             # Full for now (a disk out of space, a quota, a non-blocking pipe full): the
-            # lines not written are dropped and counted.
-            lost += refused.unwritten_lines - (notice if refused.unwritten_lines else 0)
+            # lines not written are dropped and counted; the count's own line, if it went
+            # out whole (the chunk's first), has said what it had to say.
+            if notice and refused.unwritten_lines < chunk.count("\n"):
+                unsaid = 0
+                notice = 0
+            lost += refused.unwritten_lines - notice
             continue
         if notice:
             unsaid = 0
@@ -264,9 +268,9 @@ def _put(stream: TextIO, chunk: str) -> None:
         except OSError as error:
             raise _Refused(chunk.count("\n"), error.errno in _STREAM_GONE) from None
         return
-    data = chunk.encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
-    if _cut.get(descriptor):
-        data = b"\n" + data
+    lines = chunk.encode(getattr(stream, "encoding", None) or "utf-8", "backslashreplace")
+    ending = b"\n" if _cut.get(descriptor) else b""  # the line cut short before, ended
+    data = ending + lines
     written = 0
     try:
         stream.flush()  # anything the stream itself holds goes first (nothing, here)
@@ -275,7 +279,8 @@ def _put(stream: TextIO, chunk: str) -> None:
     except OSError as error:
         if written:
             _cut[descriptor] = data[written - 1] != _NEWLINE
-        raise _Refused(data[written:].count(b"\n"), error.errno in _STREAM_GONE) from None
+        unwritten = lines[max(written - len(ending), 0) :].count(b"\n")
+        raise _Refused(unwritten, error.errno in _STREAM_GONE) from None
     _cut[descriptor] = False
 
 
