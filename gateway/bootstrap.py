@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, tzinfo
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
@@ -247,13 +248,31 @@ def sqlite_ledger_to_make(url: str) -> bool:
         parsed = make_url(url)
     except ArgumentError:
         return False  # `open_database` names the fault
+    if parsed.get_backend_name() != "sqlite" or _in_memory(parsed.database, parsed.query):
+        return False
     database = parsed.database or ""
-    return (
-        parsed.get_backend_name() == "sqlite"
-        and not _in_memory(parsed.database, parsed.query)
-        and not database.startswith("file:")
-        and not Path(database).exists()
-    )
+    if database.startswith("file:"):
+        path = _uri_path(database) if _is_uri(parsed.query) else None
+        creates = parsed.query.get("mode") in (None, "rwc")
+        return path is not None and creates and not path.exists()
+    return not Path(database).exists()
+
+
+def _is_uri(query: Mapping[str, object]) -> bool:
+    """Whether SQLAlchemy hands a `file:` database to SQLite as a URI (`?uri=true`)."""
+    return str(query.get("uri", "")).lower() in ("true", "1")
+
+
+def _uri_path(database: str) -> Path:
+    """The file a SQLite URI names: `file:PATH`, `file:///PATH` or `file://localhost/PATH`,
+    percent-escapes decoded (its query is SQLAlchemy's, apart from the database)."""
+    parts = urlsplit(database)
+    if parts.netloc not in ("", "localhost"):
+        raise BadInput(
+            f"database: a SQLite URI names a file on this host: {parts.netloc!r} is not"
+            " (file:///PATH)"
+        )
+    return Path(unquote(parts.path))
 
 
 def _in_memory(database: str | None, query: Mapping[str, object]) -> bool:
@@ -305,7 +324,11 @@ def open_database(
     (0700, 0600; SQLite gives the file's `-wal` and `-shm` the file's mode). Ones that exist
     keep theirs. A command that only reads the ledger (`ledger check`, `clear`, `reconcile`,
     `cards show`) refuses a SQLite file that is not there: made anew, an empty ledger would
-    pass every check, and close and reconcile an empty month, for a mistyped `--db`."""
+    pass every check, and close and reconcile an empty month, for a mistyped `--db`.
+
+    A SQLite URI (`sqlite:///file:PATH?uri=true&mode=ro`, say) is SQLite's to open as its
+    `mode` says: no folder or file is made for it. Without `uri=true` SQLite would take
+    `file:PATH` for a path in a folder named `file:`, so it is refused."""
     folder: Path | None = None
     try:
         parsed = make_url(url)
@@ -315,15 +338,22 @@ def open_database(
                 " name a file (sqlite:///PATH)"
             )
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-            database = Path(parsed.database)
-            if existing and not parsed.database.startswith("file:") and not database.exists():
+            uri = parsed.database.startswith("file:")
+            if uri and not _is_uri(parsed.query):
+                raise BadInput(
+                    "database: a SQLite URI (sqlite:///file:...) needs ?uri=true, or else"
+                    " SQLite takes it for a file in a folder named 'file:'; name the file's"
+                    " path (sqlite:///PATH) or add uri=true"
+                )
+            database = _uri_path(parsed.database) if uri else Path(parsed.database)
+            if existing and not database.exists():
                 raise BadInput(
                     f"database: no ledger at {database}; this command reads a ledger and makes"
                     " none (check --db or the config's database)"
                 )
-            folder = database.parent
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            if not parsed.database.startswith("file:"):  # a URI: SQLite's to read
+            if not uri:  # a URI's file, and whether to make it (`mode`), are SQLite's
+                folder = database.parent
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
                 _make_owner_only(database)
         engine = make_engine(url, busy_timeout_ms=busy_timeout_ms)
     except (ArgumentError, ValueError) as error:

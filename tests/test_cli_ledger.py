@@ -538,21 +538,25 @@ def test_damage_that_stops_the_ledger_opening_is_a_fault_for_ledger_check(cli: C
 
 @pytest.mark.parametrize("command", [("ledger", "load"), ("serve", "--listen", "127.0.0.1:0")])
 def test_a_ledger_that_takes_no_write_is_refused_before_serving(
-    cli: Cli, command: tuple[str, ...]
+    cli: Cli, command: tuple[str, ...], tmp_path: Path
 ) -> None:
     """A ledger opened read-only (here by SQLite's `mode=ro`; a file its user may not write,
     or a PostgreSQL standby, alike): a command that loads the config says so in one line and
     exits 2, `serve` before it listens. A load that changed nothing wrote nothing, so `serve`
-    listened and answered every request `96`, and went on so once the file was writable."""
+    listened and answered every request `96`, and went on so once the file was writable.
+    The URI's file is SQLite's to open: no folder named `file:` is made where it runs."""
     cli.run("ledger", "load")
     database = _ledger_file(cli)
     read_only = f"sqlite:///file:{database}?mode=ro&uri=true"
+    where = tmp_path / "elsewhere"
+    where.mkdir()
     result = subprocess.run(
         [str(VIPGATE), *command, "--config", str(cli.config), "--db", read_only],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        cwd=where,
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
@@ -561,6 +565,62 @@ def test_a_ledger_that_takes_no_write_is_refused_before_serving(
         " command again\n"
     )
     assert '"listening"' not in result.stdout
+    assert list(where.iterdir()) == []
+
+
+def test_a_sqlite_uri_without_uri_true_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """`sqlite:///file:PATH` without `uri=true` is, to SQLite, a file in a folder named
+    `file:` below the working folder: one line saying so, exit 2, nothing made."""
+    where = tmp_path / "elsewhere"
+    where.mkdir()
+    result = subprocess.run(
+        [
+            str(VIPGATE),
+            "ledger",
+            "load",
+            "--config",
+            str(cli.config),
+            "--db",
+            f"sqlite:///file:{tmp_path / 'new' / 'ledger.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=where,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "vipgate: error: database: a SQLite URI (sqlite:///file:...) needs ?uri=true, or else"
+        " SQLite takes it for a file in a folder named 'file:'; name the file's path"
+        " (sqlite:///PATH) or add uri=true\n"
+    )
+    assert list(where.iterdir()) == []
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_reading_command_refuses_a_sqlite_uri_naming_no_file(cli: Cli, tmp_path: Path) -> None:
+    """A command that only reads the ledger refuses a URI whose file is not there, as it
+    refuses such a path: SQLite would make an empty ledger for it."""
+    missing = tmp_path / "missing.db"
+    result = subprocess.run(
+        [
+            str(VIPGATE),
+            "ledger",
+            "check",
+            "--config",
+            str(cli.config),
+            "--db",
+            f"sqlite:///file:{missing}?uri=true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"database: no ledger at {missing};" in result.stderr
+    assert not missing.exists()
 
 
 def _file_size_limit(limit: int) -> Callable[[], None]:
