@@ -11,6 +11,7 @@ import errno
 import importlib
 import io
 import os
+import resource
 import select
 import sys
 import unicodedata
@@ -177,9 +178,29 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
             raise
         return _storage_failed(error, code)
     except OSError as error:
+        if error.errno in (errno.EMFILE, errno.ENFILE):
+            return _out_of_descriptors(error)
         if error.errno not in _WRITES_REFUSED:
             raise
         return _write_refused(error)
+
+
+def _out_of_descriptors(error: OSError) -> int:
+    """No file descriptor left (the process's limit, or the system's): one line with the
+    limit and what to do, exit 2, where it was a traceback. A command stopped so committed
+    what it committed, as for any other fault; `serve` stops before it listens."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    whose = (
+        f"this process may have {soft} (`ulimit -n`; LimitNOFILE= for a systemd service)"
+        if error.errno == errno.EMFILE
+        else "the system's limit is reached (fs.file-max)"
+    )
+    print(
+        f"vipgate: error: too many open files: {whose}; raise the limit, then run the command"
+        " again",
+        file=sys.stderr,
+    )
+    return 2
 
 
 # The errors of a file (or standard output) that refuses what a command writes: a full disk, a

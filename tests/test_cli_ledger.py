@@ -4,6 +4,8 @@ and no full card number in anything the commands print."""
 
 from __future__ import annotations
 
+import argparse
+import errno
 import os
 import resource
 import shutil
@@ -23,6 +25,7 @@ from sqlalchemy import text
 
 from cardcodec.cards import luhn_check_digit
 from gateway import bootstrap, imports
+from gateway import cli as cli_module
 from gateway.cli import main
 from gateway.clock import Clock, FixedClock
 from gateway.ledger import make_engine, operations, unit_of_work
@@ -629,6 +632,99 @@ def _file_size_limit(limit: int) -> Callable[[], None]:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     return limited
+
+
+def _open_files_limit(limit: int) -> Callable[[], None]:
+    def limited() -> None:  # in the child: at most `limit` file descriptors
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return limited
+
+
+def test_serve_without_descriptors_to_serve_is_one_line_and_exit_2(cli: Cli) -> None:
+    """`serve` where the process may open too few files to serve (`ulimit -n 12`): one
+    line with the limit and what to do, exit 2, before the ledger is touched. It was a
+    traceback (EMFILE), or, a descriptor or two higher, a gateway that listened and then
+    closed every connection."""
+    result = subprocess.run(
+        [
+            str(VIPGATE),
+            "serve",
+            "--config",
+            str(cli.config),
+            "--db",
+            cli.db_url,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        preexec_fn=_open_files_limit(12),
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        "vipgate: error: ulimit -n: this process may open 12 files, and serving needs at"
+        " least 32 (each terminal's connection holds one); raise the limit (LimitNOFILE= for"
+        " a systemd service)\n"
+    )
+    assert result.stdout == ""
+
+
+def test_a_command_out_of_descriptors_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Any command that runs out of file descriptors (EMFILE) says so in one line with the
+    process's limit, exit 2, where it was a traceback."""
+
+    def out_of_files(_args: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    assert cli_module._run(out_of_files, argparse.Namespace()) == 2
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert capsys.readouterr().err == (
+        f"vipgate: error: too many open files: this process may have {soft} (`ulimit -n`;"
+        " LimitNOFILE= for a systemd service); raise the limit, then run the command again\n"
+    )
+
+
+def test_serve_with_few_descriptors_says_so_and_serves(cli: Cli) -> None:
+    """Allowed 100 files, `serve` starts, warns that each connection holds one
+    (`file_limit_low`, with the limit), and stops on SIGTERM as usual."""
+    process = subprocess.Popen(
+        [
+            str(VIPGATE),
+            "serve",
+            "--config",
+            str(cli.config),
+            "--db",
+            cli.db_url,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_open_files_limit(100),  # noqa: PLW1509 (no thread in this test)
+    )
+    assert process.stdout is not None
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            if '"listening"' in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        rest, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, err
+    warnings = [line for line in lines if '"file_limit_low"' in line]
+    assert len(warnings) == 1
+    assert '"limit": 100' in warnings[0]
+    assert '"stopped"' in rest
 
 
 def test_a_write_the_disk_refuses_is_one_line_and_exit_2(cli: Cli, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,8 +51,33 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# Below this many file descriptors a process says so when it starts: each terminal's
+# connection holds one, and the service unit allows 65,536 (config/deploy/vipgate@.service).
+# Below the fewest it refuses to start: its database, log, ports and links hold about 15.
+FEW_DESCRIPTORS = 1024
+FEWEST_DESCRIPTORS = 32
+
+
+def _descriptors_checked() -> int | None:
+    """The number of files the process may open when it is few (`FEW_DESCRIPTORS`), else
+    None; too few to serve anything (`FEWEST_DESCRIPTORS`) is refused (exit 2) before the
+    ledger is touched. Started with fewer, `serve` stopped with a traceback (EMFILE) or
+    listened and then closed every connection it could not take."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= FEW_DESCRIPTORS:
+        return None
+    if soft < FEWEST_DESCRIPTORS:
+        raise BadInput(
+            f"ulimit -n: this process may open {soft} files, and serving needs at least"
+            f" {FEWEST_DESCRIPTORS} (each terminal's connection holds one); raise the limit"
+            " (LimitNOFILE= for a systemd service)"
+        )
+    return soft
+
+
 def serve(args: argparse.Namespace) -> int:
     workers.check_count(args.workers)
+    few = _descriptors_checked()
     if args.workers > 1 and args.record is not None:
         raise BadInput("--record: one traffic log needs one process; use it with --workers 1")
     measured: Metrics | None = None  # one process: its metrics, already served
@@ -87,6 +113,13 @@ def serve(args: argparse.Namespace) -> int:
                 metrics=args.metrics,
                 record=args.record,
             )
+            if few is not None:
+                log.warning(
+                    "file_limit_low",
+                    limit=few,
+                    advice="each terminal's connection holds a file descriptor: raise"
+                    " `ulimit -n` (LimitNOFILE= for a systemd service)",
+                )
             if args.workers > 1:
                 return workers.serve(wiring, listening, args.workers, shared)
             # The reactor is imported when it is needed, never at module level (Twisted's
