@@ -148,11 +148,47 @@ def _sqlstate(error: OperationalError) -> str | None:
 def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime) -> Cleared:
     """Refuse an unfinished month, close it if needed, and write everything into `out`."""
     refuse_unfinished(month, now, config.gateway.timezone, config.gateway.cutoff)
-    key = signing.load_or_create(config.issuer.signing_key)  # refused: no `out` made
+    key = _signing_key(engine, config.issuer.signing_key, month)  # refused: no `out` made
     make_folder(out)
     pending = _pending(out, month)
     with _writing_in(out):
         return _clear_into(engine, config, month, (out, pending), now=now, key=key)
+
+
+def _signing_key(engine: Engine, path: Path, month: Month) -> Ed25519PrivateKey:
+    """The config's signing key, refused (nothing made) when it cannot sign this month as
+    the ledger says it was signed: a month closed under another key is signed again by
+    that key alone (its run writes the same bytes, `.sig` included), and a missing key file
+    is made only while no month of the ledger has been signed (its "first use"). Made anew
+    later (a host without the file, a moved path), it would sign files the acquirer cannot
+    verify against the public key it holds."""
+    with unit_of_work(engine) as session:
+        signed = session.scalars(
+            select(ClosedMonth)
+            .where(ClosedMonth.signing_key_sha256.is_not(None))
+            .order_by(ClosedMonth.month.desc())
+            .limit(1)
+        ).first()
+        this_month = session.get(ClosedMonth, month.key)
+        recorded = None if this_month is None else this_month.signing_key_sha256
+    if not path.exists() and not path.is_symlink():
+        if signed is not None:
+            raise BadInput(
+                f"signing key {path}: no such file, and the ledger's months were signed"
+                f" (the latest, {signed.month}, by the key whose public key has SHA-256"
+                f" {signed.signing_key_sha256}); restore that key file. To sign new months"
+                " with a new key, make it first (`vipgate keys export-public` makes the"
+                " config's key when missing) and give its public key to the acquirer"
+            )
+        return signing.load_or_create(path)
+    key = signing.load_private(path)
+    if recorded is not None and recorded != signing.key_sha256(key):
+        raise BadInput(
+            f"signing key {path}: month {month.key} was signed by another key (public key"
+            f" SHA-256 {recorded}, this one's {signing.key_sha256(key)}); a later run writes"
+            " the same bytes, so only that key signs it again: point issuer.signing_key at it"
+        )
+    return key
 
 
 @contextmanager
@@ -215,7 +251,7 @@ def _write(
             statements.finish(_merchants_at_close(session, closed))
         partial_sig.write_text(signing.sign_file(key, partial), encoding="ascii")
         _read_back(month, partial, partial_sig, key.public_key(), written.sha256)
-        _record_or_compare(engine, month, written.sha256)
+        _record_or_compare(engine, month, written.sha256, signing.key_sha256(key))
         os.replace(partial, path)
         os.replace(partial_sig, path.with_name(signature_name(path.name)))
         merchant_statements = [
@@ -303,12 +339,20 @@ def _read_back(
         raise CheckFailed(f"clear {month.key}: the signature does not verify on the file")
 
 
-def _record_or_compare(engine: Engine, month: Month, sha256: str) -> None:
-    """The first run records the file's SHA-256; every later run must write the same."""
+def _record_or_compare(engine: Engine, month: Month, sha256: str, key_sha256: str) -> None:
+    """The first run records the file's SHA-256 and its signing key's; every later run must
+    write the same file and sign it with the same key."""
     with unit_of_work(engine) as session:
         closed = session.get(ClosedMonth, month.key, with_for_update=True)
         if closed is None:  # pragma: no cover - closed above, and closes are never deleted
             raise CheckFailed(f"clear {month.key}: the month's close has disappeared")
+        if closed.signing_key_sha256 is None:
+            closed.signing_key_sha256 = key_sha256
+        elif closed.signing_key_sha256 != key_sha256:  # a run beside this one signed it first
+            raise CheckFailed(
+                f"clear {month.key}: the month was signed by another key (public key SHA-256"
+                f" {closed.signing_key_sha256}, this run's {key_sha256}); nothing was replaced"
+            )
         if closed.file_sha256 is None:
             closed.file_sha256 = sha256
         elif closed.file_sha256 != sha256:

@@ -40,6 +40,9 @@ class ClosedMonth(Base):
     file_name: Mapped[str] = mapped_column(String(64))
     # SHA-256 of the whole file, lower-case hex; set by the run that first wrote it.
     file_sha256: Mapped[str | None] = mapped_column(String(64))
+    # SHA-256 of the raw Ed25519 public key that signed the file, lower-case hex; set by the
+    # run that first signed it (migration 0009), and every later run's key must match it.
+    signing_key_sha256: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         CheckConstraint("terminal_count >= 0 AND terminal_fee_fen >= 0", name="fees"),

@@ -13,6 +13,7 @@ is `cryptography`'s.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +55,13 @@ def load_private(path: Path) -> Ed25519PrivateKey:
     if not isinstance(key, Ed25519PrivateKey):
         raise BadInput(f"signing key {path}: not an Ed25519 key")
     return key
+
+
+def key_sha256(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """SHA-256 of the raw 32-byte public key, lower-case hex: which key signed a month."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def public_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:

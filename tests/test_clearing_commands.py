@@ -425,3 +425,84 @@ def test_a_signing_key_that_cannot_be_made_leaves_no_out_folder(
     assert not out.exists()
     assert main(["reconcile", *arguments]) == 2  # the month was not closed
     assert "the month is not closed" in capsys.readouterr().err
+
+
+def _signing_key_at(config_path: Path, key: Path) -> None:
+    text = config_path.read_text(encoding="utf-8")
+    old = 'signing_key = "var/issuer-ed25519.pem"'
+    assert old in text
+    config_path.write_text(text.replace(old, f'signing_key = "{key}"'), encoding="utf-8")
+
+
+def test_a_closed_month_is_signed_again_by_its_own_key_alone(
+    config_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A month cleared again with the config pointing at another key file (a moved path, a
+    host without the key): refused in one line (exit 2), no key made, the month's `.sig`
+    untouched. It made a key there, replaced the `.sig` with one the acquirer's public key
+    rejects, and said "the same bytes again"."""
+    made_ledger(config_path)
+    out = config_path.parent / "out"
+    arguments = ["--config", str(config_path), "--month", "2026-11", "--out", str(out)]
+    assert main(["clear", *arguments]) == 0
+    signature = out / "VIPSETTLE_ACQ000000000001_202611_001.txt.sig"
+    signed = signature.read_bytes()
+    first = signing.load_private(config_path.parent / "var" / "issuer-ed25519.pem")
+    moved = config_path.parent / "var" / "issuer-moved.pem"
+    _signing_key_at(config_path, moved)
+    capsys.readouterr()
+    assert main(["clear", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vipgate: error: signing key {moved}: no such file, and the ledger's")
+    fingerprint = signing.key_sha256(first)
+    assert f"(the latest, 2026-11, by the key whose public key has SHA-256 {fingerprint})" in err
+    assert err.count("\n") == 1
+    assert not moved.exists()
+    assert signature.read_bytes() == signed
+    other = Ed25519PrivateKey.generate()
+    moved.write_bytes(
+        other.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    moved.chmod(0o600)
+    assert main(["clear", *arguments]) == 2
+    assert capsys.readouterr().err == (
+        f"vipgate: error: signing key {moved}: month 2026-11 was signed by another key"
+        f" (public key SHA-256 {signing.key_sha256(first)}, this one's"
+        f" {signing.key_sha256(other)}); a later run writes the same bytes, so only that key"
+        " signs it again: point issuer.signing_key at it\n"
+    )
+    assert signature.read_bytes() == signed
+    # A new month is the new key's to sign, once it was made on purpose.
+    december = ["--config", str(config_path), "--month", "2026-12", "--out", str(out)]
+    set_clock(monkeypatch, datetime(2027, 1, 2, 9, 0, tzinfo=SHANGHAI))
+    assert main(["clear", *december]) == 0
+    capsys.readouterr()
+    december_file = out / "VIPSETTLE_ACQ000000000001_202612_001.txt"
+    assert main(["verify", "--config", str(config_path), str(december_file)]) == 0
+
+
+def test_a_month_signed_before_the_key_was_recorded_records_it(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A month closed by a version that recorded no signing key (its column empty): the
+    next run records the key it signs with, and holds later runs to it."""
+    made_ledger(config_path)
+    out = config_path.parent / "out"
+    arguments = ["--config", str(config_path), "--month", "2026-11", "--out", str(out)]
+    assert main(["clear", *arguments]) == 0
+    database = config_path.parent / "var" / "vipgate.db"
+    engine = make_engine(f"sqlite:///{database}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE clearing_months SET signing_key_sha256 = NULL")
+    assert main(["clear", *arguments]) == 0
+    key = signing.load_private(config_path.parent / "var" / "issuer-ed25519.pem")
+    with engine.begin() as connection:
+        recorded = connection.exec_driver_sql(
+            "SELECT signing_key_sha256 FROM clearing_months"
+        ).scalar_one()
+    engine.dispose()
+    assert recorded == signing.key_sha256(key)
