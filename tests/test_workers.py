@@ -27,6 +27,8 @@ from gateway.ledger.db import EXIT_LOG_SYNC_FAILED
 from gateway.ledgerlink import EXIT_LINK_LOST
 from gateway.metrics import MULTIPROC_ENV
 from gateway.workers import MAX_WORKERS, Supervisor
+from tests import pg
+from tests.conftest import skip_without
 from tests.gateway_harness import DEMO, DIAMOND, GOLD_PIN
 from tests.logscan import LeakWatch
 from tests.spec_terminal import Link
@@ -442,3 +444,35 @@ def test_a_worker_that_died_otherwise_is_replaced(monkeypatch: pytest.MonkeyPatc
     supervisor._reaped(1, 10, 1)
     assert forked == [1] and supervisor.stop_signal is None
     assert supervisor._exit_status() == 1
+
+
+def test_a_worker_replaced_while_postgresql_is_away_starts_and_serves_when_it_returns(
+    start_workers: StartWorkers,
+) -> None:
+    """PostgreSQL stopped (a restart, a failover), then a worker killed: its replacement
+    starts without the server, the gateway answers `96` meanwhile, and both workers answer
+    `00` once the server is back. The replacement used to stop at once (it opened its WAL
+    flush connection at start), five times within a second, and the parent then stopped
+    every worker and exited 1: one crash during an outage took the gateway off the air."""
+    skip_without(pg.missing_binaries())
+    server = pg.start()
+    try:
+        database = server.create_database("replaced")
+        served = start_workers(database, 2)
+        victim = served.named("listening")[0]
+        pg.pause(server)
+        os.kill(victim["pid"], signal.SIGKILL)
+        served.wait_for(lambda: len(served.named("listening")) == 3)
+        link = Link("127.0.0.1", served.port)
+        terminal = terminal_for("10000001")
+        assert exchange(link, terminal, terminal.sign_on()).code == "96"
+        link.close()
+        time.sleep(1.0)  # the replacement outlives its start
+        assert served.named("worker_failed") == []
+        assert served.process.poll() is None
+        pg.resume(server)
+        assert served.sign_on_at_each_worker() == 2
+        assert served.stop() == 1  # a worker was killed
+        assert served.named("workers_stopped_unclean")[0]["died"] == 1
+    finally:
+        pg.stop(server)

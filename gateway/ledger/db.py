@@ -500,7 +500,9 @@ class _WalFlush:
         self._generation = 0  # how many times the connection was opened
         self._used_at = 0.0  # monotonic: when the connection last answered
         self._silent_until = 0.0  # monotonic: no connection opened before then
-        self._open()
+        # A server away now (a worker replaced during an outage) is tried again by the first
+        # ticket: the process starts, and answers `96` until the server is back.
+        self._open_quietly()
 
     def ticket(self) -> _FlushTicket:
         """What a commit made from now on owes: a flush on the connection open now (opened
