@@ -430,7 +430,17 @@ def parse_clock(text: str) -> datetime:
         raise BadInput(f"--clock: {text!r} is not an ISO 8601 instant") from None
     if instant.tzinfo is None:
         raise BadInput(f"--clock: {text!r} has no UTC offset (e.g. 2026-11-22T10:00:00+08:00)")
+    if not CLOCK_YEARS[0] <= instant.year <= CLOCK_YEARS[1]:
+        raise BadInput(
+            f"--clock: {text!r} is outside the years {CLOCK_YEARS[0]}-{CLOCK_YEARS[1]}, the"
+            " ones a card's expiry (YYMM) can name"
+        )
     return instant
+
+
+# The years a `--clock` may start in: a card's expiry date names a year of this century
+# (YYMM), and at the calendar's own ends a business date or a day beside it cannot be had.
+CLOCK_YEARS = (2000, 2099)
 
 
 def latest_transaction(engine: Engine) -> datetime | None:

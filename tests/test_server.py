@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway import server
+from gateway.cli import main
 from gateway.clock import SHANGHAI
 from gateway.commands.serve import parse_listen
 from gateway.errors import BadInput
@@ -53,6 +54,33 @@ def test_clock_needs_an_iso_instant_with_offset(text: str) -> None:
     """A bare local time or anything not ISO 8601 is refused."""
     with pytest.raises(BadInput):
         server.parse_clock(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "9999-12-31T23:30:00+08:00",
+        "0001-01-01T00:00:00+08:00",
+        "1999-12-31T23:59:59+08:00",
+        "2100-01-01T00:00:00+08:00",
+    ],
+)
+def test_a_clock_outside_the_years_expiry_dates_name_is_refused(
+    text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rehearsal clock at the calendar's edge: one line naming `--clock`, exit 2, and no
+    ledger made. At 9999-12-31 23:30 (the business date past the calendar's end) `serve`
+    stopped with an OverflowError traceback and left an empty ledger file behind."""
+    config = tmp_path / "demo.toml"
+    shutil.copy(DEMO, config)
+    database = tmp_path / "ledger.db"
+    arguments = ["--config", str(config), "--db", f"sqlite:///{database}", "--clock", text]
+    assert main(["serve", "--listen", "127.0.0.1:0", *arguments]) == 2
+    assert capsys.readouterr().err == (
+        f"vipgate: error: --clock: {text!r} is outside the years 2000-2099, the ones a card's"
+        " expiry (YYMM) can name\n"
+    )
+    assert not database.exists()
 
 
 def test_listen_is_host_and_port() -> None:
