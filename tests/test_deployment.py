@@ -60,3 +60,15 @@ def test_the_example_haproxy_config_is_valid() -> None:
         check=False,
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_example_haproxy_config_declares_the_socket_the_roll_drains_through() -> None:
+    """The roll's drain command (docs/deployment.md) talks to an admin socket that the
+    shipped file itself declares: copied over Debian's default file, which declared it, it
+    left the socket undeclared and the drain failing."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text()
+    [socket_path] = re.findall(r"\| socat stdio (\S+?)`", docs)
+    declared = re.findall(
+        r"^\s*stats socket (\S+) .*\blevel admin\b", (DEPLOY / "haproxy.cfg").read_text(), re.M
+    )
+    assert declared == [socket_path]
