@@ -12,6 +12,7 @@ never be taken for the answer to the next request. The caller opens a new one.
 
 from __future__ import annotations
 
+import select
 import socket
 import time
 from collections import deque
@@ -137,7 +138,26 @@ class Connection:
 
     @property
     def closed(self) -> bool:
+        """Whether the link can carry no more requests: this end closed it, or the gateway
+        did while it stood idle (a gateway stopping or restarting, its idle time-out). A
+        closed link is closed here too, so the next step opens a new one rather than send
+        into one it would find broken."""
+        if not self._closed and not self._ready and self._closed_by_gateway():
+            self.close()
         return self._closed
+
+    def _closed_by_gateway(self) -> bool:
+        """Whether the gateway's end of the link is closed (a read would find its end, or a
+        reset), without waiting: the gateway sends nothing unasked, so an idle link that
+        can be read has been closed."""
+        poller = select.poll()  # not select(): a load's links may number past 1024
+        poller.register(self._sock, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        try:
+            return not self._sock.recv(1, socket.MSG_PEEK)
+        except OSError:  # reset by the gateway
+            return True
 
     def close(self) -> None:
         if not self._closed:

@@ -11,6 +11,7 @@ import json
 import re
 import socket
 import threading
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -1263,6 +1264,29 @@ def test_connection_sends_a_frame_and_reads_its_answer(
         exchange = link.exchange(REQUEST)
     assert server.frames == [REQUEST]
     assert exchange.answer == ANSWER and exchange.sent == (REQUEST,)
+
+
+def test_a_link_the_server_closed_while_it_stood_idle_reads_as_closed(
+    serve: Callable[..., LoopbackServer],
+) -> None:
+    """A link whose server closed it after an answer (a gateway stopping or restarting,
+    its idle time-out) is `closed` before the next request, so a scenario's next step opens
+    a new one: it sent into the old one, found it broken, and owed a reversal for a
+    request no gateway saw. One still open, or with an answer waiting, is not."""
+    answers = iter([ANSWER, b"close"])
+    server = serve(lambda frame: next(answers))
+    link = Connection.open(server.target, answer_timeout_s=5)
+    assert link.exchange(REQUEST).answer == ANSWER
+    assert not link.closed
+    link.send(REQUEST)  # the server reads it and closes the link, answering nothing
+    deadline = time.monotonic() + 5
+    while not link.closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert link.closed
+    glued = serve(lambda frame: ANSWER + ANSWER)
+    with Connection.open(glued.target, answer_timeout_s=5) as waiting:
+        assert waiting.exchange(REQUEST).answer == ANSWER
+        assert not waiting.closed  # the second answer is there to be read
 
 
 def test_connection_splits_several_answers_from_one_read(
