@@ -214,7 +214,7 @@ def _opened(
     )
     try:
         if load:
-            _refuse_unwritable(engine)
+            refuse_unwritable(engine)
         if security is None and load:
             _refuse_key_files_made_anew(engine, config.issuer.master_key)
     except BaseException:
@@ -223,7 +223,7 @@ def _opened(
     return config, chosen_clock, chosen_security, engine
 
 
-def _refuse_unwritable(engine: Engine) -> None:
+def refuse_unwritable(engine: Engine) -> None:
     """`BadInput` unless the ledger takes a write: a command that loads the config writes to
     it. A load that changes nothing writes nothing, so a ledger opened read-only (a SQLite
     file its user may not write, a PostgreSQL standby) was found out only by the first

@@ -506,3 +506,22 @@ def test_a_month_signed_before_the_key_was_recorded_records_it(
         ).scalar_one()
     engine.dispose()
     assert recorded == signing.key_sha256(key)
+
+
+def test_clear_of_a_ledger_that_takes_no_write_is_refused_before_out_is_made(
+    config_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ledger opened read-only (SQLite's `mode=ro` here; a PostgreSQL standby alike):
+    one line and exit 2, and no `--out` left behind (it was made, then left empty)."""
+    made_ledger(config_path)
+    database = config_path.parent / "var" / "vipgate.db"
+    out = config_path.parent / "out"
+    read_only = f"sqlite:///file:{database}?mode=ro&uri=true"
+    arguments = ["--config", str(config_path), "--db", read_only]
+    assert main(["clear", *arguments, "--month", "2026-11", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        "vipgate: error: database: the ledger file cannot be written (attempt to write a"
+        " readonly database); check the file's and its folder's owner and mode, then run the"
+        " command again\n"
+    )
+    assert not out.exists()

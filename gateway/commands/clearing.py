@@ -22,7 +22,7 @@ from clearing.close import refuse_unclosable
 from clearing.period import Month, refuse_unfinished
 from clearing.reconcile import reconcile, refuse_unclosed
 from clearing.verify import Verification, verify_file
-from gateway.bootstrap import Check, wired, wired_unit
+from gateway.bootstrap import Check, refuse_unwritable, wired, wired_unit
 from gateway.clock import SHANGHAI, Clock
 from gateway.commands.ledger import refuse_damaged_ledger
 from gateway.config import Config, load_config
@@ -91,6 +91,10 @@ def clear_command(args: argparse.Namespace) -> int:
     ) as wiring:
         # Money leaves on these figures: never from a file SQLite finds damaged.
         refuse_damaged_ledger(wiring.engine, "clear", "nothing was closed or written")
+        # A close writes, and so does a later run (it records the file's and key's
+        # SHA-256): a ledger that takes no write (a read-only file, a standby) is refused
+        # before `--out` is made, where it was refused after, leaving `--out` empty.
+        refuse_unwritable(wiring.engine)
         with _writing_into(args.out):
             cleared = clear(wiring.engine, wiring.config, month, args.out, wiring.now())
     _report_cleared(cleared)
