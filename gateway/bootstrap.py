@@ -167,14 +167,17 @@ def wired_unit(
     say: Callable[[str], None] = print,
     check: Check | None = None,
     load: bool = True,
+    existing: bool = False,
 ) -> Iterator[tuple[Wiring, Session]]:
     """`wired`, for a command that does its work in one unit of work: the unit that loads the
     config, so the load commits with the command's work, or not at all. A command that
     refuses (raises) inside it, for an unknown card say, leaves the ledger as it found it.
     The load's lines go to `say` once the unit has committed. With `load=False` (a command
-    that only reads the ledger) the unit loads nothing."""
+    that only reads the ledger) the unit loads nothing. With `existing`, a command that
+    changes a ledger but has no use for a new one (a card's status, the master key's
+    rotation) refuses a SQLite file that is not there rather than make one."""
     config, clock, security, engine = _opened(
-        config_path, db_override, None, None, check, load=load
+        config_path, db_override, None, None, check, load=load, existing=existing
     )
     try:
         if not load:
@@ -196,6 +199,7 @@ def _opened(
     check: Check | None,
     *,
     load: bool = True,
+    existing: bool = False,
     busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS,
 ) -> tuple[Config, Clock, SecurityModule, Engine]:
     """The config read, the command's `check` run, the security module made and the database
@@ -207,10 +211,11 @@ def _opened(
     if check is not None:
         check(config, chosen_clock)
     chosen_security = security or SoftwareSecurityModule(FileKeyStore(config.issuer.master_key))
-    if load and sqlite_ledger_to_make(config.gateway.database):
+    existing = existing or not load
+    if not existing and sqlite_ledger_to_make(config.gateway.database):
         refuse_lots_after_today(config, chosen_clock.now())
     engine = open_database(
-        config.gateway.database, busy_timeout_ms=busy_timeout_ms, existing=not load
+        config.gateway.database, busy_timeout_ms=busy_timeout_ms, existing=existing
     )
     try:
         if load:
@@ -348,8 +353,8 @@ def open_database(
             database = _uri_path(parsed.database) if uri else Path(parsed.database)
             if existing and not database.exists():
                 raise BadInput(
-                    f"database: no ledger at {database}; this command reads a ledger and makes"
-                    " none (check --db or the config's database)"
+                    f"database: no ledger at {database}; this command works on a ledger and"
+                    " makes none (check --db or the config's database)"
                 )
             if not uri:  # a URI's file, and whether to make it (`mode`), are SQLite's
                 folder = database.parent

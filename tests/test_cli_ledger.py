@@ -849,8 +849,8 @@ def test_a_command_that_reads_the_ledger_refuses_one_that_is_not_there(
     url = f"sqlite:///{missing}"
     assert main([*arguments, "--config", str(cli.config), "--db", url]) == 2
     assert capsys.readouterr().err == (
-        f"vipgate: error: database: no ledger at {missing}; this command reads a ledger and"
-        " makes none (check --db or the config's database)\n"
+        f"vipgate: error: database: no ledger at {missing}; this command works on a ledger"
+        " and makes none (check --db or the config's database)\n"
     )
     assert not missing.parent.exists()
     assert not (tmp_path / "out").exists()
@@ -1020,3 +1020,35 @@ def test_a_feed_sent_again_names_twenty_skipped_lines_and_counts_the_rest(
     assert report[1] == f"{feed}: 25 lines skipped, their source_ref applied before (250 points)"
     assert len([line for line in report if line.startswith("  line ")]) == 20
     assert report[-1] == "  and 5 more lines"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("cards", "block", GOLD),
+        ("cards", "unlock", GOLD),
+        ("cards", "status", GOLD, "lost"),
+        ("cards", "enrol", GOLD),
+        ("keys", "rotate-master"),
+    ],
+)
+def test_a_command_with_no_use_for_a_new_ledger_makes_none(
+    cli: Cli, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]
+) -> None:
+    """A card command or the master key's rotation with a mistyped `--db`: one line and
+    exit 2, no ledger made, the key files as they were. Each made an empty ledger and
+    loaded the config into it; the rotation then sealed that ledger's keys under a new
+    master key and destroyed the old one, under which the real ledger's keys are sealed."""
+    cli.run("ledger", "load")
+    master = cli.config.parent / "var" / "master.key"
+    keys = (master.read_bytes(), master.with_name("master.key.pin").read_bytes())
+    typo = tmp_path / "db" / "ledgr.db"
+    capsys.readouterr()
+    assert main([*command, "--config", str(cli.config), "--db", f"sqlite:///{typo}"]) == 2
+    assert capsys.readouterr().err == (
+        f"vipgate: error: database: no ledger at {typo}; this command works on a ledger and"
+        " makes none (check --db or the config's database)\n"
+    )
+    assert not typo.exists()
+    assert (master.read_bytes(), master.with_name("master.key.pin").read_bytes()) == keys
+    assert cli.run("ledger", "load").code == 0  # the real ledger's keys still open

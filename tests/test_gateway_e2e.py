@@ -350,9 +350,8 @@ def test_a_traffic_log_that_cannot_be_opened_leaves_the_ledger_as_it_was(
     assert line.startswith(f"vipgate: error: {missing}: cannot open for recording")
     assert not (tmp_path / "ledger.db").exists()
     # Refused later, by the ledger (a --clock before what it holds): the log made goes again.
-    block = [str(VIPGATE), "cards", "status", "6688000000000000030", "blocked"]
-    block += ["--config", str(config), "--db", command[-1]]
-    subprocess.run(block, capture_output=True, timeout=120, check=True)  # loads the config now
+    load = [str(VIPGATE), "ledger", "load", "--config", str(config), "--db", command[-1]]
+    subprocess.run(load, capture_output=True, timeout=120, check=True)  # loads the config now
     made = tmp_path / "traffic.jsonl"
     result = subprocess.run(
         [*command, "--clock", "2026-01-01T00:00:00+08:00", "--record", str(made)],

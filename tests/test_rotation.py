@@ -91,6 +91,7 @@ def test_the_command_rotates_and_the_gateway_still_checks_pins(
     config = tmp_path / "demo.toml"
     shutil.copy(DEMO, config)
     database = f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert cli.main(["ledger", "load", "--config", str(config), "--db", database]) == 0
     assert cli.main(["keys", "rotate-master", "--config", str(config), "--db", database]) == 0
     assert "3 terminal master keys" in capsys.readouterr().out
     assert cli.main(["keys", "rotate-master", "--config", str(config), "--db", database]) == 0
@@ -173,6 +174,7 @@ def test_a_refused_rotation_leaves_the_config_load_undone_too(
     shutil.copy(DEMO, config)
     database = f"sqlite:///{tmp_path / 'ledger.db'}"
     command = ["keys", "rotate-master", "--config", str(config), "--db", database]
+    assert cli.main(["ledger", "load", "--config", str(config), "--db", database]) == 0
     assert cli.main(command) == 0
     engine = open_database(database)
     try:

@@ -79,7 +79,7 @@ def show(args: argparse.Namespace) -> int:
 
 
 def enrol(args: argparse.Namespace) -> int:
-    with wired_unit(args.config, args.db) as (wiring, session):
+    with wired_unit(args.config, args.db, existing=True) as (wiring, session):
         card = known_card(session, wiring.config, args.card)
         qualify = wiring.config.plan.qualify_points
         outcome = operations.enrol(session, card.number, wiring.now(), qualify_points=qualify)
@@ -107,7 +107,7 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _set_status(args: argparse.Namespace, new: CardStatus) -> int:
-    with wired_unit(args.config, args.db) as (wiring, session):
+    with wired_unit(args.config, args.db, existing=True) as (wiring, session):
         card = known_card(session, wiring.config, args.card)
         _refuse_config_override(wiring.config, card.number, "status", new.value)
         before = operations.set_status(session, card.number, new)
@@ -119,7 +119,7 @@ def _set_status(args: argparse.Namespace, new: CardStatus) -> int:
 
 
 def unlock(args: argparse.Namespace) -> int:
-    with wired_unit(args.config, args.db) as (wiring, session):
+    with wired_unit(args.config, args.db, existing=True) as (wiring, session):
         card = known_card(session, wiring.config, args.card)
         was_locked, wrong_tries = card.pin_locked, card.wrong_pin_count
         operations.unlock_pin(session, card.number)

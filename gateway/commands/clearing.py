@@ -207,7 +207,7 @@ def _report_verification(verification: Verification) -> None:
 def rotate_master_command(args: argparse.Namespace) -> int:
     # The config's load and the sealing again are one unit of work: a stored key that does
     # not open leaves the ledger as it was, the load included.
-    with wired_unit(args.config, args.db) as (wiring, session):
+    with wired_unit(args.config, args.db, existing=True) as (wiring, session):
         next_key = wiring.security.begin_rotation()
         try:
             rotation = reseal(session, next_key)
