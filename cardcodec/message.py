@@ -438,10 +438,11 @@ def _walk(
         elif kind == _TEXT:
             try:
                 value = payload[index:end].decode(encoding)
-            except ValueError:
-                raise _UnreadableFieldError(
-                    "Failed to decode field, invalid data", number, index
-                ) from None
+            except ValueError:  # framed all the same (its length is known): the walk goes on
+                if bad is None:
+                    bad = (number, start, problem)
+                index = end
+                continue
         else:
             fields[number] = payload[index:end]
             index = end

@@ -246,3 +246,26 @@ def test_encoding_refuses_an_empty_field_62() -> None:
     with pytest.raises(CodecError) as caught:
         encode_message(Message("0200", {11: "000123", 62: b""}))
     assert caught.value.field == 62
+
+
+@pytest.mark.parametrize("number, value", [(37, "123456789012"), (39, "00")])
+def test_a_byte_above_ascii_in_a_text_field_is_a_bad_value_not_a_break(
+    number: int, value: str
+) -> None:
+    """A byte above 0x7F in a fixed text field before 41 (a void's 37, a reversal's 39) is
+    a format error of that field: its length is known, so 41, 42 and 60 are still read, for
+    the `30` §7 asks for. It stopped the walk, and the link was closed unanswered."""
+    request = decode_message(PAYLOAD)
+    fields = {3: "000000", 11: "000002", number: value, 41: request.fields[41]}
+    fields |= {42: request.fields[42], 60: "22000001000"}
+    payload = bytearray(encode_message(Message("0200", fields, request.tpdu, request.header)))
+    at = bytes(payload).index(value.encode("ascii"))
+    payload[at + len(value) - 1] = 0x80
+    with pytest.raises(CodecError) as caught:
+        decode_message(bytes(payload))
+    assert (caught.value.field, caught.value.offset) == (number, 2 + at)
+    assert str(caught.value) == f"field {number} at byte {2 + at}: not an data"
+    partial = caught.value.partial
+    assert partial is not None
+    assert {11, 41, 42, 60} <= set(partial.fields)
+    assert number not in partial.fields

@@ -113,6 +113,9 @@ def reference_decode_message(payload: bytes) -> Message:
     # A pad nibble that is not the spec's, in a field read whole: a bad value, not an
     # unreadable one (its extent is known), so the walk goes on, as for a failed check.
     bad_pads: dict[int, tuple[int, str]] = {}
+    # Text whose bytes the field's codec refuses (a byte above 0x7F in an ans field): read
+    # whole all the same, so a bad value too, refused as a failed check is.
+    bad_texts: set[int] = set()
     try:
         for number, bit in FIELD_BITS:
             if number > first_unknown:
@@ -122,6 +125,10 @@ def reference_decode_message(payload: bytes) -> Message:
                 try:
                     index = decode_field(body, decoded, encoded, index, key, SPEC[key])
                 except DecodeError as error:
+                    if error.msg == "Failed to decode field, invalid data":
+                        bad_texts.add(number)
+                        index = error.pos + len(error.doc_enc[key]["data"])
+                        continue
                     # A pad's field is whole when pyiso8583 raises (its decoded value
                     # holds the pad); a field cut short is not.
                     data = error.doc_enc[key]["data"]
@@ -162,6 +169,11 @@ def reference_decode_message(payload: bytes) -> Message:
         if number in bad_pads:
             if bad is None:
                 bad = (number, *bad_pads[number])
+            offset += len(encoded[key]["len"]) + len(encoded[key]["data"])
+            continue
+        if number in bad_texts:
+            if bad is None:
+                bad = (number, body_offset + offset, f"not {FIELDS[number].format.value} data")
             offset += len(encoded[key]["len"]) + len(encoded[key]["data"])
             continue
         value = decoded[key]
