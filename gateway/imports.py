@@ -320,7 +320,8 @@ def apply_feed(
     progress: Callable[[int, int], None] | None = None,
 ) -> FeedReport:
     """A checked feed applied `APPLY_LINES` lines to a transaction, so that a serving gateway
-    waits for one batch at most, never for the whole file (a million lines take an hour).
+    waits for one batch at most, never for the whole file (a batch takes about 0.1 s of CPU:
+    `operations.accrue_many`).
     Stopped midway (a crash, Ctrl-C), whole batches stand, and the same file sent again
     applies the rest: the lines applied are skipped by their source_ref. `progress` gets
     (lines done, lines in all) after each batch."""
@@ -383,16 +384,16 @@ def _accrue(session: Session, accruals: list[Accrual], config: Config, now: date
     when = moment_at(config, now)
     applied_lots = applied_points = 0
     skipped = []
-    for accrual in accruals:
-        outcome = operations.accrue(
-            session,
-            accrual.card_number,
-            accrual.earned_on,
-            accrual.points,
-            accrual.source_ref,
-            when=when,
-            expiry_years=config.plan.expiry_years,
+    lines = [
+        operations.AccrualLine(
+            accrual.card_number, accrual.earned_on, accrual.points, accrual.source_ref
         )
+        for accrual in accruals
+    ]
+    outcomes = operations.accrue_many(
+        session, lines, when=when, expiry_years=config.plan.expiry_years
+    )
+    for accrual, outcome in zip(accruals, outcomes, strict=True):
         if isinstance(outcome, operations.AccrualSkipped):
             skipped.append(SkippedAccrual(accrual.line, accrual.source_ref, accrual.points))
         else:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from gateway.clock import SHANGHAI
 from gateway.errors import BadInput
 from gateway.ledger import journal, operations
-from gateway.ledger.db import unit_of_work
+from gateway.ledger.db import make_engine, unit_of_work
 from gateway.ledger.journal import LedgerError
 from gateway.ledger.models import Authorisation, AuthorisationState, CardStatus, TransactionKind
 from gateway.ledger.operations import (
+    AccrualLine,
     AccrualSkipped,
     Accrued,
     Decline,
@@ -629,3 +632,72 @@ def test_points_redeemed_on_counts_approved_redemptions_only(world: LedgerWorld)
     with unit_of_work(world.engine) as session:
         assert operations.points_redeemed_on(session, card, world.now.date()) == 100
         assert operations.points_redeemed_on(session, card, date(2026, 3, 11)) == 0
+
+
+def test_a_batch_of_accruals_leaves_what_its_lines_one_by_one_leave(
+    fresh_ledger_url: Callable[[], str],
+) -> None:
+    """`accrue_many` (a feed's batch: what every line shares looked up once, the rows
+    written in a few flushes) against `accrue` line by line, on two equal ledgers: the same
+    outcomes, lots, balances and journal, a ref applied before or repeated in the batch
+    skipped, several lines for one card counted together against the cap."""
+    batch = [
+        ("a", 1, LATE, 100),
+        ("b", 2, EARLY, 50),
+        ("a", 1, LATE, 7),  # repeated in the batch: skipped
+        ("c", 1, EARLY, 30),
+        ("before", 2, LATE, 5),  # applied before the batch: skipped
+        ("d", 2, LATE, 11),
+    ]
+    results = []
+    for together in (False, True):
+        engine = make_engine(fresh_ledger_url())
+        world = LedgerWorld(engine)
+        cards = {1: world.add_card(1), 2: world.add_card(2)}
+        world.accrue(cards[2], LATE, 5, ref="before")
+        lines = [AccrualLine(cards[c], day, points, ref) for ref, c, day, points in batch]
+        with unit_of_work(engine) as session:
+            when = moment(world.now)
+            if together:
+                outcomes = operations.accrue_many(session, lines, when=when, expiry_years=3)
+            else:
+                outcomes = [
+                    operations.accrue(
+                        session, line.card_number, line.earned_on, line.points, line.source_ref,
+                        when=when, expiry_years=3,
+                    )
+                    for line in lines
+                ]  # fmt: skip
+        with unit_of_work(engine) as session:
+            journal_rows = session.execute(
+                text(
+                    "SELECT t.idempotency_key, e.points FROM journal_transactions t"
+                    " JOIN journal_entries e ON e.transaction_id = t.id ORDER BY t.id, e.id"
+                )
+            ).all()
+        results.append(
+            (
+                [
+                    (type(outcome).__name__, getattr(outcome, "expires_on", None))
+                    for outcome in outcomes
+                ],
+                [world.lots(card) for card in cards.values()],
+                [world.balances(card) for card in cards.values()],
+                [tuple(row) for row in journal_rows],
+            )
+        )
+        assert world.violations() == []
+        engine.dispose()
+    assert results[0] == results[1]
+    kinds = [kind for kind, _ in results[1][0]]
+    assert kinds == ["Accrued", "Accrued", "AccrualSkipped", "Accrued", "AccrualSkipped", "Accrued"]
+    # The cap counts the batch's earlier lines for the card: one point over, refused whole.
+    engine = make_engine(fresh_ledger_url())
+    world = LedgerWorld(engine)
+    card = world.add_card(1)
+    half = MAX_CARD_POINTS // 2
+    over = [AccrualLine(card, LATE, half, "x"), AccrualLine(card, LATE, half + 2, "y")]
+    with pytest.raises(BadInput, match="more than the"), unit_of_work(engine) as session:
+        operations.accrue_many(session, over, when=moment(world.now), expiry_years=3)
+    assert world.balances(card).ledger_points == 0
+    engine.dispose()

@@ -21,7 +21,7 @@ the current points year.
 from __future__ import annotations
 
 import enum
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time
 
@@ -45,6 +45,7 @@ from gateway.ledger.journal import (
     record_movement,
     spendable_lots,
     sum_of,
+    system_account_id,
     take,
 )
 from gateway.ledger.models import (
@@ -55,6 +56,7 @@ from gateway.ledger.models import (
     AuthorisationState,
     Card,
     CardStatus,
+    JournalEntry,
     JournalTransaction,
     LotMovement,
     LotOrigin,
@@ -696,47 +698,129 @@ def accrue(
     expiry_years: int,
 ) -> Accrued | AccrualSkipped:
     """A new lot of `points` earned on `earned_on`, applied at most once per `source_ref`
-    ever. Journal: accrual -> card. An unknown card or points not positive is `BadInput`."""
-    if type(points) is not int or points <= 0:
-        raise BadInput(f"accrual {source_ref}: points must be a positive integer")
-    if not source_ref:
-        raise BadInput("an accrual needs a source_ref")
-    if lock_card(session, card_number) is None:
-        raise BadInput(f"accrual {source_ref}: unknown card")
-    if accruals_applied(session, [source_ref]):
-        return AccrualSkipped(source_ref)
-    held = _points_held(session, [card_number]).get(card_number, 0)
-    coming = _points_to_come_back(session, [card_number]).get(card_number, 0)
-    if held + coming + points > MAX_CARD_POINTS:
-        shown = source_ref.replace(card_number, mask_card_number(card_number))  # config lots
-        back = f" and {coming} more its approved redemptions may give back" if coming else ""
-        raise BadInput(
-            f"accrual {shown}: the card would hold {held + points} points{back}, more than"
-            f" the {MAX_CARD_POINTS} an answer can carry"
+    ever. Journal: accrual -> card. An unknown card or points not positive is `BadInput`;
+    so is an accrual that would take the card past `MAX_CARD_POINTS`, counting what its
+    approved redemptions may give back."""
+    line = AccrualLine(card_number, earned_on, points, source_ref)
+    return accrue_many(session, [line], when=when, expiry_years=expiry_years)[0]
+
+
+@dataclass(frozen=True)
+class AccrualLine:
+    """One accrual of a batch (`accrue_many`)."""
+
+    card_number: str
+    earned_on: date
+    points: int
+    source_ref: str
+
+
+def accrue_many(
+    session: Session,
+    lines: Sequence[AccrualLine],
+    *,
+    when: Moment,
+    expiry_years: int,
+) -> list[Accrued | AccrualSkipped]:
+    """`accrue` for each line, in order, with what is the same for every line looked up
+    once: the cards locked together (in card-number order, as every writer locks them),
+    the source_refs applied before, each card's balance and what may come back to it, and
+    the accounts; then the journal transactions, the lots and their movements each written
+    in one flush. A feed's batch of 200 lines cost about 11 statements and 3 flushes a line
+    (about 475 ms of CPU under the write lock, while a serving gateway waited). A line
+    `accrue` would refuse is `BadInput` the same way, and nothing of the batch is written
+    (the caller's unit of work is rolled back)."""
+    for line in lines:
+        if type(line.points) is not int or line.points <= 0:
+            raise BadInput(f"accrual {line.source_ref}: points must be a positive integer")
+        if not line.source_ref:
+            raise BadInput("an accrual needs a source_ref")
+    numbers = sorted({line.card_number for line in lines})
+    locked = session.scalars(
+        select(Card.number).where(Card.number.in_(numbers)).order_by(Card.number).with_for_update()
+    )
+    known = set(locked)
+    for line in lines:
+        if line.card_number not in known:
+            raise BadInput(f"accrual {line.source_ref}: unknown card")
+    applied = accruals_applied(session, {line.source_ref for line in lines})
+    held = _points_held(session, numbers)
+    coming = _points_to_come_back(session, numbers)
+    totals = {number: held.get(number, 0) + coming.get(number, 0) for number in numbers}
+    account_rows = session.execute(
+        select(Account.card_number, Account.id).where(Account.card_number.in_(numbers))
+    )
+    accounts = {number: account for number, account in account_rows}  # a Result has keys()
+    system = system_account_id(session, AccountKind.ACCRUAL)
+    # Per line: the skip, or the index of the lot it makes (filled in once it has its ids).
+    planned: list[AccrualSkipped | int] = []
+    applying: list[tuple[AccrualLine, JournalTransaction]] = []
+    for line in lines:
+        if line.source_ref in applied:
+            planned.append(AccrualSkipped(line.source_ref))
+            continue
+        applied.add(line.source_ref)  # a second line of the batch with the same ref is skipped
+        number = line.card_number
+        if totals[number] + line.points > MAX_CARD_POINTS:
+            back_points = coming.get(number, 0)
+            shown = line.source_ref.replace(number, mask_card_number(number))  # config lots
+            back = (
+                f" and {back_points} more its approved redemptions may give back"
+                if back_points
+                else ""
+            )
+            raise BadInput(
+                f"accrual {shown}: the card would hold {held.get(number, 0) + line.points}"
+                f" points{back}, more than the {MAX_CARD_POINTS} an answer can carry"
+            )
+        totals[number] += line.points
+        held[number] = held.get(number, 0) + line.points
+        planned.append(len(applying))
+        transaction = JournalTransaction(
+            idempotency_key=f"accrual:{line.source_ref}",
+            kind=TransactionKind.ACCRUAL,
+            created_at=when.at,
+            business_date=when.business_date,
+            card_number=number,
         )
-    transaction = card_transfer(
-        session,
-        key=f"accrual:{source_ref}",
-        kind=TransactionKind.ACCRUAL,
-        when=when,
-        card_number=card_number,
-        system=AccountKind.ACCRUAL,
-        points_to_card=points,
-    )
-    lot = PointLot(
-        card_number=card_number,
-        origin=LotOrigin.ACCRUAL,
-        earned_on=earned_on,
-        expires_on=lot_expires_on(earned_on, expiry_years),
-        original_points=points,
-        remaining_points=points,
-        source_ref=source_ref,
-        created_by_transaction_id=transaction.id,
-    )
-    session.add(lot)
+        applying.append((line, transaction))
+    if not applying:
+        return [outcome for outcome in planned if isinstance(outcome, AccrualSkipped)]
+    session.add_all([transaction for _, transaction in applying])
     session.flush()
-    record_movement(session, transaction.id, lot.id, points)
-    return Accrued(lot.id, transaction.id, lot.expires_on)
+    lots = []
+    for line, transaction in applying:
+        card_account = accounts[line.card_number]
+        session.add_all(
+            [
+                JournalEntry(
+                    transaction_id=transaction.id, account_id=card_account, points=line.points
+                ),
+                JournalEntry(transaction_id=transaction.id, account_id=system, points=-line.points),
+            ]
+        )
+        lots.append(
+            PointLot(
+                card_number=line.card_number,
+                origin=LotOrigin.ACCRUAL,
+                earned_on=line.earned_on,
+                expires_on=lot_expires_on(line.earned_on, expiry_years),
+                original_points=line.points,
+                remaining_points=line.points,
+                source_ref=line.source_ref,
+                created_by_transaction_id=transaction.id,
+            )
+        )
+    session.add_all(lots)
+    session.flush()
+    for (line, transaction), lot in zip(applying, lots, strict=True):
+        record_movement(session, transaction.id, lot.id, line.points)
+    return [
+        outcome
+        if isinstance(outcome, AccrualSkipped)
+        else Accrued(lots[outcome].id, applying[outcome][1].id, lots[outcome].expires_on)
+        for outcome in planned
+    ]
 
 
 def _points_held(session: Session, numbers: Collection[str]) -> dict[str, int]:
