@@ -163,22 +163,25 @@ def _signing_key(engine: Engine, path: Path, month: Month) -> Ed25519PrivateKey:
     later (a host without the file, a moved path), it would sign files the acquirer cannot
     verify against the public key it holds."""
     with unit_of_work(engine) as session:
+        # Every closed month was signed; one closed before the key was recorded (migration
+        # 0009) by a key the ledger cannot name.
         signed = session.scalars(
-            select(ClosedMonth)
-            .where(ClosedMonth.signing_key_sha256.is_not(None))
-            .order_by(ClosedMonth.month.desc())
-            .limit(1)
+            select(ClosedMonth).order_by(ClosedMonth.month.desc()).limit(1)
         ).first()
         this_month = session.get(ClosedMonth, month.key)
         recorded = None if this_month is None else this_month.signing_key_sha256
     if not path.exists() and not path.is_symlink():
         if signed is not None:
+            which = (
+                f"by the key whose public key has SHA-256 {signed.signing_key_sha256}"
+                if signed.signing_key_sha256 is not None
+                else "by the key the config named then"
+            )
             raise BadInput(
                 f"signing key {path}: no such file, and the ledger's months were signed"
-                f" (the latest, {signed.month}, by the key whose public key has SHA-256"
-                f" {signed.signing_key_sha256}); restore that key file. To sign new months"
-                " with a new key, make it first (`vipgate keys export-public` makes the"
-                " config's key when missing) and give its public key to the acquirer"
+                f" (the latest, {signed.month}, {which}); restore that key file. To sign new"
+                " months with a new key, make it first (`vipgate keys export-public` makes"
+                " the config's key when missing) and give its public key to the acquirer"
             )
         return signing.load_or_create(path)
     key = signing.load_private(path)

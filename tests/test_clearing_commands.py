@@ -506,6 +506,22 @@ def test_a_month_signed_before_the_key_was_recorded_records_it(
         ).scalar_one()
     engine.dispose()
     assert recorded == signing.key_sha256(key)
+    # Its key file gone (the month closed before the record): refused, no key made.
+    engine = make_engine(f"sqlite:///{database}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE clearing_months SET signing_key_sha256 = NULL")
+    engine.dispose()
+    key_file = config_path.parent / "var" / "issuer-ed25519.pem"
+    key_file.unlink()
+    signature = out / "VIPSETTLE_ACQ000000000001_202611_001.txt.sig"
+    signed = signature.read_bytes()
+    capsys.readouterr()
+    assert main(["clear", *arguments]) == 2
+    assert "(the latest, 2026-11, by the key the config named then); restore that key file" in (
+        capsys.readouterr().err
+    )
+    assert not key_file.exists()
+    assert signature.read_bytes() == signed
 
 
 def test_clear_of_a_ledger_that_takes_no_write_is_refused_before_out_is_made(
