@@ -28,12 +28,11 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import structlog
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import Int16StringReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
-from zope.interface import classImplements  # type: ignore[import-untyped]
 
 from cardcodec.frame import MAX_FRAME_LENGTH
 from gateway.handler import Reply
@@ -125,9 +124,6 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         # A bound the peer broke (`_refuse_from_now`): no frame is taken any more, and the link
         # closes for this cause once the answers it owes are written.
         self._refusing: CloseCause | None = None
-        # The terminal closed its sending side and still reads (a half-close): the link
-        # closes once the answers it owes are written.
-        self._peer_done = False
 
     def connectionMade(self) -> None:
         # TimeoutMixin schedules through `callLater`: the injected reactor's, for fake clocks.
@@ -159,20 +155,6 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
             self._factory.release(self._address)
             if self._factory.metrics is not None:
                 self._factory.metrics.connection_closed()
-
-    def readConnectionLost(self) -> None:
-        """The terminal sent its last byte (`shutdown(SHUT_WR)`) and still reads: what it
-        sent is answered, then the link closes. Taken for a closed link, the answers were
-        decided, a redemption committed, and not sent (`not_sent`): the terminal reverses
-        it. A terminal that closed both ways finds the answer refused by its socket, as
-        before."""
-        self._peer_done = True
-        if not self._slots and not self._closing:
-            self._end()
-
-    def writeConnectionLost(self) -> None:
-        """The write side closed under us: nothing more can be sent, so the link ends."""
-        self._end()
 
     def timeoutConnection(self) -> None:
         if self._closing:  # closed meanwhile, and the peer has not read what it was sent
@@ -304,8 +286,6 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
                 self._close(self._refusing)
             elif self._stopping:
                 self._close("stopping")
-            elif self._peer_done:
-                self._end()
 
     def _measure(self, slot: _Slot, event: dict[str, Any], written: bool) -> None:
         """The outcome as logged: an answer decided after its link closed (`not_sent`) never
@@ -337,19 +317,10 @@ class TerminalProtocol(Int16StringReceiver, TimeoutMixin):
         if self.transport is not None:
             cast(Any, self.transport).loseConnection()
 
-    def _end(self) -> None:
-        """Close a link the terminal ended (no bound of ours: counted by no close cause)."""
-        self._closing = True
-        if self.transport is not None:
-            cast(Any, self.transport).loseConnection()
-
     def _peer(self) -> str:
         peer = cast(Any, self.transport).getPeer() if self.transport is not None else None
         return str(getattr(peer, "host", "?"))
 
-
-# A half-close reaches `readConnectionLost` rather than ending the link (Twisted asks).
-classImplements(TerminalProtocol, IHalfCloseableProtocol)
 
 # Buckets kept before the idle ones are dropped: bounds the memory a stream of new terminal
 # ids or addresses can take (a dropped bucket was full, so dropping it forgives nothing).

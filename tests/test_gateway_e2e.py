@@ -389,24 +389,6 @@ def test_a_response_mti_from_a_stranger_closes_only_its_own_link(served: Served)
     stranger.close()
 
 
-def test_a_terminal_that_half_closes_after_its_redemption_gets_its_answer(
-    served: Served,
-) -> None:
-    """A terminal sends its redemption and shuts its sending side (`SHUT_WR`), still
-    reading: the committed approval is answered, then the gateway closes the link. It was
-    taken for a closed link: approved, committed, and never sent."""
-    link = Link("127.0.0.1", served.port)
-    terminal = terminal_for("10000001")
-    terminal.adopt_sign_on(exchange(link, terminal, terminal.sign_on()))
-    card = terminal.card_fields(DIAMOND, "2906")
-    request = terminal.financial("0200", "000000", "22", card, amount_fen=100)
-    link.send(request)
-    link.socket.shutdown(socket.SHUT_WR)
-    assert terminal.check(request, link.receive()).code == "00"
-    assert link.socket.recv(1) == b""  # then closed by the gateway
-    link.close()
-
-
 def test_a_terminal_disabled_by_another_process_is_refused_within_seconds(
     served: Served, tmp_path: Path, ledger_url: str
 ) -> None:

@@ -165,26 +165,6 @@ def test_an_answer_for_a_link_already_lost_is_logged_not_sent() -> None:
     assert [line["event"] for line in logged] == ["not_sent"]
 
 
-def test_a_terminal_that_half_closes_gets_its_answers_then_the_link_closes() -> None:
-    """A terminal that sent its requests and closed its sending side (`shutdown(SHUT_WR)`)
-    still reads: its answers are written, then the link closes. The link was taken for
-    closed, and an approved redemption logged `not_sent`, for the terminal to reverse."""
-    pending = Pending()
-    protocol, transport, _ = connect(pending)
-    protocol.dataReceived(frame(b"first") + frame(b"second"))
-    protocol.readConnectionLost()
-    pending.answer(0)
-    assert not transport.disconnecting
-    with capture_logs() as logged:
-        pending.answer(1)
-    assert transport.value() == frame(b"re:first") + frame(b"re:second")
-    assert [line["event"] for line in logged] == ["answered"]
-    assert transport.disconnecting
-    idle, idle_transport, _ = connect(pending)
-    idle.readConnectionLost()  # nothing owed: closed at once
-    assert idle_transport.disconnecting
-
-
 def test_a_len_of_0_closes_the_connection_before_the_frames_behind_it() -> None:
     """§1: LEN 0 closes the link; a request glued behind it in the same read is not taken
     (it would be decided, its points taken, with no link left to answer it on)."""
