@@ -9,6 +9,7 @@ import pytest
 from structlog.testing import capture_logs
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from gateway.config import Config
@@ -537,3 +538,12 @@ def test_a_link_closed_instead_of_answering_is_logged_with_its_peer_and_terminal
     assert idle_transport.disconnecting
     idled = [(line["peer"], line["terminal"]) for line in logs]
     assert ("10.0.0.2", None) in idled  # named by no answer yet
+
+
+def test_a_terminal_fin_ends_its_link() -> None:
+    """The protocol takes no half-close: a FIN ends the link (Twisted's `connectionLost`),
+    and an answer owed is logged `not_sent` (the test above). TCP cannot tell a terminal
+    that closed only its sending side from one that gave up and closed both; answering after
+    the FIN logged and recorded as received answers the second kind never read."""
+    protocol, _, _ = connect(Pending())
+    assert not IHalfCloseableProtocol.providedBy(protocol)
