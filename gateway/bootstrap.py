@@ -281,12 +281,16 @@ def _uri_path(database: str) -> Path:
 
 
 def _in_memory(database: str | None, query: Mapping[str, object]) -> bool:
-    """A SQLite URL whose database lives in memory, however written: none, `:memory:`, or a
-    URI `file::memory:` or with `mode=memory`."""
+    """A SQLite URL whose database lives in memory or in a temporary file SQLite removes,
+    however written: none, `:memory:`, or a URI `file::memory:`, with `mode=memory` or
+    `vfs=memdb`, or naming no file (`file:?uri=true`: a private temporary database)."""
+    name = database or ""
     return (
-        database in (None, "", ":memory:")
-        or (database or "").startswith("file::memory:")
+        name in ("", ":memory:")
+        or name.startswith("file::memory:")
         or query.get("mode") == "memory"
+        or query.get("vfs") == "memdb"
+        or (name.startswith("file:") and urlsplit(name).path == "")
     )
 
 
@@ -331,9 +335,10 @@ def open_database(
     `cards show`) refuses a SQLite file that is not there: made anew, an empty ledger would
     pass every check, and close and reconcile an empty month, for a mistyped `--db`.
 
-    A SQLite URI (`sqlite:///file:PATH?uri=true&mode=ro`, say) is SQLite's to open as its
-    `mode` says: no folder or file is made for it. Without `uri=true` SQLite would take
-    `file:PATH` for a path in a folder named `file:`, so it is refused."""
+    A SQLite URI (`sqlite:///file:PATH?uri=true&mode=ro`, say) is opened as its `mode`
+    says: its folder and file are made (0700, 0600) only where SQLite would make them (no
+    `mode`, or `rwc`). Without `uri=true` SQLite would take `file:PATH` for a path in a
+    folder named `file:`, so it is refused."""
     folder: Path | None = None
     try:
         parsed = make_url(url)
@@ -356,7 +361,9 @@ def open_database(
                     f"database: no ledger at {database}; this command works on a ledger and"
                     " makes none (check --db or the config's database)"
                 )
-            if not uri:  # a URI's file, and whether to make it (`mode`), are SQLite's
+            # A URI's `mode` says whether SQLite may make the file (rwc, its default): made
+            # here first, as for a path, so that it is the owner's only whatever the umask.
+            if not uri or parsed.query.get("mode") in (None, "rwc"):
                 folder = database.parent
                 folder.mkdir(mode=0o700, parents=True, exist_ok=True)
                 _make_owner_only(database)

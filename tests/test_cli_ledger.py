@@ -1052,3 +1052,36 @@ def test_a_command_with_no_use_for_a_new_ledger_makes_none(
     assert not typo.exists()
     assert (master.read_bytes(), master.with_name("master.key.pin").read_bytes()) == keys
     assert cli.run("ledger", "load").code == 0  # the real ledger's keys still open
+
+
+@pytest.mark.parametrize("query", ["uri=true", "uri=true&vfs=memdb"])
+def test_a_sqlite_uri_of_a_throwaway_database_is_refused(
+    cli: Cli, tmp_path: Path, capsys: pytest.CaptureFixture[str], query: str
+) -> None:
+    """A URI naming no file (SQLite's private temporary database) or SQLite's memory VFS:
+    refused as `:memory:` is. `ledger check` passed such an empty ledger, and `clear`
+    signed a settlement file of nothing with the issuer's key."""
+    names = [""] if "vfs" not in query else [str(tmp_path / "db" / "ledger.db")]
+    for name in names:  # memdb even names the real ledger's file, and reads none of it
+        url = f"sqlite:///file:{name}?{query}"
+        assert main(["ledger", "check", "--config", str(cli.config), "--db", url]) == 2
+        assert capsys.readouterr().err == (
+            "vipgate: error: database: an in-memory SQLite database keeps nothing once the"
+            " command ends; name a file (sqlite:///PATH)\n"
+        )
+
+
+def test_a_ledger_a_sqlite_uri_makes_is_its_owners_only(
+    cli: Cli, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ledger made through a URI (SQLite's default mode, rwc) is 0600 in a 0700 folder
+    whatever the umask, as one made through a path is: it holds card numbers."""
+    made = tmp_path / "uri" / "ledger.db"
+    previous = os.umask(0o022)
+    try:
+        url = f"sqlite:///file:{made}?uri=true"
+        assert main(["ledger", "load", "--config", str(cli.config), "--db", url]) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(made.stat().st_mode) == 0o600
+    assert stat.S_IMODE(made.parent.stat().st_mode) == 0o700
