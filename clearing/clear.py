@@ -148,14 +148,14 @@ def _sqlstate(error: OperationalError) -> str | None:
 def clear(engine: Engine, config: Config, month: Month, out: Path, now: datetime) -> Cleared:
     """Refuse an unfinished month, close it if needed, and write everything into `out`."""
     refuse_unfinished(month, now, config.gateway.timezone, config.gateway.cutoff)
-    key = _signing_key(engine, config.issuer.signing_key, month)  # refused: no `out` made
+    key = _signing_key(engine, config.issuer.signing_key, month, out)  # refused: no `out` made
     make_folder(out)
     pending = _pending(out, month)
     with _writing_in(out):
         return _clear_into(engine, config, month, (out, pending), now=now, key=key)
 
 
-def _signing_key(engine: Engine, path: Path, month: Month) -> Ed25519PrivateKey:
+def _signing_key(engine: Engine, path: Path, month: Month, out: Path) -> Ed25519PrivateKey:
     """The config's signing key, refused (nothing made) when it cannot sign this month as
     the ledger says it was signed: a month closed under another key is signed again by
     that key alone (its run writes the same bytes, `.sig` included), and a missing key file
@@ -185,6 +185,8 @@ def _signing_key(engine: Engine, path: Path, month: Month) -> Ed25519PrivateKey:
             )
         return signing.load_or_create(path)
     key = signing.load_private(path)
+    if this_month is not None and recorded is None:
+        _refuse_another_signer(key, path, month, out / this_month.file_name)
     if recorded is not None and recorded != signing.key_sha256(key):
         raise BadInput(
             f"signing key {path}: month {month.key} was signed by another key (public key"
@@ -192,6 +194,30 @@ def _signing_key(engine: Engine, path: Path, month: Month) -> Ed25519PrivateKey:
             " the same bytes, so only that key signs it again: point issuer.signing_key at it"
         )
     return key
+
+
+def _refuse_another_signer(
+    key: Ed25519PrivateKey, path: Path, month: Month, settlement: Path
+) -> None:
+    """A month closed before its signing key was recorded (migration 0009): the key that
+    signed it is known only by its `.sig`. Where `--out` holds the month's file and `.sig`,
+    one this key does not verify is refused (nothing written), rather than replaced by this
+    key's and this key then recorded as the month's. Without them, the run's key is taken."""
+    sig = settlement.with_name(signature_name(settlement.name))
+    if not (settlement.is_file() and sig.is_file()):
+        return
+    try:
+        signature = bytes.fromhex(sig.read_text(encoding="ascii").strip())
+    except (ValueError, UnicodeDecodeError):
+        signature = b""
+    public = signing.raw_public(key.public_key())
+    if len(signature) == 64 and ed25519.verify(public, signature, signing.file_chunks(settlement)):
+        return
+    raise BadInput(
+        f"signing key {path}: month {month.key} closed before its signing key was recorded,"
+        f" and {sig} does not verify under this key; a later run writes the same bytes, so"
+        " only the key that signed it signs it again: point issuer.signing_key at it"
+    )
 
 
 @contextmanager
@@ -352,7 +378,7 @@ def _record_or_compare(engine: Engine, month: Month, sha256: str, key_sha256: st
         if closed.signing_key_sha256 is None:
             closed.signing_key_sha256 = key_sha256
         elif closed.signing_key_sha256 != key_sha256:  # a run beside this one signed it first
-            raise CheckFailed(
+            raise BadInput(
                 f"clear {month.key}: the month was signed by another key (public key SHA-256"
                 f" {closed.signing_key_sha256}, this run's {key_sha256}); nothing was replaced"
             )

@@ -498,7 +498,25 @@ def test_a_month_signed_before_the_key_was_recorded_records_it(
     engine = make_engine(f"sqlite:///{database}")
     with engine.begin() as connection:
         connection.exec_driver_sql("UPDATE clearing_months SET signing_key_sha256 = NULL")
+    # Another key (made on purpose for new months): its run would replace the month's .sig.
+    signature = out / "VIPSETTLE_ACQ000000000001_202611_001.txt.sig"
+    signed = signature.read_bytes()
+    original = config_path.read_text(encoding="utf-8")
+    moved = config_path.parent / "var" / "issuer-next.pem"
+    signing.load_or_create(moved)
+    _signing_key_at(config_path, moved)
+    capsys.readouterr()
+    assert main(["clear", *arguments]) == 2
+    assert capsys.readouterr().err == (
+        f"vipgate: error: signing key {moved}: month 2026-11 closed before its signing key was"
+        f" recorded, and {signature} does not verify under this key; a later run writes the"
+        " same bytes, so only the key that signed it signs it again: point"
+        " issuer.signing_key at it\n"
+    )
+    assert signature.read_bytes() == signed
+    config_path.write_text(original, encoding="utf-8")
     assert main(["clear", *arguments]) == 0
+    assert signature.read_bytes() == signed
     key = signing.load_private(config_path.parent / "var" / "issuer-ed25519.pem")
     with engine.begin() as connection:
         recorded = connection.exec_driver_sql(
@@ -513,8 +531,6 @@ def test_a_month_signed_before_the_key_was_recorded_records_it(
     engine.dispose()
     key_file = config_path.parent / "var" / "issuer-ed25519.pem"
     key_file.unlink()
-    signature = out / "VIPSETTLE_ACQ000000000001_202611_001.txt.sig"
-    signed = signature.read_bytes()
     capsys.readouterr()
     assert main(["clear", *arguments]) == 2
     assert "(the latest, 2026-11, by the key the config named then); restore that key file" in (
