@@ -553,14 +553,7 @@ def test_a_ledger_that_takes_no_write_is_refused_before_serving(
     read_only = f"sqlite:///file:{database}?mode=ro&uri=true"
     where = tmp_path / "elsewhere"
     where.mkdir()
-    result = subprocess.run(
-        [str(VIPGATE), *command, "--config", str(cli.config), "--db", read_only],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=where,
-    )
+    result = _vipgate_in(where, *command, "--config", str(cli.config), "--db", read_only)
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
         "vipgate: error: database: the ledger file cannot be written (attempt to write a"
@@ -576,22 +569,8 @@ def test_a_sqlite_uri_without_uri_true_is_refused(cli: Cli, tmp_path: Path) -> N
     `file:` below the working folder: one line saying so, exit 2, nothing made."""
     where = tmp_path / "elsewhere"
     where.mkdir()
-    result = subprocess.run(
-        [
-            str(VIPGATE),
-            "ledger",
-            "load",
-            "--config",
-            str(cli.config),
-            "--db",
-            f"sqlite:///file:{tmp_path / 'new' / 'ledger.db'}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=where,
-    )
+    url = f"sqlite:///file:{tmp_path / 'new' / 'ledger.db'}"
+    result = _vipgate_in(where, "ledger", "load", "--config", str(cli.config), "--db", url)
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
         "vipgate: error: database: a SQLite URI (sqlite:///file:...) needs ?uri=true, or else"
@@ -606,24 +585,18 @@ def test_a_reading_command_refuses_a_sqlite_uri_naming_no_file(cli: Cli, tmp_pat
     """A command that only reads the ledger refuses a URI whose file is not there, as it
     refuses such a path: SQLite would make an empty ledger for it."""
     missing = tmp_path / "missing.db"
-    result = subprocess.run(
-        [
-            str(VIPGATE),
-            "ledger",
-            "check",
-            "--config",
-            str(cli.config),
-            "--db",
-            f"sqlite:///file:{missing}?uri=true",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    url = f"sqlite:///file:{missing}?uri=true"
+    result = _vipgate_in(tmp_path, "ledger", "check", "--config", str(cli.config), "--db", url)
     assert result.returncode == 2, result.stderr
     assert f"database: no ledger at {missing};" in result.stderr
     assert not missing.exists()
+
+
+def _vipgate_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`vipgate ARGS` run as its own process in `folder`, its output captured."""
+    return subprocess.run(
+        [str(VIPGATE), *args], capture_output=True, text=True, timeout=120, check=False, cwd=folder
+    )
 
 
 def _file_size_limit(limit: int) -> Callable[[], None]:
