@@ -592,10 +592,19 @@ def test_a_reading_command_refuses_a_sqlite_uri_naming_no_file(cli: Cli, tmp_pat
     assert not missing.exists()
 
 
-def _vipgate_in(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`vipgate ARGS` run as its own process in `folder`, its output captured."""
+def _vipgate_in(
+    folder: Path, *args: str, limited: Callable[[], None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`vipgate ARGS` run as its own process in `folder`, its output captured; `limited`
+    sets a resource limit in the child before it starts."""
     return subprocess.run(
-        [str(VIPGATE), *args], capture_output=True, text=True, timeout=120, check=False, cwd=folder
+        [str(VIPGATE), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=folder,
+        preexec_fn=limited,
     )
 
 
@@ -619,23 +628,8 @@ def test_serve_without_descriptors_to_serve_is_one_line_and_exit_2(cli: Cli) -> 
     line with the limit and what to do, exit 2, before the ledger is touched. It was a
     traceback (EMFILE), or, a descriptor or two higher, a gateway that listened and then
     closed every connection."""
-    result = subprocess.run(
-        [
-            str(VIPGATE),
-            "serve",
-            "--config",
-            str(cli.config),
-            "--db",
-            cli.db_url,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        preexec_fn=_open_files_limit(12),
-    )
+    arguments = ["--config", str(cli.config), "--db", cli.db_url, "--listen", "127.0.0.1:0"]
+    result = _vipgate_in(cli.config.parent, "serve", *arguments, limited=_open_files_limit(12))
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
         "vipgate: error: ulimit -n: this process may open 12 files, and serving needs at"
@@ -709,14 +703,9 @@ def test_a_write_the_disk_refuses_is_one_line_and_exit_2(cli: Cli, tmp_path: Pat
     numbers = (f"668800{index:012d}" for index in range(100, 20_100))
     rows = (f"{number}{luhn_check_digit(number)},2812,gold,active,false" for number in numbers)
     feed.write_text("number,expiry,tier,status,enrolled\n" + "\n".join(rows) + "\n")
-    command = [str(VIPGATE), "cards", "import", str(feed), "--config", str(cli.config)]
-    result = subprocess.run(
-        [*command, "--db", cli.db_url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        preexec_fn=_file_size_limit(1_000_000),
+    arguments = [str(feed), "--config", str(cli.config), "--db", cli.db_url]
+    result = _vipgate_in(
+        tmp_path, "cards", "import", *arguments, limited=_file_size_limit(1_000_000)
     )
     assert result.returncode == 2, result.stderr
     assert result.stderr == (
